@@ -1,0 +1,52 @@
+# Quick start: `make run` (serve on 127.0.0.1:5000 from ./data) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= data
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+.PHONY: install run demo test lint typecheck bench clean system-deps
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	touch $(STAMP)
+
+# Debian packages the tests drive for real (load generator for bench; more come with the providers).
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi; \
+	fi
+
+SYSTEM_PACKAGES := openssl
+
+$(DATA)/keyconnector.env: | $(STAMP)
+	$(BIN)/keyconnector init $(DATA)
+
+run: $(STAMP) $(DATA)/keyconnector.env
+	set -a && . ./$(DATA)/keyconnector.env && set +a && exec $(BIN)/keyconnector serve --host $(HOST) --port $(PORT)
+
+demo: $(STAMP)
+	$(BIN)/keyconnector demo
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/user_keys.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,81 @@
+"""Where a certificate (and, for the ``certificate`` key provider, its private key) comes from.
+
+One module per source, each exposing ``async def load(settings, prefix) -> LoadedCertificate``;
+``certificate.provider`` picks the module by name. Adding a source means adding one module and
+one line to ``SOURCES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from keyconnector.errors import ConfigurationError
+from keyconnector.settings import CertificateSettings
+
+MIN_RSA_BITS = 2048
+
+SOURCES: dict[str, str] = {
+    "filesystem": "keyconnector.certificates.filesystem",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedCertificate:
+    certificate: x509.Certificate | None
+    public_key: rsa.RSAPublicKey
+    private_key: rsa.RSAPrivateKey | None
+    description: str  # where it came from, for logs and `keyconnector check`; never a secret
+
+
+async def load_certificate(settings: CertificateSettings, prefix: str = "certificate") -> LoadedCertificate:
+    """Load the certificate named by the settings; ``prefix`` is ``certificate`` or ``transferTo.certificate``."""
+    module_name = SOURCES.get(settings.provider)
+    if module_name is None:
+        raise ConfigurationError(
+            f"{prefix}.provider",
+            f"unknown certificate provider '{settings.provider}'; choose one of: {', '.join(sorted(SOURCES))}",
+        )
+    module = importlib.import_module(module_name)
+    loaded: LoadedCertificate = await module.load(settings, prefix)
+    check_key_size(loaded.public_key, f"{prefix}.provider")
+    return loaded
+
+
+def check_key_size(key: rsa.RSAPublicKey, setting: str) -> None:
+    if key.key_size < MIN_RSA_BITS:
+        raise ConfigurationError(
+            setting,
+            f"the RSA key is {key.key_size} bits; at least {MIN_RSA_BITS} bits are required "
+            "(make a new key pair with `keyconnector init`, then `keyconnector rotate-key-pair`)",
+        )
+
+
+def from_pkcs12(data: bytes, password: str | None, setting: str, where: str) -> LoadedCertificate:
+    """Open a PFX/PKCS#12 blob, as every PFX-based source stores it."""
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    attempts = [password.encode()] if password else [None, b""]
+    last_error: Exception | None = None
+    for attempt in attempts:
+        try:
+            bundle = pkcs12.load_pkcs12(data, attempt)
+            break
+        except ValueError as exc:
+            last_error = exc
+    else:
+        hint = "the password is wrong" if password else "it needs a password, and none is set"
+        raise ConfigurationError(setting, f"cannot open the PFX at {where}: {hint}") from last_error
+    cert = bundle.cert.certificate if bundle.cert else None
+    key = bundle.key
+    if key is not None and not isinstance(key, rsa.RSAPrivateKey):
+        raise ConfigurationError(setting, f"the PFX at {where} holds a {type(key).__name__}, not an RSA key")
+    if cert is None and key is None:
+        raise ConfigurationError(setting, f"the PFX at {where} holds neither a certificate nor a key")
+    public = key.public_key() if key is not None else cert.public_key()  # type: ignore[union-attr]
+    if not isinstance(public, rsa.RSAPublicKey):
+        raise ConfigurationError(setting, f"the certificate at {where} does not hold an RSA key")
+    return LoadedCertificate(certificate=cert, public_key=public, private_key=key, description=where)

@@ -1,0 +1,323 @@
+"""The configuration model, spelled exactly as upstream operators write it.
+
+Upstream is an ASP.NET service: settings come from the ``keyConnectorSettings`` section of an
+``appsettings.json`` file, overridden by environment variables such as
+``keyConnectorSettings__database__provider``, with names matched case-insensitively. An operator
+taking over an existing deployment keeps their env file, so this module accepts exactly those
+names (and the ``:`` separator that ASP.NET also accepts), and reports anything it does not know
+instead of silently ignoring a typo.
+
+Field names are snake_case for Python; each carries its upstream camelCase name as its alias.
+Secrets are ``SecretStr`` so that a ``repr`` or a log line can never show them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from keyconnector.errors import ENV_PREFIX, ConfigurationError
+
+CONFIG_FILE_ENV = "KEYCONNECTOR_CONFIG"
+"""Environment variable naming an appsettings-style JSON file (what ``serve --config`` sets)."""
+
+
+def _alias(name: str) -> Any:
+    return Field(default=None, alias=name)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    @field_validator("provider", mode="before", check_fields=False)
+    @classmethod
+    def _lower_provider(cls, value: Any) -> Any:
+        # Upstream compares provider names case-insensitively; so do we.
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+class DatabaseSettings(Section):
+    provider: str = "sqlite"
+    json_file_path: str = Field(default="/etc/bitwarden/data.json", alias="jsonFilePath")
+    sqlite_connection_string: SecretStr | None = _alias("sqliteConnectionString")
+    postgresql_connection_string: SecretStr | None = _alias("postgreSqlConnectionString")
+    mysql_connection_string: SecretStr | None = _alias("mySqlConnectionString")
+    sqlserver_connection_string: SecretStr | None = _alias("sqlServerConnectionString")
+    mongo_connection_string: SecretStr | None = _alias("mongoConnectionString")
+    mongo_database_name: str | None = _alias("mongoDatabaseName")
+    pool_size: int = Field(default=10, ge=1, le=1000, alias="poolSize")
+
+
+class RsaKeySettings(Section):
+    provider: str = "certificate"
+    # azurekv
+    azure_keyvault_uri: str | None = _alias("azureKeyvaultUri")
+    azure_keyvault_key_name: str | None = _alias("azureKeyvaultKeyName")
+    azure_keyvault_ad_tenant_id: str | None = _alias("azureKeyvaultAdTenantId")
+    azure_keyvault_ad_app_id: str | None = _alias("azureKeyvaultAdAppId")
+    azure_keyvault_ad_secret: SecretStr | None = _alias("azureKeyvaultAdSecret")
+    # gcpkms
+    google_cloud_project_id: str | None = _alias("googleCloudProjectId")
+    google_cloud_location_id: str | None = _alias("googleCloudLocationId")
+    google_cloud_keyring_id: str | None = _alias("googleCloudKeyringId")
+    google_cloud_key_id: str | None = _alias("googleCloudKeyId")
+    google_cloud_key_version_id: str | None = _alias("googleCloudKeyVersionId")
+    # awskms
+    aws_access_key_id: str | None = _alias("awsAccessKeyId")
+    aws_access_key_secret: SecretStr | None = _alias("awsAccessKeySecret")
+    aws_region: str | None = _alias("awsRegion")
+    aws_key_id: str | None = _alias("awsKeyId")
+    aws_use_symmetric_encryption: bool = Field(default=False, alias="awsUseSymmetricEncryption")
+    # pkcs11
+    pkcs11_provider: str | None = _alias("pkcs11Provider")
+    pkcs11_library_path: str | None = _alias("pkcs11LibraryPath")
+    pkcs11_slot_token_serial_number: str | None = _alias("pkcs11SlotTokenSerialNumber")
+    pkcs11_login_user_type: str | None = _alias("pkcs11LoginUserType")
+    pkcs11_login_pin: SecretStr | None = _alias("pkcs11LoginPin")
+    pkcs11_private_key_label: str | None = _alias("pkcs11PrivateKeyLabel")
+    pkcs11_private_key_id: str | None = _alias("pkcs11PrivateKeyId")
+
+
+class CertificateSettings(Section):
+    provider: str = "filesystem"
+    # filesystem
+    filesystem_path: str = Field(default="/etc/bitwarden/key.pfx", alias="filesystemPath")
+    filesystem_password: SecretStr | None = _alias("filesystemPassword")
+    # store
+    store_thumbprint: str | None = _alias("storeThumbprint")
+    # azurestorage
+    azure_storage_connection_string: SecretStr | None = _alias("azureStorageConnectionString")
+    azure_storage_container: str | None = _alias("azureStorageContainer")
+    azure_storage_file_name: str | None = _alias("azureStorageFileName")
+    azure_storage_file_password: SecretStr | None = _alias("azureStorageFilePassword")
+    # azurekv
+    azure_keyvault_uri: str | None = _alias("azureKeyvaultUri")
+    azure_keyvault_certificate_name: str | None = _alias("azureKeyvaultCertificateName")
+    azure_keyvault_ad_tenant_id: str | None = _alias("azureKeyvaultAdTenantId")
+    azure_keyvault_ad_app_id: str | None = _alias("azureKeyvaultAdAppId")
+    azure_keyvault_ad_secret: SecretStr | None = _alias("azureKeyvaultAdSecret")
+    # vault
+    vault_server_uri: str | None = _alias("vaultServerUri")
+    vault_token: SecretStr | None = _alias("vaultToken")
+    vault_secret_mount_point: str | None = _alias("vaultSecretMountPoint")
+    vault_secret_path: str | None = _alias("vaultSecretPath")
+    vault_secret_data_key: str | None = _alias("vaultSecretDataKey")
+    vault_secret_file_password: SecretStr | None = _alias("vaultSecretFilePassword")
+
+
+class TransferSettings(Section):
+    lockfile_path: str | None = _alias("lockfilePath")
+    database: DatabaseSettings | None = None
+    rsa_key: RsaKeySettings | None = Field(default=None, alias="rsaKey")
+    certificate: CertificateSettings | None = None
+
+
+class LoggingSettings(Section):
+    """Ours, not upstream's: where request and service logs go and in which shape."""
+
+    format: str = Field(default="text", pattern="^(text|json)$")
+    file: str | None = None
+    level: str = Field(default="info", pattern="^(?i)(debug|info|warning|error)$")
+    access_log: bool = Field(default=True, alias="accessLog")
+
+
+class Settings(BaseSettings):
+    """Everything under ``keyConnectorSettings``."""
+
+    model_config = SettingsConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    web_vault_uri: str | None = Field(
+        default=None, alias="webVaultUri", validation_alias=AliasChoices("webVaultUri", "web_vault_uri")
+    )
+    identity_server_uri: str | None = Field(
+        default=None,
+        alias="identityServerUri",
+        validation_alias=AliasChoices("identityServerUri", "identity_server_uri"),
+    )
+    database: DatabaseSettings = DatabaseSettings()
+    rsa_key: RsaKeySettings = Field(
+        default=RsaKeySettings(), alias="rsaKey", validation_alias=AliasChoices("rsaKey", "rsa_key")
+    )
+    certificate: CertificateSettings = CertificateSettings()
+    transfer_to: TransferSettings = Field(
+        default=TransferSettings(),
+        alias="transferTo",
+        validation_alias=AliasChoices("transferTo", "transfer_to"),
+    )
+    logging: LoggingSettings = LoggingSettings()
+    ca_certificates_directory: str = Field(
+        default="/etc/bitwarden/ca-certificates",
+        alias="caCertificatesDirectory",
+        validation_alias=AliasChoices("caCertificatesDirectory", "ca_certificates_directory"),
+    )
+    last_access_flush_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        alias="lastAccessFlushSeconds",
+        validation_alias=AliasChoices("lastAccessFlushSeconds", "last_access_flush_seconds"),
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only what ``load_settings`` hands in: it already merged the JSON file and the environment
+        # with upstream's case-insensitive rules, which pydantic-settings' own env source cannot express
+        # (it would not know the appsettings section or the ':' separator).
+        return (init_settings,)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+class LoadedSettings:
+    """The settings plus what the loader noticed on the way (unknown names are typos, usually)."""
+
+    def __init__(self, settings: Settings, unknown: list[str], sources: list[str]) -> None:
+        self.settings = settings
+        self.unknown = unknown
+        self.sources = sources
+
+
+def _field_map(model: type[BaseModel]) -> dict[str, tuple[str, FieldInfo]]:
+    """Lower-cased upstream name -> (python field name, field)."""
+    out: dict[str, tuple[str, FieldInfo]] = {}
+    for name, info in model.model_fields.items():
+        out[name.lower()] = (name, info)
+        out[name.replace("_", "").lower()] = (name, info)
+        if info.alias:
+            out[info.alias.lower()] = (name, info)
+    return out
+
+
+def _section_model(info: FieldInfo) -> type[BaseModel] | None:
+    annotation = info.annotation
+    candidates = getattr(annotation, "__args__", (annotation,))
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _place(
+    model: type[BaseModel], target: dict[str, Any], path: list[str], value: Any, unknown: list[str], raw: str
+) -> None:
+    fields = _field_map(model)
+    head = path[0].lower()
+    if head not in fields:
+        unknown.append(raw)
+        return
+    name, info = fields[head]
+    sub = _section_model(info)
+    if len(path) == 1:
+        if sub is not None and isinstance(value, Mapping):
+            for key, inner in value.items():
+                _place(model, target, [head, str(key)], inner, unknown, f"{raw}__{key}")
+            return
+        if sub is not None:
+            unknown.append(raw)
+            return
+        target[name] = value
+        return
+    if sub is None:
+        unknown.append(raw)
+        return
+    child = target.setdefault(name, {})
+    _place(sub, child, path[1:], value, unknown, raw)
+
+
+def _split_env_name(name: str) -> list[str] | None:
+    lowered = name.lower()
+    for prefix in (ENV_PREFIX.lower(), "keyconnectorsettings:"):
+        if lowered.startswith(prefix):
+            rest = name[len(prefix) :]
+            return [part for part in rest.replace(":", "__").split("__") if part]
+    return None
+
+
+def _json_section(path: Path) -> Mapping[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ConfigurationError("(config file)", f"the settings file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(
+            "(config file)", f"the settings file {path} is not valid JSON (line {exc.lineno}: {exc.msg})"
+        ) from None
+    if not isinstance(document, dict):
+        raise ConfigurationError("(config file)", f"the settings file {path} must hold a JSON object")
+    for key, value in document.items():
+        if key.lower() == "keyconnectorsettings" and isinstance(value, dict):
+            return value
+    return {}
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, config_file: str | Path | None = None
+) -> LoadedSettings:
+    """Merge the appsettings JSON file (if any) and the environment, environment winning.
+
+    Raises ``ConfigurationError`` naming the first invalid setting by its upstream name.
+    """
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get(CONFIG_FILE_ENV):
+        config_file = environ[CONFIG_FILE_ENV]
+    nested: dict[str, Any] = {}
+    unknown: list[str] = []
+    sources: list[str] = []
+    if config_file is not None:
+        path = Path(config_file)
+        section = _json_section(path)
+        for key, value in section.items():
+            _place(Settings, nested, [str(key)], value, unknown, f"{ENV_PREFIX}{key}")
+        sources.append(str(path))
+    env_names = sorted((k for k in environ if _split_env_name(k)), key=str.lower)
+    for key in env_names:
+        parts = _split_env_name(key)
+        assert parts is not None
+        if not parts:
+            continue
+        _place(Settings, nested, parts, environ[key], unknown, key)
+    if env_names:
+        sources.append("environment")
+    try:
+        settings = Settings(**nested)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(_upstream_path(Settings, [str(p) for p in first["loc"]]))
+        # Never echo the input: it may be a password.
+        raise ConfigurationError(location, str(first["msg"]).lower()) from None
+    return LoadedSettings(settings, unknown, sources)
+
+
+def _upstream_path(model: type[BaseModel], loc: list[str]) -> list[str]:
+    out: list[str] = []
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None or part not in current.model_fields:
+            out.append(part)
+            current = None
+            continue
+        info = current.model_fields[part]
+        out.append(info.alias or part)
+        current = _section_model(info)
+    return out
+
+
+def secret(value: SecretStr | None) -> str | None:
+    """Reveal a secret at the last moment, where a library needs it."""
+    return value.get_secret_value() if value is not None else None

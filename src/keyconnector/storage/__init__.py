@@ -1,0 +1,123 @@
+"""Where user keys and the wrapped data key live.
+
+One module per backend (``sqlite``, ``jsonfile``, and later ``postgresql``, ``mysql``,
+``sqlserver``), each exposing:
+
+- ``def migrate(settings: DatabaseSettings, prefix: str) -> None``: bring the schema up to date,
+  synchronously, once per start-up and before any worker serves. It creates a new database the way
+  upstream would (migration history row included) and uses an existing upstream one in place. It
+  must be safe when two processes run it at once on the same empty database.
+- ``async def open(settings: DatabaseSettings, prefix: str) -> Repository``.
+
+``prefix`` is the settings path the backend's errors should name: ``database`` or
+``transferTo.database``.
+
+The request path is ``get_key``: backends keep it free of ORM layers (see PERFORMANCE-NOTES). The
+access time is not written on that path at all: the service batches it into ``record_access``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from types import ModuleType
+from typing import Protocol, runtime_checkable
+from uuid import UUID
+
+from keyconnector.errors import ConfigurationError
+from keyconnector.settings import DatabaseSettings
+
+BACKENDS: dict[str, str] = {
+    "sqlite": "keyconnector.storage.sqlite",
+    "json": "keyconnector.storage.jsonfile",
+}
+
+REMOVED: dict[str, str] = {
+    "mongo": (
+        "MongoDB support was removed from Key Connector upstream and is not offered here. Move the data "
+        "with upstream's last release that supports MongoDB (its transferTo settings) into PostgreSQL, "
+        "MySQL, SQL Server or SQLite, then point keyconnector at that database"
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UserKeyRecord:
+    """One row of ``UserKeys``. Times are naive UTC, as upstream stores them."""
+
+    user_id: UUID
+    key: str | None
+    creation_date: datetime
+    revision_date: datetime | None
+    last_access_date: datetime | None
+
+
+@runtime_checkable
+class Repository(Protocol):
+    @property
+    def description(self) -> str:
+        """What this is, for logs and `keyconnector check` (no password, ever)."""
+        ...
+
+    async def get_key(self, user_id: UUID) -> str | None:
+        """The stored record for the user, or None when there is no row or its key is NULL."""
+        ...
+
+    async def create_key(self, user_id: UUID, record: str, now: datetime) -> bool:
+        """Insert the record with ``CreationDate = now``; False (and nothing written) when the user
+        already has a key. Atomic: of concurrent calls for one user, exactly one returns True. A row whose
+        key is NULL counts as absent and is filled in."""
+        ...
+
+    async def put_key(self, user_id: UUID, record: str, now: datetime) -> bool:
+        """Upsert: create with ``CreationDate = now``, or replace the key and set ``RevisionDate = now``.
+        Returns True when it created the row."""
+        ...
+
+    async def record_access(self, accesses: Mapping[UUID, datetime]) -> None:
+        """Set ``LastAccessDate`` for many users at once (the service batches reads)."""
+        ...
+
+    async def get_wrapped_data_key(self) -> str | None:
+        """``SymmetricKey`` of the first row of ``ApplicationDatas``, or None."""
+        ...
+
+    async def store_wrapped_data_key(self, wrapped: str) -> str:
+        """Store ``wrapped`` as the data key unless one is already stored, atomically across processes,
+        and return the one that is stored now (ours or the winner's)."""
+        ...
+
+    def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
+        """Every row of ``UserKeys`` in a stable order, in batches."""
+        ...
+
+    async def ping(self) -> None:
+        """A real round trip to the database; raises ``UnavailableError`` when it is down."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def backend_module(settings: DatabaseSettings, prefix: str = "database") -> ModuleType:
+    """The module implementing ``database.provider``, or a ConfigurationError naming the setting."""
+    provider = settings.provider
+    if provider in REMOVED:
+        raise ConfigurationError(f"{prefix}.provider", REMOVED[provider])
+    module_name = BACKENDS.get(provider)
+    if module_name is None:
+        raise ConfigurationError(
+            f"{prefix}.provider",
+            f"unknown database provider '{provider}'; choose one of: {', '.join(sorted(BACKENDS))}",
+        )
+    return importlib.import_module(module_name)
+
+
+def migrate(settings: DatabaseSettings, prefix: str = "database") -> None:
+    backend_module(settings, prefix).migrate(settings, prefix)
+
+
+async def open_repository(settings: DatabaseSettings, prefix: str = "database") -> Repository:
+    repository: Repository = await backend_module(settings, prefix).open(settings, prefix)
+    return repository
