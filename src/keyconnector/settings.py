@@ -218,6 +218,9 @@ def _place(
 ) -> None:
     fields = _field_map(model)
     head = path[0].lower()
+    if head not in fields and len(path) == 1 and head.endswith("file") and _is_secret(fields.get(head[:-4])):
+        # Container secrets: every secret setting ``x`` also accepts ``xFile``, a path to read it from.
+        head, value = head[:-4], _read_secret_file(raw, value)
     if head not in fields:
         unknown.append(raw)
         return
@@ -238,6 +241,22 @@ def _place(
         return
     child = target.setdefault(name, {})
     _place(sub, child, path[1:], value, unknown, raw)
+
+
+def _is_secret(entry: tuple[str, FieldInfo] | None) -> bool:
+    return entry is not None and "SecretStr" in str(entry[1].annotation)
+
+
+def _read_secret_file(setting: str, path: Any) -> str:
+    try:
+        return Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigurationError(_dotted(setting), f"cannot read the secret file {path}: {exc.strerror}") from None
+
+
+def _dotted(raw: str) -> str:
+    parts = _split_env_name(raw)
+    return ".".join(parts) if parts else raw
 
 
 def _split_env_name(name: str) -> list[str] | None:

@@ -8,6 +8,7 @@ One module per backend (``sqlite``, ``jsonfile``, and later ``postgresql``, ``my
   upstream would (migration history row included) and uses an existing upstream one in place. It
   must be safe when two processes run it at once on the same empty database.
 - ``async def open(settings: DatabaseSettings, prefix: str) -> Repository``.
+- ``def inspect(settings: DatabaseSettings, prefix: str) -> DatabaseState``: read-only.
 
 ``prefix`` is the settings path the backend's errors should name: ``database`` or
 ``transferTo.database``.
@@ -52,6 +53,14 @@ class UserKeyRecord:
     creation_date: datetime
     revision_date: datetime | None
     last_access_date: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseState:
+    """What ``inspect`` found, without changing anything: a line for people, and whether there is data."""
+
+    description: str
+    has_schema: bool
 
 
 @runtime_checkable
@@ -112,6 +121,12 @@ def backend_module(settings: DatabaseSettings, prefix: str = "database") -> Modu
             f"unknown database provider '{provider}'; choose one of: {', '.join(sorted(BACKENDS))}",
         )
     return importlib.import_module(module_name)
+
+
+def inspect(settings: DatabaseSettings, prefix: str = "database") -> DatabaseState:
+    """Describe the database read-only (``keyconnector check``): never creates a file or a table."""
+    state: DatabaseState = backend_module(settings, prefix).inspect(settings, prefix)
+    return state
 
 
 def migrate(settings: DatabaseSettings, prefix: str = "database") -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from keyconnector.cli import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""``keyconnector check``: each part of a deployment tested on its own, one line each.
+
+The checks only read: a check never creates a database, a schema or a data key, so it is safe
+to run against production before switching over.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+from keyconnector.errors import KeyConnectorError
+from keyconnector.keys import KeyProvider, open_key_provider
+from keyconnector.settings import LoadedSettings
+from keyconnector.storage import Repository, inspect, open_repository
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    warning: bool = False
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok and not self.warning else ("warn" if self.ok else "FAIL")
+        return f"{mark} {self.name}: {self.detail}"
+
+
+async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
+    settings = loaded.settings
+    results = [
+        CheckResult("settings", True, "loaded from " + (", ".join(loaded.sources) or "defaults only")),
+    ]
+    results += [
+        CheckResult("settings", True, f"unknown setting {name} is ignored (a typo?)", warning=True)
+        for name in loaded.unknown
+    ]
+
+    repository: Repository | None = None
+    has_data = False
+    try:
+        state = inspect(settings.database)
+        has_data = state.has_schema
+        results.append(CheckResult("database", True, state.description))
+    except KeyConnectorError as exc:
+        results.append(CheckResult("database", False, str(exc)))
+
+    provider: KeyProvider | None = None
+    try:
+        provider = await open_key_provider(settings)
+        await provider.check()
+        results.append(CheckResult("key pair", True, f"{provider.description}; a wrapped key round-trips"))
+    except KeyConnectorError as exc:
+        results.append(CheckResult("key pair", False, str(exc)))
+
+    if provider is not None and has_data:
+        try:
+            repository = await open_repository(settings.database)
+            wrapped = await repository.get_wrapped_data_key()
+            if wrapped is None:
+                results.append(CheckResult("data key", True, "none stored yet; `serve` creates one at start"))
+            else:
+                unwrapped = await provider.unwrap(base64.b64decode(wrapped))
+                ok = len(unwrapped) == 32
+                detail = "the stored data key unwraps with this key pair" if ok else "unwraps to a wrong length"
+                results.append(CheckResult("data key", ok, detail))
+        except KeyConnectorError as exc:
+            results.append(CheckResult("data key", False, str(exc)))
+        except ValueError:
+            results.append(CheckResult("data key", False, "the stored data key is not valid base64"))
+
+    results.append(await _check_identity(loaded))
+    for closeable in (provider, repository):
+        if closeable is not None:
+            await closeable.aclose()
+    return results
+
+
+async def _check_identity(loaded: LoadedSettings) -> CheckResult:
+    from keyconnector.auth import TokenValidator
+    from keyconnector.tls import trust_context
+
+    settings = loaded.settings
+    if not settings.identity_server_uri:
+        return CheckResult("identity server", False, "keyConnectorSettings__identityServerUri is not set")
+    validator = TokenValidator(
+        settings.identity_server_uri, verify=trust_context(settings.ca_certificates_directory)
+    )
+    try:
+        await validator.refresh()
+        return CheckResult("identity server", True, validator.status())
+    except KeyConnectorError as exc:
+        return CheckResult(
+            "identity server", False, f"{exc} (setting keyConnectorSettings__identityServerUri)"
+        )
+    finally:
+        await validator.aclose()

@@ -1,0 +1,106 @@
+"""The ASGI application: Starlette routing inside two thin layers of our own (requests, CORS).
+
+Each server worker process calls ``create_app_from_environment`` (a factory, because settings are
+read in the worker) and builds its own database connections, key provider and token cache in
+the lifespan start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from keyconnector import logs
+from keyconnector.auth import TokenValidator
+from keyconnector.errors import ConfigurationError
+from keyconnector.http import routes
+from keyconnector.http.cors import CORSMiddleware, allowed_origin
+from keyconnector.http.middleware import RequestMiddleware
+from keyconnector.http.responses import message
+from keyconnector.http.state import Services
+from keyconnector.keys import open_key_provider
+from keyconnector.service import KeyService
+from keyconnector.settings import Settings, load_settings
+from keyconnector.storage import open_repository
+from keyconnector.tls import trust_context
+
+log = logging.getLogger("keyconnector")
+
+
+async def build_services(settings: Settings) -> Services:
+    if not settings.identity_server_uri:
+        raise ConfigurationError("identityServerUri", "is not set; it is the URL of the Bitwarden identity server")
+    repository = await open_repository(settings.database)
+    try:
+        provider = await open_key_provider(settings)
+    except BaseException:
+        await repository.aclose()
+        raise
+    validator = TokenValidator(settings.identity_server_uri, verify=trust_context(settings.ca_certificates_directory))
+    keys = KeyService(repository, provider, flush_interval=settings.last_access_flush_seconds)
+    await validator.start()
+    await keys.start()
+    return Services(settings=settings, repository=repository, provider=provider, validator=validator, keys=keys)
+
+
+async def close_services(services: Services) -> None:
+    for close in (services.keys.aclose, services.validator.aclose, services.provider.aclose, services.repository.aclose):
+        try:
+            await close()
+        except Exception:
+            log.exception("error while shutting down")
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return message(404, f"there is no endpoint at {request.url.path}")
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    allow = exc.headers.get("Allow", "") if isinstance(exc, HTTPException) and exc.headers else ""
+    return message(405, f"{request.method} is not allowed on {request.url.path}", {"Allow": allow})
+
+
+def create_app(settings: Settings) -> ASGIApp:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        services = await build_services(settings)
+        app.state.services = services
+        log.info(
+            "serving: database %s; key pair %s; identity server %s",
+            services.repository.description,
+            services.provider.description,
+            settings.identity_server_uri,
+        )
+        try:
+            yield
+        finally:
+            await close_services(services)
+
+    app = Starlette(
+        routes=[
+            Route("/user-keys", routes.user_keys, methods=["GET", "POST", "PUT"]),
+            Route("/alive", routes.alive, methods=["GET"]),
+            Route("/now", routes.alive, methods=["GET"]),
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/health/live", routes.health_live, methods=["GET"]),
+            Route("/health/ready", routes.health_ready, methods=["GET"]),
+        ],
+        exception_handlers={404: _not_found, 405: _method_not_allowed},
+        lifespan=lifespan,
+    )
+    return RequestMiddleware(CORSMiddleware(app, allowed_origin(settings.web_vault_uri)))
+
+
+def create_app_from_environment() -> ASGIApp:
+    """The server's factory: settings from the environment (and ``KEYCONNECTOR_CONFIG``)."""
+    settings = load_settings().settings
+    logs.configure(settings.logging)
+    return create_app(settings)

@@ -1,0 +1,147 @@
+"""The endpoints of PROTOCOL section 1.
+
+``GET /user-keys`` is the hot path of a login storm: one token check, one indexed read, one
+AES-GCM open, no database write. Bodies are small and read with a hard cap.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from keyconnector.auth import AuthError, Principal
+from keyconnector.errors import IntegrityError, UnavailableError
+from keyconnector.http.responses import JSON, message, unauthorized, unavailable
+from keyconnector.http.state import Services
+
+log = logging.getLogger("keyconnector.http")
+
+MAX_BODY = 64 * 1024
+MAX_KEY_BYTES = 1024
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def now_string() -> str:
+    """Upstream's clock format: ISO 8601 UTC with seven fractional digits."""
+    now = datetime.now(UTC)
+    return f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond:06d}0Z"
+
+
+async def alive(request: Request) -> Response:
+    return Response(json.dumps(now_string()), media_type=JSON)
+
+
+async def health(request: Request) -> Response:
+    services: Services = request.app.state.services
+    healthy, _ = await services.health.overall()
+    return Response("Healthy" if healthy else "Unhealthy", status_code=200 if healthy else 503, media_type="text/plain")
+
+
+async def health_live(request: Request) -> Response:
+    return Response(b'{"status":"alive"}', media_type=JSON)
+
+
+async def health_ready(request: Request) -> Response:
+    services: Services = request.app.state.services
+    healthy, checks = await services.health.overall()
+    body = json.dumps({"status": "ready" if healthy else "unready", "checks": checks})
+    return Response(body, status_code=200 if healthy else 503, media_type=JSON)
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        self.status = status
+        self.text = text
+
+
+async def _read_key(request: Request) -> bytes:
+    """The decoded ``key`` of a JSON body, or BadRequest saying exactly what is wrong."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        raise BadRequest(415, "the request needs 'Content-Type: application/json'")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise BadRequest(415, f"the content type '{media[:100]}' is not supported; send application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise BadRequest(413, f"the body is larger than {MAX_BODY} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BadRequest(413, f"the body is larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    try:
+        document: Any = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):
+        raise BadRequest(400, "the body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequest(400, 'the body must be a JSON object like {"key": "<base64>"}')
+    matches = [name for name in document if name.lower() == "key"]
+    if not matches:
+        raise BadRequest(400, 'the body has no "key" property')
+    if len(matches) > 1:
+        raise BadRequest(400, 'the body has more than one "key" property (names are case-insensitive)')
+    value = document[matches[0]]
+    if value is None:
+        raise BadRequest(400, 'the "key" property is null')
+    if not isinstance(value, str):
+        raise BadRequest(400, 'the "key" property must be a base64 string')
+    if not value:
+        raise BadRequest(400, 'the "key" property is empty')
+    if len(value) > (MAX_KEY_BYTES // 3 + 1) * 4:
+        raise BadRequest(400, f"the key is longer than {MAX_KEY_BYTES} bytes")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(400, 'the "key" property is not valid base64 (standard alphabet, with padding)') from None
+    if not raw:
+        raise BadRequest(400, 'the "key" property is empty')
+    if len(raw) > MAX_KEY_BYTES:
+        raise BadRequest(400, f"the key is longer than {MAX_KEY_BYTES} bytes")
+    return raw
+
+
+async def _principal(request: Request, services: Services) -> Principal:
+    principal = await services.validator.authenticate(request.headers.get("authorization"))
+    request.scope["keyconnector.user"] = principal.user_id
+    return principal
+
+
+async def user_keys(request: Request) -> Response:
+    services: Services = request.app.state.services
+    try:
+        principal = await _principal(request, services)
+        if request.method == "GET":
+            key = await services.keys.get(principal.user_id)
+            if key is None:
+                return message(404, "this user has no key")
+            body = b'{"key":"' + base64.b64encode(key) + b'"}'
+            return Response(body, media_type=JSON, headers=NO_STORE)
+        raw = await _read_key(request)
+        if request.method == "POST":
+            if not await services.keys.create(principal.user_id, raw):
+                return message(400, "this user already has a key; use PUT to replace it")
+        else:
+            await services.keys.put(principal.user_id, raw)
+        return Response(b"", headers=NO_STORE)
+    except AuthError as exc:
+        if exc.status == 401:
+            return unauthorized(exc.message)
+        return message(exc.status, exc.message)
+    except BadRequest as exc:
+        return message(exc.status, exc.text)
+    except UnavailableError as exc:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return unavailable(str(exc), exc.retry_after)
+    except IntegrityError as exc:
+        log.error("%s %s: the stored key cannot be used: %s", request.method, request.url.path, exc)
+        return message(500, "the stored key for this user cannot be decrypted; the incident was logged")

@@ -1,0 +1,70 @@
+"""What a worker process holds: its settings and the parts built from them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from keyconnector.auth import TokenValidator
+from keyconnector.errors import KeyConnectorError
+from keyconnector.keys import KeyProvider
+from keyconnector.service import KeyService
+from keyconnector.settings import Settings
+from keyconnector.storage import Repository
+
+
+class HealthChecker:
+    """Real checks of the key provider and the database, cached briefly so that a probe storm
+    (every replica's orchestrator, a monitoring system, a curious user) cannot hammer an HSM or KMS."""
+
+    def __init__(self, services: Services, ttl: float = 2.0) -> None:
+        self._services = services
+        self._ttl = ttl
+        self._at = -1e9
+        self._result: tuple[bool, dict[str, str]] = (False, {})
+        self._lock = asyncio.Lock()
+
+    async def overall(self) -> tuple[bool, dict[str, str]]:
+        if time.monotonic() - self._at < self._ttl:
+            return self._result
+        async with self._lock:
+            if time.monotonic() - self._at < self._ttl:
+                return self._result
+            self._result = await self._run()
+            self._at = time.monotonic()
+            return self._result
+
+    async def _run(self) -> tuple[bool, dict[str, str]]:
+        services = self._services
+        checks: dict[str, str] = {}
+        healthy = True
+        for name, probe in (("database", services.repository.ping), ("keyProvider", services.provider.check)):
+            try:
+                await asyncio.wait_for(probe(), timeout=5)
+                checks[name] = "ok"
+            except (KeyConnectorError, TimeoutError, OSError) as exc:
+                healthy = False
+                checks[name] = str(exc) or type(exc).__name__
+        if services.keys.ready:
+            checks["dataKey"] = "ok"
+        else:
+            healthy = False
+            checks["dataKey"] = services.keys.status()
+        # Reported, not required: an identity outage is the identity server's, and user-key
+        # requests already answer 503 with Retry-After while it lasts.
+        checks["identity"] = "ok" if services.validator.ready else services.validator.status()
+        return healthy, checks
+
+
+@dataclass(eq=False)
+class Services:
+    settings: Settings
+    repository: Repository
+    provider: KeyProvider
+    validator: TokenValidator
+    keys: KeyService
+    health: HealthChecker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.health = HealthChecker(self)

@@ -1,0 +1,120 @@
+"""Running the ASGI app under granian, with upstream's listening conventions.
+
+Pre-flight happens once, in the parent, before any worker starts: the schema is migrated (waiting
+for a database that is still coming up, as upstream does) and the data key is created if absent,
+so that a misconfiguration fails fast with one clear message instead of once per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from keyconnector.errors import ConfigurationError, UnavailableError
+from keyconnector.keys import open_key_provider
+from keyconnector.service import bootstrap_data_key
+from keyconnector.settings import CONFIG_FILE_ENV, Settings
+from keyconnector.storage import migrate, open_repository
+
+log = logging.getLogger("keyconnector.server")
+
+DEFAULT_PORT = 5000
+MIGRATION_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+    https: bool
+
+
+def listen_address(host: str | None, port: int | None, environ: dict[str, str] | None = None) -> Listen:
+    """``--host``/``--port`` win; else the first entry of ``ASPNETCORE_URLS``; else 127.0.0.1:5000."""
+    environ = dict(os.environ) if environ is None else environ
+    urls = environ.get("ASPNETCORE_URLS", "").strip()
+    if host is None and port is None and urls:
+        first = urls.split(";")[0].strip()
+        parts = urlsplit(first.replace("://+", "://0.0.0.0").replace("://*", "://0.0.0.0"))
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ConfigurationError("(ASPNETCORE_URLS)", f"cannot read '{first}' as a URL like http://+:5000")
+        default = 443 if parts.scheme == "https" else 80
+        return Listen(parts.hostname, parts.port or default, parts.scheme == "https")
+    return Listen(host or "127.0.0.1", port or DEFAULT_PORT, False)
+
+
+def migrate_with_retries(settings: Settings, attempts: int = MIGRATION_ATTEMPTS) -> None:
+    delay = 1.0
+    for attempt in range(1, attempts + 1):
+        try:
+            migrate(settings.database)
+            return
+        except UnavailableError as exc:
+            if attempt == attempts:
+                raise
+            log.warning("database not reachable (attempt %d of %d): %s; retrying in %.0fs", attempt, attempts, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+async def _prepare_data_key(settings: Settings) -> None:
+    repository = await open_repository(settings.database)
+    try:
+        provider = await open_key_provider(settings)
+        try:
+            await bootstrap_data_key(repository, provider)
+        finally:
+            await provider.aclose()
+    finally:
+        await repository.aclose()
+
+
+def preflight(settings: Settings) -> None:
+    """Everything that should stop the service before it listens, with a message naming the setting."""
+    if not settings.identity_server_uri:
+        raise ConfigurationError("identityServerUri", "is not set; it is the URL of the Bitwarden identity server")
+    migrate_with_retries(settings)
+    asyncio.run(_prepare_data_key(settings))
+
+
+def run(
+    settings: Settings,
+    listen: Listen,
+    *,
+    workers: int = 1,
+    config_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> None:
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    if config_file:
+        os.environ[CONFIG_FILE_ENV] = str(Path(config_file).resolve())
+    if listen.https and not (tls_cert and tls_key):
+        raise ConfigurationError(
+            "(ASPNETCORE_URLS)", "asks for https: give the certificate with --tls-cert PEM --tls-key PEM"
+        )
+    scheme = "https" if tls_cert else "http"
+    log.info("listening on %s://%s:%d with %d worker(s)", scheme, listen.host, listen.port, workers)
+    server = Server(
+        "keyconnector.http.app:create_app_from_environment",
+        address=listen.host,
+        port=listen.port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        loop=Loops.uvloop,
+        factory=True,
+        log_level=LogLevels.warning,
+        log_access=False,
+        ssl_cert=Path(tls_cert) if tls_cert else None,
+        ssl_key=Path(tls_key) if tls_key else None,
+        respawn_failed_workers=True,
+    )
+    server.serve()

@@ -1,0 +1,1 @@
+"""Test helpers that must not depend on the product's own code."""
