@@ -1,0 +1,156 @@
+"""Shared fixtures: a real development issuer, real key pairs, and real `keyconnector serve` processes.
+
+Nothing here is mocked: a test talks HTTP to a service process on 127.0.0.1, which talks HTTP to
+an issuer on 127.0.0.1 and reads a real database file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keyconnector.devtools.issuer import DevIssuer
+from keyconnector.keygen import self_signed_pfx
+
+WEB_VAULT = "https://vault.example.com"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Pfx:
+    path: Path
+    password: str
+
+
+@pytest.fixture(scope="session")
+def pfx(tmp_path_factory: pytest.TempPathFactory) -> Pfx:
+    folder = tmp_path_factory.mktemp("pfx")
+    password = "test-pfx-password"
+    path = folder / "key.pfx"
+    path.write_bytes(self_signed_pfx(password, bits=2048))
+    return Pfx(path, password)
+
+
+@pytest.fixture(scope="session")
+def issuer() -> Iterator[DevIssuer]:
+    with DevIssuer() as running:
+        yield running
+
+
+def base_env(issuer: DevIssuer, pfx: Pfx, database: Path) -> dict[str, str]:
+    """A complete upstream-style environment for a service on SQLite and a PFX."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().startswith("keyconnectorsettings")}
+    env.pop("ASPNETCORE_URLS", None)
+    env.update(
+        {
+            "keyConnectorSettings__identityServerUri": issuer.url,
+            "keyConnectorSettings__webVaultUri": WEB_VAULT + "/",
+            "keyConnectorSettings__database__provider": "sqlite",
+            "keyConnectorSettings__database__sqliteConnectionString": f"Data Source={database}",
+            "keyConnectorSettings__rsaKey__provider": "certificate",
+            "keyConnectorSettings__certificate__provider": "filesystem",
+            "keyConnectorSettings__certificate__filesystemPath": str(pfx.path),
+            "keyConnectorSettings__certificate__filesystemPassword": pfx.password,
+            "keyConnectorSettings__lastAccessFlushSeconds": "0.2",
+        }
+    )
+    return env
+
+
+class Service:
+    """A `keyconnector serve` process on a free port, with its stderr kept for assertions."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, workers: int = 1, extra_args: tuple[str, ...] = ()):
+        self.env = env
+        self.log_path = log_path
+        self.workers = workers
+        self.extra_args = extra_args
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.scheme = "https" if "--tls-cert" in extra_args else "http"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> Service:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "keyconnector", "serve", "--port", str(self.port),
+             "--workers", str(self.workers), *self.extra_args],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=2, verify=False).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the service did not become ready:\n{self.logs()}")
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[object]:
+    """Factory: start_service(env, workers=1, extra_args=()) -> Service, all stopped after the test."""
+    started: list[Service] = []
+
+    def start(env: dict[str, str], *, workers: int = 1, extra_args: tuple[str, ...] = ()) -> Service:
+        service = Service(env, tmp_path / f"service-{len(started)}.log", workers=workers, extra_args=extra_args)
+        started.append(service)
+        return service.start()
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_service(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, pfx: Pfx) -> Iterator[Service]:
+    """One service for a whole test module (the API tests use fresh users, so they do not interfere)."""
+    folder = tmp_path_factory.mktemp("service")
+    service = Service(base_env(issuer, pfx, folder / "kc.db"), folder / "service.log")
+    service.database = folder / "kc.db"  # type: ignore[attr-defined]
+    service.start()
+    yield service
+    service.stop()

@@ -1,0 +1,61 @@
+"""The README's quick start, from a clean clone: `make run` makes its data and serves.
+
+(`make test` from a clean clone is what CI itself runs, on every submission.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(400)
+def test_make_run_from_a_clean_clone(tmp_path: Path) -> None:
+    if not (REPO / ".git").exists() or shutil.which("make") is None:
+        pytest.fail("the quick-start test needs the git checkout and make")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    # The working tree under test, not only what is committed: copy tracked files over the clone.
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, clone / name)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.lower().startswith(("keyconnectorsettings", "virtual_env"))}
+    log = (tmp_path / "make-run.log").open("wb")
+    process = subprocess.Popen(
+        ["make", "run", f"PORT={port}"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 360
+        answer = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/alive", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert answer is not None and answer.status_code == 200, (tmp_path / "make-run.log").read_text()[-3000:]
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert health.text == "Healthy"
+        data = clone / "data"
+        assert (data / "key.pfx").exists() and (data / "keyconnector.db").exists()
+        assert (data / "key.pfx.password").stat().st_mode & 0o077 == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+        log.close()
