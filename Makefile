@@ -7,7 +7,7 @@ DATA ?= data
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install run demo test lint typecheck bench clean system-deps
+.PHONY: install run demo test lint typecheck bench clean system-deps bench-deps
 
 install: $(STAMP)
 
@@ -17,14 +17,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
 	touch $(STAMP)
 
-# Debian packages the tests drive for real (load generator for bench; more come with the providers).
-system-deps:
+# Debian packages that the tests (and the benchmark) drive for real.
+SYSTEM_PACKAGES := openssl
+BENCH_PACKAGES := wrk
+
+define apt_install
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi; \
 	fi
+endef
 
-SYSTEM_PACKAGES := openssl
+system-deps:
+	$(call apt_install,$(SYSTEM_PACKAGES))
+
+bench-deps:
+	$(call apt_install,$(BENCH_PACKAGES))
 
 $(DATA)/keyconnector.env: | $(STAMP)
 	$(BIN)/keyconnector init $(DATA)
@@ -45,7 +53,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-bench: $(STAMP)
+bench: $(STAMP) bench-deps
 	$(BIN)/python bench/user_keys.py
 
 clean:

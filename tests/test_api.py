@@ -103,7 +103,9 @@ def test_second_post_is_400_and_keeps_the_first_key(shared_service: Service, iss
         assert client.get("/user-keys", headers=headers).json() == {"key": first}
 
 
-def test_put_creates_then_replaces_and_sets_the_revision_date(shared_service: Service, issuer: DevIssuer) -> None:
+def test_put_creates_then_replaces_and_sets_the_revision_date(
+    shared_service: Service, issuer: DevIssuer
+) -> None:
     user, first, second = uuid.uuid4(), new_key(), new_key()
     headers = auth(issuer, user)
     with shared_service.client() as client:
@@ -131,14 +133,18 @@ def test_sdk_enrolment_get_then_post_with_sdk_headers(shared_service: Service, i
 
 
 @pytest.mark.parametrize("name", ["key", "Key", "KEY", "kEy"])
-def test_the_key_property_name_is_case_insensitive(shared_service: Service, issuer: DevIssuer, name: str) -> None:
+def test_the_key_property_name_is_case_insensitive(
+    shared_service: Service, issuer: DevIssuer, name: str
+) -> None:
     headers, key = auth(issuer), new_key()
     with shared_service.client() as client:
         assert client.post("/user-keys", headers=headers, json={name: key}).status_code == 200
         assert client.get("/user-keys", headers=headers).json() == {"key": key}
 
 
-def test_a_configured_url_with_a_trailing_slash_still_works(shared_service: Service, issuer: DevIssuer) -> None:
+def test_a_configured_url_with_a_trailing_slash_still_works(
+    shared_service: Service, issuer: DevIssuer
+) -> None:
     headers, key = auth(issuer), new_key()
     base = shared_service.url + "/"  # what a client builds from "https://kc.example.com/" + "/user-keys"
     with shared_service.client() as client:
@@ -189,7 +195,9 @@ def test_an_expired_token_is_401(shared_service: Service, issuer: DevIssuer) -> 
         {"amr": ["pwd"]},
     ],
 )
-def test_403_when_the_token_fails_the_policy(shared_service: Service, issuer: DevIssuer, claims: dict[str, object]) -> None:
+def test_403_when_the_token_fails_the_policy(
+    shared_service: Service, issuer: DevIssuer, claims: dict[str, object]
+) -> None:
     with shared_service.client() as client:
         response = client.get("/user-keys", headers=auth(issuer, **claims))
     assert response.status_code == 403
@@ -216,7 +224,9 @@ def test_cors_preflight_from_the_web_vault(shared_service: Service) -> None:
             headers={
                 "Origin": WEB_VAULT,
                 "Access-Control-Request-Method": "PUT",
-                "Access-Control-Request-Headers": "authorization,content-type,bitwarden-client-name,cache-control,pragma",
+                "Access-Control-Request-Headers": (
+                    "authorization,content-type,bitwarden-client-name,cache-control,pragma"
+                ),
             },
         )
     assert response.status_code in (200, 204)
@@ -229,7 +239,8 @@ def test_cors_preflight_from_the_web_vault(shared_service: Service) -> None:
 def test_cors_preflight_from_another_origin_gets_no_cors_headers(shared_service: Service) -> None:
     with shared_service.client() as client:
         response = client.options(
-            "/user-keys", headers={"Origin": "https://evil.example.com", "Access-Control-Request-Method": "GET"}
+            "/user-keys",
+            headers={"Origin": "https://evil.example.com", "Access-Control-Request-Method": "GET"},
         )
     assert "access-control-allow-origin" not in response.headers
 

@@ -31,7 +31,12 @@ CASES = [
     ("key not base64", b'{"key": "not base64!"}', JSON_TYPE, 400),
     ("key base64 without padding", b'{"key": "AAAAAA"}', JSON_TYPE, 400),
     ("key url-safe alphabet", b'{"key": "-_-_"}', JSON_TYPE, 400),
-    ("key over 1 KiB decoded", json.dumps({"key": base64.b64encode(b"x" * 1025).decode()}).encode(), JSON_TYPE, 400),
+    (
+        "key over 1 KiB decoded",
+        json.dumps({"key": base64.b64encode(b"x" * 1025).decode()}).encode(),
+        JSON_TYPE,
+        400,
+    ),
     ("two key properties", json.dumps({"key": GOOD, "Key": GOOD}).encode(), JSON_TYPE, 400),
     ("body over 64 KiB", json.dumps({"key": GOOD, "pad": "x" * 70000}).encode(), JSON_TYPE, 413),
     ("text/plain", json.dumps({"key": GOOD}).encode(), "text/plain", 415),
@@ -80,7 +85,9 @@ def test_a_chunked_body_over_the_limit_is_cut_off(shared_service: Service, issue
     assert response.status_code == 413
 
 
-def test_keys_of_other_sizes_than_32_bytes_are_accepted_like_upstream(shared_service: Service, issuer: DevIssuer) -> None:
+def test_keys_of_other_sizes_than_32_bytes_are_accepted_like_upstream(
+    shared_service: Service, issuer: DevIssuer
+) -> None:
     headers = {"Authorization": f"Bearer {issuer.mint(uuid.uuid4())}"}
     key = base64.b64encode(secrets.token_bytes(64)).decode()
     with shared_service.client() as client:

@@ -24,7 +24,9 @@ from keyconnector.devtools.issuer import DevIssuer
 from tests.conftest import Pfx, Service, base_env, free_port
 
 
-def keyconnector(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def keyconnector(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "keyconnector", *args],
         env=env if env is not None else clean_env(),
@@ -114,7 +116,10 @@ def test_check_names_each_broken_setting(tmp_path: Path, pfx: Pfx) -> None:
         ({"keyConnectorSettings__database__provider": "oracle"}, "keyConnectorSettings__database__provider"),
         ({"keyConnectorSettings__database__provider": "mongo"}, "MongoDB"),
         ({"keyConnectorSettings__rsaKey__provider": "nope"}, "keyConnectorSettings__rsaKey__provider"),
-        ({"keyConnectorSettings__certificate__provider": "nope"}, "keyConnectorSettings__certificate__provider"),
+        (
+            {"keyConnectorSettings__certificate__provider": "nope"},
+            "keyConnectorSettings__certificate__provider",
+        ),
         ({"keyConnectorSettings__identityServerUri": ""}, "keyConnectorSettings__identityServerUri"),
         ({"keyConnectorSettings__certificate__filesystemPath": "/nonexistent/key.pfx"}, "filesystemPath"),
         ({"keyConnectorSettings__lastAccessFlushSeconds": "600"}, "lastAccessFlushSeconds"),
@@ -136,12 +141,19 @@ def test_serve_refuses_rsa_keys_under_2048_bits(tmp_path: Path, issuer: DevIssue
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "small")])
     now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(small.public_key())
-        .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(small.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
         .sign(small, hashes.SHA256())
     )
     path = tmp_path / "small.pfx"
-    path.write_bytes(pkcs12.serialize_key_and_certificates(b"s", small, cert, None, serialization.NoEncryption()))
+    path.write_bytes(
+        pkcs12.serialize_key_and_certificates(b"s", small, cert, None, serialization.NoEncryption())
+    )
     env = base_env(issuer, pfx, tmp_path / "kc.db")
     env["keyConnectorSettings__certificate__filesystemPath"] = str(path)
     env.pop("keyConnectorSettings__certificate__filesystemPassword")
@@ -168,7 +180,9 @@ def test_serve_honours_aspnetcore_urls(tmp_path: Path, issuer: DevIssuer, pfx: P
     port = free_port()
     env = base_env(issuer, pfx, tmp_path / "kc.db")
     env["ASPNETCORE_URLS"] = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "keyconnector", "serve"], env=env, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keyconnector", "serve"], env=env, start_new_session=True
+    )
     try:
         assert wait_alive(f"http://127.0.0.1:{port}", process).status_code == 200
     finally:
@@ -183,16 +197,24 @@ def test_serve_speaks_tls_natively(tmp_path: Path, issuer: DevIssuer, pfx: Pfx, 
     import ipaddress
 
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     service: Service = start_service(
         base_env(issuer, pfx, tmp_path / "kc.db"),
@@ -201,7 +223,9 @@ def test_serve_speaks_tls_natively(tmp_path: Path, issuer: DevIssuer, pfx: Pfx, 
     user = uuid.uuid4()
     import ssl
 
-    with httpx.Client(base_url=service.url, verify=ssl.create_default_context(cafile=cert_path), timeout=10) as client:
+    with httpx.Client(
+        base_url=service.url, verify=ssl.create_default_context(cafile=cert_path), timeout=10
+    ) as client:
         assert client.get("/alive").status_code == 200
         headers = {"Authorization": f"Bearer {issuer.mint(user)}"}
         assert client.put("/user-keys", headers=headers, json={"key": "AAAA"}).status_code == 200
@@ -220,9 +244,15 @@ def test_settings_from_an_appsettings_file_with_environment_overrides(
                 "Logging": {"LogLevel": {"Default": "Information"}},
                 "keyConnectorSettings": {
                     "identityServerUri": "http://127.0.0.1:1",
-                    "database": {"provider": "sqlite", "sqliteConnectionString": f"Data Source={tmp_path / 'file.db'}"},
-                    "certificate": {"provider": "filesystem", "filesystemPath": str(pfx.path),
-                                     "filesystemPassword": pfx.password},
+                    "database": {
+                        "provider": "sqlite",
+                        "sqliteConnectionString": f"Data Source={tmp_path / 'file.db'}",
+                    },
+                    "certificate": {
+                        "provider": "filesystem",
+                        "filesystemPath": str(pfx.path),
+                        "filesystemPassword": pfx.password,
+                    },
                 },
             }
         )

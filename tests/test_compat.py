@@ -76,7 +76,9 @@ def build_upstream_sqlite(path: Path, pfx: Pfx, users: dict[uuid.UUID, bytes]) -
     for ddl in UPSTREAM_SQLITE_DDL:
         conn.execute(ddl)
     conn.execute("INSERT INTO \"__EFMigrationsHistory\" VALUES ('20210820155938_InitialCreate', '5.0.9')")
-    conn.execute('INSERT INTO "ApplicationDatas" ("SymmetricKey") VALUES (?)', (upstream_wrap(pfx, data_key),))
+    conn.execute(
+        'INSERT INTO "ApplicationDatas" ("SymmetricKey") VALUES (?)', (upstream_wrap(pfx, data_key),)
+    )
     for i, (user, key) in enumerate(users.items()):
         conn.execute(
             'INSERT INTO "UserKeys" VALUES (?, ?, ?, ?, ?)',
@@ -97,7 +99,8 @@ def schema_of(path: Path) -> list[tuple[str, str]]:
     with sqlite3.connect(path) as conn:
         return sorted(
             conn.execute(
-                "SELECT name, sql FROM sqlite_master WHERE name IN ('UserKeys', 'ApplicationDatas', '__EFMigrationsHistory')"
+                "SELECT name, sql FROM sqlite_master "
+                "WHERE name IN ('UserKeys', 'ApplicationDatas', '__EFMigrationsHistory')"
             ).fetchall()
         )
 
@@ -148,10 +151,17 @@ def test_a_new_database_is_created_as_upstream_would_and_reads_with_upstream_cry
     with service.client() as client:
         for user, key in users.items():
             headers = {"Authorization": f"Bearer {issuer.mint(user)}"}
-            assert client.put("/user-keys", headers=headers, json={"key": base64.b64encode(key).decode()}).status_code == 200
+            assert (
+                client.put(
+                    "/user-keys", headers=headers, json={"key": base64.b64encode(key).decode()}
+                ).status_code
+                == 200
+            )
     with sqlite3.connect(database) as conn:
         history = conn.execute('SELECT "MigrationId" FROM "__EFMigrationsHistory"').fetchall()
-        (wrapped,) = conn.execute('SELECT "SymmetricKey" FROM "ApplicationDatas" ORDER BY "Id" LIMIT 1').fetchone()
+        (wrapped,) = conn.execute(
+            'SELECT "SymmetricKey" FROM "ApplicationDatas" ORDER BY "Id" LIMIT 1'
+        ).fetchone()
         rows = dict(conn.execute('SELECT "Id", "Key" FROM "UserKeys"').fetchall())
     assert history == [("20210820155938_InitialCreate",)]
     data_key = upstream_unwrap(pfx, wrapped)
@@ -159,7 +169,9 @@ def test_a_new_database_is_created_as_upstream_would_and_reads_with_upstream_cry
         assert upstream_open(data_key, rows[str(user).upper()]) == key
 
 
-def test_an_upstream_json_database_is_taken_over(tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service) -> None:
+def test_an_upstream_json_database_is_taken_over(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service
+) -> None:
     users = make_users(10)
     data_key = secrets.token_bytes(32)
     document = {
@@ -188,7 +200,12 @@ def test_an_upstream_json_database_is_taken_over(tmp_path: Path, issuer: DevIssu
             assert response.status_code == 200
             assert base64.b64decode(response.json()["key"]) == key
         headers = {"Authorization": f"Bearer {issuer.mint(newcomer)}"}
-        assert client.post("/user-keys", headers=headers, json={"key": base64.b64encode(new_key).decode()}).status_code == 200
+        assert (
+            client.post(
+                "/user-keys", headers=headers, json={"key": base64.b64encode(new_key).decode()}
+            ).status_code
+            == 200
+        )
 
     written = json.loads(path.read_text())
     assert upstream_unwrap(pfx, written["symmetricKey"]) == data_key

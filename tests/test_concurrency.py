@@ -30,7 +30,9 @@ def test_parallel_posts_for_one_user_give_one_200_and_the_rest_400(
         keys = [b64(secrets.token_bytes(32)) for _ in range(24)]
         barrier = threading.Barrier(len(keys))
 
-        def post(key: str) -> tuple[int, str]:
+        def post(
+            key: str, barrier: threading.Barrier = barrier, headers: dict[str, str] = headers
+        ) -> tuple[int, str]:
             with httpx.Client(base_url=service.url, timeout=20) as client:
                 barrier.wait()
                 return client.post("/user-keys", headers=headers, json={"key": key}).status_code, key
@@ -62,7 +64,9 @@ def test_parallel_puts_and_posts_for_many_users_lose_nothing(
         assert set(pool.map(write, users.items())) == {200}
     with service.client() as client:
         for user, key in users.items():
-            assert client.get("/user-keys", headers={"Authorization": f"Bearer {issuer.mint(user)}"}).json() == {"key": key}
+            assert client.get(
+                "/user-keys", headers={"Authorization": f"Bearer {issuer.mint(user)}"}
+            ).json() == {"key": key}
 
 
 def test_two_instances_starting_together_on_an_empty_database_share_one_data_key(

@@ -34,10 +34,19 @@ def test_make_run_from_a_clean_clone(tmp_path: Path) -> None:
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, clone / name)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.lower().startswith(("keyconnectorsettings", "virtual_env"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.lower().startswith(("keyconnectorsettings", "virtual_env"))
+    }
     log = (tmp_path / "make-run.log").open("wb")
     process = subprocess.Popen(
-        ["make", "run", f"PORT={port}"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        ["make", "run", f"PORT={port}"],
+        cwd=clone,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 360
@@ -48,7 +57,9 @@ def test_make_run_from_a_clean_clone(tmp_path: Path) -> None:
                 break
             except httpx.TransportError:
                 time.sleep(0.5)
-        assert answer is not None and answer.status_code == 200, (tmp_path / "make-run.log").read_text()[-3000:]
+        assert answer is not None and answer.status_code == 200, (tmp_path / "make-run.log").read_text()[
+            -3000:
+        ]
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
         assert health.text == "Healthy"
         data = clone / "data"

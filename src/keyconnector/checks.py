@@ -63,7 +63,9 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
             else:
                 unwrapped = await provider.unwrap(base64.b64decode(wrapped))
                 ok = len(unwrapped) == 32
-                detail = "the stored data key unwraps with this key pair" if ok else "unwraps to a wrong length"
+                detail = (
+                    "the stored data key unwraps with this key pair" if ok else "unwraps to a wrong length"
+                )
                 results.append(CheckResult("data key", ok, detail))
         except KeyConnectorError as exc:
             results.append(CheckResult("data key", False, str(exc)))

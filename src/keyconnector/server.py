@@ -42,7 +42,9 @@ def listen_address(host: str | None, port: int | None, environ: dict[str, str] |
         first = urls.split(";")[0].strip()
         parts = urlsplit(first.replace("://+", "://0.0.0.0").replace("://*", "://0.0.0.0"))
         if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ConfigurationError("(ASPNETCORE_URLS)", f"cannot read '{first}' as a URL like http://+:5000")
+            raise ConfigurationError(
+                "(ASPNETCORE_URLS)", f"cannot read '{first}' as a URL like http://+:5000"
+            )
         default = 443 if parts.scheme == "https" else 80
         return Listen(parts.hostname, parts.port or default, parts.scheme == "https")
     return Listen(host or "127.0.0.1", port or DEFAULT_PORT, False)
@@ -57,7 +59,13 @@ def migrate_with_retries(settings: Settings, attempts: int = MIGRATION_ATTEMPTS)
         except UnavailableError as exc:
             if attempt == attempts:
                 raise
-            log.warning("database not reachable (attempt %d of %d): %s; retrying in %.0fs", attempt, attempts, exc, delay)
+            log.warning(
+                "database not reachable (attempt %d of %d): %s; retrying in %.0fs",
+                attempt,
+                attempts,
+                exc,
+                delay,
+            )
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -77,7 +85,9 @@ async def _prepare_data_key(settings: Settings) -> None:
 def preflight(settings: Settings) -> None:
     """Everything that should stop the service before it listens, with a message naming the setting."""
     if not settings.identity_server_uri:
-        raise ConfigurationError("identityServerUri", "is not set; it is the URL of the Bitwarden identity server")
+        raise ConfigurationError(
+            "identityServerUri", "is not set; it is the URL of the Bitwarden identity server"
+        )
     migrate_with_retries(settings)
     asyncio.run(_prepare_data_key(settings))
 

@@ -7,6 +7,7 @@ uses the context built here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from pathlib import Path
@@ -25,10 +26,8 @@ def extra_ca_files(directory: str | Path) -> list[Path]:
 
 def trust_context(ca_directory: str | Path) -> ssl.SSLContext:
     context = ssl.create_default_context()
-    try:
+    with contextlib.suppress(OSError):  # certifi ships its bundle; the system store is there anyway
         context.load_verify_locations(cafile=certifi.where())
-    except OSError:  # pragma: no cover - certifi ships its bundle
-        pass
     for path in extra_ca_files(ca_directory):
         try:
             context.load_verify_locations(cafile=str(path))

@@ -32,12 +32,13 @@ class LoadedCertificate:
 
 
 async def load_certificate(settings: CertificateSettings, prefix: str = "certificate") -> LoadedCertificate:
-    """Load the certificate named by the settings; ``prefix`` is ``certificate`` or ``transferTo.certificate``."""
+    """Load the certificate the settings name; ``prefix`` is ``certificate`` or ``transferTo.certificate``."""
     module_name = SOURCES.get(settings.provider)
     if module_name is None:
         raise ConfigurationError(
             f"{prefix}.provider",
-            f"unknown certificate provider '{settings.provider}'; choose one of: {', '.join(sorted(SOURCES))}",
+            f"unknown certificate provider '{settings.provider}'; "
+            f"choose one of: {', '.join(sorted(SOURCES))}",
         )
     module = importlib.import_module(module_name)
     loaded: LoadedCertificate = await module.load(settings, prefix)

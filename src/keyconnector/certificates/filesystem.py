@@ -16,7 +16,9 @@ async def load(settings: CertificateSettings, prefix: str) -> LoadedCertificate:
     try:
         data = await asyncio.to_thread(path.read_bytes)
     except FileNotFoundError:
-        raise ConfigurationError(setting, f"no PFX file at {path} (make one with `keyconnector init`)") from None
+        raise ConfigurationError(
+            setting, f"no PFX file at {path} (make one with `keyconnector init`)"
+        ) from None
     except PermissionError:
         raise ConfigurationError(setting, f"the PFX file {path} is not readable by this user") from None
     except IsADirectoryError:

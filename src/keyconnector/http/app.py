@@ -37,26 +37,38 @@ log = logging.getLogger("keyconnector")
 
 async def build_services(settings: Settings) -> Services:
     if not settings.identity_server_uri:
-        raise ConfigurationError("identityServerUri", "is not set; it is the URL of the Bitwarden identity server")
+        raise ConfigurationError(
+            "identityServerUri", "is not set; it is the URL of the Bitwarden identity server"
+        )
     repository = await open_repository(settings.database)
     try:
         provider = await open_key_provider(settings)
     except BaseException:
         await repository.aclose()
         raise
-    validator = TokenValidator(settings.identity_server_uri, verify=trust_context(settings.ca_certificates_directory))
+    validator = TokenValidator(
+        settings.identity_server_uri, verify=trust_context(settings.ca_certificates_directory)
+    )
     keys = KeyService(repository, provider, flush_interval=settings.last_access_flush_seconds)
     await validator.start()
     await keys.start()
-    return Services(settings=settings, repository=repository, provider=provider, validator=validator, keys=keys)
+    return Services(
+        settings=settings, repository=repository, provider=provider, validator=validator, keys=keys
+    )
 
 
 async def close_services(services: Services) -> None:
-    for close in (services.keys.aclose, services.validator.aclose, services.provider.aclose, services.repository.aclose):
+    for close in (
+        services.keys.aclose,
+        services.validator.aclose,
+        services.provider.aclose,
+        services.repository.aclose,
+    ):
         try:
             await close()
         except Exception:
             log.exception("error while shutting down")
+    logs.access_log().flush()
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -10,9 +10,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keyconnector.logs import ACCESS_LOGGER
+from keyconnector.logs import access_log
 
-access_log = logging.getLogger(ACCESS_LOGGER)
 error_log = logging.getLogger("keyconnector.http")
 _SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _SLASHES = re.compile(r"/{2,}")
@@ -68,28 +67,15 @@ class RequestMiddleware:
                 )
                 await send({"type": "http.response.body", "body": body})
         finally:
-            if not access_log.disabled:
-                elapsed = (time.perf_counter() - started) * 1000
-                user = scope.get("keyconnector.user")
+            access = access_log()
+            if access.enabled:
                 client = scope.get("client")
-                rid = request_id.decode()
-                access_log.info(
-                    "%s %s %d %.2fms user=%s rid=%s",
+                access.record(
                     scope["method"],
                     path,
                     status,
-                    elapsed,
-                    user or "-",
-                    rid,
-                    extra={
-                        "fields": {
-                            "method": scope["method"],
-                            "path": path,
-                            "status": status,
-                            "duration_ms": round(elapsed, 3),
-                            "user_id": str(user) if user else None,
-                            "client": client[0] if client else None,
-                            "request_id": rid,
-                        }
-                    },
+                    (time.perf_counter() - started) * 1000,
+                    scope.get("keyconnector.user"),
+                    request_id.decode(),
+                    client[0] if client else None,
                 )

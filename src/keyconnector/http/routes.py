@@ -41,7 +41,9 @@ async def alive(request: Request) -> Response:
 async def health(request: Request) -> Response:
     services: Services = request.app.state.services
     healthy, _ = await services.health.overall()
-    return Response("Healthy" if healthy else "Unhealthy", status_code=200 if healthy else 503, media_type="text/plain")
+    return Response(
+        "Healthy" if healthy else "Unhealthy", status_code=200 if healthy else 503, media_type="text/plain"
+    )
 
 
 async def health_live(request: Request) -> Response:
@@ -102,7 +104,9 @@ async def _read_key(request: Request) -> bytes:
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequest(400, 'the "key" property is not valid base64 (standard alphabet, with padding)') from None
+        raise BadRequest(
+            400, 'the "key" property is not valid base64 (standard alphabet, with padding)'
+        ) from None
     if not raw:
         raise BadRequest(400, 'the "key" property is empty')
     if len(raw) > MAX_KEY_BYTES:

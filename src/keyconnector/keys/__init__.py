@@ -48,7 +48,8 @@ async def open_key_provider(settings: Settings, *, transfer: bool = False) -> Ke
     if module_name is None:
         raise ConfigurationError(
             f"{prefix}.provider",
-            f"unknown RSA key provider '{rsa_settings.provider}'; choose one of: {', '.join(sorted(PROVIDERS))}",
+            f"unknown RSA key provider '{rsa_settings.provider}'; "
+            f"choose one of: {', '.join(sorted(PROVIDERS))}",
         )
     module = importlib.import_module(module_name)
     provider: KeyProvider = await module.open(settings, transfer=transfer)

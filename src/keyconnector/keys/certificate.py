@@ -47,7 +47,7 @@ class CertificateKeyProvider:
         return None
 
 
-async def open(settings: Settings, *, transfer: bool = False) -> CertificateKeyProvider:  # noqa: A001
+async def open(settings: Settings, *, transfer: bool = False) -> CertificateKeyProvider:
     prefix = "transferTo.certificate" if transfer else "certificate"
     cert_settings = settings.transfer_to.certificate if transfer else settings.certificate
     if cert_settings is None:

@@ -178,7 +178,9 @@ def describe_schema(connection: Connection) -> tuple[str, bool]:
     check_upstream_columns(connection)
     parts = []
     if MIGRATIONS_HISTORY in tables:
-        ids = connection.execute(text(f'SELECT "MigrationId" FROM "{MIGRATIONS_HISTORY}"')).scalars().all()
+        from keyconnector.storage.schema import migrations_history
+
+        ids = connection.execute(select(migrations_history.c.MigrationId)).scalars().all()
         parts.append("upstream schema (" + (", ".join(ids) or "no history row") + ")")
     else:
         parts.append("upstream tables without a migration history")
@@ -187,9 +189,13 @@ def describe_schema(connection: Connection) -> tuple[str, bool]:
     if ours is None:
         parts.append("not yet adopted by keyconnector; `serve` adopts it in place")
     elif ours != head and ours not in _known_revisions():
-        raise StorageError(f"the schema is at revision {ours}, which this keyconnector does not know: upgrade it")
+        raise StorageError(
+            f"the schema is at revision {ours}, which this keyconnector does not know: upgrade it"
+        )
     else:
-        parts.append(f"keyconnector revision {ours}" + ("" if ours == head else f" (`serve` upgrades it to {head})"))
+        parts.append(
+            f"keyconnector revision {ours}" + ("" if ours == head else f" (`serve` upgrades it to {head})")
+        )
     count = connection.execute(select(func.count()).select_from(user_keys)).scalar_one()
     parts.append(f"{count} user keys")
     return "; ".join(parts), True

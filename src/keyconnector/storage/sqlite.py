@@ -234,7 +234,9 @@ def inspect(settings: DatabaseSettings, prefix: str) -> DatabaseState:
 
     target = parse_target(settings, prefix)
     if not os.path.exists(target.path):
-        return DatabaseState(f"sqlite {target.path}: no database yet; `serve` creates upstream's schema there", False)
+        return DatabaseState(
+            f"sqlite {target.path}: no database yet; `serve` creates upstream's schema there", False
+        )
     engine = create_engine(
         "sqlite+pysqlite:///file:" + quote(target.path) + "?mode=ro&uri=true", poolclass=NullPool
     )
