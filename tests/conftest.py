@@ -76,7 +76,9 @@ def base_env(issuer: DevIssuer, pfx: Pfx, database: Path) -> dict[str, str]:
 class Service:
     """A `keyconnector serve` process on a free port, with its stderr kept for assertions."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *, workers: int = 1, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self, env: dict[str, str], log_path: Path, *, workers: int = 1, extra_args: tuple[str, ...] = ()
+    ):
         self.env = env
         self.log_path = log_path
         self.workers = workers
@@ -92,8 +94,17 @@ class Service:
     def start(self, timeout: float = 30) -> Service:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "keyconnector", "serve", "--port", str(self.port),
-             "--workers", str(self.workers), *self.extra_args],
+            [
+                sys.executable,
+                "-m",
+                "keyconnector",
+                "serve",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+                *self.extra_args,
+            ],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -136,7 +147,9 @@ def start_service(tmp_path: Path) -> Iterator[object]:
     started: list[Service] = []
 
     def start(env: dict[str, str], *, workers: int = 1, extra_args: tuple[str, ...] = ()) -> Service:
-        service = Service(env, tmp_path / f"service-{len(started)}.log", workers=workers, extra_args=extra_args)
+        service = Service(
+            env, tmp_path / f"service-{len(started)}.log", workers=workers, extra_args=extra_args
+        )
         started.append(service)
         return service.start()
 
@@ -146,7 +159,9 @@ def start_service(tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def shared_service(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, pfx: Pfx) -> Iterator[Service]:
+def shared_service(
+    tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, pfx: Pfx
+) -> Iterator[Service]:
     """One service for a whole test module (the API tests use fresh users, so they do not interfere)."""
     folder = tmp_path_factory.mktemp("service")
     service = Service(base_env(issuer, pfx, folder / "kc.db"), folder / "service.log")

@@ -47,7 +47,9 @@ async def bootstrap_data_key(repository: Repository, provider: KeyProvider) -> D
     try:
         blob = base64.b64decode(wrapped, validate=True)
     except (binascii.Error, ValueError):
-        raise IntegrityError("the stored data key (ApplicationDatas.SymmetricKey) is not valid base64") from None
+        raise IntegrityError(
+            "the stored data key (ApplicationDatas.SymmetricKey) is not valid base64"
+        ) from None
     return DataKey(await provider.unwrap(blob))
 
 
@@ -117,7 +119,9 @@ class KeyService:
         if key is not None:
             return key
         if time.monotonic() - self._last_attempt < self._retry_interval and self._last_error:
-            raise UnavailableError("the data key", self._last_error, retry_after=int(self._retry_interval) or 1)
+            raise UnavailableError(
+                "the data key", self._last_error, retry_after=int(self._retry_interval) or 1
+            )
         try:
             return await self._load_data_key()
         except IntegrityError as exc:

@@ -251,7 +251,9 @@ def _read_secret_file(setting: str, path: Any) -> str:
     try:
         return Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
-        raise ConfigurationError(_dotted(setting), f"cannot read the secret file {path}: {exc.strerror}") from None
+        raise ConfigurationError(
+            _dotted(setting), f"cannot read the secret file {path}: {exc.strerror}"
+        ) from None
 
 
 def _dotted(raw: str) -> str:

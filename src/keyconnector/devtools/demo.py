@@ -54,8 +54,17 @@ def run_demo() -> int:
         step(f"a development identity issuer is up at {issuer.url}")
         step(f"making a key pair and settings in {folder}")
         subprocess.run(
-            [sys.executable, "-m", "keyconnector", "init", str(folder), "--key-bits", "2048",
-             "--identity-server-uri", issuer.url],
+            [
+                sys.executable,
+                "-m",
+                "keyconnector",
+                "init",
+                str(folder),
+                "--key-bits",
+                "2048",
+                "--identity-server-uri",
+                issuer.url,
+            ],
             check=True,
         )
         port = free_port()
