@@ -288,3 +288,36 @@ def test_the_service_starts_while_the_identity_server_is_down_and_recovers(
                     break
                 time.sleep(0.25)
             assert response.status_code == 404
+
+
+def test_the_demo_runs_the_whole_flow() -> None:
+    result = keyconnector("demo", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "GET /user-keys at the next login\n   -> 200" in result.stdout
+    assert "== done" in result.stdout
+
+
+def test_json_logs_to_stderr_and_a_log_file(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service
+) -> None:
+    log_file = tmp_path / "access.log"
+    env = base_env(issuer, pfx, tmp_path / "kc.db")
+    env["keyConnectorSettings__logging__format"] = "json"
+    env["keyConnectorSettings__logging__file"] = str(log_file)
+    service: Service = start_service(env)
+    user = uuid.uuid4()
+    token = issuer.mint(user)
+    with service.client() as client:
+        assert client.get("/user-keys", headers={"Authorization": f"Bearer {token}"}).status_code == 404
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and str(user) not in (
+        log_file.read_text() if log_file.exists() else ""
+    ):
+        time.sleep(0.05)
+    for text in (log_file.read_text(), service.logs()):
+        entries = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        mine = [e for e in entries if e.get("user_id") == str(user)]
+        assert len(mine) == 1, text
+        assert mine[0]["method"] == "GET" and mine[0]["path"] == "/user-keys" and mine[0]["status"] == 404
+        assert mine[0]["request_id"] and mine[0]["duration_ms"] >= 0
+        assert token not in text
