@@ -38,7 +38,7 @@ $(DATA)/keyconnector.env: | $(STAMP)
 	$(BIN)/keyconnector init $(DATA)
 
 run: $(STAMP) $(DATA)/keyconnector.env
-	set -a && . ./$(DATA)/keyconnector.env && set +a && exec $(BIN)/keyconnector serve --host $(HOST) --port $(PORT)
+	exec $(BIN)/keyconnector serve --env-file $(DATA)/keyconnector.env --host $(HOST) --port $(PORT)
 
 demo: $(STAMP)
 	$(BIN)/keyconnector demo

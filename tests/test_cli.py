@@ -321,3 +321,40 @@ def test_json_logs_to_stderr_and_a_log_file(
         assert mine[0]["method"] == "GET" and mine[0]["path"] == "/user-keys" and mine[0]["status"] == 404
         assert mine[0]["request_id"] and mine[0]["duration_ms"] >= 0
         assert token not in text
+
+
+def test_init_output_serves_as_is_through_env_file(tmp_path: Path, issuer: DevIssuer, start_service) -> None:
+    folder = tmp_path / "kc"
+    made = keyconnector("init", str(folder), "--key-bits", "2048", "--identity-server-uri", issuer.url)
+    assert made.returncode == 0, made.stderr
+    env_file = str(folder / "keyconnector.env")
+    assert keyconnector("check", "--env-file", env_file).returncode == 0
+    service: Service = start_service(clean_env(), extra_args=("--env-file", env_file))
+    headers = {"Authorization": f"Bearer {issuer.mint(uuid.uuid4())}"}
+    with service.client() as client:
+        assert client.put("/user-keys", headers=headers, json={"key": "AAAA"}).status_code == 200
+        assert client.get("/user-keys", headers=headers).json() == {"key": "AAAA"}
+    assert (folder / "keyconnector.db").exists()
+
+
+def test_env_files_are_read_like_docker_reads_them(tmp_path: Path) -> None:
+    from keyconnector.errors import ConfigurationError
+    from keyconnector.settings import read_env_file
+
+    path = tmp_path / "kc.env"
+    path.write_text(
+        "# comment\n\n"
+        "keyConnectorSettings__database__sqliteConnectionString=Data Source=/etc/bitwarden/kc.db\n"
+        "export keyConnectorSettings__webVaultUri = https://vault.example.com/\n"
+        "keyConnectorSettings__certificate__filesystemPassword='p@ss=word'\n"
+        'keyConnectorSettings__identityServerUri="http://identity:5000"\r\n'
+    )
+    assert read_env_file(path) == {
+        "keyConnectorSettings__database__sqliteConnectionString": "Data Source=/etc/bitwarden/kc.db",
+        "keyConnectorSettings__webVaultUri": "https://vault.example.com/",
+        "keyConnectorSettings__certificate__filesystemPassword": "p@ss=word",
+        "keyConnectorSettings__identityServerUri": "http://identity:5000",
+    }
+    path.write_text("just some words\n")
+    with pytest.raises(ConfigurationError, match="line 1"):
+        read_env_file(path)

@@ -12,12 +12,18 @@ from pathlib import Path
 
 from keyconnector import __version__, logs
 from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_name
-from keyconnector.settings import LoadedSettings, LoggingSettings, load_settings
+from keyconnector.settings import LoadedSettings, LoggingSettings, load_settings, read_env_file
 
 log = logging.getLogger("keyconnector")
 
 
 def _load(args: argparse.Namespace) -> LoadedSettings:
+    env_file = getattr(args, "env_file", None)
+    if env_file:
+        # The real environment wins over the file, as with docker's --env-file plus -e. Workers
+        # inherit os.environ, so this is also how the settings reach them.
+        for name, value in read_env_file(env_file).items():
+            os.environ.setdefault(name, value)
     loaded = load_settings(config_file=getattr(args, "config", None))
     for name in loaded.unknown:
         log.warning("ignoring unknown setting %s (a typo?)", name)
@@ -72,7 +78,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         env_file,
         "\n".join(
             [
-                "# Key Connector settings, upstream names. Load with: set -a; . ./keyconnector.env; set +a",
+                "# Key Connector settings, upstream names, docker env-file format (values unquoted).",
+                f"# Use: keyconnector serve --env-file {env_file}   or   docker run --env-file ...",
                 f"keyConnectorSettings__webVaultUri={args.web_vault_uri}",
                 f"keyConnectorSettings__identityServerUri={args.identity_server_uri}",
                 "keyConnectorSettings__database__provider=sqlite",
@@ -126,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: ASPNETCORE_URLS, else 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: ASPNETCORE_URLS, else 5000)")
     serve.add_argument("--config", help="an appsettings-style JSON file (section keyConnectorSettings)")
+    serve.add_argument("--env-file", help="a docker-style env file of keyConnectorSettings__... lines")
     serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
     serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
@@ -140,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="check the settings, database, key pair and identity server")
     check.add_argument("--config", help="an appsettings-style JSON file (section keyConnectorSettings)")
+    check.add_argument("--env-file", help="a docker-style env file of keyConnectorSettings__... lines")
     check.set_defaults(func=cmd_check)
 
     demo = commands.add_parser("demo", help="run a development issuer and the service, and show the flow")

@@ -287,6 +287,33 @@ def _json_section(path: Path) -> Mapping[str, Any]:
     return {}
 
 
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """A docker-style env file, as upstream deployments keep them: ``NAME=value`` per line.
+
+    Values are taken literally (``Data Source=/x.db`` needs no quoting); a value wrapped in one pair
+    of matching quotes is unwrapped, as docker compose does. Blank lines and ``#`` comments are skipped.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigurationError("(env file)", f"cannot read the env file {path}: {exc.strerror}") from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            raise ConfigurationError("(env file)", f"{path}, line {number}: expected NAME=value")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[name.strip()] = value
+    return values
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, config_file: str | Path | None = None
 ) -> LoadedSettings:

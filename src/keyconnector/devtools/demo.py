@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from keyconnector.devtools.issuer import DevIssuer
+from keyconnector.settings import read_env_file
 
 
 def free_port() -> int:
@@ -28,15 +29,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            name, value = line.split("=", 1)
-            out[name.strip()] = value
-    return out
 
 
 def step(text: str) -> None:
