@@ -291,3 +291,19 @@ def test_one_log_line_per_request_without_secrets(shared_service: Service, issue
     assert re.search(rf"POST /user-keys 200 [\d.]+ms user={user}", logs)
     assert token not in logs
     assert key not in logs
+
+
+def test_health_covers_the_database(tmp_path: Path, issuer: DevIssuer, pfx, start_service) -> None:
+    from tests.conftest import base_env
+
+    database = tmp_path / "kc.db"
+    service: Service = start_service(base_env(issuer, pfx, database))
+    database.rename(tmp_path / "moved.db")
+    time.sleep(2.1)  # past the health cache
+    with service.client() as client:
+        health = client.get("/health")
+        ready = client.get("/health/ready")
+        live = client.get("/health/live")
+    assert (health.status_code, health.text) == (503, "Unhealthy")
+    assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok"
+    assert live.status_code == 200
