@@ -307,3 +307,25 @@ def test_health_covers_the_database(tmp_path: Path, issuer: DevIssuer, pfx, star
     assert (health.status_code, health.text) == (503, "Unhealthy")
     assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok"
     assert live.status_code == 200
+
+
+def test_access_times_still_batched_at_shutdown_are_written(
+    tmp_path: Path, issuer: DevIssuer, pfx, start_service
+) -> None:
+    from tests.conftest import base_env
+
+    database = tmp_path / "kc.db"
+    env = base_env(issuer, pfx, database)
+    env["keyConnectorSettings__lastAccessFlushSeconds"] = "60"
+    service: Service = start_service(env)
+    service.database = database  # type: ignore[attr-defined]
+    user = uuid.uuid4()
+    headers = auth(issuer, user)
+    with service.client() as client:
+        assert client.post("/user-keys", headers=headers, json={"key": new_key()}).status_code == 200
+        assert client.get("/user-keys", headers=headers).status_code == 200
+    row = db_row(service, user)
+    assert row is not None and row[3] is None  # still in the batch
+    service.stop()
+    row = db_row(service, user)
+    assert row is not None and row[3] is not None, service.logs()
