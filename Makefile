@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages that the tests (and the benchmark) drive for real.
-SYSTEM_PACKAGES := openssl
+SYSTEM_PACKAGES := openssl postgresql mariadb-server
 BENCH_PACKAGES := wrk
 
 define apt_install

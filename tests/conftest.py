@@ -22,6 +22,8 @@ import pytest
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keygen import self_signed_pfx
 
+pytest_plugins = ["tests.support.databases"]
+
 WEB_VAULT = "https://vault.example.com"
 
 

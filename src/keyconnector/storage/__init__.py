@@ -1,6 +1,6 @@
 """Where user keys and the wrapped data key live.
 
-One module per backend (``sqlite``, ``jsonfile``, and later ``postgresql``, ``mysql``,
+One module per backend (``sqlite``, ``jsonfile``, ``postgresql``, ``mysql`` (MySQL and MariaDB),
 ``sqlserver``), each exposing:
 
 - ``def migrate(settings: DatabaseSettings, prefix: str) -> None``: bring the schema up to date,
@@ -33,6 +33,9 @@ from keyconnector.settings import DatabaseSettings
 BACKENDS: dict[str, str] = {
     "sqlite": "keyconnector.storage.sqlite",
     "json": "keyconnector.storage.jsonfile",
+    "postgresql": "keyconnector.storage.postgresql",
+    "mysql": "keyconnector.storage.mysql",
+    "sqlserver": "keyconnector.storage.sqlserver",
 }
 
 REMOVED: dict[str, str] = {
