@@ -130,9 +130,10 @@ async def test_token_without_kid_uses_the_only_key(issuer: DevIssuer, validator:
 async def test_cached_token_returns_the_same_principal(issuer: DevIssuer, validator: TokenValidator) -> None:
     header = bearer(issuer.mint())
     first = await validator.authenticate(header)
-    fetches = issuer.jwks_fetches
-    assert await validator.authenticate(header) is first
-    assert await validator.authenticate("bearer  " + header[7:] + " ") is first
+    fetches, hits = issuer.jwks_fetches, validator.cache_hits
+    assert await validator.authenticate(header) == first
+    assert await validator.authenticate("bearer  " + header[7:] + " ") == first
+    assert validator.cache_hits == hits + 2
     assert issuer.jwks_fetches == fetches
 
 
@@ -614,7 +615,8 @@ async def test_expired_cached_token_is_refused(issuer: DevIssuer) -> None:
         header = bearer(issuer.mint(lifetime=3600))
         principal = await v.authenticate(header)
         now[0] = principal.expires_at + 299  # within skew
-        assert await v.authenticate(header) is principal
+        assert await v.authenticate(header) == principal
+        assert v.cache_hits == 1
         now[0] = principal.expires_at + 301
         await refused(v, header, 401, "expired")
         await refused(v, header, 401, "expired")  # and not only the cached copy
@@ -627,9 +629,10 @@ async def test_cache_is_bounded(issuer: DevIssuer) -> None:
     try:
         headers = [bearer(issuer.mint()) for _ in range(5)]
         principals = [await v.authenticate(h) for h in headers]
-        assert await v.authenticate(headers[4]) is principals[4]
-        # the oldest were evicted: they validate again, to an equal but new principal
+        assert await v.authenticate(headers[4]) == principals[4]
+        assert v.cache_hits == 1
+        # the oldest were evicted: they validate again (no cache hit), to an equal principal
         again = await v.authenticate(headers[0])
-        assert again == principals[0] and again is not principals[0]
+        assert again == principals[0] and v.cache_hits == 1
     finally:
         await v.aclose()

