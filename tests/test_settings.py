@@ -24,7 +24,8 @@ def test_upstream_names_case_insensitively_with_either_separator() -> None:
     settings = loaded.settings
     assert settings.database.provider == "postgresql"
     assert settings.database.postgresql_connection_string is not None
-    assert settings.database.postgresql_connection_string.get_secret_value() == "Host=db;Password=Zq9-unlikely"
+    connection_string = settings.database.postgresql_connection_string.get_secret_value()
+    assert connection_string == "Host=db;Password=Zq9-unlikely"
     assert settings.rsa_key.aws_use_symmetric_encryption is True
     assert settings.web_vault_uri == "https://vault.example.com/"
     assert loaded.unknown == []

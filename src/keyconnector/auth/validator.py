@@ -9,8 +9,8 @@ work per token is kept to what cannot be avoided:
   padding and hash objects;
 * claims are checked by hand on the decoded dict (no claims-registry machinery);
 * tokens that passed everything are cached (SHA-256 of the token -> the principal as plain values,
-  until ``exp``, at most ``cache_size`` entries, oldest evicted first), so a client that reuses its token costs a
-  hash, a dict lookup and an expiry check. The cache is keyed by a digest rather than the token
+  until ``exp``, at most ``cache_size`` entries, oldest evicted first), so a client that reuses its
+  token costs a hash, a dict lookup and an expiry check. The cache is keyed by a digest rather than the token
   itself because 100,000 Bitwarden tokens of ~1.1 kB would otherwise pin over 100 MB.
 
 Measured on the 2-core development machine (Python 3.11.7, joserfc 1.8, cryptography 50; RSA-2048

@@ -30,6 +30,7 @@ from keyconnector._optional import require
 from keyconnector.errors import StorageError, UnavailableError
 from keyconnector.settings import DatabaseSettings
 from keyconnector.storage import DatabaseState, UserKeyRecord
+from keyconnector.storage.coalesce import ReadCoalescer
 from keyconnector.storage.schema import naive_utc
 from keyconnector.storage.sqlcommon import (
     PING_TIMEOUT_SECONDS,
@@ -206,6 +207,7 @@ _TARGET_SESSION_ATTRIBUTES = {
 }
 
 _SELECT_KEY = 'SELECT "Key" FROM "UserKeys" WHERE "Id" = $1'
+_SELECT_KEYS = 'SELECT "Id", "Key" FROM "UserKeys" WHERE "Id" = ANY($1::uuid[])'
 _CREATE = (
     'INSERT INTO "UserKeys" ("Id", "Key", "CreationDate", "RevisionDate", "LastAccessDate") '
     "VALUES ($1, $2, $3, NULL, NULL) "
@@ -373,6 +375,7 @@ class PostgresRepository:
         self._target = target
         self._pool = pool
         self._background: set[asyncio.Future[None]] = set()
+        self._reads = ReadCoalescer(self._fetch_keys)
 
     @property
     def description(self) -> str:
@@ -391,14 +394,18 @@ class PostgresRepository:
     # -- the request path -------------------------------------------------------------------------------
 
     async def get_key(self, user_id: UUID) -> str | None:
+        return await self._reads.get(user_id)
+
+    async def _fetch_keys(self, user_ids: list[UUID]) -> dict[UUID, str | None]:
+        """One round trip for every read that queued up behind the last one (see coalesce.py)."""
         pool = self._pool
         try:
-            key: str | None = await pool.fetchval(_SELECT_KEY, user_id)
-            return key
+            rows = await pool.fetch(_SELECT_KEYS, user_ids)
         except Exception as exc:  # the slow path: classify, maybe retry
             if classify(exc) is None:
                 raise
-        return await self._run("reading a user key", lambda _attempt: pool.fetchval(_SELECT_KEY, user_id))  # type: ignore[no-any-return]
+            rows = await self._run("reading user keys", lambda _attempt: pool.fetch(_SELECT_KEYS, user_ids))
+        return {row[0]: row[1] for row in rows}
 
     # -- writes -------------------------------------------------------------------------------------------
 
