@@ -7,7 +7,7 @@ DATA ?= data
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install run demo test lint typecheck bench clean system-deps bench-deps
+.PHONY: install run demo test lint typecheck bench bench-databases clean system-deps bench-deps
 
 install: $(STAMP)
 
@@ -55,6 +55,9 @@ typecheck: $(STAMP)
 
 bench: $(STAMP) bench-deps
 	$(BIN)/python bench/user_keys.py
+
+bench-databases: $(STAMP) bench-deps system-deps
+	$(BIN)/python bench/databases.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
