@@ -11,14 +11,11 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from pydantic import SecretStr
@@ -30,6 +27,7 @@ from keyconnector.storage.connstr import parse_connection_string, resolve
 from keyconnector.storage.jsonfile import format_iso_time, parse_iso_time
 from keyconnector.storage.schema import format_sqlite_time, parse_sqlite_time
 from tests.support import upstream
+from tests.support.race import race
 
 T = TypeVar("T")
 
@@ -643,155 +641,21 @@ def test_sqlite_get_key_never_leaves_the_event_loop(tmp_path: Path) -> None:
 
 
 # -- several processes -------------------------------------------------------------------------------
-
-WORKER = r"""
-import asyncio, json, os, sys, time, uuid
-from datetime import datetime
-from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import migrate, open_repository
-
-spec = json.loads(sys.argv[1])
-settings = DatabaseSettings(**spec["settings"])
-open(spec["ready"], "w").close()
-deadline = time.monotonic() + 60
-while not os.path.exists(spec["go"]):
-    if time.monotonic() > deadline:
-        sys.exit("never told to go")
-    time.sleep(0.0005)
-
-async def main():
-    out = {}
-    now = datetime(2026, 1, 1)
-    if spec["op"] == "bootstrap":
-        migrate(settings)
-        repository = await open_repository(settings)
-        out["stored"] = await repository.store_wrapped_data_key(spec["wrapped"])
-        out["read"] = await repository.get_wrapped_data_key()
-    else:
-        repository = await open_repository(settings)
-        if spec["op"] == "create_same":
-            out["created"] = await repository.create_key(uuid.UUID(spec["user"]), spec["record"], now)
-        elif spec["op"] == "many":
-            for i, user in enumerate(spec["users"]):
-                if i % 2:
-                    await repository.put_key(uuid.UUID(user), "put-" + user, now)
-                else:
-                    await repository.create_key(uuid.UUID(user), "create-" + user, now)
-                await repository.record_access({uuid.UUID(user): now})
-    await repository.aclose()
-    print(json.dumps(out))
-
-asyncio.run(main())
-"""
+# The races themselves run for every backend in test_storage_conformance.py; this is SQLite's own case.
 
 
-def race(tmp_path: Path, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Start one process per spec, let them all import and get ready, then release them at once."""
-    gate = tmp_path / "gate"
-    gate.mkdir(exist_ok=True)
-    go = gate / "go"
-    if go.exists():
-        go.unlink()
-    processes = []
-    for index, spec in enumerate(specs):
-        ready = gate / f"ready-{index}"
-        if ready.exists():
-            ready.unlink()
-        payload = json.dumps({**spec, "ready": str(ready), "go": str(go)})
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", WORKER, payload],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    deadline = time.monotonic() + 60
-    while not all((gate / f"ready-{i}").exists() for i in range(len(specs))):
-        assert time.monotonic() < deadline, "workers did not start"
-        assert all(p.poll() is None for p in processes), [
-            p.communicate() for p in processes if p.poll() is not None
-        ]
-        time.sleep(0.01)
-    go.touch()
-    results = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=60)
-        assert process.returncode == 0, stderr
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
-    return results
-
-
-def plain_settings(backend: str, folder: Path) -> dict[str, str]:
-    if backend == "sqlite":
-        return {"provider": "sqlite", "sqliteConnectionString": f"Data Source={folder / 'kc.db'}"}
-    return {"provider": "json", "jsonFilePath": str(folder / "data.json")}
-
-
-@pytest.mark.parametrize(
-    ("backend", "start"), [("sqlite", "absent"), ("sqlite", "empty file"), ("json", "absent")]
-)
-def test_processes_bootstrapping_an_empty_database_agree_on_one_data_key(
-    tmp_path: Path, backend: str, start: str
-) -> None:
-    settings = plain_settings(backend, tmp_path)
-    if start == "empty file":
-        (tmp_path / "kc.db").touch()  # what `touch` before mounting a volume leaves
+def test_processes_bootstrapping_a_zero_byte_sqlite_file_agree_on_one_data_key(tmp_path: Path) -> None:
+    (tmp_path / "kc.db").touch()  # what `touch` before mounting a volume leaves
+    settings = {"provider": "sqlite", "sqliteConnectionString": f"Data Source={tmp_path / 'kc.db'}"}
     results = race(
         tmp_path, [{"op": "bootstrap", "settings": settings, "wrapped": f"key-{i}"} for i in range(3)]
     )
     stored = {r["stored"] for r in results} | {r["read"] for r in results}
     assert len(stored) == 1, results
-    if backend == "sqlite":
-        with sqlite3.connect(tmp_path / "kc.db") as connection:
-            assert connection.execute('SELECT "SymmetricKey" FROM "ApplicationDatas"').fetchall() == [
-                (stored.pop(),)
-            ]
-            assert connection.execute('SELECT * FROM "__EFMigrationsHistory"').fetchall() == [
-                (upstream.SQLITE_MIGRATION_ID, upstream.PRODUCT_VERSION)
-            ]
-    else:
-        assert json.loads((tmp_path / "data.json").read_text())["symmetricKey"] == stored.pop()
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "json"])
-def test_exactly_one_of_eight_processes_creates_a_users_key(tmp_path: Path, backend: str) -> None:
-    migrate(DatabaseSettings(**plain_settings(backend, tmp_path)))
-    user = str(uuid.uuid4())
-    specs = [
-        {
-            "op": "create_same",
-            "settings": plain_settings(backend, tmp_path),
-            "user": user,
-            "record": f"record-{i}",
-        }
-        for i in range(8)
-    ]
-    results = race(tmp_path, specs)
-    winners = [i for i, r in enumerate(results) if r["created"]]
-    assert len(winners) == 1, results
-
-    async def check(repository: Repository) -> None:
-        assert await repository.get_key(uuid.UUID(user)) == f"record-{winners[0]}"
-
-    with_repository(DatabaseSettings(**plain_settings(backend, tmp_path)), check)
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "json"])
-def test_concurrent_writers_in_several_processes_lose_nothing(tmp_path: Path, backend: str) -> None:
-    migrate(DatabaseSettings(**plain_settings(backend, tmp_path)))
-    per_process = 30
-    groups = [[str(uuid.uuid4()) for _ in range(per_process)] for _ in range(4)]
-    race(
-        tmp_path, [{"op": "many", "settings": plain_settings(backend, tmp_path), "users": g} for g in groups]
-    )
-
-    async def check(repository: Repository) -> None:
-        records = {str(r.user_id): r for batch in await collect(repository) for r in batch}
-        assert len(records) == 4 * per_process
-        for group in groups:
-            for i, user in enumerate(group):
-                assert records[user].key == ("put-" if i % 2 else "create-") + user
-                assert records[user].last_access_date == datetime(2026, 1, 1)
-
-    with_repository(DatabaseSettings(**plain_settings(backend, tmp_path)), check)
+    with sqlite3.connect(tmp_path / "kc.db") as connection:
+        assert connection.execute('SELECT "SymmetricKey" FROM "ApplicationDatas"').fetchall() == [
+            (stored.pop(),)
+        ]
+        assert connection.execute('SELECT * FROM "__EFMigrationsHistory"').fetchall() == [
+            (upstream.SQLITE_MIGRATION_ID, upstream.PRODUCT_VERSION)
+        ]
