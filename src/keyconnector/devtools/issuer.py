@@ -40,6 +40,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keyconnector.keygen import self_signed_certificate
+
 __all__ = ["DevIssuer"]
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
@@ -116,18 +118,7 @@ class _SigningKey:
 
 def _self_signed_x5(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> tuple[str, str]:
     """x5c and x5t for a key, as Duende publishes them when it signs with a certificate."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Key Connector dev issuer")])
-    now = _dt.datetime.now(_dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(days=1))
-        .not_valid_after(now + _dt.timedelta(days=365))
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed_certificate(key, common_name="Key Connector dev issuer", days=365)
     der = cert.public_bytes(serialization.Encoding.DER)
     return base64.b64encode(der).decode("ascii"), _b64url(hashlib.sha1(der, usedforsecurity=False).digest())
 
