@@ -16,7 +16,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 
 # -- token minting ---------------------------------------------------------------------------------
@@ -145,14 +145,6 @@ class TokenMinter:
 
 
 # -- the service -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A port nobody listens on now, so that parallel runs and test sessions do not collide."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def service_env(issuer_url: str, pfx_path: Path, pfx_password: str, database: Path) -> dict[str, str]:

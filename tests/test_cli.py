@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
+from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
-from tests.conftest import Pfx, Service, base_env, free_port
+from tests.conftest import Pfx, Service, base_env
 
 
 def keyconnector(

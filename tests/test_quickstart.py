@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from keyconnector.devtools import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,11 +23,12 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import SecretStr
 
+from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.settings import DatabaseSettings
 from keyconnector.storage import Repository, UserKeyRecord, migrate, open_repository
 from keyconnector.storage import inspect as inspect_database
-from tests.support.databases import MariaDbServer, PostgresServer, ado_quote, free_port
+from tests.support.databases import MariaDbServer, PostgresServer, ado_quote
 from tests.support.race import race
 
 T = TypeVar("T")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from keyconnector.errors import KeyConnectorError
+from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_name
 from keyconnector.keys import KeyProvider, open_key_provider
-from keyconnector.settings import LoadedSettings
+from keyconnector.settings import LoadedSettings, identity_server_uri
 from keyconnector.storage import Repository, inspect, open_repository
 
 
@@ -84,17 +84,15 @@ async def _check_identity(loaded: LoadedSettings) -> CheckResult:
     from keyconnector.tls import trust_context
 
     settings = loaded.settings
-    if not settings.identity_server_uri:
-        return CheckResult("identity server", False, "keyConnectorSettings__identityServerUri is not set")
-    validator = TokenValidator(
-        settings.identity_server_uri, verify=trust_context(settings.ca_certificates_directory)
-    )
+    try:
+        uri = identity_server_uri(settings)
+    except ConfigurationError as exc:
+        return CheckResult("identity server", False, str(exc))
+    validator = TokenValidator(uri, verify=trust_context(settings.ca_certificates_directory))
     try:
         await validator.refresh()
         return CheckResult("identity server", True, validator.status())
     except KeyConnectorError as exc:
-        return CheckResult(
-            "identity server", False, f"{exc} (setting keyConnectorSettings__identityServerUri)"
-        )
+        return CheckResult("identity server", False, f"{exc} (setting {setting_name('identityServerUri')})")
     finally:
         await validator.aclose()

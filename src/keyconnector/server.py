@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.keys import open_key_provider
 from keyconnector.service import bootstrap_data_key
-from keyconnector.settings import CONFIG_FILE_ENV, Settings
+from keyconnector.settings import CONFIG_FILE_ENV, Settings, identity_server_uri
 from keyconnector.storage import migrate, open_repository
 
 log = logging.getLogger("keyconnector.server")
@@ -84,10 +84,7 @@ async def _prepare_data_key(settings: Settings) -> None:
 
 def preflight(settings: Settings) -> None:
     """Everything that should stop the service before it listens, with a message naming the setting."""
-    if not settings.identity_server_uri:
-        raise ConfigurationError(
-            "identityServerUri", "is not set; it is the URL of the Bitwarden identity server"
-        )
+    identity_server_uri(settings)
     migrate_with_retries(settings)
     asyncio.run(_prepare_data_key(settings))
 

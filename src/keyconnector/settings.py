@@ -366,6 +366,15 @@ def _upstream_path(model: type[BaseModel], loc: list[str]) -> list[str]:
     return out
 
 
+def identity_server_uri(settings: Settings) -> str:
+    """The one setting without which nothing can be authorised: required, with a message that says why."""
+    if not settings.identity_server_uri:
+        raise ConfigurationError(
+            "identityServerUri", "is not set; it is the URL of the Bitwarden identity server"
+        )
+    return settings.identity_server_uri
+
+
 def secret(value: SecretStr | None) -> str | None:
     """Reveal a secret at the last moment, where a library needs it."""
     return value.get_secret_value() if value is not None else None

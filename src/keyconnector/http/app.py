@@ -21,7 +21,6 @@ from starlette.types import ASGIApp
 
 from keyconnector import logs
 from keyconnector.auth import TokenValidator
-from keyconnector.errors import ConfigurationError
 from keyconnector.http import routes
 from keyconnector.http.cors import CORSMiddleware, allowed_origin
 from keyconnector.http.middleware import RequestMiddleware
@@ -29,7 +28,7 @@ from keyconnector.http.responses import message
 from keyconnector.http.state import Services
 from keyconnector.keys import open_key_provider
 from keyconnector.service import KeyService
-from keyconnector.settings import Settings, load_settings
+from keyconnector.settings import Settings, identity_server_uri, load_settings
 from keyconnector.storage import open_repository
 from keyconnector.tls import trust_context
 
@@ -37,19 +36,14 @@ log = logging.getLogger("keyconnector")
 
 
 async def build_services(settings: Settings) -> Services:
-    if not settings.identity_server_uri:
-        raise ConfigurationError(
-            "identityServerUri", "is not set; it is the URL of the Bitwarden identity server"
-        )
+    uri = identity_server_uri(settings)
     repository = await open_repository(settings.database)
     try:
         provider = await open_key_provider(settings)
     except BaseException:
         await repository.aclose()
         raise
-    validator = TokenValidator(
-        settings.identity_server_uri, verify=trust_context(settings.ca_certificates_directory)
-    )
+    validator = TokenValidator(uri, verify=trust_context(settings.ca_certificates_directory))
     keys = KeyService(repository, provider, flush_interval=settings.last_access_flush_seconds)
     await validator.start()
     await keys.start()
