@@ -505,52 +505,6 @@ def with_repository(settings: DatabaseSettings, body: Callable[[Repository], Awa
     asyncio.run(main())
 
 
-def test_crud_semantics(backend_settings: DatabaseSettings) -> None:
-    async def body(repository: Repository) -> None:
-        alice, bob = uuid.uuid4(), uuid.uuid4()
-        assert await repository.get_key(alice) is None
-        assert await repository.create_key(alice, "alice-1", NOW) is True
-        assert await repository.create_key(alice, "alice-2", NOW + timedelta(seconds=1)) is False
-        assert await repository.get_key(alice) == "alice-1"
-
-        later = NOW + timedelta(hours=1)
-        assert await repository.put_key(bob, "bob-1", NOW) is True
-        assert await repository.put_key(bob, "bob-2", later) is False
-        assert await repository.get_key(bob) == "bob-2"
-
-        records = {r.user_id: r for batch in await collect(repository) for r in batch}
-        assert records[alice] == UserKeyRecord(alice, "alice-1", NOW, None, None)
-        assert records[bob] == UserKeyRecord(bob, "bob-2", NOW, later, None)
-
-        await repository.record_access({alice: later, bob: later + timedelta(microseconds=1)})
-        await repository.record_access({alice: NOW})  # a late, older batch does not move time back
-        await repository.record_access({})
-        await repository.record_access({uuid.uuid4(): later})  # unknown users are ignored
-        records = {r.user_id: r for batch in await collect(repository) for r in batch}
-        assert records[alice].last_access_date == later
-        assert records[bob].last_access_date == later + timedelta(microseconds=1)
-
-        assert await repository.get_wrapped_data_key() is None
-        assert await repository.store_wrapped_data_key("first") == "first"
-        assert await repository.store_wrapped_data_key("second") == "first"
-        assert await repository.get_wrapped_data_key() == "first"
-        await repository.ping()
-
-    with_repository(backend_settings, body)
-
-
-def test_batches_cover_every_record_once(backend_settings: DatabaseSettings) -> None:
-    async def body(repository: Repository) -> None:
-        users = sorted((uuid.uuid4() for _ in range(25)), key=str)
-        for user in users:
-            await repository.create_key(user, f"k-{user}", NOW)
-        batches = await collect(repository, batch_size=7)
-        assert [len(b) for b in batches] == [7, 7, 7, 4]
-        assert sorted(r.user_id for b in batches for r in b) == users
-
-    with_repository(backend_settings, body)
-
-
 def test_sqlite_null_key_row_counts_as_absent(tmp_path: Path) -> None:
     path = tmp_path / "kc.db"
     user, other = uuid.uuid4(), uuid.uuid4()
