@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages that the tests (and the benchmark) drive for real.
-SYSTEM_PACKAGES := openssl postgresql mariadb-server
+SYSTEM_PACKAGES := openssl postgresql mariadb-server softhsm2 opensc
 BENCH_PACKAGES := wrk
 
 define apt_install
@@ -28,8 +28,15 @@ define apt_install
 	fi
 endef
 
-system-deps:
+# Node tools the tests drive (Azurite, the Azure Storage emulator), kept inside the checkout.
+TOOLS := .tools
+AZURITE := $(TOOLS)/node_modules/.bin/azurite-blob
+
+system-deps: $(AZURITE)
 	$(call apt_install,$(SYSTEM_PACKAGES))
+
+$(AZURITE):
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) azurite@3 >/dev/null
 
 bench-deps:
 	$(call apt_install,$(BENCH_PACKAGES))
@@ -60,4 +67,4 @@ bench-databases: $(STAMP) bench-deps system-deps
 	$(BIN)/python bench/databases.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(TOOLS) build src/*.egg-info

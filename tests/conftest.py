@@ -22,7 +22,16 @@ from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keygen import self_signed_pfx
 
-pytest_plugins = ["tests.support.databases"]
+pytest_plugins = [
+    "tests.support.databases",
+    "tests.support.softhsm",
+    "tests.support.openbao",
+    "tests.support.moto_kms",
+    "tests.support.azure_keyvault",
+    "tests.support.azurite",
+    "tests.support.gcp_kms",
+    "tests.support.certstore",
+]
 
 WEB_VAULT = "https://vault.example.com"
 

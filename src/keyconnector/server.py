@@ -83,10 +83,18 @@ async def _prepare_data_key(settings: Settings) -> None:
 
 
 def preflight(settings: Settings) -> None:
-    """Everything that should stop the service before it listens, with a message naming the setting."""
+    """Everything that should stop the service before it listens, with a message naming the setting.
+
+    A key provider that cannot be reached is not one of them: it is reported, and the service
+    starts anyway, answering user-key requests with 503 until the provider is back (an HSM or KMS
+    outage should not turn into a crash loop, and the service then recovers by itself).
+    """
     identity_server_uri(settings)
     migrate_with_retries(settings)
-    asyncio.run(_prepare_data_key(settings))
+    try:
+        asyncio.run(_prepare_data_key(settings))
+    except UnavailableError as exc:
+        log.error("starting without the data key: %s; user-key requests get 503 until it is back", exc)
 
 
 def run(

@@ -63,18 +63,24 @@ class RsaKeySettings(Section):
     azure_keyvault_ad_tenant_id: str | None = _alias("azureKeyvaultAdTenantId")
     azure_keyvault_ad_app_id: str | None = _alias("azureKeyvaultAdAppId")
     azure_keyvault_ad_secret: SecretStr | None = _alias("azureKeyvaultAdSecret")
+    azure_keyvault_authority_host: str | None = _alias("azureKeyvaultAuthorityHost")  # ours
+    azure_keyvault_ca_bundle: str | None = _alias("azureKeyvaultCaBundle")  # ours
     # gcpkms
     google_cloud_project_id: str | None = _alias("googleCloudProjectId")
     google_cloud_location_id: str | None = _alias("googleCloudLocationId")
     google_cloud_keyring_id: str | None = _alias("googleCloudKeyringId")
     google_cloud_key_id: str | None = _alias("googleCloudKeyId")
     google_cloud_key_version_id: str | None = _alias("googleCloudKeyVersionId")
+    google_cloud_endpoint: str | None = _alias("googleCloudEndpoint")  # ours: host:port of the KMS API
+    google_cloud_ca_bundle: str | None = _alias("googleCloudCaBundle")  # ours
     # awskms
     aws_access_key_id: str | None = _alias("awsAccessKeyId")
     aws_access_key_secret: SecretStr | None = _alias("awsAccessKeySecret")
     aws_region: str | None = _alias("awsRegion")
     aws_key_id: str | None = _alias("awsKeyId")
     aws_use_symmetric_encryption: bool = Field(default=False, alias="awsUseSymmetricEncryption")
+    aws_endpoint: str | None = _alias("awsEndpoint")  # ours: a VPC endpoint or a test server
+    aws_ca_bundle: str | None = _alias("awsCaBundle")  # ours
     # pkcs11
     pkcs11_provider: str | None = _alias("pkcs11Provider")
     pkcs11_library_path: str | None = _alias("pkcs11LibraryPath")
@@ -83,6 +89,16 @@ class RsaKeySettings(Section):
     pkcs11_login_pin: SecretStr | None = _alias("pkcs11LoginPin")
     pkcs11_private_key_label: str | None = _alias("pkcs11PrivateKeyLabel")
     pkcs11_private_key_id: str | None = _alias("pkcs11PrivateKeyId")
+    # vaulttransit (ours: the RSA key never leaves Vault's transit engine)
+    vault_transit_server_uri: str | None = _alias("vaultTransitServerUri")
+    vault_transit_token: SecretStr | None = _alias("vaultTransitToken")
+    vault_transit_role_id: str | None = _alias("vaultTransitRoleId")
+    vault_transit_secret_id: SecretStr | None = _alias("vaultTransitSecretId")
+    vault_transit_app_role_mount_point: str = Field(default="approle", alias="vaultTransitAppRoleMountPoint")
+    vault_transit_mount_point: str = Field(default="transit", alias="vaultTransitMountPoint")
+    vault_transit_key_name: str | None = _alias("vaultTransitKeyName")
+    vault_transit_namespace: str | None = _alias("vaultTransitNamespace")
+    vault_transit_ca_bundle: str | None = _alias("vaultTransitCaBundle")
 
 
 class CertificateSettings(Section):
@@ -92,17 +108,22 @@ class CertificateSettings(Section):
     filesystem_password: SecretStr | None = _alias("filesystemPassword")
     # store
     store_thumbprint: str | None = _alias("storeThumbprint")
+    store_directory: str | None = _alias("storeDirectory")  # ours; default: .NET's CurrentUser\\My on Linux
+    store_file_password: SecretStr | None = _alias("storeFilePassword")  # ours
     # azurestorage
     azure_storage_connection_string: SecretStr | None = _alias("azureStorageConnectionString")
     azure_storage_container: str | None = _alias("azureStorageContainer")
     azure_storage_file_name: str | None = _alias("azureStorageFileName")
     azure_storage_file_password: SecretStr | None = _alias("azureStorageFilePassword")
+    azure_storage_ca_bundle: str | None = _alias("azureStorageCaBundle")  # ours
     # azurekv
     azure_keyvault_uri: str | None = _alias("azureKeyvaultUri")
     azure_keyvault_certificate_name: str | None = _alias("azureKeyvaultCertificateName")
     azure_keyvault_ad_tenant_id: str | None = _alias("azureKeyvaultAdTenantId")
     azure_keyvault_ad_app_id: str | None = _alias("azureKeyvaultAdAppId")
     azure_keyvault_ad_secret: SecretStr | None = _alias("azureKeyvaultAdSecret")
+    azure_keyvault_authority_host: str | None = _alias("azureKeyvaultAuthorityHost")  # ours
+    azure_keyvault_ca_bundle: str | None = _alias("azureKeyvaultCaBundle")  # ours
     # vault
     vault_server_uri: str | None = _alias("vaultServerUri")
     vault_token: SecretStr | None = _alias("vaultToken")
@@ -110,6 +131,7 @@ class CertificateSettings(Section):
     vault_secret_path: str | None = _alias("vaultSecretPath")
     vault_secret_data_key: str | None = _alias("vaultSecretDataKey")
     vault_secret_file_password: SecretStr | None = _alias("vaultSecretFilePassword")
+    vault_ca_bundle: str | None = _alias("vaultCaBundle")  # ours
 
 
 class TransferSettings(Section):

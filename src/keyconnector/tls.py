@@ -35,3 +35,50 @@ def trust_context(ca_directory: str | Path) -> ssl.SSLContext:
         except (ssl.SSLError, OSError) as exc:
             log.warning("ignoring %s: not a readable PEM certificate (%s)", path, exc)
     return context
+
+
+_combined_bundles: dict[tuple[str, ...], str] = {}
+
+
+def ca_bundle(explicit: str | None, ca_directory: str | Path, setting: str) -> str | None:
+    """The CA bundle file a provider's client library should verify against, or None for its default.
+
+    Most client libraries (boto3, hvac, the Azure SDKs, gRPC) take one PEM file rather than an
+    ``ssl.SSLContext``. ``explicit`` is the provider's own ``...CaBundle`` setting (named by
+    ``setting`` in errors); without it, the company CAs in ``caCertificatesDirectory`` are added to
+    certifi's bundle in a file written once per process, so a Vault or KMS endpoint behind a private
+    CA works with no per-provider setting at all, as upstream's container does.
+    """
+    from keyconnector.errors import ConfigurationError
+
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigurationError(setting, f"the CA bundle {explicit} does not exist or is not a file")
+        return str(path)
+    extras = extra_ca_files(ca_directory)
+    if not extras:
+        return None
+    key = tuple(str(p) for p in extras)
+    cached = _combined_bundles.get(key)
+    if cached is not None and Path(cached).is_file():
+        return cached
+    import tempfile
+
+    parts = [Path(certifi.where()).read_text(encoding="ascii", errors="replace")]
+    for extra in extras:
+        with contextlib.suppress(OSError):
+            parts.append(extra.read_text(encoding="ascii", errors="replace"))
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept for the life of the process
+        "w", prefix="keyconnector-ca-", suffix=".pem", delete=False, encoding="ascii"
+    )
+    with handle:
+        handle.write("\n".join(parts))
+    _combined_bundles[key] = handle.name
+    return handle.name
+
+
+def ca_bundle_bytes(explicit: str | None, ca_directory: str | Path, setting: str) -> bytes | None:
+    """The same trust as ``ca_bundle``, as PEM bytes (for gRPC's ``ssl_channel_credentials``)."""
+    path = ca_bundle(explicit, ca_directory, setting)
+    return Path(path).read_bytes() if path else None

@@ -1,8 +1,13 @@
 """Where a certificate (and, for the ``certificate`` key provider, its private key) comes from.
 
-One module per source, each exposing ``async def load(settings, prefix) -> LoadedCertificate``;
-``certificate.provider`` picks the module by name. Adding a source means adding one module and
-one line to ``SOURCES``.
+One module per source, each exposing
+``async def load(settings, prefix, ca_directory) -> LoadedCertificate``; ``certificate.provider``
+picks the module by name. Adding a source means adding one module and one line to ``SOURCES``.
+
+``prefix`` is ``certificate`` or ``transferTo.certificate`` (so errors name the right setting);
+``ca_directory`` is ``caCertificatesDirectory``, for sources that fetch over TLS (see
+``keyconnector.tls.ca_bundle``). A source that cannot reach its server raises ``UnavailableError``;
+a wrong setting raises ``ConfigurationError``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ MIN_RSA_BITS = 2048
 
 SOURCES: dict[str, str] = {
     "filesystem": "keyconnector.certificates.filesystem",
+    "store": "keyconnector.certificates.store",
+    "vault": "keyconnector.certificates.vault",
+    "azurekv": "keyconnector.certificates.azurekv",
+    "azurestorage": "keyconnector.certificates.azurestorage",
 }
 
 
@@ -31,7 +40,11 @@ class LoadedCertificate:
     description: str  # where it came from, for logs and `keyconnector check`; never a secret
 
 
-async def load_certificate(settings: CertificateSettings, prefix: str = "certificate") -> LoadedCertificate:
+async def load_certificate(
+    settings: CertificateSettings,
+    prefix: str = "certificate",
+    ca_directory: str = "/etc/bitwarden/ca-certificates",
+) -> LoadedCertificate:
     """Load the certificate the settings name; ``prefix`` is ``certificate`` or ``transferTo.certificate``."""
     module_name = SOURCES.get(settings.provider)
     if module_name is None:
@@ -41,7 +54,7 @@ async def load_certificate(settings: CertificateSettings, prefix: str = "certifi
             f"choose one of: {', '.join(sorted(SOURCES))}",
         )
     module = importlib.import_module(module_name)
-    loaded: LoadedCertificate = await module.load(settings, prefix)
+    loaded: LoadedCertificate = await module.load(settings, prefix, ca_directory)
     check_key_size(loaded.public_key, f"{prefix}.provider")
     return loaded
 

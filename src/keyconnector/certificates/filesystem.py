@@ -10,7 +10,7 @@ from keyconnector.errors import ConfigurationError
 from keyconnector.settings import CertificateSettings, secret
 
 
-async def load(settings: CertificateSettings, prefix: str) -> LoadedCertificate:
+async def load(settings: CertificateSettings, prefix: str, ca_directory: str) -> LoadedCertificate:
     path = Path(settings.filesystem_path)
     setting = f"{prefix}.filesystemPath"
     try:

@@ -39,7 +39,7 @@ async def build_services(settings: Settings) -> Services:
     uri = identity_server_uri(settings)
     repository = await open_repository(settings.database)
     try:
-        provider = await open_key_provider(settings)
+        provider = await open_key_provider(settings, tolerate_outage=True)
     except BaseException:
         await repository.aclose()
         raise

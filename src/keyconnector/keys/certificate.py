@@ -52,7 +52,7 @@ async def open(settings: Settings, *, transfer: bool = False) -> CertificateKeyP
     cert_settings = settings.transfer_to.certificate if transfer else settings.certificate
     if cert_settings is None:
         raise ConfigurationError(f"{prefix}.provider", "is not set")
-    loaded = await load_certificate(cert_settings, prefix)
+    loaded = await load_certificate(cert_settings, prefix, settings.ca_certificates_directory)
     if loaded.private_key is None:
         raise ConfigurationError(
             f"{prefix}.provider",
