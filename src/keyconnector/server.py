@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass
@@ -117,6 +118,10 @@ def run(
             "(ASPNETCORE_URLS)", "asks for https: give the certificate with --tls-cert PEM --tls-key PEM"
         )
     scheme = "https" if tls_cert else "http"
+    # Workers start as fresh interpreters, not forks of this process: pre-flight has already opened
+    # the key provider here, and HSM libraries (PKCS#11 must be re-initialised after fork) and gRPC
+    # channels (Google Cloud KMS) do not survive being forked.
+    multiprocessing.set_start_method("spawn", force=True)
     log.info("listening on %s://%s:%d with %d worker(s)", scheme, listen.host, listen.port, workers)
     server = Server(
         "keyconnector.http.app:create_app_from_environment",
