@@ -175,5 +175,18 @@ def configure(settings: LoggingSettings) -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(settings.level.upper())
-    for noisy in ("httpx", "httpcore", "alembic"):
+    # Client libraries log request URLs and headers at INFO/DEBUG (a SAS signature, a Vault path):
+    # keep them at WARNING whatever our own level is.
+    for noisy in (
+        "httpx",
+        "httpcore",
+        "alembic",
+        "urllib3",
+        "azure",
+        "botocore",
+        "boto3",
+        "hvac",
+        "google",
+        "grpc",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
