@@ -85,6 +85,10 @@ def from_pkcs12(data: bytes, password: str | None, setting: str, where: str) -> 
         raise ConfigurationError(setting, f"cannot open the PFX at {where}: {hint}") from last_error
     cert = bundle.cert.certificate if bundle.cert else None
     key = bundle.key
+    if cert is None and key is None and len(bundle.additional_certs) == 1:
+        # A certificate exported without its key (what the pkcs11 provider needs: the key stays
+        # on the token) comes back as an "additional" certificate, with no key to pair it with.
+        cert = bundle.additional_certs[0].certificate
     if key is not None and not isinstance(key, rsa.RSAPrivateKey):
         raise ConfigurationError(setting, f"the PFX at {where} holds a {type(key).__name__}, not an RSA key")
     if cert is None and key is None:
