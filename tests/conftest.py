@@ -95,7 +95,9 @@ class Service:
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30) -> Service:
+    def start(self, timeout: float = 30, *, ready: bool = True) -> Service:
+        """Start and wait until ``/health/ready`` answers 200 (or only ``/health/live`` with ready=False)."""
+        probe = "/health/ready" if ready else "/health/live"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [
@@ -119,7 +121,7 @@ class Service:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the service exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(self.url + "/health/ready", timeout=2, verify=False).status_code == 200:
+                if httpx.get(self.url + probe, timeout=2, verify=False).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -147,15 +149,17 @@ class Service:
 
 @pytest.fixture
 def start_service(tmp_path: Path) -> Iterator[object]:
-    """Factory: start_service(env, workers=1, extra_args=()) -> Service, all stopped after the test."""
+    """Factory: start_service(env, workers=1, extra_args=(), ready=True) -> Service, all stopped after."""
     started: list[Service] = []
 
-    def start(env: dict[str, str], *, workers: int = 1, extra_args: tuple[str, ...] = ()) -> Service:
+    def start(
+        env: dict[str, str], *, workers: int = 1, extra_args: tuple[str, ...] = (), ready: bool = True
+    ) -> Service:
         service = Service(
             env, tmp_path / f"service-{len(started)}.log", workers=workers, extra_args=extra_args
         )
         started.append(service)
-        return service.start()
+        return service.start(ready=ready)
 
     yield start
     for service in started:

@@ -53,7 +53,13 @@ async def health_live(request: Request) -> Response:
 async def health_ready(request: Request) -> Response:
     services: Services = request.app.state.services
     healthy, checks = await services.health.overall()
-    body = json.dumps({"status": "ready" if healthy else "unready", "checks": checks})
+    if not healthy:
+        status = "unready"
+    elif checks.get("database") == "ok" and checks.get("keyProvider") == "ok":
+        status = "ready"
+    else:
+        status = "degraded"
+    body = json.dumps({"status": status, "checks": checks})
     return Response(body, status_code=200 if healthy else 503, media_type=JSON)
 
 

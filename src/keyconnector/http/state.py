@@ -44,8 +44,13 @@ class HealthChecker:
                 await asyncio.wait_for(probe(), timeout=5)
                 checks[name] = "ok"
             except (KeyConnectorError, TimeoutError, OSError) as exc:
-                healthy = False
                 checks[name] = str(exc) or type(exc).__name__
+                # The key provider is needed once per process, to unwrap the data key. With the data
+                # key in memory this instance still serves every user, so a KMS or HSM outage is
+                # reported ("degraded") but does not take the instance out of the load balancer:
+                # failing readiness here would turn a provider blip into a full outage of every replica.
+                if name == "database" or not services.keys.ready:
+                    healthy = False
         if services.keys.ready:
             checks["dataKey"] = "ok"
         else:
