@@ -34,7 +34,6 @@ PROVIDERS: dict[str, str] = {
 }
 
 
-
 @runtime_checkable
 class KeyProvider(Protocol):
     """Wraps the data key. Implementations raise ``UnavailableError`` when their backend is down."""
