@@ -24,6 +24,10 @@ from keyconnector.http.state import Services
 log = logging.getLogger("keyconnector.http")
 
 MAX_BODY = 64 * 1024
+# An oversized body up to this size is read and dropped before the 413 goes out: answering while the
+# client is still sending makes the server close a socket with unread data, the kernel resets the
+# connection, and the client loses the 413 and its reason. Beyond it, the connection is not worth it.
+DRAIN_LIMIT = 1024 * 1024
 MAX_KEY_BYTES = 1024
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -69,6 +73,14 @@ class BadRequest(Exception):
         self.text = text
 
 
+async def _drain(request: Request) -> None:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > DRAIN_LIMIT:
+            return
+
+
 async def _read_key(request: Request) -> bytes:
     """The decoded ``key`` of a JSON body, or BadRequest saying exactly what is wrong."""
     content_type = request.headers.get("content-type")
@@ -78,15 +90,21 @@ async def _read_key(request: Request) -> bytes:
     if media != "application/json" and not media.endswith("+json"):
         raise BadRequest(415, f"the content type '{media[:100]}' is not supported; send application/json")
     declared = request.headers.get("content-length")
+    too_large = BadRequest(413, f"the body is larger than {MAX_BODY} bytes")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-        raise BadRequest(413, f"the body is larger than {MAX_BODY} bytes")
+        if int(declared) <= DRAIN_LIMIT:
+            await _drain(request)
+        raise too_large
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY:
-            raise BadRequest(413, f"the body is larger than {MAX_BODY} bytes")
-        chunks.append(chunk)
+        if size > DRAIN_LIMIT:
+            raise too_large
+        if size <= MAX_BODY:
+            chunks.append(chunk)
+    if size > MAX_BODY:
+        raise too_large
     try:
         document: Any = json.loads(b"".join(chunks))
     except (ValueError, RecursionError):
