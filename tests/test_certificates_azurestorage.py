@@ -21,13 +21,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from keyconnector.certificates import LoadedCertificate, load_certificate
-from keyconnector.crypto import OAEP_SHA1
 from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, KeyConnectorError, UnavailableError
 from keyconnector.keygen import self_signed_pfx
-from keyconnector.keys import certificate as certificate_provider
 from keyconnector.settings import Settings, load_settings
 from tests.support.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, azurestorage_env, fresh_name
+from tests.support.providers import assert_certificate_unwraps
 
 PASSWORD = "pfx-" + secrets.token_urlsafe(12)
 WRONG_KEY = "V3JvbmdLZXk" + ACCOUNT_KEY[11:]  # valid base64, not the account's key
@@ -99,21 +98,9 @@ def test_loads_the_pfx_and_unwraps_a_data_key_wrapped_elsewhere(
     assert_same_key_pair(loaded, pfx_bytes)
     assert loaded.description == f"Azure Storage blob {stored}/{BLOB} at 127.0.0.1:{azurite.port}"
 
-    # Wrapped the way upstream does it, with nothing but the certificate's public key.
     certificate = pkcs12.load_pkcs12(pfx_bytes, PASSWORD.encode()).cert
     assert certificate is not None
-    data_key = secrets.token_bytes(32)
-    wrapped = certificate.certificate.public_key().encrypt(data_key, OAEP_SHA1)  # type: ignore[union-attr]
-
-    async def unwrap() -> bytes:
-        provider = await certificate_provider.open(settings)
-        try:
-            await provider.check()
-            return await provider.unwrap(wrapped)
-        finally:
-            await provider.aclose()
-
-    assert asyncio.run(unwrap()) == data_key
+    assert_certificate_unwraps(settings, certificate.certificate)
 
 
 def test_loads_with_a_read_only_sas(azurite: Azurite, stored: str, pfx_bytes: bytes) -> None:

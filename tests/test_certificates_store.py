@@ -20,12 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from keyconnector.certificates import LoadedCertificate, load_certificate
 from keyconnector.certificates.store import DOTNET_MY_STORE, normalize_thumbprint
-from keyconnector.crypto import OAEP_SHA1
 from keyconnector.errors import ConfigurationError
 from keyconnector.keygen import self_signed_certificate
-from keyconnector.keys import certificate as certificate_provider
 from keyconnector.settings import Settings, load_settings
 from tests.support.certstore import StoreEntry, new_entry, pfx_bytes, thumbprint, write_dotnet_pfx
+from tests.support.providers import assert_certificate_unwraps
 
 PASSWORD = "p12-" + secrets.token_urlsafe(12)
 LRM, RLM, BOM = "\u200e", "\u200f", "\ufeff"
@@ -144,15 +143,7 @@ def test_dotnet_store_file_needs_no_password(store: Store) -> None:
 
 def test_certificate_key_provider_unwraps_a_data_key_wrapped_elsewhere(store: Store) -> None:
     settings = settings_for(store_env(store.directory, windows_dialog(store.dotnet.thumbprint)))
-    data_key = secrets.token_bytes(32)
-    wrapped = store.dotnet.certificate.public_key().encrypt(data_key, OAEP_SHA1)  # type: ignore[union-attr]
-
-    async def unwrap() -> bytes:
-        provider = await certificate_provider.open(settings)
-        await provider.check()
-        return await provider.unwrap(wrapped)
-
-    assert asyncio.run(unwrap()) == data_key
+    assert_certificate_unwraps(settings, store.dotnet.certificate)
 
 
 def test_the_same_certificate_twice_prefers_the_file_with_the_key(tmp_path: Path) -> None:

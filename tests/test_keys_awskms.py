@@ -15,22 +15,19 @@ import asyncio
 import base64
 import datetime as dt
 import http.server
-import ipaddress
 import json
 import secrets
 import threading
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from keyconnector.devtools import free_port
+from keyconnector.devtools.tls import local_tls_files
 from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError, UnavailableError
 from keyconnector.keys import KeyProvider, awskms
 from keyconnector.settings import load_settings
@@ -42,7 +39,7 @@ from tests.support.moto_kms import (
     isolated_aws_files,
     kms_provider_env,
 )
-from tests.support.providers import ProviderEnv
+from tests.support.providers import ProviderEnv, run_and_close
 
 PREFIX = "keyConnectorSettings__rsaKey__"
 
@@ -118,23 +115,29 @@ def round_trip(provider: KeyProvider) -> None:
 
 
 def unwrap(provider: KeyProvider, wrapped: bytes) -> bytes:
-    async def main() -> bytes:
-        try:
-            return await provider.unwrap(wrapped)
-        finally:
-            await provider.aclose()
-
-    return asyncio.run(main())
+    return run_and_close(provider, lambda: provider.unwrap(wrapped))
 
 
 def wrap(provider: KeyProvider, data_key: bytes) -> bytes:
-    async def main() -> bytes:
-        try:
-            return await provider.wrap(data_key)
-        finally:
-            await provider.aclose()
+    return run_and_close(provider, lambda: provider.wrap(data_key))
 
-    return asyncio.run(main())
+
+@dataclass(frozen=True)
+class FreshKey:
+    symmetric: bool
+    metadata: dict[str, Any]
+    env: dict[str, str]
+
+
+@pytest.fixture(params=[False, True], ids=["rsa", "symmetric"])
+def fresh_key(
+    request: pytest.FixtureRequest, moto_kms_server: MotoServer, aws_isolated_files: dict[str, str]
+) -> FreshKey:
+    """A new RSA_2048 or SYMMETRIC_DEFAULT key on the session's server, and the settings that use it."""
+    symmetric: bool = request.param
+    key = moto_kms_server.create_key(symmetric=symmetric)
+    env = moto_kms_server.provider_env(key["KeyId"], symmetric=symmetric, files=aws_isolated_files).env
+    return FreshKey(symmetric, key, env)
 
 
 class StandIn:
@@ -201,27 +204,22 @@ def test_symmetric_key_round_trips(
     round_trip(provider)
 
 
-@pytest.mark.parametrize("symmetric", [False, True], ids=["rsa", "symmetric"])
 def test_compatible_with_upstream_wrapping(
-    symmetric: bool,
-    moto_kms_server: MotoServer,
-    aws_isolated_files: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    fresh_key: FreshKey, moto_kms_server: MotoServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Upstream calls Encrypt/Decrypt itself: what it wrapped unwraps here, and the other way round."""
-    key = moto_kms_server.create_key(symmetric=symmetric)
-    algorithm = "SYMMETRIC_DEFAULT" if symmetric else "RSAES_OAEP_SHA_256"
+    key_id, env = fresh_key.metadata["KeyId"], fresh_key.env
+    algorithm = "SYMMETRIC_DEFAULT" if fresh_key.symmetric else "RSAES_OAEP_SHA_256"
     kms = moto_kms_server.client()
     data_key = secrets.token_bytes(32)
-    upstream_wrapped = kms.encrypt(KeyId=key["KeyId"], Plaintext=data_key, EncryptionAlgorithm=algorithm)[
+    upstream_wrapped = kms.encrypt(KeyId=key_id, Plaintext=data_key, EncryptionAlgorithm=algorithm)[
         "CiphertextBlob"
     ]
-    env = moto_kms_server.provider_env(key["KeyId"], symmetric=symmetric, files=aws_isolated_files).env
 
     assert unwrap(open_provider(env, monkeypatch), upstream_wrapped) == data_key
 
     ours = wrap(open_provider(env, monkeypatch), data_key)
-    plain = kms.decrypt(CiphertextBlob=ours, KeyId=key["KeyId"], EncryptionAlgorithm=algorithm)["Plaintext"]
+    plain = kms.decrypt(CiphertextBlob=ours, KeyId=key_id, EncryptionAlgorithm=algorithm)["Plaintext"]
     assert plain == data_key
 
 
@@ -284,15 +282,10 @@ def test_concurrent_wraps_and_unwraps(awskms_provider: ProviderEnv, monkeypatch:
 # -- the ciphertext refused -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("symmetric", [False, True], ids=["rsa", "symmetric"])
 def test_altered_or_foreign_ciphertext_is_an_integrity_error(
-    symmetric: bool,
-    moto_kms_server: MotoServer,
-    aws_isolated_files: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    fresh_key: FreshKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = moto_kms_server.create_key(symmetric=symmetric)
-    env = moto_kms_server.provider_env(key["KeyId"], symmetric=symmetric, files=aws_isolated_files).env
+    env = fresh_key.env
     wrapped = wrap(open_provider(env, monkeypatch), secrets.token_bytes(32))
     altered = wrapped[:-1] + bytes([wrapped[-1] ^ 1])
     with pytest.raises(IntegrityError):
@@ -474,9 +467,12 @@ def other_account(moto_kms_server: MotoServer) -> OtherAccount:
     return OtherAccount(moto_kms_server)
 
 
-def chain_env(server: MotoServer, account: OtherAccount, files: dict[str, str]) -> dict[str, str]:
+@pytest.fixture
+def chain_env(
+    moto_kms_server: MotoServer, other_account: OtherAccount, isolated_aws: dict[str, str]
+) -> dict[str, str]:
     """Static credentials empty: boto3's default chain must find the other account's credentials."""
-    env = server.provider_env(account.key["KeyId"], symmetric=False, files=files).env
+    env = moto_kms_server.provider_env(other_account.key["KeyId"], symmetric=False, files=isolated_aws).env
     env[PREFIX + "awsAccessKeyId"] = ""
     env[PREFIX + "awsAccessKeySecret"] = ""
     return env
@@ -495,20 +491,16 @@ def test_static_credentials_of_another_account_do_not_find_the_key(
 
 
 def test_chain_environment_variables(
-    moto_kms_server: MotoServer,
-    other_account: OtherAccount,
-    isolated_aws: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    chain_env: dict[str, str], other_account: OtherAccount, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = chain_env(moto_kms_server, other_account, isolated_aws)
-    env["AWS_ACCESS_KEY_ID"] = other_account.access_key_id
-    env["AWS_SECRET_ACCESS_KEY"] = other_account.secret_access_key
-    env["AWS_SESSION_TOKEN"] = other_account.session_token
-    round_trip(open_provider(env, monkeypatch))
+    chain_env["AWS_ACCESS_KEY_ID"] = other_account.access_key_id
+    chain_env["AWS_SECRET_ACCESS_KEY"] = other_account.secret_access_key
+    chain_env["AWS_SESSION_TOKEN"] = other_account.session_token
+    round_trip(open_provider(chain_env, monkeypatch))
 
 
 def test_chain_shared_credentials_file_and_profile(
-    moto_kms_server: MotoServer,
+    chain_env: dict[str, str],
     other_account: OtherAccount,
     isolated_aws: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -524,17 +516,13 @@ def test_chain_shared_credentials_file_and_profile(
     Path(isolated_aws["AWS_CONFIG_FILE"]).write_text(
         f"[profile keyconnector]\nregion = {REGION}\n", encoding="ascii"
     )
-    env = chain_env(moto_kms_server, other_account, isolated_aws)
-    del env[PREFIX + "awsRegion"]
-    env["AWS_PROFILE"] = env["AWS_DEFAULT_PROFILE"] = "keyconnector"
-    round_trip(open_provider(env, monkeypatch))
+    del chain_env[PREFIX + "awsRegion"]
+    chain_env["AWS_PROFILE"] = chain_env["AWS_DEFAULT_PROFILE"] = "keyconnector"
+    round_trip(open_provider(chain_env, monkeypatch))
 
 
 def test_chain_container_credentials(
-    moto_kms_server: MotoServer,
-    other_account: OtherAccount,
-    isolated_aws: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    chain_env: dict[str, str], other_account: OtherAccount, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ECS/EKS: the SDK fetches the task role's credentials from a local endpoint, with a token."""
     token = "container-token-" + secrets.token_hex(8)
@@ -547,34 +535,26 @@ def test_chain_container_credentials(
         return 401, {}, b""
 
     with StandIn(respond) as endpoint:
-        env = chain_env(moto_kms_server, other_account, isolated_aws)
-        env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = endpoint.url + "/v1/credentials"
-        env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
-        round_trip(open_provider(env, monkeypatch))
+        chain_env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = endpoint.url + "/v1/credentials"
+        chain_env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
+        round_trip(open_provider(chain_env, monkeypatch))
     assert [(m, p) for m, p, _ in endpoint.requests] == [("GET", "/v1/credentials")]
 
 
 def test_chain_container_endpoint_down_is_unavailable(
-    moto_kms_server: MotoServer,
-    other_account: OtherAccount,
-    isolated_aws: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    chain_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token = "container-token-" + secrets.token_hex(8)
-    env = chain_env(moto_kms_server, other_account, isolated_aws)
-    env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = f"http://127.0.0.1:{free_port()}/v1/credentials"
-    env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
-    error = open_error(env, monkeypatch)
+    chain_env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = f"http://127.0.0.1:{free_port()}/v1/credentials"
+    chain_env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = token
+    error = open_error(chain_env, monkeypatch)
     assert isinstance(error, UnavailableError)
     assert "container" in str(error).lower()
     assert_no_secret(error, token)
 
 
 def test_chain_instance_metadata_v2(
-    moto_kms_server: MotoServer,
-    other_account: OtherAccount,
-    isolated_aws: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    chain_env: dict[str, str], other_account: OtherAccount, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """EC2: IMDSv2, a session token from a PUT, then the role's name and its credentials with that token."""
     imds_token = "imds-token-" + secrets.token_hex(8)
@@ -596,11 +576,10 @@ def test_chain_instance_metadata_v2(
         return 404, {}, b""
 
     with StandIn(respond) as endpoint:
-        env = chain_env(moto_kms_server, other_account, isolated_aws)
-        env.pop("AWS_EC2_METADATA_DISABLED")
+        chain_env.pop("AWS_EC2_METADATA_DISABLED")
         monkeypatch.delenv("AWS_EC2_METADATA_DISABLED")
-        env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = endpoint.url + "/"
-        round_trip(open_provider(env, monkeypatch))
+        chain_env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = endpoint.url + "/"
+        round_trip(open_provider(chain_env, monkeypatch))
     calls = [(m, p) for m, p, _ in endpoint.requests]
     assert calls[:3] == [
         ("PUT", "/latest/api/token"),
@@ -789,61 +768,13 @@ def test_ciphertext_refused_is_an_integrity_error(
 # -- TLS --------------------------------------------------------------------------------------------------
 
 
-def _ca_and_server_certificate(folder: Path) -> tuple[Path, Path, Path]:
-    """A private CA, and a certificate it issued for 127.0.0.1 (what a company's VPC proxy might use)."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test company CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, cert_path, key_path = folder / "company-ca.crt", folder / "server.crt", folder / "server.key"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return ca_path, cert_path, key_path
-
-
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MotoServer, Path]]:
-    ca, cert, key = _ca_and_server_certificate(tmp_path_factory.mktemp("tls"))
-    server = MotoServer(tls=(cert, key))
+    # A private CA, and a certificate it issued for 127.0.0.1 (what a company's VPC proxy might use).
+    tls = local_tls_files(tmp_path_factory.mktemp("tls"), "Test company CA")
+    server = MotoServer(tls=(tls.certificate, tls.key))
     try:
-        yield server.start(), ca
+        yield server.start(), tls.ca
     finally:
         server.destroy()
 

@@ -28,7 +28,7 @@ from keyconnector.keys import azurekv
 from keyconnector.keys import certificate as certificate_provider
 from keyconnector.settings import Settings, load_settings
 from tests.support.azure_keyvault import ALL_PERMISSIONS, KeyVaultStandIn, b64url, unb64url
-from tests.support.providers import ProviderEnv
+from tests.support.providers import ProviderEnv, assert_certificate_unwraps, run_and_close
 
 KEY = "keyConnectorSettings__rsaKey__"
 CERT = "keyConnectorSettings__certificate__"
@@ -107,13 +107,7 @@ def round_trip(provider: azurekv.AzureKeyVaultKeyProvider) -> bytes:
 
 
 def unwrap(provider: azurekv.AzureKeyVaultKeyProvider, wrapped: bytes) -> bytes:
-    async def scenario() -> bytes:
-        try:
-            return await provider.unwrap(wrapped)
-        finally:
-            await provider.aclose()
-
-    return asyncio.run(scenario())
+    return run_and_close(provider, lambda: provider.unwrap(wrapped))
 
 
 def vault_encrypt(
@@ -463,19 +457,7 @@ def test_certificate_source_yields_certificate_and_private_key(
     assert name in loaded.description
     assert all(value not in loaded.description for value in azurekv_certificate_provider.secrets)
 
-    # The `certificate` key provider on top unwraps what the certificate's public key wrapped.
-    data_key = secrets.token_bytes(32)
-    wrapped = cert.public_key().encrypt(data_key, OAEP_SHA1)  # type: ignore[union-attr]
-
-    async def scenario() -> bytes:
-        provider = await certificate_provider.open(settings)
-        try:
-            await provider.check()
-            return await provider.unwrap(wrapped)
-        finally:
-            await provider.aclose()
-
-    assert asyncio.run(scenario()) == data_key
+    assert_certificate_unwraps(settings, cert)
 
 
 def test_certificate_fixture_as_the_service_uses_it(azurekv_certificate_provider: ProviderEnv) -> None:

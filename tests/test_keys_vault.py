@@ -574,29 +574,25 @@ def test_a_sealed_or_stopped_vault_is_unavailable(pfx_bytes: bytes) -> None:
         async def scenario() -> list[BaseException]:
             provider = await vaulttransit_module.open(settings)
             errors: list[BaseException] = []
+
+            async def all_unavailable(*attempts: Awaitable[object]) -> None:
+                for attempt in attempts:
+                    with pytest.raises(UnavailableError) as caught:
+                        await attempt
+                    errors.append(caught.value)
+
+            def load() -> Awaitable[object]:
+                return load_certificate(cert_settings.certificate, "certificate", "/nonexistent")
+
             try:
                 wrapped = await provider.wrap(secrets.token_bytes(32))
                 await provider.check()
                 await asyncio.to_thread(server.client().sys.seal)
-                for attempt in (provider.check(), provider.unwrap(wrapped)):
-                    with pytest.raises(UnavailableError) as caught:
-                        await attempt
-                    errors.append(caught.value)
-                with pytest.raises(UnavailableError) as caught:
-                    await load_certificate(cert_settings.certificate, "certificate", "/nonexistent")
-                errors.append(caught.value)
+                await all_unavailable(provider.check(), provider.unwrap(wrapped), load())
                 await asyncio.to_thread(server.stop)
-                for attempt in (
-                    provider.check(),
-                    provider.unwrap(wrapped),
-                    vaulttransit_module.open(settings),
-                ):
-                    with pytest.raises(UnavailableError) as caught:
-                        await attempt
-                    errors.append(caught.value)
-                with pytest.raises(UnavailableError) as caught:
-                    await load_certificate(cert_settings.certificate, "certificate", "/nonexistent")
-                errors.append(caught.value)
+                await all_unavailable(
+                    provider.check(), provider.unwrap(wrapped), vaulttransit_module.open(settings), load()
+                )
             finally:
                 await provider.aclose()
             return errors

@@ -27,7 +27,6 @@ import base64
 import contextlib
 import datetime as dt
 import hashlib
-import ipaddress
 import json
 import secrets
 import socket
@@ -47,8 +46,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keyconnector.devtools.tls import local_tls_files
 from keyconnector.keygen import self_signed_certificate
 from tests.support.providers import ProviderEnv
 
@@ -73,79 +72,6 @@ def unb64url(text: str) -> bytes:
 
 def _int_bytes(value: int) -> bytes:
     return value.to_bytes((value.bit_length() + 7) // 8, "big")
-
-
-# --------------------------------------------------------------------------------------------------
-# TLS: a private CA, as an operator's company CA would be
-
-
-@dataclass(frozen=True)
-class TestCa:
-    ca_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes
-
-
-def make_ca(common_name: str = "Key Vault stand-in test CA") -> TestCa:
-    """A CA and a server certificate for 127.0.0.1 signed by it (the SDK must trust the CA to connect)."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return TestCa(
-        ca_pem=ca.public_bytes(serialization.Encoding.PEM),
-        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-        key_pem=key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,12 +142,10 @@ class KeyVaultStandIn:
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        tls = make_ca()
-        self.ca_bundle = folder / "keyvault-ca.pem"
-        self.ca_bundle.write_bytes(tls.ca_pem)
-        (folder / "keyvault-server.pem").write_bytes(tls.cert_pem + tls.key_pem)
-        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._context.load_cert_chain(folder / "keyvault-server.pem")
+        # A private CA, as an operator's company CA would be: the SDK must be told to trust it.
+        tls = local_tls_files(folder, "Key Vault stand-in test CA")
+        self.ca_bundle = tls.ca
+        self._context = tls.server_context()
         self.tenant_id = str(uuid.uuid4())
         self.identity_header = secrets.token_urlsafe(16)
         self.identities: dict[str, Identity] = {}

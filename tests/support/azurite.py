@@ -13,98 +13,26 @@ path-style URLs (``http://127.0.0.1:PORT/devstoreaccount1``), which is what an o
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import ipaddress
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyconnector.devtools import free_port
+from keyconnector.devtools.tls import local_tls_files
 from keyconnector.keygen import self_signed_pfx
+from tests.support.processes import read_log, started, stop_process, wait_for_port
 from tests.support.providers import ProviderEnv
 
 AZURITE = Path(__file__).resolve().parents[2] / ".tools" / "node_modules" / ".bin" / "azurite-blob"
 ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 """Azurite's development account key, published in Microsoft's documentation."""
-
-
-# -- TLS material ------------------------------------------------------------------------------------
-
-
-def make_tls_files(folder: Path, common_name: str = "Test Storage CA") -> tuple[Path, Path, Path]:
-    """A private CA and a server certificate for 127.0.0.1 it issued: (ca.pem, server.pem, server-key.pem)."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, cert_path, key_path = folder / "ca.pem", folder / "server.pem", folder / "server-key.pem"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return ca_path, cert_path, key_path
 
 
 # -- the server --------------------------------------------------------------------------------------
@@ -124,8 +52,9 @@ class Azurite:
         self.ca: Path | None = None
         self._tls_args: list[str] = []
         if tls:
-            self.ca, cert, key = make_tls_files(self.folder)
-            self._tls_args = ["--cert", str(cert), "--key", str(key)]
+            files = local_tls_files(self.folder, "Test Storage CA")
+            self.ca = files.ca
+            self._tls_args = ["--cert", str(files.certificate), "--key", str(files.key)]
         self.log = self.folder / "azurite.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -163,28 +92,13 @@ class Azurite:
                 start_new_session=True,
                 cwd=self.folder,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Azurite exited with {self.process.returncode}:\n{self.logs()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"Azurite did not listen on {self.port} in {timeout:.0f}s:\n{self.logs()}")
+        wait_for_port("127.0.0.1", self.port, self.process, what="Azurite", log=self.log, timeout=timeout)
 
     def logs(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return read_log(self.log)
 
     def stop(self) -> None:
-        process = self.process
-        if process is not None and process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process(self.process)
 
     def destroy(self) -> None:
         self.stop()
@@ -230,22 +144,12 @@ def azurestorage_env(
 
 @pytest.fixture(scope="session")
 def azurite() -> Iterator[Azurite]:
-    server = Azurite()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+    yield from started(Azurite())
 
 
 @pytest.fixture(scope="session")
 def azurite_https() -> Iterator[Azurite]:
-    server = Azurite(tls=True)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+    yield from started(Azurite(tls=True))
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import pytest
 
 from keyconnector.devtools import free_port
+from tests.support.processes import port_open, started, stop_process, wait_for_port, wait_until
 
 PASSWORD_ALPHABET = "abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
@@ -69,21 +69,6 @@ def _scratch(prefix: str, owner: str | None) -> Path:
         os.chown(folder, entry.pw_uid, entry.pw_gid)
     os.chmod(folder, 0o700)
     return folder
-
-
-def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"the server exited with {process.returncode}:\n{log.read_text(errors='replace')}"
-            )
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(
-        f"the server did not listen on {port} in {timeout:.0f}s:\n{log.read_text(errors='replace')}"
-    )
 
 
 class _Server:
@@ -124,14 +109,15 @@ class _Server:
             )
         finally:
             handle.close()
-        _wait_port(self.port, self.process, self.log, timeout)
-        deadline = time.monotonic() + timeout
-        while not self._ready():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} never accepted a login:\n{self.log.read_text(errors='replace')}"
-                )
-            time.sleep(0.05)
+        wait_for_port("127.0.0.1", self.port, self.process, what=self.name, log=self.log, timeout=timeout)
+        wait_until(
+            self._ready,
+            self.process,
+            what=self.name,
+            log=self.log,
+            timeout=timeout,
+            waiting_for="accept a login",
+        )
 
     @property
     def running(self) -> bool:
@@ -142,12 +128,7 @@ class _Server:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        os.killpg(process.pid, signal.SIGKILL if kill else self.stop_signal)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process(process, signal.SIGKILL if kill else self.stop_signal, timeout)
         if kill:
             # A killed postmaster leaves its children running for a moment; wait for the port.
             self._wait_port_free()
@@ -155,10 +136,7 @@ class _Server:
     def _wait_port_free(self, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    pass
-            except OSError:
+            if not port_open("127.0.0.1", self.port, timeout=0.2):
                 return
             time.sleep(0.05)
 
@@ -409,12 +387,7 @@ class MariaDbServer(_Server):
 @contextlib.contextmanager
 def running(server_type: type[_Server]) -> Iterator[_Server]:
     """Create, start, and finally destroy a server (for scripts; tests use the fixtures)."""
-    server = server_type()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+    yield from started(server_type())
 
 
 # -- pytest fixtures ---------------------------------------------------------------------------------------
@@ -422,22 +395,12 @@ def running(server_type: type[_Server]) -> Iterator[_Server]:
 
 @pytest.fixture(scope="session")
 def postgresql_server() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+    yield from started(PostgresServer())
 
 
 @pytest.fixture(scope="session")
 def mariadb_server() -> Iterator[MariaDbServer]:
-    server = MariaDbServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+    yield from started(MariaDbServer())
 
 
 @pytest.fixture

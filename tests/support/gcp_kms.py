@@ -16,8 +16,6 @@ account's public key. Tests write a service-account key file pointing at that en
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import ipaddress
 import json
 import re
 import secrets
@@ -33,14 +31,13 @@ from typing import Any, NoReturn
 
 import grpc
 import pytest
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from google.cloud import kms_v1
 
 from keyconnector.devtools import free_port
+from keyconnector.devtools.tls import local_tls_files
 from tests.support.providers import ProviderEnv
 
 SERVICE = "google.cloud.kms.v1.KeyManagementService"
@@ -81,47 +78,6 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -
 def oaep(hash_name: str) -> padding.OAEP:
     hash_type = _HASHES[hash_name]
     return padding.OAEP(mgf=padding.MGF1(hash_type()), algorithm=hash_type(), label=None)
-
-
-# --------------------------------------------------------------------------------------------------
-# TLS
-
-
-def _certificate(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer[0].subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=2))
-    )
-    if issuer is None:
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        builder = builder.add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-        return builder.sign(key, hashes.SHA256())
-    builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-    builder = builder.add_extension(
-        x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-        ),
-        critical=False,
-    )
-    builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    return builder.sign(issuer[1], hashes.SHA256())
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,23 +208,10 @@ class KmsStandIn:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._tokens: dict[str, tuple[str, float]] = {}
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = _certificate("Key Connector test CA", ca_key, None)
-        server_key = ec.generate_private_key(ec.SECP256R1())
-        server = _certificate("Google Cloud KMS stand-in", server_key, (ca, ca_key))
-        self.ca_path = self.folder / "kms-ca.pem"
-        self.ca_path.write_bytes(_pem(ca))
+        tls = local_tls_files(self.folder, "Key Connector test CA")
+        self.ca_path = tls.ca
         self._server_credentials = grpc.ssl_server_credentials(
-            [
-                (
-                    server_key.private_bytes(
-                        serialization.Encoding.PEM,
-                        serialization.PrivateFormat.PKCS8,
-                        serialization.NoEncryption(),
-                    ),
-                    _pem(server),
-                )
-            ]
+            [(tls.key.read_bytes(), tls.certificate.read_bytes())]
         )
         self._server: grpc.Server | None = None
         self._http: ThreadingHTTPServer | None = None

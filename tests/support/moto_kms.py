@@ -11,15 +11,11 @@ service nor the tests ever read the developer's real AWS configuration.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +23,7 @@ from typing import Any
 import pytest
 
 from keyconnector.devtools import free_port
+from tests.support.processes import read_log, started, stop_process, wait_for_port
 from tests.support.providers import ProviderEnv
 
 REGION = "eu-west-1"
@@ -88,40 +85,22 @@ class MotoServer:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {self.process.returncode}:\n{self.logs()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-            ):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"moto_server did not listen on {self.port}:\n{self.logs()}")
+        wait_for_port("127.0.0.1", self.port, self.process, what="moto_server", log=self.log, timeout=timeout)
+        return self
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process(self.process)
 
     def destroy(self) -> None:
         self.stop()
         self.log.unlink(missing_ok=True)
 
     def logs(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return read_log(self.log)
 
     def client(
         self,
@@ -191,11 +170,7 @@ def kms_provider_env(
 
 @pytest.fixture(scope="session")
 def moto_kms_server() -> Iterator[MotoServer]:
-    server = MotoServer()
-    try:
-        yield server.start()
-    finally:
-        server.destroy()
+    yield from started(MotoServer())
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,11 @@ import base64
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import httpx
 import pytest
 
 from keyconnector.devtools import free_port
+from tests.support.processes import read_log, stop_process, wait_until
 from tests.support.providers import ProviderEnv
 
 KV_MOUNT = "kc-kv"
@@ -105,15 +104,16 @@ class OpenBao:
                 cwd=self.folder,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bao exited with {self.process.returncode}:\n{self.logs()}")
-            if self._healthy():
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"bao did not become ready on {self.url}:\n{self.logs()}")
+        wait_until(
+            self._healthy,
+            self.process,
+            what="bao",
+            log=self.log,
+            timeout=timeout,
+            waiting_for=f"become ready on {self.url}",
+            interval=0.1,
+        )
+        return self
 
     def _healthy(self) -> bool:
         ca = self.ca_file
@@ -127,18 +127,10 @@ class OpenBao:
         return answer.status_code == 200
 
     def logs(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return read_log(self.log)
 
     def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process(self.process, timeout=15)
 
     def destroy(self) -> None:
         self.stop()

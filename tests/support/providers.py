@@ -4,11 +4,26 @@ Each support module that starts a key-provider server (SoftHSM2, OpenBao, moto, 
 Key Vault and Google Cloud KMS stand-ins) offers function-scoped fixtures returning a
 ``ProviderEnv``: a fresh key on a session-wide server, and the settings that make a
 ``keyconnector serve`` process use it.
+
+Certificate sources also check what the ``certificate`` key provider does with what they load
+(:func:`assert_certificate_unwraps`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from keyconnector.crypto import OAEP_SHA1
+from keyconnector.keys import KeyProvider
+from keyconnector.keys import certificate as certificate_provider
+from keyconnector.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -31,3 +46,37 @@ class ProviderEnv:
             raise ValueError("a local provider has no endpoint to redirect")
         host, real = self.endpoint
         return {k: v.replace(f"{host}:{real}", f"{host}:{port}") for k, v in self.env.items()}
+
+
+T = TypeVar("T")
+
+
+def run_and_close(provider: KeyProvider, operation: Callable[[], Awaitable[T]]) -> T:
+    """Run one operation of ``provider`` in a fresh event loop, then close the provider."""
+
+    async def main() -> T:
+        try:
+            return await operation()
+        finally:
+            await provider.aclose()
+
+    return asyncio.run(main())
+
+
+def assert_certificate_unwraps(settings: Settings, certificate: x509.Certificate) -> None:
+    """The ``certificate`` key provider on ``settings`` passes its check and unwraps a data key that
+    was wrapped the way upstream does it, with nothing but the certificate's public key."""
+    public_key = certificate.public_key()
+    assert isinstance(public_key, rsa.RSAPublicKey)
+    data_key = secrets.token_bytes(32)
+    wrapped = public_key.encrypt(data_key, OAEP_SHA1)
+
+    async def unwrap() -> bytes:
+        provider = await certificate_provider.open(settings)
+        try:
+            await provider.check()
+            return await provider.unwrap(wrapped)
+        finally:
+            await provider.aclose()
+
+    assert asyncio.run(unwrap()) == data_key

@@ -12,10 +12,8 @@ foreign key under a published ``kid``), because the tests need exactly those.
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import hashlib
 import hmac
-import ipaddress
 import json
 import secrets
 import socket
@@ -33,13 +31,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keyconnector.devtools.tls import TlsFiles, local_tls_files
 from keyconnector.keygen import self_signed_certificate
 
 __all__ = ["DevIssuer"]
@@ -180,6 +177,7 @@ class DevIssuer:
         self._host = host
         self._tls = tls
         self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._tls_files: TlsFiles | None = None
         self._port = port
         self._issuer = issuer
         self._key_bits = key_bits
@@ -225,67 +223,20 @@ class DevIssuer:
         if self._tls_dir is not None:
             self._tls_dir.cleanup()
             self._tls_dir = None
+            self._tls_files = None
 
     def _server_tls_context(self) -> ssl.SSLContext:
         """A throw-away CA and a server certificate for 127.0.0.1/localhost, written to a temp dir."""
         self._tls_dir = tempfile.TemporaryDirectory(prefix="keyconnector-dev-issuer-")
-        folder = Path(self._tls_dir.name)
-        now = _dt.datetime.now(_dt.UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Key Connector dev CA")])
-        ca = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(days=1))
-            .not_valid_after(now + _dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        leaf_key = ec.generate_private_key(ec.SECP256R1())
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name)
-            .public_key(leaf_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(days=1))
-            .not_valid_after(now + _dt.timedelta(days=30))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        pem = serialization.Encoding.PEM
-        (folder / "ca.crt").write_bytes(ca.public_bytes(pem))
-        (folder / "server.crt").write_bytes(leaf.public_bytes(pem))
-        (folder / "server.key").write_bytes(
-            leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(folder / "server.crt", folder / "server.key")
-        return context
+        self._tls_files = local_tls_files(Path(self._tls_dir.name), "Key Connector dev CA")
+        return self._tls_files.server_context()
 
     @property
     def ca_file(self) -> str:
         """Path of the PEM CA certificate that signed the server certificate (``tls=True`` only)."""
-        if self._tls_dir is None:
+        if self._tls_files is None:
             raise RuntimeError("the dev issuer serves TLS only when made with tls=True and started")
-        return str(Path(self._tls_dir.name) / "ca.crt")
+        return str(self._tls_files.ca)
 
     def __enter__(self) -> DevIssuer:
         return self.start()
