@@ -24,6 +24,7 @@ from keyconnector.keygen import self_signed_pfx
 
 pytest_plugins = [
     "tests.support.databases",
+    "tests.support.backends",
     "tests.support.softhsm",
     "tests.support.openbao",
     "tests.support.moto_kms",

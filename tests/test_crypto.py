@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import uuid
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyconnector.crypto import DataKey, generate_data_key
+from keyconnector.crypto import DataKey, KeySet, UnknownVersionError, generate_data_key, record_version
 from keyconnector.errors import IntegrityError
 
 
@@ -60,3 +61,60 @@ def test_a_tampered_record_or_another_data_key_fails_closed() -> None:
 def test_a_data_key_of_the_wrong_size_is_refused() -> None:
     with pytest.raises(IntegrityError, match="16 bytes"):
         DataKey(b"x" * 16)
+
+
+# -- format 2: versioned, bound to the user -----------------------------------------------------------
+
+
+def test_format_2_names_its_version_and_reads_back_only_for_its_user() -> None:
+    raw = generate_data_key()
+    key = DataKey(raw, version=7)
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    record = key.seal(b"alice's key", alice)
+    assert record.startswith("kc:2:7:")
+    assert record_version(record) == 7
+    assert key.open(record, alice) == b"alice's key"
+    # The layout, checked independently: base64(nonce || ciphertext || tag), AAD = user id + version.
+    blob = base64.b64decode(record.split(":", 3)[3])
+    aad = b"keyconnector/record/2|" + alice.bytes + (7).to_bytes(4, "big")
+    assert AESGCM(raw).decrypt(blob[:12], blob[12:], aad) == b"alice's key"
+    # Copied into Bob's row, it does not open for Bob.
+    with pytest.raises(IntegrityError, match="copied from another user's row"):
+        key.open(record, bob)
+
+
+def test_format_2_refuses_a_changed_version_number() -> None:
+    raw = generate_data_key()
+    user = uuid.uuid4()
+    record = DataKey(raw, version=2).seal(b"k", user)
+    forged = record.replace("kc:2:2:", "kc:2:3:", 1)
+    with pytest.raises(IntegrityError):
+        DataKey(raw, version=3).open(forged, user)
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ("kc:9:1:AAAA", "format '9'"),
+        ("kc:2:x:AAAA", "no valid data-key version"),
+        ("kc:2:1:not base64!", "not valid base64"),
+        ("kc:2:1:AAAA", "too short"),
+    ],
+)
+def test_unreadable_format_2_records_say_why(record: str, reason: str) -> None:
+    with pytest.raises(IntegrityError, match=reason):
+        DataKey(generate_data_key(), version=1).open(record, uuid.uuid4())
+
+
+def test_a_key_set_seals_with_the_current_version_and_opens_every_loaded_one() -> None:
+    user = uuid.uuid4()
+    v1, v2 = DataKey(generate_data_key(), 1), DataKey(generate_data_key(), 2)
+    legacy = KeySet({1: v1}, 1).seal(b"old", user)
+    assert record_version(legacy) == 1 and not legacy.startswith("kc:"), "version 1 writes upstream's format"
+    both = KeySet({1: v1, 2: v2}, 2)
+    current = both.seal(b"new", user)
+    assert record_version(current) == 2
+    assert both.open(legacy, user) == b"old"
+    assert both.open(current, user) == b"new"
+    with pytest.raises(UnknownVersionError):
+        KeySet({1: v1}, 1).open(current, user)

@@ -7,6 +7,12 @@ write that format) what we write must read in upstream, so that format is reprod
 Room for new formats: base64 never contains ``:``, so every record format after upstream's starts
 with ``kc:<format>:``. A reader meeting a marker it does not know says so plainly instead of
 mistaking the record for upstream's.
+
+Format 2, ``kc:2:<data-key version>:base64(nonce || ciphertext || tag)``, names the data-key version
+that sealed it (so data keys can be rotated record by record, online) and binds the record to its
+user: the AES-GCM associated data is the user id and the version, so a record copied into another
+user's row does not decrypt. Upstream's records carry no version; they belong to version 1, the
+data key in ``ApplicationDatas``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import base64
 import binascii
 import os
 import secrets
+from collections.abc import Mapping
+from uuid import UUID
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -27,6 +35,9 @@ DATA_KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 RECORD_MARKER = "kc:"
+FORMAT_2 = "kc:2:"
+LEGACY_VERSION = 1
+"""The data-key version of upstream's records: the key wrapped in ``ApplicationDatas``."""
 
 #: Upstream's wrapping for the certificate, PKCS#11 and Azure providers (kept for stored data).
 OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
@@ -57,14 +68,16 @@ class DataKey:
         nonce = os.urandom(NONCE_SIZE)
         return base64.b64encode(self._aead.encrypt(nonce, plaintext, None) + nonce).decode("ascii")
 
-    def open(self, record: str) -> bytes:
-        """Decrypt a stored record of any format this version knows."""
+    def seal(self, plaintext: bytes, user_id: UUID) -> str:
+        """Format 2: versioned and bound to ``user_id``."""
+        nonce = os.urandom(NONCE_SIZE)
+        sealed = self._aead.encrypt(nonce, plaintext, _associated_data(user_id, self.version))
+        return f"{FORMAT_2}{self.version}:" + base64.b64encode(nonce + sealed).decode("ascii")
+
+    def open(self, record: str, user_id: UUID | None = None) -> bytes:
+        """Decrypt a stored record of any format this version knows (format 2 needs ``user_id``)."""
         if record.startswith(RECORD_MARKER):
-            version = record[len(RECORD_MARKER) :].split(":", 1)[0]
-            raise IntegrityError(
-                f"the record is in format '{version}', which this version of keyconnector does not know; "
-                "upgrade keyconnector"
-            )
+            return self._open_marked(record, user_id)
         try:
             blob = base64.b64decode(record, validate=True)
         except (binascii.Error, ValueError):
@@ -75,3 +88,85 @@ class DataKey:
             return self._aead.decrypt(blob[-NONCE_SIZE:], blob[:-NONCE_SIZE], None)
         except InvalidTag:
             raise IntegrityError("the stored record does not decrypt under the data key") from None
+
+    def _open_marked(self, record: str, user_id: UUID | None) -> bytes:
+        version = record_version(record)
+        if version != self.version:
+            raise IntegrityError(f"the record was sealed by data key version {version}, not {self.version}")
+        if user_id is None:
+            raise IntegrityError("a format 2 record can only be opened for its user")
+        try:
+            blob = base64.b64decode(record[record.index(":", len(FORMAT_2)) + 1 :], validate=True)
+        except (binascii.Error, ValueError):
+            raise IntegrityError("the stored record is not valid base64") from None
+        if len(blob) < NONCE_SIZE + TAG_SIZE:
+            raise IntegrityError("the stored record is too short to be an AES-GCM envelope")
+        try:
+            aad = _associated_data(user_id, version)
+            return self._aead.decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], aad)
+        except InvalidTag:
+            raise IntegrityError(
+                "the stored record does not decrypt for this user: it was altered or copied from another "
+                "user's row"
+            ) from None
+
+
+def _associated_data(user_id: UUID, version: int) -> bytes:
+    return b"keyconnector/record/2|" + user_id.bytes + version.to_bytes(4, "big")
+
+
+def record_version(record: str) -> int:
+    """The data-key version a stored record needs: 1 for upstream's records."""
+    if not record.startswith(RECORD_MARKER):
+        return LEGACY_VERSION
+    if not record.startswith(FORMAT_2):
+        marker = record[len(RECORD_MARKER) :].split(":", 1)[0]
+        raise IntegrityError(
+            f"the record is in format '{marker[:20]}', which this version of keyconnector does not know; "
+            "upgrade keyconnector"
+        )
+    head, sep, _ = record[len(FORMAT_2) :].partition(":")
+    if not sep or not head.isdigit() or len(head) > 9:
+        raise IntegrityError("the stored record has no valid data-key version")
+    return int(head)
+
+
+class KeySet:
+    """Every data-key version a process can open, and the one it seals new records with.
+
+    Version 1 seals in upstream's format (so a deployment that never rotated stays readable by
+    upstream); later versions seal in format 2.
+    """
+
+    __slots__ = ("current", "keys")
+
+    def __init__(self, keys: Mapping[int, DataKey], current: int) -> None:
+        if current not in keys:
+            raise IntegrityError(f"the current data key version {current} is not loaded")
+        self.keys = dict(keys)
+        self.current = current
+
+    @property
+    def sealing_key(self) -> DataKey:
+        return self.keys[self.current]
+
+    def seal(self, plaintext: bytes, user_id: UUID) -> str:
+        key = self.keys[self.current]
+        if self.current == LEGACY_VERSION:
+            return key.seal_legacy(plaintext)
+        return key.seal(plaintext, user_id)
+
+    def open(self, record: str, user_id: UUID) -> bytes:
+        version = record_version(record)
+        key = self.keys.get(version)
+        if key is None:
+            raise UnknownVersionError(version)
+        return key.open(record, user_id)
+
+
+class UnknownVersionError(IntegrityError):
+    """A record needs a data-key version this process has not loaded (rotated since it started?)."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        super().__init__(f"the record needs data key version {version}, which is not loaded")

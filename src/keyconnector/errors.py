@@ -27,6 +27,15 @@ class ConfigurationError(KeyConnectorError):
         super().__init__(f"{setting_name(setting)}: {problem}")
 
 
+class UsageError(ConfigurationError):
+    """A wrong or missing command-line argument: exits 2 like a wrong setting, named by its option."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.setting = option
+        self.problem = problem
+        KeyConnectorError.__init__(self, f"{option}: {problem}")
+
+
 class MissingDependencyError(ConfigurationError):
     """A provider's optional package is not installed; the message names the extra to install."""
 

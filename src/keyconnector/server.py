@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from keyconnector.datakeys import load_key_set
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.keys import open_key_provider
-from keyconnector.service import bootstrap_data_key
 from keyconnector.settings import CONFIG_FILE_ENV, Settings, identity_server_uri
 from keyconnector.storage import migrate, open_repository
 
@@ -76,7 +76,7 @@ async def _prepare_data_key(settings: Settings) -> None:
     try:
         provider = await open_key_provider(settings)
         try:
-            await bootstrap_data_key(repository, provider)
+            await load_key_set(repository, provider)  # creates data key version 1 if there is none
         finally:
             await provider.aclose()
     finally:

@@ -1,22 +1,22 @@
 """The key service: what the HTTP layer asks for, independent of HTTP.
 
-It owns the unwrapped data key (unwrapped once per process, then cached) and the access-time
-batch. Reading a key never writes to the database: upstream's read-then-write made every login
-fail whenever the ``LastAccessDate`` write failed. Here the times are collected in memory and
+It owns the unwrapped data keys (unwrapped once per process, then cached; reloaded when the key
+ring changes, e.g. during a data-key rotation) and the access-time batch. Reading a key never
+writes to the database: upstream's read-then-write made every login fail whenever the
+``LastAccessDate`` write failed. Here the times are collected in memory and
 written in one batch every few seconds; a failed batch is logged, counted, kept and retried.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import time
 from datetime import UTC, datetime
 from uuid import UUID
 
-from keyconnector.crypto import DataKey, generate_data_key
+from keyconnector.crypto import KeySet, UnknownVersionError
+from keyconnector.datakeys import load_key_set, load_ring
 from keyconnector.errors import IntegrityError, KeyConnectorError, UnavailableError
 from keyconnector.keys import KeyProvider
 from keyconnector.storage import Repository
@@ -29,30 +29,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-async def bootstrap_data_key(repository: Repository, provider: KeyProvider) -> DataKey:
-    """Return the data key, creating it if the database has none.
-
-    Race-free across processes and hosts: every instance proposes a key, the repository keeps the
-    first one stored, and an instance whose proposal lost unwraps the winner's. So two instances
-    starting together on an empty database end up with the same data key.
-    """
-    wrapped = await repository.get_wrapped_data_key()
-    if wrapped is None:
-        candidate = generate_data_key()
-        proposal = base64.b64encode(await provider.wrap(candidate)).decode("ascii")
-        wrapped = await repository.store_wrapped_data_key(proposal)
-        if wrapped == proposal:
-            log.info("created a new data key, wrapped by %s", provider.description)
-            return DataKey(candidate)
-    try:
-        blob = base64.b64decode(wrapped, validate=True)
-    except (binascii.Error, ValueError):
-        raise IntegrityError(
-            "the stored data key (ApplicationDatas.SymmetricKey) is not valid base64"
-        ) from None
-    return DataKey(await provider.unwrap(blob))
-
-
 class KeyService:
     """Seal, store, load and open user keys."""
 
@@ -63,12 +39,18 @@ class KeyService:
         *,
         flush_interval: float = 10.0,
         retry_interval: float = 5.0,
+        ring_refresh_interval: float = 10.0,
     ) -> None:
         self.repository = repository
         self.provider = provider
         self._flush_interval = flush_interval
         self._retry_interval = retry_interval
-        self._data_key: DataKey | None = None
+        self._ring_refresh_interval = ring_refresh_interval
+        self._ring_revision = -1
+        self._last_refresh = 0.0
+        self._refresh_lock = asyncio.Lock()
+        self._sealing_blocked: str | None = None
+        self._data_key: KeySet | None = None
         self._last_attempt = 0.0
         self._last_error: str | None = None
         self._bootstrap_lock = asyncio.Lock()
@@ -101,23 +83,75 @@ class KeyService:
 
     def status(self) -> str:
         if self._data_key is not None:
-            return f"data key loaded, wrapped by {self.provider.description}"
+            versions = ", ".join(str(v) for v in sorted(self._data_key.keys))
+            return (
+                f"data key loaded (version {self._data_key.current} seals; can open {versions}), "
+                f"wrapped by {self.provider.description}"
+            )
         return f"data key not loaded: {self._last_error or 'not tried yet'}"
 
-    async def _load_data_key(self) -> DataKey:
+    async def _load_data_key(self, *, reload: bool = False) -> KeySet:
         async with self._bootstrap_lock:
-            if self._data_key is not None:
+            if self._data_key is not None and not reload:
                 return self._data_key
             self._last_attempt = time.monotonic()
             try:
-                self._data_key = await bootstrap_data_key(self.repository, self.provider)
+                # On an empty database this creates version 1, race-free (datakeys.bootstrap_data_key).
+                keys, ring = await load_key_set(self.repository, self.provider)
             except KeyConnectorError as exc:
                 self._last_error = str(exc)
                 raise
+            if self._data_key is not None and keys.current != self._data_key.current:
+                log.info("data key version %d now seals new records", keys.current)
+            self._data_key, self._ring_revision = keys, ring.revision
+            self._last_refresh = time.monotonic()
             self._last_error = None
-            return self._data_key
+            return keys
 
-    async def data_key(self) -> DataKey:
+    async def refresh_keys(self) -> None:
+        """Reload the data keys if the key ring changed (a rotation started, moved on or ended).
+
+        If the ring names a new current version that this process cannot load (the key provider
+        is down, say), writes are refused until it can: sealing with the old version now would
+        make records that the rotation may already have finished with, and would lose them when
+        the old version is retired.
+        """
+        async with self._refresh_lock:
+            self._last_refresh = time.monotonic()
+            ring = await load_ring(self.repository)
+            if ring.revision == self._ring_revision:
+                return
+            try:
+                await self._load_data_key(reload=True)
+            except KeyConnectorError as exc:
+                keys = self._data_key
+                if keys is not None and ring.current != keys.current:
+                    self._sealing_blocked = (
+                        f"data key version {ring.current} seals new records and cannot be loaded: {exc}"
+                    )
+                raise
+            self._sealing_blocked = None
+
+    async def _open(self, keys: KeySet, record: str, user_id: UUID) -> bytes:
+        try:
+            return keys.open(record, user_id)
+        except UnknownVersionError:
+            # Sealed by a data-key version made after this process loaded its keys: reload, once per
+            # burst of such records (the lock makes concurrent requests share one reload).
+            before = self._last_refresh
+            async with self._refresh_lock:
+                pass
+            if self._last_refresh == before:
+                await self.refresh_keys()
+            assert self._data_key is not None
+            return self._data_key.open(record, user_id)
+
+    def _sealing_keys(self, keys: KeySet) -> KeySet:
+        if self._sealing_blocked is not None:
+            raise UnavailableError("the data key", self._sealing_blocked, retry_after=5)
+        return keys
+
+    async def data_key(self) -> KeySet:
         key = self._data_key
         if key is not None:
             return key
@@ -138,19 +172,19 @@ class KeyService:
         record = await self.repository.get_key(user_id)
         if record is None:
             return None
-        plaintext = data_key.open(record)
+        plaintext = await self._open(data_key, record, user_id)
         self._pending[user_id.int] = time.time()
         return plaintext
 
     async def create(self, user_id: UUID, key: bytes) -> bool:
         """Store a new key; False when the user already has one."""
-        data_key = self._data_key or await self.data_key()
-        return await self.repository.create_key(user_id, data_key.seal_legacy(key), utcnow())
+        data_key = self._sealing_keys(self._data_key or await self.data_key())
+        return await self.repository.create_key(user_id, data_key.seal(key, user_id), utcnow())
 
     async def put(self, user_id: UUID, key: bytes) -> bool:
         """Create or replace; True when created."""
-        data_key = self._data_key or await self.data_key()
-        return await self.repository.put_key(user_id, data_key.seal_legacy(key), utcnow())
+        data_key = self._sealing_keys(self._data_key or await self.data_key())
+        return await self.repository.put_key(user_id, data_key.seal(key, user_id), utcnow())
 
     # -- access times -------------------------------------------------------------------------
 
@@ -172,12 +206,24 @@ class KeyService:
             log.warning("could not record %d access times, will retry: %s", len(batch), exc)
 
     async def _flush_loop(self) -> None:
+        """Flush access times and look for key-ring changes, each on its own interval."""
+        last_flush = time.monotonic()
         while True:
-            await asyncio.sleep(self._flush_interval)
-            await self.flush_access()
+            await asyncio.sleep(min(self._flush_interval, self._ring_refresh_interval, self._retry_interval))
+            if time.monotonic() - last_flush >= self._flush_interval:
+                last_flush = time.monotonic()
+                await self.flush_access()
             if self._data_key is None and time.monotonic() - self._last_attempt >= self._retry_interval:
                 try:
                     await self._load_data_key()
                     log.info("the data key is loaded; serving user keys")
                 except KeyConnectorError as exc:
                     log.warning("the data key is still not available: %s", exc)
+            elif (
+                self._data_key is not None
+                and time.monotonic() - self._last_refresh >= self._ring_refresh_interval
+            ):
+                try:
+                    await self.refresh_keys()
+                except KeyConnectorError as exc:
+                    log.warning("could not check the key ring for changes: %s", exc)

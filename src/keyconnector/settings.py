@@ -186,6 +186,15 @@ class Settings(BaseSettings):
         alias="lastAccessFlushSeconds",
         validation_alias=AliasChoices("lastAccessFlushSeconds", "last_access_flush_seconds"),
     )
+    key_ring_refresh_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        alias="keyRingRefreshSeconds",
+        validation_alias=AliasChoices("keyRingRefreshSeconds", "key_ring_refresh_seconds"),
+    )
+    """How often a running service looks for a new data-key version (rotations wait this long, plus
+    a margin, before they rely on every instance sealing with the new version)."""
 
     @classmethod
     def settings_customise_sources(
@@ -372,6 +381,24 @@ def load_settings(
         # Never echo the input: it may be a password.
         raise ConfigurationError(location, str(first["msg"]).lower()) from None
     return LoadedSettings(settings, unknown, sources)
+
+
+def load_with_env_file(
+    env_file: str | Path | None, config_file: str | Path | None, *, isolated: bool = False
+) -> LoadedSettings:
+    """Settings as the command line gives them: ``--env-file`` lines under the real environment
+    (the environment wins, as with docker's ``--env-file`` plus ``-e``), over ``--config``.
+
+    The env file's lines are also put into ``os.environ`` (without overriding), because server
+    workers inherit the environment. With ``isolated`` (a second deployment's settings, e.g. the
+    target of a transfer), only the file counts and ``os.environ`` is left alone.
+    """
+    if isolated:
+        return load_settings(read_env_file(env_file) if env_file else {}, config_file)
+    if env_file:
+        for name, value in read_env_file(env_file).items():
+            os.environ.setdefault(name, value)
+    return load_settings(config_file=config_file)
 
 
 def _upstream_path(model: type[BaseModel], loc: list[str]) -> list[str]:

@@ -37,7 +37,10 @@ async def main():
     else:
         repository = await open_repository(settings)
         user = uuid.UUID(spec["user"]) if "user" in spec else None
-        if spec["op"] == "post_same":
+        if spec["op"] == "call":
+            # Any repository method whose arguments and result are plain JSON values.
+            out["result"] = await getattr(repository, spec["method"])(*spec.get("args", []))
+        elif spec["op"] == "post_same":
             out["created"] = await repository.create_key(user, spec["record"], now)
         elif spec["op"] == "put_same":
             for i in range(10):

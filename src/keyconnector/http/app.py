@@ -44,7 +44,12 @@ async def build_services(settings: Settings) -> Services:
         await repository.aclose()
         raise
     validator = TokenValidator(uri, verify=trust_context(settings.ca_certificates_directory))
-    keys = KeyService(repository, provider, flush_interval=settings.last_access_flush_seconds)
+    keys = KeyService(
+        repository,
+        provider,
+        flush_interval=settings.last_access_flush_seconds,
+        ring_refresh_interval=settings.key_ring_refresh_seconds,
+    )
     await validator.start()
     await keys.start()
     return Services(

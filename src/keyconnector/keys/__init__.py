@@ -13,11 +13,15 @@ a wrapped key that the backend refuses to unwrap raises ``IntegrityError``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.settings import Settings
@@ -43,6 +47,12 @@ class KeyProvider(Protocol):
         """Where the key lives, for logs and `keyconnector check`; never a secret."""
         ...
 
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the key pair and the wrapping scheme, so a wrap made by one provider is found
+        again by any provider that can unwrap it (see ``keyconnector.datakeys``). Not a secret."""
+        ...
+
     async def wrap(self, data_key: bytes) -> bytes: ...
 
     async def unwrap(self, wrapped: bytes) -> bytes: ...
@@ -52,6 +62,13 @@ class KeyProvider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+def rsa_fingerprint(public_key: rsa.RSAPublicKey, scheme: str) -> str:
+    """``<scheme>:<SHA-256 of the public key>``: the same for every provider holding this key pair
+    with this padding (a PFX, the HSM with its certificate, a cloud key's public half)."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return f"{scheme}:{hashlib.sha256(der).hexdigest()}"
 
 
 async def open_key_provider(
@@ -115,6 +132,12 @@ class ReconnectingKeyProvider:
         if self._inner is not None:
             return self._inner.description
         return f"not connected yet ({self._error})"
+
+    @property
+    def fingerprint(self) -> str:
+        if self._inner is None:
+            raise self._error
+        return self._inner.fingerprint
 
     async def _provider(self) -> KeyProvider:
         if self._inner is not None:

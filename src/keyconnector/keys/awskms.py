@@ -121,6 +121,10 @@ class AwsKmsKeyProvider:
     def description(self) -> str:
         return f"AWS KMS key {self._key_arn} ({self._algorithm}) at {self._context.endpoint_url}"
 
+    @property
+    def fingerprint(self) -> str:
+        return f"awskms:{self._key_arn}:{self._algorithm}"
+
     async def wrap(self, data_key: bytes) -> bytes:
         response = await self._call(
             "Encrypt", KeyId=self._key_arn, Plaintext=data_key, EncryptionAlgorithm=self._algorithm

@@ -24,6 +24,7 @@ from keyconnector._optional import require
 from keyconnector.certificates import check_key_size
 from keyconnector.crypto import OAEP_SHA1
 from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError
+from keyconnector.keys import rsa_fingerprint
 from keyconnector.settings import Settings
 
 if TYPE_CHECKING:
@@ -54,6 +55,10 @@ class AzureKeyVaultKeyProvider:
     @property
     def description(self) -> str:
         return f"Azure Key Vault key '{self._name}' (version {self._version}) in {self._vault.url}"
+
+    @property
+    def fingerprint(self) -> str:
+        return rsa_fingerprint(self._public_key, "rsa-oaep-sha1")
 
     async def wrap(self, data_key: bytes) -> bytes:
         return self._public_key.encrypt(data_key, OAEP_SHA1)

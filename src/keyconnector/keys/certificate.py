@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from keyconnector.certificates import load_certificate
 from keyconnector.crypto import OAEP_SHA1
 from keyconnector.errors import ConfigurationError, IntegrityError
+from keyconnector.keys import rsa_fingerprint
 from keyconnector.settings import Settings
 
 
@@ -26,6 +27,10 @@ class CertificateKeyProvider:
     @property
     def description(self) -> str:
         return self._description
+
+    @property
+    def fingerprint(self) -> str:
+        return rsa_fingerprint(self._public_key, "rsa-oaep-sha1")
 
     async def wrap(self, data_key: bytes) -> bytes:
         return self._public_key.encrypt(data_key, OAEP_SHA1)

@@ -39,6 +39,7 @@ from keyconnector.errors import (
     UnavailableError,
     setting_name,
 )
+from keyconnector.keys import rsa_fingerprint
 from keyconnector.settings import RsaKeySettings, Settings
 from keyconnector.tls import ca_bundle_bytes
 
@@ -387,6 +388,7 @@ class GcpKmsKeyProvider:
         self._target = target
         self._client = client
         self._public_key = public_key
+        self._hash_name = hash_name
         hash_type = _HASHES[hash_name]
         self._padding = padding.OAEP(mgf=padding.MGF1(hash_type()), algorithm=hash_type(), label=None)
         self._description = description
@@ -395,6 +397,10 @@ class GcpKmsKeyProvider:
     @property
     def description(self) -> str:
         return self._description
+
+    @property
+    def fingerprint(self) -> str:
+        return rsa_fingerprint(self._public_key, f"rsa-oaep-{self._hash_name.lower()}")
 
     async def wrap(self, data_key: bytes) -> bytes:
         return self._public_key.encrypt(data_key, self._padding)

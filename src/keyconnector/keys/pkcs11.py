@@ -81,6 +81,7 @@ from keyconnector.errors import (
     UnavailableError,
     setting_name,
 )
+from keyconnector.keys import rsa_fingerprint
 from keyconnector.settings import RsaKeySettings, Settings
 
 if TYPE_CHECKING:
@@ -578,6 +579,11 @@ class Pkcs11KeyProvider:
     @property
     def description(self) -> str:
         return self._description
+
+    @property
+    def fingerprint(self) -> str:
+        # The same key pair and padding as the certificate provider: either can unwrap the other's wraps.
+        return rsa_fingerprint(self._public_key, "rsa-oaep-sha1")
 
     async def wrap(self, data_key: bytes) -> bytes:
         return self._public_key.encrypt(data_key, OAEP_SHA1)

@@ -149,6 +149,13 @@ class VaultTransitKeyProvider:
     def description(self) -> str:
         return self._description
 
+    @property
+    def fingerprint(self) -> str:
+        # Vault keeps the key's versions itself; the key's address identifies it.
+        target = self._target
+        namespace = f"{target.namespace}/" if target.namespace else ""
+        return f"vaulttransit:{target.url.rstrip('/')}/{namespace}{target.mount}/{target.key}"
+
     # -- opening ---------------------------------------------------------------------------------------
 
     async def _open(self) -> None:

@@ -20,7 +20,7 @@ access time is not written on that path at all: the service batches it into ``re
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import ModuleType
@@ -56,6 +56,24 @@ class UserKeyRecord:
     creation_date: datetime
     revision_date: datetime | None
     last_access_date: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordUpdate:
+    """Compare-and-swap of one user's record: write ``new`` only if the row still holds ``expected``."""
+
+    user_id: UUID
+    expected: str
+    new: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKeyRing:
+    """Our own single-row table ``keyconnector_key_ring``: the data-key versions and their wraps
+    (see ``keyconnector.datakeys``), as a JSON document with a revision for compare-and-swap."""
+
+    revision: int
+    document: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +121,43 @@ class Repository(Protocol):
 
     def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
         """Every row of ``UserKeys`` in a stable order, in batches."""
+        ...
+
+    # -- operations (transfer, rotation, backup): not on the request path ---------------------------
+
+    async def count_records(self) -> int:
+        """How many rows ``UserKeys`` has (for progress bars and statistics)."""
+        ...
+
+    async def upsert_records(self, records: Sequence[UserKeyRecord]) -> None:
+        """Insert or wholly replace these rows (key and all three dates, exactly as given), in one
+        transaction: a crash leaves all of them or none. Copies (transfer, restore) are re-runnable
+        because of it. One user twice in a batch: the last wins."""
+        ...
+
+    async def replace_records(self, updates: Sequence[RecordUpdate]) -> int:
+        """For each update, set ``Key = new`` where the row still holds ``expected``; the dates are left
+        alone (re-encrypting is not a revision). One transaction. Returns how many rows changed: a row
+        a client replaced meanwhile keeps the client's key, and the caller sees it was skipped. A row
+        already holding ``new`` counts as changed (so a retried batch reports the same number); name
+        each user at most once per call."""
+        ...
+
+    async def get_key_ring(self) -> StoredKeyRing | None:
+        """The key ring document, or None when none was ever stored (a deployment that never rotated)."""
+        ...
+
+    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
+        """Store ``document`` with revision ``expected_revision + 1`` if the stored revision is still
+        ``expected_revision`` (0: nothing stored yet). Atomic across processes and hosts; False when
+        another process changed the ring first (the caller reloads and decides again)."""
+        ...
+
+    async def set_wrapped_data_key(self, wrapped: str) -> None:
+        """Replace ``SymmetricKey`` of the first ``ApplicationDatas`` row (insert it if there is none).
+
+        Only for retiring an old key pair (the row then holds the new pair's wrap of data key
+        version 1, so upstream pointed at the new pair reads it) and for restore."""
         ...
 
     async def ping(self) -> None:

@@ -26,7 +26,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,7 +35,7 @@ from uuid import UUID
 
 from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
 from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import DatabaseState, UserKeyRecord
+from keyconnector.storage import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
 
 T = TypeVar("T")
 
@@ -48,6 +48,11 @@ _ISO_TIME = re.compile(
 )
 
 Signature = tuple[int, int, int, int, int]
+
+KEY_RING_PROPERTY = "keyconnectorKeyRing"
+"""Our key ring (see ``keyconnector.datakeys``), a top-level property of the file:
+``{"revision": n, "document": "..."}``. Upstream's store reads the properties it knows and ignores
+this one, and our rewrites carry upstream's unknown properties through the same way."""
 
 
 def parse_iso_time(text: str) -> datetime:
@@ -121,6 +126,7 @@ class _Document:
         if symmetric is not None and not isinstance(symmetric, str):
             raise StorageError(f"{where}: 'symmetricKey' is not a string")
         self.symmetric_key: str | None = symmetric
+        self.key_ring = _parse_key_ring(raw.get(KEY_RING_PROPERTY), where)
         # First entry wins for a user listed twice, as a first-match lookup upstream would.
         self.by_user: dict[UUID, dict[str, Any]] = {}
         self.keys: dict[UUID, str | None] = {}
@@ -145,7 +151,7 @@ class _Document:
         _set(self.raw, "symmetricKey", wrapped)
         self.symmetric_key = wrapped
 
-    def add(self, user_id: UUID, key: str, now: datetime) -> None:
+    def add(self, user_id: UUID, key: str | None, now: datetime) -> None:
         entry: dict[str, Any] = {
             "id": str(user_id),
             "key": key,
@@ -157,12 +163,41 @@ class _Document:
         self.by_user[user_id] = entry
         self.keys[user_id] = key
 
+    def put_record(self, record: UserKeyRecord) -> None:
+        """Insert or wholly replace the user's entry, every date exactly as given."""
+        if record.user_id not in self.by_user:
+            self.add(record.user_id, record.key, record.creation_date)
+        self.update(
+            record.user_id,
+            key=record.key,
+            creationDate=record.creation_date,
+            revisionDate=record.revision_date,
+            lastAccessDate=record.last_access_date,
+        )
+
+    def set_key_ring(self, ring: StoredKeyRing) -> None:
+        self.raw[KEY_RING_PROPERTY] = {"revision": ring.revision, "document": ring.document}
+        self.key_ring = ring
+
     def update(self, user_id: UUID, **changes: Any) -> None:
         entry = self.by_user[user_id]
         for name, value in changes.items():
             _set(entry, name, format_iso_time(value) if isinstance(value, datetime) else value)
         if "key" in changes:
             self.keys[user_id] = changes["key"]
+
+
+def _parse_key_ring(value: Any, where: str) -> StoredKeyRing | None:
+    if value is None:
+        return None
+    revision = value.get("revision") if isinstance(value, dict) else None
+    document = value.get("document") if isinstance(value, dict) else None
+    if type(revision) is not int or revision < 1 or not isinstance(document, str):
+        raise StorageError(
+            f"{where}: '{KEY_RING_PROPERTY}' is not an object with a positive 'revision' "
+            "and a 'document' string"
+        )
+    return StoredKeyRing(revision=revision, document=document)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,6 +451,64 @@ class JsonFileRepository:
                 return document.symmetric_key, False
             document.set_symmetric_key(wrapped)
             return wrapped, True
+
+        return await self._run(edit)
+
+    async def set_wrapped_data_key(self, wrapped: str) -> None:
+        def edit(document: _Document) -> tuple[None, bool]:
+            document.set_symmetric_key(wrapped)
+            return None, True
+
+        await self._run(edit)
+
+    # -- operations: transfer, rotation, backup -------------------------------------------------------
+
+    async def count_records(self) -> int:
+        return len(self._current().by_user)
+
+    async def upsert_records(self, records: Sequence[UserKeyRecord]) -> None:
+        """One rewrite of the file for the whole batch: all of it lands, or (a crash before the rename)
+        none of it."""
+        if not records:
+            return
+
+        def edit(document: _Document) -> tuple[None, bool]:
+            for record in records:
+                document.put_record(record)
+            return None, True
+
+        await self._run(edit)
+
+    async def replace_records(self, updates: Sequence[RecordUpdate]) -> int:
+        if not updates:
+            return 0
+
+        def edit(document: _Document) -> tuple[int, bool]:
+            # Compared on the file as re-read under the lock: a client's PUT since the caller read the
+            # record wins. A row already holding the new value counts, as on the server backends.
+            matched = written = 0
+            for update in updates:
+                current = document.keys.get(update.user_id)
+                if current is None or current not in (update.expected, update.new):
+                    continue
+                matched += 1
+                if current != update.new:
+                    document.update(update.user_id, key=update.new)
+                    written += 1
+            return matched, written > 0
+
+        return await self._run(edit)
+
+    async def get_key_ring(self) -> StoredKeyRing | None:
+        return self._current().key_ring
+
+    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
+        def edit(current: _Document) -> tuple[bool, bool]:
+            stored = current.key_ring.revision if current.key_ring is not None else 0
+            if stored != expected_revision:
+                return False, False
+            current.set_key_ring(StoredKeyRing(revision=expected_revision + 1, document=document))
+            return True, True
 
         return await self._run(edit)
 

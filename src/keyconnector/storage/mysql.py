@@ -13,6 +13,10 @@ Why it looks the way it does:
   client flag), so a retried write that already took effect still reads as success.
 - The data key is created under a named server lock (``GET_LOCK``), released with the connection if
   the process dies.
+- The bulk operations (``upsert_records``, ``replace_records``) are the exception to "one statement":
+  a batch is one explicit transaction, sent with ``executemany`` (one bulk round trip on MariaDB), in
+  id order so that two batches never deadlock each other. A failure closes the connection, and the
+  server rolls the whole batch back.
 - GUIDs are written lower-case into ``char(36)`` with upstream's ``ascii_general_ci`` collation (case
   does not matter when reading), times into ``datetime(6)``.
 
@@ -25,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -33,7 +37,7 @@ from uuid import UUID
 from keyconnector._optional import require
 from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
 from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import DatabaseState, UserKeyRecord
+from keyconnector.storage import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.schema import naive_utc
 from keyconnector.storage.sqlcommon import (
     PING_TIMEOUT_SECONDS,
@@ -229,6 +233,26 @@ _FILL = (
 )
 _REPLACE = "UPDATE `UserKeys` SET `Key` = %s, `RevisionDate` = %s WHERE `Id` = %s AND `Key` IS NOT NULL"
 _SELECT_DATA_KEY = "SELECT `Id`, `SymmetricKey` FROM `ApplicationDatas` ORDER BY `Id` LIMIT 1"
+# executemany turns these into one COM_STMT_BULK_EXECUTE round trip on MariaDB, and into multi-row
+# statements (the INSERT) on MySQL. VALUES() rather than MySQL 8's row alias: MariaDB knows only VALUES().
+_UPSERT = (
+    "INSERT INTO `UserKeys` (`Id`, `Key`, `CreationDate`, `RevisionDate`, `LastAccessDate`) "
+    "VALUES (%s, %s, %s, %s, %s) "
+    "ON DUPLICATE KEY UPDATE `Key` = VALUES(`Key`), `CreationDate` = VALUES(`CreationDate`), "
+    "`RevisionDate` = VALUES(`RevisionDate`), `LastAccessDate` = VALUES(`LastAccessDate`)"
+)
+# The column's collation ignores case: compare bytes, or a key differing only in case would match. A row
+# already holding the new value counts (rows matched, FOUND_ROWS): a retried batch's earlier try committed.
+_REPLACE_IF = (
+    "UPDATE `UserKeys` SET `Key` = %s WHERE `Id` = %s "
+    "AND (CAST(`Key` AS BINARY) = CAST(%s AS BINARY) OR CAST(`Key` AS BINARY) = CAST(%s AS BINARY))"
+)
+_SELECT_RING = "SELECT `revision`, `document` FROM `keyconnector_key_ring` WHERE `id` = 1"
+_INSERT_RING = "INSERT INTO `keyconnector_key_ring` (`id`, `revision`, `document`) VALUES (1, 1, %s)"
+_UPDATE_RING = (
+    "UPDATE `keyconnector_key_ring` SET `document` = %s, `revision` = `revision` + 1 "
+    "WHERE `id` = 1 AND `revision` = %s"
+)
 _COLUMNS = "`Id`, `Key`, `CreationDate`, `RevisionDate`, `LastAccessDate`"
 _FIRST_BATCH = f"SELECT {_COLUMNS} FROM `UserKeys` ORDER BY `Id` LIMIT %s"  # noqa: S608
 _NEXT_BATCH = f"SELECT {_COLUMNS} FROM `UserKeys` WHERE `Id` > %s ORDER BY `Id` LIMIT %s"  # noqa: S608
@@ -282,6 +306,9 @@ def parse_target(settings: DatabaseSettings, prefix: str) -> ServerTarget:
             target.setting, "OldGuids=true (binary GUIDs) is not upstream's format; remove it"
         )
     return target
+
+
+_NO_SUCH_TABLE = 1146
 
 
 def _error_number(exc: BaseException) -> int | None:
@@ -528,37 +555,143 @@ class MySqlRepository:
 
         return await self._run("reading the data key", lambda _n: self._with_connection(read))
 
+    @contextlib.asynccontextmanager
+    async def _data_key_lock(self, cursor: Any) -> AsyncIterator[None]:
+        """Hold the named server lock that serializes every change of ``ApplicationDatas``."""
+        await cursor.execute("SELECT GET_LOCK(%s, %s)", (DATA_KEY_LOCK, DATA_KEY_LOCK_SECONDS))
+        got = await cursor.fetchone()
+        if got is None or got[0] != 1:
+            raise UnavailableError(
+                "database", f"another process held the data key lock for over {DATA_KEY_LOCK_SECONDS}s"
+            )
+        try:
+            yield
+        finally:
+            await cursor.execute("SELECT RELEASE_LOCK(%s)", (DATA_KEY_LOCK,))
+            await cursor.fetchall()
+
+    async def _write_data_key(self, cursor: Any, row: Any, wrapped: str) -> None:
+        if row is not None:
+            await cursor.execute(
+                "UPDATE `ApplicationDatas` SET `SymmetricKey` = %s WHERE `Id` = %s", (wrapped, row[0])
+            )
+        else:
+            await cursor.execute("INSERT INTO `ApplicationDatas` (`SymmetricKey`) VALUES (%s)", (wrapped,))
+
     async def store_wrapped_data_key(self, wrapped: str) -> str:
         async def work(connection: Any) -> str:
-            async with connection.cursor() as cursor:
-                await cursor.execute("SELECT GET_LOCK(%s, %s)", (DATA_KEY_LOCK, DATA_KEY_LOCK_SECONDS))
-                got = await cursor.fetchone()
-                if got is None or got[0] != 1:
-                    raise UnavailableError(
-                        "database",
-                        f"another process held the data key lock for over {DATA_KEY_LOCK_SECONDS}s",
-                    )
-                try:
-                    await cursor.execute(_SELECT_DATA_KEY)
-                    row = await cursor.fetchone()
-                    if row is not None and row[1] is not None:
-                        stored: str = row[1]
-                        return stored
-                    if row is not None:
-                        await cursor.execute(
-                            "UPDATE `ApplicationDatas` SET `SymmetricKey` = %s WHERE `Id` = %s",
-                            (wrapped, row[0]),
-                        )
-                    else:
-                        await cursor.execute(
-                            "INSERT INTO `ApplicationDatas` (`SymmetricKey`) VALUES (%s)", (wrapped,)
-                        )
-                    return wrapped
-                finally:
-                    await cursor.execute("SELECT RELEASE_LOCK(%s)", (DATA_KEY_LOCK,))
-                    await cursor.fetchall()
+            async with connection.cursor() as cursor, self._data_key_lock(cursor):
+                await cursor.execute(_SELECT_DATA_KEY)
+                row = await cursor.fetchone()
+                if row is not None and row[1] is not None:
+                    stored: str = row[1]
+                    return stored
+                await self._write_data_key(cursor, row, wrapped)
+                return wrapped
 
         return await self._run("storing the data key", lambda _n: self._with_connection(work))
+
+    async def set_wrapped_data_key(self, wrapped: str) -> None:
+        async def work(connection: Any) -> None:
+            async with connection.cursor() as cursor, self._data_key_lock(cursor):
+                await cursor.execute(_SELECT_DATA_KEY)
+                await self._write_data_key(cursor, await cursor.fetchone(), wrapped)
+
+        await self._run("replacing the data key", lambda _n: self._with_connection(work))
+
+    # -- operations: transfer, rotation, backup -------------------------------------------------------------
+
+    async def _transaction(self, connection: Any, work: Callable[[Any], Awaitable[T]]) -> T:
+        """``work`` in one explicit transaction on this autocommit connection.
+
+        A failure closes the connection (see ``_with_connection``), and the server rolls back with it.
+        """
+        await connection.begin()
+        async with connection.cursor() as cursor:
+            result = await work(cursor)
+        await connection.commit()
+        return result
+
+    async def count_records(self) -> int:
+        async def read(connection: Any) -> int:
+            async with connection.cursor() as cursor:
+                await cursor.execute("SELECT COUNT(*) FROM `UserKeys`")
+                row = await cursor.fetchone()
+            return int(row[0])
+
+        return await self._run("counting user keys", self._every_attempt(read))
+
+    async def upsert_records(self, records: Sequence[UserKeyRecord]) -> None:
+        if not records:
+            return
+        # Sorted by id: concurrent batches lock rows in one order and cannot deadlock each other.
+        rows = sorted(
+            (
+                _guid(record.user_id),
+                record.key,
+                naive_utc(record.creation_date),
+                _naive(record.revision_date),
+                _naive(record.last_access_date),
+            )
+            for record in {record.user_id: record for record in records}.values()
+        )
+
+        async def work(cursor: Any) -> None:
+            await cursor.executemany(_UPSERT, rows)
+
+        await self._run("copying user keys", self._every_attempt(lambda c: self._transaction(c, work)))
+
+    async def replace_records(self, updates: Sequence[RecordUpdate]) -> int:
+        if not updates:
+            return 0
+        rows = sorted(
+            ((update.new, _guid(update.user_id), update.expected, update.new) for update in updates),
+            key=lambda row: row[1],
+        )
+
+        async def work(cursor: Any) -> int:
+            return int(await cursor.executemany(_REPLACE_IF, rows) or 0)
+
+        return await self._run(
+            "re-encrypting user keys", self._every_attempt(lambda c: self._transaction(c, work))
+        )
+
+    async def get_key_ring(self) -> StoredKeyRing | None:
+        async def read(connection: Any) -> StoredKeyRing | None:
+            async with connection.cursor() as cursor:
+                try:
+                    await cursor.execute(_SELECT_RING)
+                except Exception as exc:
+                    if _error_number(exc) == _NO_SUCH_TABLE:  # never migrated, so never rotated
+                        return None
+                    raise
+                row = await cursor.fetchone()
+            return None if row is None else StoredKeyRing(revision=int(row[0]), document=str(row[1]))
+
+        return await self._run("reading the key ring", self._every_attempt(read))
+
+    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
+        async def write(connection: Any, retried: bool) -> bool:
+            async with connection.cursor() as cursor:
+                if expected_revision == 0:
+                    try:
+                        await cursor.execute(_INSERT_RING, (document,))
+                        return True
+                    except Exception as exc:
+                        if _error_number(exc) != _DUPLICATE_KEY:
+                            raise
+                elif await cursor.execute(_UPDATE_RING, (document, expected_revision)) == 1:
+                    return True
+                if not retried:
+                    return False
+                # Our earlier try may have committed before its connection dropped.
+                await cursor.execute(_SELECT_RING)
+                row = await cursor.fetchone()
+                return row is not None and row[0] == expected_revision + 1 and row[1] == document
+
+        return await self._run(
+            "storing the key ring", lambda number: self._with_connection(lambda c: write(c, number > 1))
+        )
 
     # -- bulk and health ------------------------------------------------------------------------------------
 
@@ -615,6 +748,10 @@ class MySqlRepository:
                 await self._pool.wait_closed()
         except (Exception, TimeoutError) as exc:
             log.debug("closing the pool: %s", self._target.scrub(str(exc)))
+
+
+def _naive(value: datetime | None) -> datetime | None:
+    return None if value is None else naive_utc(value)
 
 
 async def open(settings: DatabaseSettings, prefix: str) -> MySqlRepository:

@@ -9,7 +9,11 @@ Why it looks the way it does:
 - Every write is a single statement that is atomic on its own (``INSERT ... ON CONFLICT``, an
   ``UPDATE ... FROM unnest(...)``), so concurrent writers in any number of processes need no explicit
   locking, and a deadlock or a dropped connection can simply be retried. The data key is the one
-  exception: it is a read-then-write under a transaction-scoped advisory lock.
+  exception: it is a read-then-write under a transaction-scoped advisory lock. The bulk operations
+  pass whole batches as arrays (``INSERT ... SELECT FROM unnest(...) ON CONFLICT``): one statement and
+  one round trip per batch. Measured for 100,000 rows in batches of 2,000 on the 2-core machine: 166k
+  new rows/s, against 96k for ``executemany`` in a transaction and 109k for COPY into a temporary
+  table followed by one ``INSERT ... SELECT``.
 - Columns hold exactly upstream's types (``uuid``, ``timestamp without time zone``, ``text``), so the
   database stays usable by upstream.
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -29,7 +33,7 @@ from uuid import UUID
 from keyconnector._optional import require
 from keyconnector.errors import StorageError, UnavailableError
 from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import DatabaseState, UserKeyRecord
+from keyconnector.storage import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.coalesce import ReadCoalescer
 from keyconnector.storage.schema import naive_utc
 from keyconnector.storage.sqlcommon import (
@@ -232,6 +236,27 @@ _RECORD_ACCESS = (
     'WHERE u."Id" = v.id AND (u."LastAccessDate" IS NULL OR u."LastAccessDate" < v.t)'
 )
 _SELECT_DATA_KEY = 'SELECT "Id", "SymmetricKey" FROM "ApplicationDatas" ORDER BY "Id" LIMIT 1'
+# Arrays in, one statement: atomic by itself, one round trip per batch, and safe to retry.
+_UPSERT = (
+    'INSERT INTO "UserKeys" AS u ("Id", "Key", "CreationDate", "RevisionDate", "LastAccessDate") '
+    "SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamp[], $4::timestamp[], $5::timestamp[]) "
+    'ON CONFLICT ("Id") DO UPDATE SET "Key" = EXCLUDED."Key", "CreationDate" = EXCLUDED."CreationDate", '
+    '"RevisionDate" = EXCLUDED."RevisionDate", "LastAccessDate" = EXCLUDED."LastAccessDate"'
+)
+# A row that already holds the new value counts as changed: it can only be ours (the record carries a
+# random nonce), from an earlier try whose commit was acknowledged on a connection that then dropped.
+_REPLACE_IF = (
+    'UPDATE "UserKeys" AS u SET "Key" = v.new '
+    "FROM unnest($1::uuid[], $2::text[], $3::text[]) AS v(id, expected, new) "
+    'WHERE u."Id" = v.id AND (u."Key" = v.expected OR u."Key" = v.new)'
+)
+_SELECT_RING = "SELECT revision, document FROM keyconnector_key_ring WHERE id = 1"
+_INSERT_RING = (
+    "INSERT INTO keyconnector_key_ring (id, revision, document) VALUES (1, 1, $1) ON CONFLICT (id) DO NOTHING"
+)
+_UPDATE_RING = (
+    "UPDATE keyconnector_key_ring SET document = $1, revision = revision + 1 WHERE id = 1 AND revision = $2"
+)
 _COLUMNS = '"Id", "Key", "CreationDate", "RevisionDate", "LastAccessDate"'
 _FIRST_BATCH = f'SELECT {_COLUMNS} FROM "UserKeys" ORDER BY "Id" LIMIT $1'  # noqa: S608
 _NEXT_BATCH = f'SELECT {_COLUMNS} FROM "UserKeys" WHERE "Id" > $1 ORDER BY "Id" LIMIT $2'  # noqa: S608
@@ -476,6 +501,97 @@ class PostgresRepository:
         result: str = await self._run("storing the data key", attempt)
         return result
 
+    async def set_wrapped_data_key(self, wrapped: str) -> None:
+        async def attempt(_number: int) -> None:
+            async with self._pool.acquire() as connection, connection.transaction():
+                # The same lock as store_wrapped_data_key: a bootstrap never sees a half-made choice.
+                await connection.execute("SELECT pg_advisory_xact_lock($1)", DATA_KEY_LOCK)
+                row = await connection.fetchrow(_SELECT_DATA_KEY)
+                if row is not None:
+                    await connection.execute(
+                        'UPDATE "ApplicationDatas" SET "SymmetricKey" = $1 WHERE "Id" = $2', wrapped, row[0]
+                    )
+                else:
+                    await connection.execute(
+                        'INSERT INTO "ApplicationDatas" ("SymmetricKey") VALUES ($1)', wrapped
+                    )
+
+        await self._run("replacing the data key", attempt)
+
+    # -- operations: transfer, rotation, backup -------------------------------------------------------------
+
+    async def count_records(self) -> int:
+        async def attempt(_number: int) -> int:
+            return int(await self._pool.fetchval('SELECT count(*) FROM "UserKeys"'))
+
+        result: int = await self._run("counting user keys", attempt)
+        return result
+
+    async def upsert_records(self, records: Sequence[UserKeyRecord]) -> None:
+        if not records:
+            return
+        # One row per user (ON CONFLICT may not touch a row twice), in key order so that concurrent
+        # batches lock rows in the same order and cannot deadlock each other.
+        unique = sorted({record.user_id: record for record in records}.values(), key=lambda r: r.user_id)
+        columns = (
+            [record.user_id for record in unique],
+            [record.key for record in unique],
+            [naive_utc(record.creation_date) for record in unique],
+            [_naive(record.revision_date) for record in unique],
+            [_naive(record.last_access_date) for record in unique],
+        )
+
+        async def attempt(_number: int) -> None:
+            await self._pool.execute(_UPSERT, *columns)
+
+        await self._run("copying user keys", attempt)
+
+    async def replace_records(self, updates: Sequence[RecordUpdate]) -> int:
+        if not updates:
+            return 0
+        ordered = sorted(updates, key=lambda update: update.user_id)
+        columns = (
+            [update.user_id for update in ordered],
+            [update.expected for update in ordered],
+            [update.new for update in ordered],
+        )
+
+        async def attempt(_number: int) -> int:
+            return _row_count(await self._pool.execute(_REPLACE_IF, *columns))
+
+        result: int = await self._run("re-encrypting user keys", attempt)
+        return result
+
+    async def get_key_ring(self) -> StoredKeyRing | None:
+        async def attempt(_number: int) -> StoredKeyRing | None:
+            try:
+                row = await self._pool.fetchrow(_SELECT_RING)
+            except Exception as exc:
+                if (
+                    getattr(exc, "sqlstate", None) == "42P01"
+                ):  # undefined_table: never migrated, never rotated
+                    return None
+                raise
+            return None if row is None else StoredKeyRing(revision=row[0], document=row[1])
+
+        result: StoredKeyRing | None = await self._run("reading the key ring", attempt)
+        return result
+
+    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
+        async def attempt(number: int) -> bool:
+            async with self._pool.acquire() as connection:
+                if expected_revision == 0:
+                    status = await connection.execute(_INSERT_RING, document)
+                else:
+                    status = await connection.execute(_UPDATE_RING, document, expected_revision)
+                if _row_count(status) == 1:
+                    return True
+                # A retry may find its own earlier write, committed before the connection dropped.
+                row = await connection.fetchrow(_SELECT_RING) if number > 1 else None
+                return row is not None and row[0] == expected_revision + 1 and row[1] == document
+
+        return bool(await self._run("storing the key ring", attempt))
+
     # -- bulk and health ------------------------------------------------------------------------------------
 
     async def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
@@ -514,6 +630,15 @@ class PostgresRepository:
         except Exception as exc:  # a dead server cannot be told goodbye; do not fail shutdown for it
             log.debug("closing the pool: %s", self._target.scrub(str(exc)))
             self._pool.terminate()
+
+
+def _naive(value: datetime | None) -> datetime | None:
+    return None if value is None else naive_utc(value)
+
+
+def _row_count(status: str) -> int:
+    """The row count of a command tag such as ``UPDATE 12`` or ``INSERT 0 1``."""
+    return int(status.rsplit(" ", 1)[-1])
 
 
 def _connect_arguments(target: ServerTarget) -> dict[str, Any]:

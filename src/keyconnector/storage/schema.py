@@ -316,3 +316,25 @@ def check_upstream_columns(connection: Connection) -> None:
             raise StorageError(
                 f"table {table.name} has no column {', '.join(missing)}: it was not created by Key Connector"
             )
+
+
+# --------------------------------------------------------------------------------------------------
+# Our own tables (upstream never reads them; dropping them takes nothing from upstream)
+
+KEY_RING = "keyconnector_key_ring"
+
+key_ring = Table(
+    KEY_RING,
+    MetaData(),
+    Column("id", Integer, nullable=False, autoincrement=False),
+    Column("revision", Integer, nullable=False),
+    Column(
+        "document",
+        Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb").with_variant(mssql.NVARCHAR(), "mssql"),
+        nullable=False,
+    ),
+    PrimaryKeyConstraint("id", name="PK_keyconnector_key_ring"),
+)
+"""One row (``id = 1``): the data-key versions and their wraps, as a JSON document (see
+``keyconnector.datakeys``). A document rather than columns so that adding a field later needs no
+migration on five databases; ``revision`` makes every change a compare-and-swap."""

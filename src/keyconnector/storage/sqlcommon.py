@@ -500,7 +500,7 @@ def run_migrations(make_engine: Callable[[], object], classify: Classifier, targ
     from sqlalchemy import Engine
     from sqlalchemy.exc import DBAPIError
 
-    from keyconnector.storage.migrate import upgrade
+    from keyconnector.storage.alembic_runner import upgrade
 
     engine = make_engine()
     assert isinstance(engine, Engine)
@@ -521,7 +521,7 @@ def inspect_database(
     from sqlalchemy import Engine
     from sqlalchemy.exc import DBAPIError
 
-    from keyconnector.storage.migrate import describe_schema
+    from keyconnector.storage.alembic_runner import describe_schema
 
     engine = make_engine()
     assert isinstance(engine, Engine)

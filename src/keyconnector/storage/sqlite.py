@@ -23,7 +23,7 @@ import functools
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +33,7 @@ from uuid import UUID
 
 from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
 from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import DatabaseState, UserKeyRecord
+from keyconnector.storage import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.connstr import parse_connection_string, resolve
 from keyconnector.storage.schema import format_sqlite_time, parse_sqlite_time, sqlite_guid
 
@@ -88,6 +88,22 @@ _INSERT_OR_FILL = (
 _RECORD_ACCESS = (
     'UPDATE "UserKeys" SET "LastAccessDate" = ?1 '
     'WHERE "Id" = ?2 AND ("LastAccessDate" IS NULL OR "LastAccessDate" < ?1)'
+)
+_UPSERT = (
+    'INSERT INTO "UserKeys" ("Id", "Key", "CreationDate", "RevisionDate", "LastAccessDate") '
+    "VALUES (?, ?, ?, ?, ?) "
+    'ON CONFLICT ("Id") DO UPDATE SET "Key" = excluded."Key", "CreationDate" = excluded."CreationDate", '
+    '"RevisionDate" = excluded."RevisionDate", "LastAccessDate" = excluded."LastAccessDate"'
+)
+# Comparison of TEXT is binary in SQLite: a key differing only in case never matches. A row already
+# holding the new value counts as changed, as on the server backends (there: a retried batch).
+_REPLACE_IF = 'UPDATE "UserKeys" SET "Key" = ?1 WHERE "Id" = ?2 AND ("Key" = ?3 OR "Key" = ?1)'
+_SELECT_RING = "SELECT revision, document FROM keyconnector_key_ring WHERE id = 1"
+_INSERT_RING = (
+    "INSERT INTO keyconnector_key_ring (id, revision, document) VALUES (1, 1, ?) ON CONFLICT (id) DO NOTHING"
+)
+_UPDATE_RING = (
+    "UPDATE keyconnector_key_ring SET document = ?, revision = revision + 1 WHERE id = 1 AND revision = ?"
 )
 _SELECT_BATCH = (
     'SELECT "Id", "Key", "CreationDate", "RevisionDate", "LastAccessDate" FROM "UserKeys" '
@@ -203,12 +219,12 @@ def migrate(settings: DatabaseSettings, prefix: str) -> None:
     """Create upstream's schema in a new file, or adopt an upstream file in place.
 
     Safe when several processes run it at once on the same (even empty) file: see
-    :mod:`keyconnector.storage.migrate`.
+    :mod:`keyconnector.storage.alembic_runner`.
     """
     # Imported here: worker processes only open the database, and need neither Alembic nor SQLAlchemy.
     from sqlalchemy.exc import DBAPIError
 
-    from keyconnector.storage.migrate import sqlite_migration_engine, upgrade
+    from keyconnector.storage.alembic_runner import sqlite_migration_engine, upgrade
 
     target = parse_target(settings, prefix)
     try:
@@ -230,7 +246,7 @@ def inspect(settings: DatabaseSettings, prefix: str) -> DatabaseState:
     from sqlalchemy.exc import DBAPIError
     from sqlalchemy.pool import NullPool
 
-    from keyconnector.storage.migrate import describe_schema
+    from keyconnector.storage.alembic_runner import describe_schema
 
     target = parse_target(settings, prefix)
     if not os.path.exists(target.path):
@@ -428,6 +444,18 @@ class SqliteRepository:
         wrapped: str | None = rows[0][1]
         return wrapped
 
+    async def set_wrapped_data_key(self, wrapped: str) -> None:
+        def work(connection: sqlite3.Connection) -> None:
+            rows = connection.execute(_SELECT_DATA_KEY).fetchall()
+            if rows:
+                connection.execute(
+                    'UPDATE "ApplicationDatas" SET "SymmetricKey" = ? WHERE "Id" = ?', (wrapped, rows[0][0])
+                )
+            else:
+                connection.execute('INSERT INTO "ApplicationDatas" ("SymmetricKey") VALUES (?)', (wrapped,))
+
+        await self._write(work, "replacing the data key")
+
     async def store_wrapped_data_key(self, wrapped: str) -> str:
         def work(connection: sqlite3.Connection) -> str:
             # The write lock is held from BEGIN IMMEDIATE, so no other process can slip a different key
@@ -446,6 +474,72 @@ class SqliteRepository:
 
         return await self._write(work, "storing the data key")
 
+    # -- operations: transfer, rotation, backup -------------------------------------------------------
+
+    async def count_records(self) -> int:
+        def work(connection: sqlite3.Connection) -> int:
+            count: int = connection.execute('SELECT COUNT(*) FROM "UserKeys"').fetchone()[0]
+            return count
+
+        # On the writer thread, outside a transaction: counting a large table must not stall the loop.
+        return await self._on_writer(work, "counting user keys")
+
+    async def upsert_records(self, records: Sequence[UserKeyRecord]) -> None:
+        if not records:
+            return
+        # In key order (stable, so the last of a user's rows still wins): the B-tree is then filled
+        # page by page instead of at random places, about a fifth faster for new rows.
+        params = sorted(
+            (
+                (
+                    sqlite_guid(record.user_id),
+                    record.key,
+                    format_sqlite_time(record.creation_date),
+                    _time_text(record.revision_date),
+                    _time_text(record.last_access_date),
+                )
+                for record in records
+            ),
+            key=lambda row: row[0],
+        )
+
+        def work(connection: sqlite3.Connection) -> None:
+            connection.executemany(_UPSERT, params)
+
+        await self._write(work, "copying user keys")
+
+    async def replace_records(self, updates: Sequence[RecordUpdate]) -> int:
+        if not updates:
+            return 0
+        params = [(update.new, sqlite_guid(update.user_id), update.expected) for update in updates]
+
+        def work(connection: sqlite3.Connection) -> int:
+            # executemany sums the rows each statement changed.
+            return connection.executemany(_REPLACE_IF, params).rowcount
+
+        return await self._write(work, "re-encrypting user keys")
+
+    async def get_key_ring(self) -> StoredKeyRing | None:
+        try:
+            rows = self._read_connection().execute(_SELECT_RING).fetchall()
+        except sqlite3.Error as exc:
+            if "no such table" in str(exc):
+                return None  # an upstream database keyconnector never migrated: it never rotated either
+            raise _translate(exc, self._target, "reading the key ring") from None
+        if not rows:
+            return None
+        return StoredKeyRing(revision=int(rows[0][0]), document=str(rows[0][1]))
+
+    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
+        def work(connection: sqlite3.Connection) -> bool:
+            # BEGIN IMMEDIATE holds the write lock, and the statement itself compares: one of several
+            # processes with the same expected revision changes the row, the others change nothing.
+            if expected_revision == 0:
+                return connection.execute(_INSERT_RING, (document,)).rowcount == 1
+            return connection.execute(_UPDATE_RING, (document, expected_revision)).rowcount == 1
+
+        return await self._write(work, "storing the key ring")
+
     # -- bulk and health -----------------------------------------------------------------------------
 
     def _read_batch(self, after: str, size: int) -> list[tuple[str, str | None, str, str | None, str | None]]:
@@ -459,6 +553,20 @@ class SqliteRepository:
         except sqlite3.Error as exc:
             raise _translate(exc, self._target, "listing user keys") from None
         return rows
+
+    async def _on_writer(self, work: Callable[[sqlite3.Connection], T], action: str) -> T:
+        """A read on the writer thread, without a transaction (no write lock taken)."""
+
+        def run() -> T:
+            connection = self._writer
+            if connection is None:
+                raise StorageError(f"the repository for {self._target.path} is closed")
+            try:
+                return work(connection)
+            except sqlite3.Error as exc:
+                raise _translate(exc, self._target, action) from None
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     async def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
         """Keyset pagination on the primary key: each batch is one short query (no snapshot is held
@@ -508,6 +616,10 @@ class SqliteRepository:
             self._read_connection().execute('SELECT 1 FROM "UserKeys" LIMIT 1').fetchall()
         except sqlite3.Error as exc:
             raise _translate(exc, self._target, "checking the database") from None
+
+
+def _time_text(value: datetime | None) -> str | None:
+    return None if value is None else format_sqlite_time(value)
 
 
 async def open(settings: DatabaseSettings, prefix: str) -> SqliteRepository:

@@ -10,6 +10,8 @@ Why it looks the way it does:
 - Writes are single statements, atomic on their own, as on MySQL: "create unless a key exists" is an
   ``INSERT`` that succeeds or hits the primary key, then an ``UPDATE ... WHERE Key IS NULL``. The data
   key is one T-SQL batch that takes an application lock (``sp_getapplock``) owned by its transaction.
+  The bulk operations run a batch as one explicit transaction of ``MERGE`` / ``UPDATE ... FROM
+  (VALUES ...)`` statements of 400 rows each.
 - pymssql substitutes parameters on the client; GUIDs go in as ``uniqueidentifier`` text and times as
   full-precision ``datetime2`` literals (``use_datetime2``), so nothing is rounded to milliseconds.
 
@@ -30,7 +32,7 @@ import os
 import queue
 import re
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, TypeVar
@@ -39,7 +41,7 @@ from uuid import UUID
 from keyconnector._optional import require
 from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
 from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import DatabaseState, UserKeyRecord
+from keyconnector.storage import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.schema import naive_utc
 from keyconnector.storage.sqlcommon import (
     PING_TIMEOUT_SECONDS,
@@ -226,20 +228,32 @@ _REPLACE = (
     "UPDATE [UserKeys] SET [Key] = %s, [RevisionDate] = CAST(%s AS datetime2) "
     "WHERE [Id] = CAST(%s AS uniqueidentifier) AND [Key] IS NOT NULL"
 )
-_STORE_DATA_KEY = (
-    "SET NOCOUNT ON; SET XACT_ABORT ON; "  # noqa: S608
+_TAKE_DATA_KEY_LOCK = (
+    "SET NOCOUNT ON; SET XACT_ABORT ON; "  # noqa: S608 - constants only
     "BEGIN TRANSACTION; "
     "DECLARE @lock int, @id int, @key nvarchar(max); "
     "EXEC @lock = sp_getapplock @Resource = N'" + DATA_KEY_LOCK + "', @LockMode = 'Exclusive', "
     "@LockOwner = 'Transaction', @LockTimeout = " + str(DATA_KEY_LOCK_MILLISECONDS) + "; "
     "IF @lock < 0 THROW 50001, 'the data key lock was held by another process for too long', 1; "
     "SELECT TOP 1 @id = [Id], @key = [SymmetricKey] FROM [ApplicationDatas] ORDER BY [Id]; "
-    "IF @key IS NULL BEGIN "
+)
+"""The start of both data-key batches: one transaction owning the application lock. SET options of an
+ad hoc batch outlive it on the pooled connection, so each batch ends with ``SET NOCOUNT OFF``: the
+row counts other statements rely on (``cursor.rowcount``) must come back afterwards."""
+_STORE_DATA_KEY = (
+    _TAKE_DATA_KEY_LOCK  # noqa: S608
+    + "IF @key IS NULL BEGIN "
     "IF @id IS NULL INSERT INTO [ApplicationDatas] ([SymmetricKey]) VALUES (%s); "
     "ELSE UPDATE [ApplicationDatas] SET [SymmetricKey] = %s WHERE [Id] = @id; "
     "SET @key = %s; END; "
-    "COMMIT; "
+    "COMMIT; SET NOCOUNT OFF; "
     "SELECT @key"
+)
+_SET_DATA_KEY = (
+    _TAKE_DATA_KEY_LOCK  # noqa: S608
+    + "IF @id IS NULL INSERT INTO [ApplicationDatas] ([SymmetricKey]) VALUES (%s); "
+    "ELSE UPDATE [ApplicationDatas] SET [SymmetricKey] = %s WHERE [Id] = @id; "
+    "COMMIT; SET NOCOUNT OFF;"
 )
 _SELECT_DATA_KEY = "SELECT TOP 1 [Id], [SymmetricKey] FROM [ApplicationDatas] ORDER BY [Id]"
 _COLUMNS = "[Id], [Key], [CreationDate], [RevisionDate], [LastAccessDate]"
@@ -252,6 +266,53 @@ _CHECK_SCHEMA = (
     "SELECT TOP 0 [Id], [SymmetricKey] FROM [ApplicationDatas]",
 )
 ACCESS_CHUNK = 500  # 1,000 parameters per statement, under SQL Server's 2,100
+OPERATION_CHUNK = 400  # rows per MERGE/UPDATE of upsert_records and replace_records (2,000 parameters)
+
+_BEGIN = "SET XACT_ABORT ON; SET NOCOUNT OFF; BEGIN TRANSACTION"
+_COMMIT = "COMMIT"
+_SELECT_RING = "SELECT [revision], [document] FROM [keyconnector_key_ring] WHERE [id] = 1"
+_INSERT_RING = "INSERT INTO [keyconnector_key_ring] ([id], [revision], [document]) VALUES (1, 1, %s)"
+_UPDATE_RING = (
+    "UPDATE [keyconnector_key_ring] SET [document] = %s, [revision] = [revision] + 1 "
+    "WHERE [id] = 1 AND [revision] = %s"
+)
+_BINARY = "COLLATE Latin1_General_BIN2"
+"""Keys are compared byte for byte: the database's default collation usually ignores case."""
+
+
+def upsert_statement(count: int) -> str:
+    """One ``MERGE`` inserting or wholly replacing ``count`` rows (id, key and the three dates).
+
+    ``HOLDLOCK`` makes the existence check and the insert one atomic step, so two concurrent MERGEs of
+    one new user cannot both insert it.
+    """
+    rows = ", ".join(
+        [
+            "(CAST(%s AS uniqueidentifier), %s, CAST(%s AS datetime2), CAST(%s AS datetime2), "
+            "CAST(%s AS datetime2))"
+        ]
+        * count
+    )
+    return (
+        "MERGE [UserKeys] WITH (HOLDLOCK) AS u "  # noqa: S608
+        f"USING (VALUES {rows}) AS v([Id], [Key], [CreationDate], [RevisionDate], [LastAccessDate]) "
+        "ON u.[Id] = v.[Id] "
+        "WHEN MATCHED THEN UPDATE SET u.[Key] = v.[Key], u.[CreationDate] = v.[CreationDate], "
+        "u.[RevisionDate] = v.[RevisionDate], u.[LastAccessDate] = v.[LastAccessDate] "
+        "WHEN NOT MATCHED THEN INSERT ([Id], [Key], [CreationDate], [RevisionDate], [LastAccessDate]) "
+        "VALUES (v.[Id], v.[Key], v.[CreationDate], v.[RevisionDate], v.[LastAccessDate]);"
+    )
+
+
+def replace_statement(count: int) -> str:
+    """One ``UPDATE`` of ``count`` (id, expected, new) triples: the key changes only where the row still
+    holds ``expected``, or already holds ``new`` (a retried batch whose earlier try committed)."""
+    rows = ", ".join(["(CAST(%s AS uniqueidentifier), %s, %s)"] * count)
+    return (
+        "UPDATE u SET u.[Key] = v.new FROM [UserKeys] AS u "  # noqa: S608
+        f"JOIN (VALUES {rows}) AS v(id, expected, new) ON u.[Id] = v.id "
+        f"WHERE u.[Key] {_BINARY} = v.expected {_BINARY} OR u.[Key] {_BINARY} = v.new {_BINARY}"
+    )
 
 
 def record_access_statement(count: int) -> str:
@@ -336,6 +397,9 @@ def classify(exc: BaseException) -> Failure | None:
     if type(exc).__name__ in ("OperationalError", "InterfaceError"):
         return Failure.TRANSIENT
     return Failure.FATAL
+
+
+_INVALID_OBJECT_NAME = 208
 
 
 def is_duplicate_key(exc: BaseException) -> bool:
@@ -571,6 +635,109 @@ class SqlServerRepository:
 
         return await self._run("storing the data key", work)
 
+    async def set_wrapped_data_key(self, wrapped: str) -> None:
+        def work(connection: Any, _number: int) -> None:
+            connection.cursor().execute(_SET_DATA_KEY, (wrapped, wrapped))
+
+        await self._run("replacing the data key", work)
+
+    # -- operations: transfer, rotation, backup -------------------------------------------------------------
+
+    async def count_records(self) -> int:
+        def work(connection: Any, _number: int) -> int:
+            cursor = connection.cursor()
+            cursor.execute("SELECT COUNT_BIG(*) FROM [UserKeys]")
+            return int(cursor.fetchone()[0])
+
+        return await self._run("counting user keys", work)
+
+    @staticmethod
+    def _in_transaction(connection: Any, statements: list[tuple[str, tuple[Any, ...]]]) -> int:
+        """Run the statements in one transaction; the sum of their row counts.
+
+        On any failure the connection is closed (see ``_Connections``) and the server rolls back.
+        """
+        cursor = connection.cursor()
+        cursor.execute(_BEGIN)
+        changed = 0
+        for statement, parameters in statements:
+            cursor.execute(statement, parameters)
+            changed += max(cursor.rowcount, 0)
+        cursor.execute(_COMMIT)
+        return changed
+
+    async def upsert_records(self, records: Sequence[UserKeyRecord]) -> None:
+        if not records:
+            return
+        # One row per user (MERGE refuses to touch a row twice), in id order against deadlocks.
+        unique = sorted({record.user_id: record for record in records}.values(), key=lambda r: r.user_id)
+        statements = []
+        for start in range(0, len(unique), OPERATION_CHUNK):
+            chunk = unique[start : start + OPERATION_CHUNK]
+            parameters = tuple(
+                value
+                for record in chunk
+                for value in (
+                    str(record.user_id),
+                    record.key,
+                    naive_utc(record.creation_date),
+                    _time(record.revision_date),
+                    _time(record.last_access_date),
+                )
+            )
+            statements.append((upsert_statement(len(chunk)), parameters))
+        await self._run("copying user keys", lambda c, _n: self._in_transaction(c, statements))
+
+    async def replace_records(self, updates: Sequence[RecordUpdate]) -> int:
+        if not updates:
+            return 0
+        ordered = sorted(updates, key=lambda update: update.user_id)
+        statements = []
+        for start in range(0, len(ordered), OPERATION_CHUNK):
+            chunk = ordered[start : start + OPERATION_CHUNK]
+            parameters = tuple(
+                value for update in chunk for value in (str(update.user_id), update.expected, update.new)
+            )
+            statements.append((replace_statement(len(chunk)), parameters))
+        return await self._run("re-encrypting user keys", lambda c, _n: self._in_transaction(c, statements))
+
+    async def get_key_ring(self) -> StoredKeyRing | None:
+        def work(connection: Any, _number: int) -> StoredKeyRing | None:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(_SELECT_RING)
+            except Exception as exc:
+                if _INVALID_OBJECT_NAME in error_numbers(exc):  # never migrated, so never rotated
+                    return None
+                raise
+            row = cursor.fetchone()
+            return None if row is None else StoredKeyRing(revision=int(row[0]), document=str(row[1]))
+
+        return await self._run("reading the key ring", work)
+
+    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
+        def work(connection: Any, number: int) -> bool:
+            cursor = connection.cursor()
+            if expected_revision == 0:
+                try:
+                    cursor.execute(_INSERT_RING, (document,))
+                    return True
+                except Exception as exc:
+                    if not is_duplicate_key(exc):
+                        raise
+            else:
+                cursor.execute(_UPDATE_RING, (document, expected_revision))
+                if cursor.rowcount == 1:
+                    return True
+            if number == 1:
+                return False
+            # Our earlier try may have committed before its connection dropped.
+            cursor.execute(_SELECT_RING)
+            row = cursor.fetchone()
+            return row is not None and row[0] == expected_revision + 1 and row[1] == document
+
+        return await self._run("storing the key ring", work)
+
     async def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
         """Keyset pagination on the primary key (in SQL Server's own uniqueidentifier order)."""
         after: str | None = None
@@ -658,5 +825,7 @@ __all__ = [
     "open",
     "parse_target",
     "record_access_statement",
+    "replace_statement",
     "split_server",
+    "upsert_statement",
 ]

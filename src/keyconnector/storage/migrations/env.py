@@ -1,4 +1,4 @@
-"""Alembic's entry point, executed by :func:`keyconnector.storage.migrate.upgrade`.
+"""Alembic's entry point, executed by :func:`keyconnector.storage.alembic_runner.upgrade`.
 
 The caller hands in a connection that already holds the database-wide migration lock inside an open
 transaction; running on that very connection (rather than opening one here) is what makes the lock
@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from keyconnector.storage.migrate import VERSION_TABLE
+from keyconnector.storage.alembic_runner import VERSION_TABLE
 from keyconnector.storage.schema import metadata
 
 if context.is_offline_mode():
@@ -18,7 +18,7 @@ if context.is_offline_mode():
 
 connection = context.config.attributes.get("connection")
 if not isinstance(connection, Connection):
-    raise RuntimeError("run keyconnector migrations through keyconnector.storage.migrate.upgrade")
+    raise RuntimeError("run keyconnector migrations through keyconnector.storage.alembic_runner.upgrade")
 
 context.configure(
     connection=connection,
