@@ -11,20 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keyconnector import __version__, logs
-from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_name
-from keyconnector.settings import LoadedSettings, LoggingSettings, load_settings, read_env_file
+from keyconnector.errors import ConfigurationError, KeyConnectorError, UsageError, setting_name
+from keyconnector.settings import LoadedSettings, LoggingSettings, load_with_env_file
 
 log = logging.getLogger("keyconnector")
 
 
 def _load(args: argparse.Namespace) -> LoadedSettings:
-    env_file = getattr(args, "env_file", None)
-    if env_file:
-        # The real environment wins over the file, as with docker's --env-file plus -e. Workers
-        # inherit os.environ, so this is also how the settings reach them.
-        for name, value in read_env_file(env_file).items():
-            os.environ.setdefault(name, value)
-    loaded = load_settings(config_file=getattr(args, "config", None))
+    loaded = load_with_env_file(getattr(args, "env_file", None), getattr(args, "config", None))
     for name in loaded.unknown:
         log.warning("ignoring unknown setting %s (a typo?)", name)
     return loaded
@@ -36,15 +30,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loaded = _load(args)
     settings = loaded.settings
     logs.configure(settings.logging)
-    if settings.transfer_to.lockfile_path:
-        log.warning(
-            "%s is set, but the start-up transfer is not available in this version; serving without it",
-            setting_name("transferTo.lockfilePath"),
-        )
     listen = server.listen_address(args.host, args.port)
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise ConfigurationError("(command line)", "--tls-cert and --tls-key go together")
+        raise UsageError("--tls-cert", "--tls-cert and --tls-key go together")
     server.preflight(settings)
+    if settings.transfer_to.lockfile_path:
+        from keyconnector.ops.transfer import run_startup_transfer
+
+        # Upstream's start-up transfer, done safely: a failure stops serve before it listens.
+        log.info("%s is set: checking for the start-up transfer", setting_name("transferTo.lockfilePath"))
+        run_startup_transfer(settings)
     server.run(
         settings,
         listen,
@@ -153,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run a development issuer and the service, and show the flow")
     demo.set_defaults(func=cmd_demo)
+
+    from keyconnector.ops import add_commands
+
+    add_commands(commands)
     return parser
 
 

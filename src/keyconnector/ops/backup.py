@@ -1,0 +1,939 @@
+"""``keyconnector backup`` and ``keyconnector restore``: the whole deployment in one encrypted file.
+
+A backup holds every ``UserKeys`` row exactly as stored (still sealed under the data key: it never
+decrypts a user's key, so it needs no key pair), the wrapped data key of ``ApplicationDatas`` and
+the key ring. Whoever holds the file and the key pair can read every user's key, so the file is
+encrypted again as a whole, with age (https://age-encryption.org, through ``pyrage``), either to
+one or more X25519 recipient keys (``age1...``) or to a passphrase.
+
+File layout, format 1::
+
+    keyconnector-backup 1\\n
+    recipients\\n                      or    passphrase <base64 of an age scrypt file>\\n
+    <an age file, encrypted to X25519 recipients, holding the payload>
+
+pyrage can stream only to X25519 recipients (its passphrase functions take and return whole byte
+strings), so a passphrase protects, with age's own scrypt recipient, a fresh X25519 identity made
+for this one backup, and the payload is streamed to that identity: the same construction as age's
+passphrase-protected identity files. Without keyconnector::
+
+    sed -n 2p FILE | cut -d' ' -f2 | base64 -d > identity.age   # passphrase mode only
+    tail -n +3 FILE | age -d -i identity.age    (or -i your-key.txt)  > payload.jsonl
+
+The payload is JSON lines: a header (creation time, source database, wrapped data key, key ring),
+one line per row (the upstream JSON file's property names), and last a manifest with the record
+count, the SHA-256 of every payload byte before it and ``recordsSha256``, the SHA-256 of the sorted
+SHA-256 digests of the record lines: independent of order, so it is recomputed from any database
+after a restore. age authenticates every 64 KiB chunk and marks the last one, so an altered or
+truncated file fails to decrypt; the manifest also catches a payload cut at a line boundary.
+
+``restore`` reads the file twice: once to check all of it (nothing is written unless the whole file
+is intact), once to write it in batches of upserts. A re-run after a crash finds its own partial
+restore (the backup's data key and only rows identical to the backup's) and completes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import getpass
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+from uuid import UUID
+
+from keyconnector import logs
+from keyconnector.crypto import LEGACY_VERSION, DataKey, KeySet
+from keyconnector.datakeys import KeyRing, load_key_set, now_text
+from keyconnector.errors import KeyConnectorError, UsageError
+from keyconnector.keys import KeyProvider, open_key_provider
+from keyconnector.ops import OperationFailed, Subcommands, add_settings_arguments, load_settings_from
+from keyconnector.progress import Progress
+from keyconnector.settings import Settings
+from keyconnector.storage import (
+    Repository,
+    StoredKeyRing,
+    UserKeyRecord,
+    inspect,
+    migrate,
+    open_repository,
+)
+
+if TYPE_CHECKING:
+    from pyrage import x25519
+
+log = logging.getLogger("keyconnector.backup")
+
+MAGIC = b"keyconnector-backup 1\n"
+FORMAT = 1
+RECIPIENTS_LINE = b"recipients\n"
+PASSPHRASE_PREFIX = b"passphrase "
+PASSPHRASE_ENV = "KEYCONNECTOR_BACKUP_PASSPHRASE"  # noqa: S105 - the variable's name, not a secret
+BATCH_SIZE = 1000
+
+
+class BackupError(KeyConnectorError):
+    """The backup could not be written or read; the message says what was (not) written."""
+
+
+# -- commands -------------------------------------------------------------------------------------------
+
+
+def add_commands(commands: Subcommands) -> None:
+    backup = commands.add_parser(
+        "backup",
+        help="write every record, the wrapped data key and the key ring to one encrypted file",
+        description="Records stay sealed under the data key; the file is encrypted again with age, to "
+        f"recipient keys or to a passphrase (--passphrase-file, ${PASSPHRASE_ENV}, or asked on a terminal).",
+    )
+    add_settings_arguments(backup)
+    backup.add_argument("output", metavar="OUTPUT", help="the backup file to write (mode 0600)")
+    secret = backup.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--passphrase-file", metavar="FILE", help="encrypt to the passphrase on its first line"
+    )
+    secret.add_argument(
+        "--recipient",
+        action="append",
+        metavar="AGE_PUBLIC_KEY",
+        help="encrypt to this age X25519 public key (age1...); repeat for several",
+    )
+    backup.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    backup.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="rows read per query")
+    backup.set_defaults(func=cmd_backup)
+
+    restore = commands.add_parser(
+        "restore",
+        help="check a backup file and write it into the configured database, then verify it there",
+        description="Refuses a database that holds rows or another data key unless --replace (a re-run "
+        "after an interrupted restore of the same file continues by itself).",
+    )
+    add_settings_arguments(restore)
+    restore.add_argument("input", metavar="INPUT", help="the backup file")
+    secret = restore.add_mutually_exclusive_group()
+    secret.add_argument("--passphrase-file", metavar="FILE", help="the passphrase on its first line")
+    secret.add_argument(
+        "--identity",
+        action="append",
+        metavar="AGE_IDENTITY_FILE",
+        help="an age identity file (AGE-SECRET-KEY-1... lines, as age-keygen writes); repeatable",
+    )
+    restore.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="check the file and decrypt every record with the configured key pair; write nothing",
+    )
+    restore.add_argument(
+        "--replace",
+        action="store_true",
+        help="write even though the database holds rows or another data key (the backup's rows and keys "
+        "win; rows of users not in the backup are kept and reported)",
+    )
+    restore.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="rows per transaction")
+    restore.set_defaults(func=cmd_restore)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    settings = load_settings_from(args).settings
+    logs.configure(settings.logging)
+    output = Path(args.output).absolute()
+    if output.exists() and not args.force:
+        raise UsageError("OUTPUT", f"{output} exists; give --force to overwrite it")
+    if not output.parent.is_dir():
+        raise UsageError("OUTPUT", f"the folder {output.parent} does not exist")
+    if args.recipient:
+        recipients = [_parse_recipient(text) for text in args.recipient]
+        protection, how = RECIPIENTS_LINE, f"encrypted to {len(recipients)} recipient key(s)"
+    else:
+        recipients, protection = _passphrase_protection(_passphrase(args.passphrase_file, confirm=True))
+        how = "encrypted to a passphrase"
+    what = asyncio.run(_backup(settings, output, protection, recipients, args.force, args.batch_size))
+    print(f"backup: {what} written to {output} ({output.stat().st_size:,} bytes), {how}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    settings = load_settings_from(args).settings
+    logs.configure(settings.logging)
+    path = Path(args.input)
+    try:
+        source = path.open("rb")
+    except OSError as exc:
+        raise UsageError("INPUT", f"cannot read {path}: {exc.strerror}") from None
+    with source:
+        identities, age_offset = _read_preamble(source, path, args)
+        backup = _BackupFile(source, age_offset, identities, path)
+        if args.verify_only:
+            print(asyncio.run(_verify_only(settings, backup, args.batch_size)))
+        else:
+            print(asyncio.run(_restore(settings, backup, args.replace, args.batch_size)))
+    return 0
+
+
+# -- secrets: passphrase, recipients, identities -----------------------------------------------------------
+
+
+def _passphrase(passphrase_file: str | None, *, confirm: bool) -> str:
+    """From a file, the environment, or a prompt: never from the command line, where `ps` shows it."""
+    if passphrase_file:
+        text = _read_secret_file(passphrase_file, "--passphrase-file")
+        passphrase = text.splitlines()[0] if text else ""
+        where = "--passphrase-file"
+    elif os.environ.get(PASSPHRASE_ENV) is not None:
+        passphrase, where = os.environ[PASSPHRASE_ENV], PASSPHRASE_ENV
+    elif sys.stdin.isatty():
+        passphrase, where = getpass.getpass("backup passphrase: "), "the prompt"
+        if confirm and getpass.getpass("again: ") != passphrase:
+            raise UsageError("passphrase", "the two passphrases differ")
+    else:
+        raise UsageError(
+            "passphrase",
+            f"give --passphrase-file or set {PASSPHRASE_ENV} (or run on a terminal to be asked)"
+            + (", or encrypt to --recipient keys" if confirm else ""),
+        )
+    if not passphrase:
+        raise UsageError(where, "the passphrase is empty")
+    return passphrase
+
+
+def _read_secret_file(name: str, option: str) -> str:
+    """A file holding a secret; errors name the file, never a byte of its content."""
+    try:
+        return Path(name).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(option, f"cannot read {name}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(option, f"{name} is not UTF-8 text") from None
+
+
+def _passphrase_protection(passphrase: str) -> tuple[list[x25519.Recipient], bytes]:
+    """A fresh identity for this backup, and the preamble line holding it sealed by the passphrase."""
+    from pyrage import passphrase as age_passphrase
+    from pyrage import x25519
+
+    identity = x25519.Identity.generate()
+    sealed = age_passphrase.encrypt(str(identity).encode("ascii"), passphrase)
+    return [identity.to_public()], PASSPHRASE_PREFIX + base64.b64encode(sealed) + b"\n"
+
+
+def _parse_recipient(text: str) -> x25519.Recipient:
+    from pyrage import RecipientError, x25519
+
+    try:
+        return x25519.Recipient.from_str(text.strip())
+    except RecipientError:
+        # Not echoed: it might be a secret key given by mistake (and now in the shell history).
+        raise UsageError("--recipient", "a value is not an age X25519 public key (age1...)") from None
+
+
+def _load_identities(files: list[str]) -> list[x25519.Identity]:
+    from pyrage import IdentityError, x25519
+
+    identities = []
+    for name in files:
+        lines = _read_secret_file(name, "--identity").splitlines()
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                identities.append(x25519.Identity.from_str(line))
+            except IdentityError:
+                # Never echo the line: it may be a (mistyped) secret key.
+                raise UsageError("--identity", f"line {number} of {name} is not an age identity") from None
+    if not identities:
+        raise UsageError("--identity", f"no AGE-SECRET-KEY-1... line in {', '.join(files)}")
+    return identities
+
+
+def _read_preamble(
+    source: BinaryIO, path: Path, args: argparse.Namespace
+) -> tuple[list[x25519.Identity], int]:
+    """Check the preamble and return the identities that open the age part, and where it starts."""
+    if source.readline(64) != MAGIC:
+        raise BackupError(f"{path} is not a keyconnector backup (format {FORMAT})")
+    protection = source.readline(64 * 1024)
+    if protection == RECIPIENTS_LINE:
+        if not args.identity:
+            raise UsageError(
+                "--identity", "this backup is encrypted to recipient keys: give their identity file"
+            )
+        return _load_identities(args.identity), source.tell()
+    if not protection.startswith(PASSPHRASE_PREFIX) or not protection.endswith(b"\n"):
+        raise BackupError(f"{path} is damaged: its second line is neither 'recipients' nor 'passphrase ...'")
+    if args.identity:
+        raise UsageError("--identity", "this backup is encrypted to a passphrase, not to recipient keys")
+    from pyrage import DecryptError, IdentityError, x25519
+    from pyrage import passphrase as age_passphrase
+
+    try:
+        sealed = base64.b64decode(protection[len(PASSPHRASE_PREFIX) : -1], validate=True)
+    except (binascii.Error, ValueError):
+        raise BackupError(f"{path} is damaged: its passphrase line is not base64") from None
+    phrase = _passphrase(args.passphrase_file, confirm=False)
+    try:
+        identity = x25519.Identity.from_str(age_passphrase.decrypt(sealed, phrase).decode("ascii"))
+    except DecryptError:
+        raise BackupError(f"wrong passphrase for {path} (or its passphrase line is damaged)") from None
+    except (IdentityError, UnicodeDecodeError):
+        raise BackupError(f"{path} is damaged: its passphrase line holds no age identity") from None
+    return [identity], source.tell()
+
+
+# -- age streams on a worker thread ------------------------------------------------------------------------
+
+
+class _CheckedSink(io.BufferedIOBase):
+    """The output file as pyrage writes it: pyrage drops the error of its final flush, so keep it here."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        super().__init__()
+        self._out = out
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._out.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._out.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+
+class _Encryptor:
+    """Bytes written here are encrypted into ``out`` by pyrage, which pulls them from a pipe on its own
+    thread: the payload streams through and is never in memory as a whole."""
+
+    def __init__(self, out: BinaryIO, recipients: list[x25519.Recipient]) -> None:
+        import pyrage
+
+        read_fd, write_fd = os.pipe()
+        self._pipe_out = open(read_fd, "rb")  # noqa: SIM115 - closed by the thread
+        self._pipe_in = open(write_fd, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._sink = _CheckedSink(out)
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                pyrage.encrypt_io(self._pipe_out, self._sink, recipients)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._pipe_out.close()
+
+        self._thread = threading.Thread(target=run, name="age-encrypt", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._pipe_in.write(data)
+        except BrokenPipeError:
+            self._thread.join()
+            raise BackupError(
+                f"could not encrypt the backup: {self._error or 'the encryptor stopped'}"
+            ) from None
+
+    def finish(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self._pipe_in.close()
+        self._thread.join()
+        error = self._error or self._sink.error
+        if error is not None:
+            raise BackupError(f"could not write the backup: {error}")
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._pipe_in.close()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def _decrypted_lines(
+    source: BinaryIO, identities: list[x25519.Identity], path: Path
+) -> Iterator[Iterator[bytes]]:
+    """The payload's lines, decrypted by pyrage on its own thread and read from a pipe. Lines come before
+    age has authenticated the end of the file: the iterator raises at the end if the file is damaged."""
+    import pyrage
+
+    read_fd, write_fd = os.pipe()
+    pipe_out = open(read_fd, "rb")  # noqa: SIM115 - closed below
+    pipe_in = open(write_fd, "wb")  # noqa: SIM115 - closed by the thread
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pyrage.decrypt_io(source, pipe_in, identities)  # type: ignore[arg-type]
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                pipe_in.close()
+
+    def finished() -> None:
+        thread.join()
+        if errors:
+            raise _decrypt_error(errors[0], path)
+
+    def lines() -> Iterator[bytes]:
+        for line in pipe_out:
+            if not line.endswith(b"\n"):
+                finished()  # a cut line: the end of a damaged file, as a rule
+            yield line
+        finished()
+
+    thread = threading.Thread(target=run, name="age-decrypt", daemon=True)
+    thread.start()
+    try:
+        yield lines()
+    finally:
+        pipe_out.close()
+        thread.join()
+
+
+def _decrypt_error(error: BaseException, path: Path) -> BackupError:
+    if "No matching keys" in str(error):
+        return BackupError(f"none of the given identities can open {path}: it was encrypted to other keys")
+    return BackupError(f"{path} is damaged or truncated: it does not decrypt to the end (age: {error})")
+
+
+# -- the payload ---------------------------------------------------------------------------------------------
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="microseconds")
+
+
+def _record_line(record: UserKeyRecord) -> bytes:
+    """One row as one canonical line: the same row gives the same bytes from any database."""
+    entry = {
+        "id": str(record.user_id),
+        "key": record.key,
+        "creationDate": _time(record.creation_date),
+        "revisionDate": _time(record.revision_date),
+        "lastAccessDate": _time(record.last_access_date),
+    }
+    return json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _records_sha256(digests: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()
+
+
+class _PayloadWriter:
+    def __init__(self, sink: _Encryptor) -> None:
+        self._sink = sink
+        self._hash = hashlib.sha256()
+        self._digests: list[bytes] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._digests)
+
+    def _write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self._sink.write(data)
+
+    def header(self, header: dict[str, Any]) -> None:
+        self._write(json.dumps(header, separators=(",", ":")).encode("utf-8") + b"\n")
+
+    def records(self, batch: list[UserKeyRecord]) -> None:
+        lines = [_record_line(record) for record in batch]
+        self._digests.extend(hashlib.sha256(line).digest() for line in lines)
+        self._write(b"".join(lines))
+
+    def manifest(self, header: dict[str, Any]) -> None:
+        manifest = {
+            "format": FORMAT,
+            "created": header["created"],
+            "source": header["source"],
+            "records": self.count,
+            "sha256": self._hash.hexdigest(),
+            "recordsSha256": _records_sha256(self._digests),
+        }
+        self._sink.write(json.dumps({"manifest": manifest}, separators=(",", ":")).encode("utf-8") + b"\n")
+
+
+@dataclass
+class _Header:
+    created: str
+    source: str
+    data_key: str | None
+    key_ring: StoredKeyRing | None
+
+
+@dataclass
+class _Contents:
+    """What a full read of the file established."""
+
+    header: _Header
+    records: int = 0
+    sha256: str = ""
+    digests: dict[int, bytes] = field(default_factory=dict)
+    """User id (as an int) -> SHA-256 of its record line."""
+
+
+class _PayloadReader:
+    """Parses the decrypted lines and checks them against the manifest: any doubt is a damaged file."""
+
+    def __init__(self, lines: Iterator[bytes], path: Path) -> None:
+        self._lines = lines
+        self._path = path
+        self._hash = hashlib.sha256()
+        self.contents = _Contents(self._read_header())
+
+    def _damaged(self, problem: str) -> BackupError:
+        return BackupError(f"{self._path} is damaged: {problem}")
+
+    def _next(self) -> bytes | None:
+        return next(self._lines, None)
+
+    def _read_header(self) -> _Header:
+        line = self._next()
+        if line is None:
+            raise self._damaged("the payload is empty")
+        self._hash.update(line)
+        try:
+            header = json.loads(line)
+            if header.get("format") != FORMAT:
+                raise self._damaged(f"its payload is in format {header.get('format')!r}, not {FORMAT}")
+            ring = header["keyRing"]
+            return _Header(
+                str(header["created"]),
+                str(header["source"]),
+                None if header["dataKey"] is None else str(header["dataKey"]),
+                None if ring is None else StoredKeyRing(int(ring["revision"]), str(ring["document"])),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise self._damaged("its header is not readable") from None
+
+    def batches(self, batch_size: int) -> Iterator[list[UserKeyRecord]]:
+        """Every record, in batches; the manifest is checked when the last one has been read."""
+        digests = self.contents.digests
+        batch: list[UserKeyRecord] = []
+        while (line := self._next()) is not None:
+            if line.startswith(b'{"manifest"'):
+                if batch:
+                    yield batch
+                self._check_manifest(line)
+                return
+            self._hash.update(line)
+            record = self._parse_record(line)
+            if record.user_id.int in digests:
+                raise self._damaged(f"user {record.user_id} appears twice")
+            digests[record.user_id.int] = hashlib.sha256(line).digest()
+            batch.append(record)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        raise self._damaged("it ends before its manifest (truncated)")
+
+    def _parse_record(self, line: bytes) -> UserKeyRecord:
+        try:
+            entry = json.loads(line)
+            key = entry["key"]
+            if key is not None and not isinstance(key, str):
+                raise TypeError("key")
+            return UserKeyRecord(
+                UUID(entry["id"]),
+                key,
+                datetime.fromisoformat(entry["creationDate"]),
+                _parse_time(entry["revisionDate"]),
+                _parse_time(entry["lastAccessDate"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise self._damaged(f"record {len(self.contents.digests) + 1} is not readable") from None
+
+    def _check_manifest(self, line: bytes) -> None:
+        if self._next() is not None:
+            raise self._damaged("there is data after its manifest")
+        try:
+            manifest = json.loads(line)["manifest"]
+            version, records = manifest["format"], manifest["records"]
+            sha256, records_sha256 = manifest["sha256"], manifest["recordsSha256"]
+        except (ValueError, KeyError, TypeError):
+            raise self._damaged("its manifest is not readable") from None
+        if version != FORMAT:
+            raise self._damaged(f"its manifest is in format {version!r}, not {FORMAT}")
+        contents = self.contents
+        count = len(contents.digests)
+        if records != count:
+            raise self._damaged(f"its manifest lists {records} records, the file holds {count}")
+        if sha256 != self._hash.hexdigest():
+            raise self._damaged("the SHA-256 of its payload differs from its manifest")
+        if records_sha256 != _records_sha256(list(contents.digests.values())):
+            raise self._damaged("the SHA-256 of its records differs from its manifest")
+        contents.records, contents.sha256 = count, sha256
+
+
+def _parse_time(text: Any) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+@dataclass
+class _BackupFile:
+    """An open backup whose preamble was read: each ``read`` decrypts its age part from the start."""
+
+    source: BinaryIO
+    age_offset: int
+    identities: list[x25519.Identity]
+    path: Path
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[_PayloadReader]:
+        self.source.seek(self.age_offset)
+        with _decrypted_lines(self.source, self.identities, self.path) as lines:
+            yield _PayloadReader(lines, self.path)
+
+    def check(self, batch_size: int, keys: KeySet | None = None) -> tuple[_Contents, _Decryption]:
+        """Read the whole file (decrypting every record with ``keys`` if given) and return what it holds."""
+        decryption = _Decryption()
+        with self.read() as reader, Progress(f"checking {self.path.name}", None) as progress:
+            for batch in reader.batches(batch_size):
+                if keys is not None:
+                    decryption.add(batch, keys)
+                progress.advance(len(batch))
+        return reader.contents, decryption
+
+
+@dataclass
+class _Decryption:
+    """How many records decrypt with a key set: the proof that a backup or a restore is usable."""
+
+    decrypted: int = 0
+    without_key: int = 0
+    failed: list[UUID] = field(default_factory=list)
+
+    def add(self, records: list[UserKeyRecord], keys: KeySet) -> None:
+        for record in records:
+            if record.key is None:
+                self.without_key += 1
+                continue
+            try:
+                keys.open(record.key, record.user_id)
+            except KeyConnectorError:
+                self.failed.append(record.user_id)
+            else:
+                self.decrypted += 1
+
+    def summary(self) -> str:
+        return (
+            f"{self.decrypted:,} decrypt with the configured key pair, {self.without_key:,} have no key, "
+            f"{len(self.failed):,} fail"
+        )
+
+
+# -- backup --------------------------------------------------------------------------------------------------
+
+
+async def _backup(
+    settings: Settings,
+    output: Path,
+    protection: bytes,
+    recipients: list[x25519.Recipient],
+    force: bool,
+    batch_size: int,
+) -> str:
+    """Write the backup; return what it holds, for the operator."""
+    state = inspect(settings.database, "database")
+    if not state.has_schema:
+        raise BackupError(f"{state.description} has no Key Connector tables: there is nothing to back up")
+    repository = await open_repository(settings.database, "database")
+    try:
+        data_key = await repository.get_wrapped_data_key()
+        ring = await repository.get_key_ring()
+        total = await repository.count_records()
+        header: dict[str, Any] = {
+            "format": FORMAT,
+            "created": now_text(),
+            "source": repository.description,
+            "dataKey": data_key,
+            "keyRing": None if ring is None else {"revision": ring.revision, "document": ring.document},
+        }
+        fd, temp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
+        temp = Path(temp_name)  # mkstemp makes it 0600, before any byte is in it
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(MAGIC + protection)
+                out.flush()
+                encryptor = _Encryptor(out, recipients)
+                try:
+                    payload = _PayloadWriter(encryptor)
+                    payload.header(header)
+                    with Progress(f"backup of {repository.description}", total) as progress:
+                        async for batch in repository.iter_records(batch_size):
+                            payload.records(batch)
+                            progress.advance(len(batch))
+                    await _check_unchanged(repository, data_key, ring)
+                    payload.manifest(header)
+                except BaseException:
+                    encryptor.abort()
+                    raise
+                encryptor.finish()
+                out.flush()
+                os.fsync(out.fileno())
+            _publish(temp, output, force)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        keys = ("the data key" if data_key else "no data key") + (" and the key ring" if ring else "")
+        return f"{payload.count:,} records and {keys} of {repository.description}"
+    finally:
+        await repository.aclose()
+
+
+async def _check_unchanged(repository: Repository, data_key: str | None, ring: StoredKeyRing | None) -> None:
+    """A rotation that ran meanwhile may have made records need keys this backup does not hold."""
+    if await repository.get_wrapped_data_key() != data_key or await repository.get_key_ring() != ring:
+        raise BackupError(
+            "the data key or the key ring changed while the backup ran (a rotation?); no backup was "
+            "written: run it again"
+        )
+
+
+def _publish(temp: Path, output: Path, force: bool) -> None:
+    """Give the finished file its name: atomically, and without replacing a file unless ``force``."""
+    if force:
+        os.replace(temp, output)
+    else:
+        try:
+            os.link(temp, output)
+        except FileExistsError:
+            raise UsageError("OUTPUT", f"{output} appeared while the backup ran; give --force") from None
+        temp.unlink()
+    with contextlib.suppress(OSError):
+        folder = os.open(output.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+# -- restore -------------------------------------------------------------------------------------------------
+
+
+async def _backup_keys(header: _Header, provider: KeyProvider) -> KeySet | None:
+    """The backup's data keys, unwrapped in memory: proves the key pair fits before anything is written.
+    (The rule is ``datakeys.unwrap_version``'s, without its database: version 1 falls back to the
+    ``ApplicationDatas`` wrap.) None when the backup holds no data key at all."""
+    if header.data_key is None and header.key_ring is None:
+        return None
+    ring = KeyRing.implicit() if header.key_ring is None else KeyRing.parse(header.key_ring)
+    keys = {}
+    for number in ring.active:
+        wrapped = ring.versions[number].wraps.get(provider.fingerprint)
+        if wrapped is None and number == LEGACY_VERSION:
+            wrapped = header.data_key
+        if wrapped is None:
+            raise BackupError(
+                f"data key version {number} in the backup is not wrapped for the configured key pair "
+                f"({provider.description})"
+            )
+        try:
+            blob = base64.b64decode(wrapped, validate=True)
+        except (binascii.Error, ValueError):
+            raise BackupError(f"the backup's wrap of data key version {number} is not base64") from None
+        keys[number] = DataKey(await provider.unwrap(blob), number)
+    return KeySet(keys, ring.current)
+
+
+async def _verify_only(settings: Settings, backup: _BackupFile, batch_size: int) -> str:
+    """Check the file; with a key pair that fits, decrypt every record. Writes nothing anywhere."""
+    provider: KeyProvider | None = None
+    note = ""
+    try:
+        provider = await open_key_provider(settings)
+        await provider.check()
+    except KeyConnectorError as exc:
+        note = f"; records not decrypted: the configured key pair is not usable ({exc})"
+    try:
+        keys = None
+        if provider is not None:
+            with backup.read() as reader:
+                header = reader.contents.header
+            try:
+                keys = await _backup_keys(header, provider)
+            except KeyConnectorError as exc:
+                note = f"; records not decrypted: {exc}"
+        contents, decryption = backup.check(batch_size, keys)
+    finally:
+        if provider is not None:
+            await provider.aclose()
+    line = (
+        f"verify: {backup.path} is intact: {contents.records:,} records, made {contents.header.created} "
+        f"from {contents.header.source}"
+    )
+    if keys is not None:
+        if decryption.failed:
+            raise OperationFailed(f"{line}; but only {decryption.summary()}", decryption.failed)
+        line += f"; {decryption.summary()}"
+    return line + note
+
+
+async def _restore(settings: Settings, backup: _BackupFile, replace: bool, batch_size: int) -> str:
+    provider = await open_key_provider(settings)
+    try:
+        await provider.check()
+        contents, _ = backup.check(batch_size)
+        try:
+            await _backup_keys(contents.header, provider)
+        except KeyConnectorError as exc:
+            raise BackupError(
+                f"the configured key pair cannot open the backup's data keys: {exc}; nothing was written"
+            ) from None
+        migrate(settings.database, "database")
+        repository = await open_repository(settings.database, "database")
+        try:
+            await _check_target(repository, contents, replace)
+            await _write(repository, backup, contents, batch_size)
+            return await _verify_restore(repository, provider, backup, contents)
+        finally:
+            await repository.aclose()
+    finally:
+        await provider.aclose()
+
+
+async def _check_target(repository: Repository, contents: _Contents, replace: bool) -> None:
+    """Refuse to mix the backup into a database in use, but let a re-run finish an interrupted restore
+    of the same file (the backup's keys, and only rows identical to the backup's)."""
+    if replace:
+        return
+    header = contents.header
+    data_key = await repository.get_wrapped_data_key()
+    ring = await repository.get_key_ring()
+    backup_ring = None if header.key_ring is None else header.key_ring.document
+    if (data_key is not None and data_key != header.data_key) or (
+        ring is not None and ring.document != backup_ring
+    ):
+        raise BackupError(
+            f"{repository.description} already holds another data key or key ring; nothing was written. "
+            "Restore into an empty database, or give --replace to overwrite them (its records would no "
+            "longer decrypt)"
+        )
+    rows = await repository.count_records()
+    if rows == 0:
+        return
+    foreign = 0
+    async for batch in repository.iter_records(BATCH_SIZE):
+        for record in batch:
+            if contents.digests.get(record.user_id.int) != hashlib.sha256(_record_line(record)).digest():
+                foreign += 1
+    if foreign or data_key is None:
+        raise BackupError(
+            f"{repository.description} already holds {rows:,} rows ({foreign:,} not from this backup); "
+            "nothing was written. Restore into an empty database, or give --replace to overwrite the rows "
+            "of the users in the backup"
+        )
+    log.info(
+        "the database holds %d of the backup's %d rows, identical (an interrupted restore): continuing",
+        rows,
+        contents.records,
+    )
+
+
+async def _write(repository: Repository, backup: _BackupFile, contents: _Contents, batch_size: int) -> None:
+    """Keys first, then the rows: a restore interrupted anywhere is recognised and finished by a re-run."""
+    header = contents.header
+    if header.data_key is not None and await repository.get_wrapped_data_key() != header.data_key:
+        await repository.set_wrapped_data_key(header.data_key)
+    await _restore_ring(repository, header.key_ring)
+    with backup.read() as reader, Progress(f"restore into {repository.description}", contents.records) as bar:
+        for batch in reader.batches(batch_size):
+            await repository.upsert_records(batch)
+            bar.advance(len(batch))
+    if reader.contents.sha256 != contents.sha256:
+        raise BackupError(f"{backup.path} changed while it was being restored; run the restore again")
+
+
+async def _restore_ring(repository: Repository, ring: StoredKeyRing | None) -> None:
+    stored = await repository.get_key_ring()
+    if ring is not None:
+        wanted = ring.document
+    elif stored is not None:
+        wanted = KeyRing.implicit().dump()  # the target rotated, the backup did not: version 1 only
+    else:
+        return
+    if stored is not None and stored.document == wanted:
+        return
+    if not await repository.put_key_ring(wanted, 0 if stored is None else stored.revision):
+        raise BackupError("the key ring was changed by another process meanwhile; run the restore again")
+
+
+async def _verify_restore(
+    repository: Repository, provider: KeyProvider, backup: _BackupFile, contents: _Contents
+) -> str:
+    """Prove the result from the database itself: the backup's rows are all there, identical, and every
+    row decrypts with the configured key pair."""
+    header = contents.header
+    if header.data_key is not None and await repository.get_wrapped_data_key() != header.data_key:
+        raise BackupError("after the restore, the database holds another data key than the backup")
+    stored = await repository.get_key_ring()
+    if header.key_ring is not None and (stored is None or stored.document != header.key_ring.document):
+        raise BackupError("after the restore, the database holds another key ring than the backup")
+    keys, _ = await load_key_set(repository, provider)
+    decryption = _Decryption()
+    identical: list[bytes] = []
+    changed: list[UUID] = []
+    others = 0
+    total = await repository.count_records()
+    with Progress(f"verifying {repository.description}", total) as progress:
+        async for batch in repository.iter_records(BATCH_SIZE):
+            for record in batch:
+                expected = contents.digests.get(record.user_id.int)
+                digest = hashlib.sha256(_record_line(record)).digest()
+                if expected == digest:
+                    identical.append(digest)
+                elif expected is None:
+                    others += 1
+                else:
+                    changed.append(record.user_id)
+            decryption.add(batch, keys)
+            progress.advance(len(batch))
+    if changed:
+        raise OperationFailed("restore: rows differ from the backup after writing them", changed)
+    if len(identical) != contents.records or _records_sha256(identical) != _records_sha256(
+        list(contents.digests.values())
+    ):
+        raise BackupError(
+            f"restore: {len(identical):,} of the backup's {contents.records:,} rows are in the database"
+        )
+    if decryption.failed:
+        summary = decryption.summary()
+        raise OperationFailed(
+            f"restore: written and identical to the backup, but {summary}", decryption.failed
+        )
+    extra = f"; {others:,} rows of users not in the backup were kept" if others else ""
+    return (
+        f"restore: {contents.records:,} records from {backup.path} (made {header.created} from "
+        f"{header.source}) are in {repository.description}, identical to the backup (count and "
+        f"SHA-256); {decryption.summary()}{extra}"
+    )

@@ -1,0 +1,465 @@
+"""``keyconnector rotate-key-pair`` and ``keyconnector rotate-data-key``: rotation without downtime.
+
+Key pair: the data keys do not change, only who can unwrap them. Every active data-key version
+gets a second wrap, made by the new key pair, in one compare-and-swap of the key ring (see
+``keyconnector.datakeys``), so the time does not depend on the number of users. Instances still
+running with the old settings keep using their own wraps; instances restarted with the new
+settings find theirs by the key pair's fingerprint. Once every instance runs with the new settings,
+``--retire-old`` (run with the new settings) removes the old pair's wraps and puts the new pair's
+wrap of version 1 into upstream's ``ApplicationDatas``.
+
+Data key: a new version N+1 is made current; after a settle time (every running instance has
+reloaded the ring by then and seals new records with N+1), every record still on an older version
+is re-encrypted in batches, each record by compare-and-swap on its old value, so a client's
+concurrent PUT always wins. Passes repeat until one finds nothing left to do; that last pass has
+also opened every record, which is the verification. Only then are the old versions retired.
+
+Resuming (after SIGKILL, a crash or Ctrl-C) follows one rule: a rotation is unfinished while the
+ring has an active version besides the current one. A run then makes no new version; it waits
+what remains of the current version's settle time (from the version's creation time in the ring),
+re-encrypts what is left, verifies and retires. Only when the current version is the only active
+one does a run make the next. Records that do not decrypt are left untouched, listed, and keep
+their version active (so later runs finish the same rotation until they are repaired or deleted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TextIO
+from uuid import UUID
+
+from keyconnector.crypto import KeySet, record_version
+from keyconnector.datakeys import (
+    KeyRing,
+    add_key_pair,
+    load_key_set,
+    retire_other_key_pairs,
+    retire_versions,
+    start_data_key_version,
+)
+from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError, UsageError
+from keyconnector.keys import KeyProvider, open_key_provider
+from keyconnector.ops import (
+    OperationFailed,
+    Side,
+    Subcommands,
+    add_settings_arguments,
+    load_settings_from,
+    load_target_settings,
+    open_side,
+)
+from keyconnector.progress import Progress
+from keyconnector.settings import Settings
+from keyconnector.storage import RecordUpdate, Repository, migrate, open_repository
+
+SETTLE_MARGIN = 5.0
+"""Seconds added to the services' ring refresh delay before a new version is relied on."""
+MAX_PASSES = 20
+"""A pass only finds work when clients wrote with an old version meanwhile; more means something is wrong."""
+
+
+def add_commands(commands: Subcommands) -> None:
+    pair = commands.add_parser(
+        "rotate-key-pair",
+        help="wrap the data keys for a new key pair (online), or retire the old pair",
+        description=(
+            "Without --retire-old: the configured key pair unwraps every active data-key version and the "
+            "new pair (--target-env-file/--target-config, or the transferTo__rsaKey__* and "
+            "transferTo__certificate__* settings) wraps each; both wraps are kept, so instances with "
+            "either settings work. With --retire-old, run with the NEW key pair as the configured one "
+            "once every instance uses it: other pairs' wraps are removed and ApplicationDatas gets the "
+            "new pair's wrap. Both are idempotent."
+        ),
+    )
+    add_settings_arguments(pair, target=True)
+    pair.add_argument(
+        "--retire-old",
+        action="store_true",
+        help=(
+            "remove every wrap not made by the configured key pair: run it with the NEW pair's settings "
+            "(with the old ones it would undo the rotation)"
+        ),
+    )
+    pair.set_defaults(func=cmd_rotate_key_pair)
+
+    data = commands.add_parser(
+        "rotate-data-key",
+        help="make a new data-key version and re-encrypt every record with it (online, resumable)",
+        description=(
+            "Makes data-key version N+1 current, waits --settle-seconds for running instances to load "
+            "it, re-encrypts every record on an older version in batches (a client's concurrent write "
+            "wins), verifies every record, and retires the old versions. Run it again after an "
+            "interruption: an unfinished rotation is finished, no new version is made. Exit 1 lists "
+            "the users whose records do not decrypt (left untouched; their version is kept)."
+        ),
+    )
+    add_settings_arguments(data)
+    data.add_argument("--batch-size", type=_positive_int, default=2000, help="records per transaction")
+    data.add_argument(
+        "--settle-seconds",
+        type=_non_negative_float,
+        help="wait before re-encrypting (default: keyRingRefreshSeconds + lastAccessFlushSeconds + 5)",
+    )
+    data.add_argument(
+        "--max-rate",
+        type=_positive_float,
+        help="records examined per second at most, to spare a busy database (default: no limit)",
+    )
+    data.set_defaults(func=cmd_rotate_data_key)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+# -- rotate-key-pair -------------------------------------------------------------------------------------
+
+
+def cmd_rotate_key_pair(args: argparse.Namespace) -> int:
+    settings = load_settings_from(args).settings
+    if args.retire_old:
+        if args.target_env_file or args.target_config:
+            raise UsageError(
+                "--retire-old",
+                "--retire-old takes the NEW key pair as the configured one (--config/--env-file), "
+                "not --target-env-file/--target-config",
+            )
+        asyncio.run(retire_key_pair(settings, sys.stdout))
+    else:
+        asyncio.run(rotate_key_pair(settings, load_target_settings(args), sys.stdout))
+    return 0
+
+
+async def open_new_key_pair(settings: Settings, target: Settings | None) -> KeyProvider:
+    """The new key pair, opened and proven by a round trip before anything else happens."""
+    if target is None and settings.transfer_to.rsa_key is None:
+        raise ConfigurationError(
+            "transferTo.rsaKey.provider",
+            "is not set: name the new key pair with --target-env-file, --target-config or the "
+            "transferTo__rsaKey__* and transferTo__certificate__* settings",
+        )
+    provider = await open_key_provider(target or settings, transfer=target is None)
+    try:
+        await provider.check()
+    except BaseException:
+        await provider.aclose()
+        raise
+    return provider
+
+
+async def rotate_key_pair(settings: Settings, target: Settings | None, out: TextIO) -> list[int]:
+    """Add the new key pair's wraps; returns the versions newly wrapped (none on a re-run)."""
+    new = await open_new_key_pair(settings, target)
+    try:
+        side = await open_side(settings)
+        try:
+            old = side.provider
+            if new.fingerprint == old.fingerprint:
+                print(
+                    "rotate-key-pair: nothing to do, the new key pair is the configured one "
+                    f"({old.fingerprint})",
+                    file=out,
+                )
+                return []
+            ring, added = await add_key_pair(side.repository, old, new)
+        finally:
+            await side.aclose()
+    finally:
+        await new.aclose()
+    versions = ", ".join(map(str, ring.active))
+    if added:
+        print(
+            f"rotate-key-pair: data-key version(s) {', '.join(map(str, added))} now also wrapped by "
+            f"{new.fingerprint} ({new.description}); the wraps of {old.fingerprint} are kept "
+            f"(key ring revision {ring.revision})",
+            file=out,
+        )
+    else:
+        print(
+            f"rotate-key-pair: nothing to do, version(s) {versions} already wrapped by {new.fingerprint}",
+            file=out,
+        )
+    print(
+        "next: restart every instance with the new key pair's settings, then run "
+        "`keyconnector rotate-key-pair --retire-old` with those settings",
+        file=out,
+    )
+    return added
+
+
+async def retire_key_pair(settings: Settings, out: TextIO) -> list[str]:
+    """Remove the other key pairs' wraps; returns their fingerprints (none on a re-run)."""
+    # Not open_side: it would unwrap every version with the configured pair and fail with that
+    # pair's own error, where the refusal below says what to run first.
+    provider = await open_key_provider(settings)
+    try:
+        await provider.check()
+        migrate(settings.database)
+        repository = await open_repository(settings.database)
+        try:
+            result = await retire_other_key_pairs(repository, provider)
+        finally:
+            await repository.aclose()
+    finally:
+        await provider.aclose()
+    ring = result.ring
+    if result.removed:
+        print(
+            f"rotate-key-pair --retire-old: removed the wraps of {', '.join(result.removed)}; data-key "
+            f"version(s) {', '.join(map(str, ring.active))} are wrapped by {provider.fingerprint} only",
+            file=out,
+        )
+    else:
+        print(
+            f"rotate-key-pair --retire-old: no other key pair's wraps to remove ({provider.fingerprint})",
+            file=out,
+        )
+    if result.application_datas_updated:
+        print("ApplicationDatas now holds data-key version 1 wrapped by the configured key pair", file=out)
+    return result.removed
+
+
+# -- rotate-data-key -------------------------------------------------------------------------------------
+
+
+def cmd_rotate_data_key(args: argparse.Namespace) -> int:
+    settings = load_settings_from(args).settings
+    settle = args.settle_seconds
+    if settle is None:
+        # A service looks at the ring on its access-flush tick once the refresh interval has passed.
+        settle = settings.key_ring_refresh_seconds + settings.last_access_flush_seconds + SETTLE_MARGIN
+    asyncio.run(
+        rotate_data_key(
+            settings,
+            batch_size=args.batch_size,
+            settle_seconds=settle,
+            max_rate=args.max_rate,
+            out=sys.stdout,
+        )
+    )
+    return 0
+
+
+@dataclass
+class PassResult:
+    examined: int = 0
+    opened: int = 0
+    """Records that decrypted (whatever their version): the verification."""
+    rewritten: int = 0
+    conflicts: int = 0
+    """Re-encrypted records that a client replaced meanwhile (the client's value was kept)."""
+    from_versions: Counter[int] = field(default_factory=Counter)
+    in_use: set[int] = field(default_factory=set)
+    """Data-key versions the records needed when this pass read them."""
+    unreadable_format: bool = False
+    failed: dict[UUID, str] = field(default_factory=dict)
+
+    @property
+    def work(self) -> int:
+        return self.rewritten + self.conflicts
+
+
+@dataclass
+class DataKeyRotation:
+    current: int
+    made: bool
+    rewritten: int
+    from_versions: Counter[int]
+    passes: int
+    verified: int
+    retired: list[int]
+    failed: dict[UUID, str]
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.rewritten / self.seconds if self.seconds > 0 else 0.0
+
+
+async def rotate_data_key(
+    settings: Settings,
+    *,
+    batch_size: int = 2000,
+    settle_seconds: float = 15.0,
+    max_rate: float | None = None,
+    out: TextIO | None = None,
+) -> DataKeyRotation:
+    """The whole rotation (see the module's docstring); raises ``OperationFailed`` listing the users
+    whose records do not decrypt, after doing everything else."""
+    side = await open_side(settings)
+    try:
+        result = await _rotate(side, batch_size, settle_seconds, max_rate, out)
+    finally:
+        await side.aclose()
+    if out is not None:
+        _report(result, out)
+    if result.failed:
+        raise OperationFailed(
+            f"rotate-data-key: records that do not decrypt were left as they are and their data-key "
+            f"version(s) kept (first reason: {next(iter(result.failed.values()))})",
+            sorted(result.failed),
+        )
+    return result
+
+
+async def _rotate(
+    side: Side, batch_size: int, settle_seconds: float, max_rate: float | None, out: TextIO | None
+) -> DataKeyRotation:
+    _, made = await start_data_key_version(side.repository, side.provider)
+    keys, ring = await load_key_set(side.repository, side.provider)
+    if made is not None:
+        _say(out, f"rotate-data-key: made data-key version {made}; it seals new records from now on")
+    elif len(ring.active) > 1:
+        _say(out, f"rotate-data-key: finishing the unfinished rotation to version {ring.current}")
+    await _settle(ring, settle_seconds, out)
+
+    started = time.monotonic()
+    total = PassResult()
+    passes = 0
+    last = PassResult()
+    while True:
+        passes += 1
+        if passes > MAX_PASSES:
+            raise KeyConnectorError(
+                f"rotate-data-key: clients kept writing records with old data-key versions for {MAX_PASSES} "
+                "passes; is an instance running with settings that do not reload the key ring? "
+                "Run it again later"
+            )
+        last = await _pass(side.repository, keys, batch_size, max_rate, passes)
+        total.rewritten += last.rewritten
+        total.from_versions.update(last.from_versions)
+        if last.work == 0:
+            break
+    seconds = time.monotonic() - started
+
+    # The last pass changed nothing and opened every record: what it saw in use is what stays.
+    keep = last.in_use | {keys.current}
+    retired: list[int] = []
+    if last.unreadable_format:
+        _say(
+            out, "rotate-data-key: some records are in a format this version does not know; retiring nothing"
+        )
+    else:
+        unused = [version for version in ring.active if version not in keep]
+        if unused:
+            ring, retired = await retire_versions(side.repository, unused)
+    return DataKeyRotation(
+        current=keys.current,
+        made=made is not None,
+        rewritten=total.rewritten,
+        from_versions=total.from_versions,
+        passes=passes,
+        verified=last.opened,
+        retired=retired,
+        failed=last.failed,
+        seconds=seconds,
+    )
+
+
+async def _settle(ring: KeyRing, settle_seconds: float, out: TextIO | None) -> None:
+    """Wait until every running instance has had the time to load the current version.
+
+    Measured from the version's creation time in the ring, so a resumed rotation waits only what
+    is left (plus a second when the time was stored in whole seconds)."""
+    created = ring.versions[ring.current].created
+    try:
+        made_at = datetime.fromisoformat(created).timestamp() + (0.0 if "." in created else 1.0)
+    except ValueError:
+        made_at = time.time()
+    remaining = made_at + settle_seconds - time.time()
+    if remaining > 0:
+        _say(out, f"rotate-data-key: waiting {remaining:.1f} s for running instances to load it")
+        await asyncio.sleep(remaining)
+
+
+async def _pass(
+    repository: Repository, keys: KeySet, batch_size: int, max_rate: float | None, number: int
+) -> PassResult:
+    """Read every record once: open it (the verification), and re-encrypt it if it is not current."""
+    result = PassResult()
+    current = keys.current
+    description = f"re-encrypting to data-key version {current}" + (f" (pass {number})" if number > 1 else "")
+    started = time.monotonic()
+    with Progress(description, await repository.count_records()) as progress:
+        async for batch in repository.iter_records(batch_size):
+            updates: list[RecordUpdate] = []
+            for record in batch:
+                if record.key is None:
+                    continue
+                try:
+                    version = record_version(record.key)
+                except IntegrityError as exc:
+                    result.unreadable_format = True
+                    result.failed[record.user_id] = str(exc)
+                    continue
+                result.in_use.add(version)
+                try:
+                    plaintext = keys.open(record.key, record.user_id)
+                except IntegrityError as exc:
+                    result.failed[record.user_id] = str(exc)
+                    continue
+                result.opened += 1
+                if version != current:
+                    updates.append(
+                        RecordUpdate(record.user_id, record.key, keys.seal(plaintext, record.user_id))
+                    )
+                    result.from_versions[version] += 1
+            if updates:
+                changed = await repository.replace_records(updates)
+                result.rewritten += changed
+                result.conflicts += len(updates) - changed
+            result.examined += len(batch)
+            progress.advance(len(batch))
+            if max_rate is not None:
+                ahead = result.examined / max_rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+    return result
+
+
+def _say(out: TextIO | None, line: str) -> None:
+    if out is not None:
+        print(line, file=out, flush=True)
+
+
+def _report(result: DataKeyRotation, out: TextIO) -> None:
+    sources = ", ".join(
+        f"{count:,} from version {version}" for version, count in sorted(result.from_versions.items())
+    )
+    print(
+        f"rotate-data-key: version {result.current} is current; re-encrypted {result.rewritten:,} record(s)"
+        + (f" ({sources})" if sources else "")
+        + f" in {result.seconds:.1f} s ({result.rate:,.0f} records/s, {result.passes} pass(es)); "
+        f"{result.verified:,} record(s) verified; "
+        + (
+            f"retired version(s) {', '.join(map(str, result.retired))}"
+            if result.retired
+            else "retired nothing"
+        )
+        + (f"; {len(result.failed)} record(s) do not decrypt" if result.failed else ""),
+        file=out,
+        flush=True,
+    )

@@ -1,0 +1,230 @@
+"""``keyconnector stats``: what is in the database, for planning a rotation or a clean-up.
+
+How many users, how many records each data-key version still has (a version can only be retired
+when none is left; records of a format this version does not know show up as ``unknown``), when
+users last read their key, and which key pairs wrap each data-key version. Read-only: it never
+creates a database, a table or a data key, and needs no key pair (nothing is decrypted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from keyconnector.crypto import LEGACY_VERSION, record_version
+from keyconnector.datakeys import KeyRing, load_ring
+from keyconnector.errors import IntegrityError, StorageError
+from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
+from keyconnector.settings import DatabaseSettings
+from keyconnector.storage import Repository, inspect, open_repository
+
+UNKNOWN = "unknown"
+
+LAST_ACCESS_BUCKETS: list[tuple[str, timedelta | None]] = [
+    ("24h", timedelta(days=1)),
+    ("7d", timedelta(days=7)),
+    ("30d", timedelta(days=30)),
+    ("90d", timedelta(days=90)),
+    ("1y", timedelta(days=365)),
+    ("older", None),
+]
+"""Exclusive buckets: ``7d`` is "more than 24 h and at most 7 days ago". ``never`` comes first."""
+
+BUCKET_LABELS = {
+    "never": "never",
+    "24h": "within 24 hours",
+    "7d": "1 to 7 days ago",
+    "30d": "7 to 30 days ago",
+    "90d": "30 to 90 days ago",
+    "1y": "90 days to 1 year ago",
+    "older": "more than 1 year ago",
+}
+
+BATCH_SIZE = 5000
+
+
+@dataclass
+class VersionInfo:
+    version: int
+    state: str
+    current: bool
+    created: str
+    key_pairs: int
+    """How many key pairs' wraps the key ring holds for it (fingerprints are not secret). Version 1
+    is also wrapped in ApplicationDatas (``Stats.application_datas_wrap``), not counted here: which
+    key pair made that wrap cannot be known without trying it."""
+    fingerprints: list[str]
+
+
+@dataclass
+class Stats:
+    database: str
+    generated_at: str
+    users: int = 0
+    with_key: int = 0
+    without_key: int = 0
+    records_per_version: dict[str, int] = field(default_factory=dict)
+    last_access: dict[str, int] = field(default_factory=dict)
+    key_ring_stored: bool = False
+    """False for a deployment that never rotated: version 1 is then only the key in ApplicationDatas."""
+    key_ring_revision: int = 0
+    current_version: int = 1
+    application_datas_wrap: bool = False
+    """Whether ApplicationDatas holds a wrapped data key (version 1, the one upstream reads)."""
+    versions: list[VersionInfo] = field(default_factory=list)
+
+
+def _bucket(last_access: datetime | None, now: datetime) -> str:
+    if last_access is None:
+        return "never"
+    age = now - last_access
+    for name, limit in LAST_ACCESS_BUCKETS:
+        if limit is None or age <= limit:
+            return name
+    return "older"
+
+
+def _version_of(record: str) -> str:
+    try:
+        return str(record_version(record))
+    except IntegrityError:
+        return UNKNOWN
+
+
+def _version_order(name: str) -> tuple[bool, int]:
+    """Numeric order, ``unknown`` last."""
+    return (name == UNKNOWN, int(name) if name.isdigit() else 0)
+
+
+async def collect(repository: Repository, description: str, now: datetime | None = None) -> Stats:
+    """Count everything in one pass over ``UserKeys`` (keyset pagination: no long transaction)."""
+    now = now or datetime.now(UTC).replace(tzinfo=None)
+    stats = Stats(description, now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    versions: Counter[str] = Counter()
+    buckets: Counter[str] = Counter()
+    async for batch in repository.iter_records(BATCH_SIZE):
+        for record in batch:
+            stats.users += 1
+            buckets[_bucket(record.last_access_date, now)] += 1
+            if record.key is None:
+                stats.without_key += 1
+            else:
+                stats.with_key += 1
+                versions[_version_of(record.key)] += 1
+    stats.records_per_version = {name: versions[name] for name in sorted(versions, key=_version_order)}
+    stats.last_access = {name: buckets[name] for name in BUCKET_LABELS}
+    ring: KeyRing = await load_ring(repository)
+    stats.key_ring_stored = ring.revision > 0
+    stats.key_ring_revision = ring.revision
+    stats.current_version = ring.current
+    stats.application_datas_wrap = await repository.get_wrapped_data_key() is not None
+    stats.versions = [
+        VersionInfo(
+            number,
+            entry.state,
+            number == ring.current,
+            entry.created,
+            len(entry.wraps),
+            sorted(entry.wraps),
+        )
+        for number, entry in sorted(ring.versions.items())
+    ]
+    return stats
+
+
+async def gather_stats(database: DatabaseSettings, prefix: str = "database") -> Stats:
+    """Statistics of the database, which must exist already (it is never created here)."""
+    state = inspect(database, prefix)
+    if not state.has_schema:
+        raise StorageError(f"no Key Connector data to count: {state.description}")
+    repository = await open_repository(database, prefix)
+    try:
+        return await collect(repository, state.description)
+    finally:
+        await repository.aclose()
+
+
+def to_json(stats: Stats) -> str:
+    return json.dumps(asdict(stats), indent=2)
+
+
+def render(stats: Stats) -> None:
+    """Tables for people (rich prints plain text when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout)
+    console.print(f"database: {stats.database}")
+    console.print(f"counted at {stats.generated_at}")
+
+    users = Table(title="users")
+    users.add_column("", style="bold")
+    users.add_column("count", justify="right")
+    users.add_row("rows in UserKeys", f"{stats.users:,}")
+    users.add_row("with a key", f"{stats.with_key:,}")
+    users.add_row("without a key", f"{stats.without_key:,}")
+    console.print(users)
+
+    versions = Table(title="records per data-key version")
+    versions.add_column("version")
+    versions.add_column("records", justify="right")
+    for version, count in stats.records_per_version.items():
+        label = "unknown format" if version == UNKNOWN else version
+        versions.add_row(label, f"{count:,}")
+    console.print(versions)
+
+    access = Table(title="last access")
+    access.add_column("when")
+    access.add_column("users", justify="right")
+    access.add_column("share", justify="right")
+    for name, label in BUCKET_LABELS.items():
+        count = stats.last_access.get(name, 0)
+        share = 100.0 * count / stats.users if stats.users else 0.0
+        access.add_row(label, f"{count:,}", f"{share:.1f}%")
+    console.print(access)
+
+    ring = Table(title="key ring" + ("" if stats.key_ring_stored else " (never rotated: no ring stored)"))
+    ring.add_column("version")
+    ring.add_column("state")
+    ring.add_column("created")
+    ring.add_column("key pairs", justify="right")
+    ring.add_column("fingerprints")
+    for entry in stats.versions:
+        state = entry.state + (" (current)" if entry.current else "")
+        wraps = list(entry.fingerprints)
+        if entry.version == LEGACY_VERSION and stats.application_datas_wrap:
+            wraps.append("ApplicationDatas")
+        ring.add_row(str(entry.version), state, entry.created or "-", str(entry.key_pairs), "\n".join(wraps))
+    console.print(ring)
+    wrap = "holds" if stats.application_datas_wrap else "does not hold"
+    console.print(f"ApplicationDatas {wrap} a wrapped data key (version 1, as upstream reads it)")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    settings = load_settings_from(args).settings
+    stats = asyncio.run(gather_stats(settings.database))
+    if args.json:
+        print(to_json(stats))
+    else:
+        render(stats)
+    return 0
+
+
+def add_commands(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "stats",
+        help="count users, records per data-key version, last access and key-ring versions (read-only)",
+        description=(
+            "Read-only statistics of the configured database: users with and without a key, records "
+            "per data-key version, when users last read their key, and the key ring. Never creates "
+            "anything and needs no key pair. Exit 1 when the database has no Key Connector data yet."
+        ),
+    )
+    add_settings_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.set_defaults(func=cmd_stats)
