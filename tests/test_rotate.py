@@ -376,7 +376,7 @@ def new_pair_settings(pfx: Pfx) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("name", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("name", ALL)
 def test_key_pair_rotation_online(
     name: str,
     request: pytest.FixtureRequest,

@@ -488,14 +488,7 @@ class PostgresRepository:
                 if row is not None and row[1] is not None:
                     stored: str = row[1]
                     return stored
-                if row is not None:
-                    await connection.execute(
-                        'UPDATE "ApplicationDatas" SET "SymmetricKey" = $1 WHERE "Id" = $2', wrapped, row[0]
-                    )
-                else:
-                    await connection.execute(
-                        'INSERT INTO "ApplicationDatas" ("SymmetricKey") VALUES ($1)', wrapped
-                    )
+                await _write_data_key(connection, row, wrapped)
                 return wrapped
 
         result: str = await self._run("storing the data key", attempt)
@@ -506,15 +499,7 @@ class PostgresRepository:
             async with self._pool.acquire() as connection, connection.transaction():
                 # The same lock as store_wrapped_data_key: a bootstrap never sees a half-made choice.
                 await connection.execute("SELECT pg_advisory_xact_lock($1)", DATA_KEY_LOCK)
-                row = await connection.fetchrow(_SELECT_DATA_KEY)
-                if row is not None:
-                    await connection.execute(
-                        'UPDATE "ApplicationDatas" SET "SymmetricKey" = $1 WHERE "Id" = $2', wrapped, row[0]
-                    )
-                else:
-                    await connection.execute(
-                        'INSERT INTO "ApplicationDatas" ("SymmetricKey") VALUES ($1)', wrapped
-                    )
+                await _write_data_key(connection, await connection.fetchrow(_SELECT_DATA_KEY), wrapped)
 
         await self._run("replacing the data key", attempt)
 
@@ -724,3 +709,13 @@ async def _check_schema(pool: asyncpg.Pool, warm: int) -> None:
 
 
 __all__ = ["PostgresRepository", "classify", "inspect", "migrate", "open", "parse_target"]
+
+
+async def _write_data_key(connection: Any, first_row: Any, wrapped: str) -> None:
+    """Set ``SymmetricKey`` of the first ``ApplicationDatas`` row, or insert that row."""
+    if first_row is not None:
+        await connection.execute(
+            'UPDATE "ApplicationDatas" SET "SymmetricKey" = $1 WHERE "Id" = $2', wrapped, first_row[0]
+        )
+    else:
+        await connection.execute('INSERT INTO "ApplicationDatas" ("SymmetricKey") VALUES ($1)', wrapped)
