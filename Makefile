@@ -7,7 +7,7 @@ DATA ?= data
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install run demo test lint typecheck bench bench-databases clean system-deps bench-deps
+.PHONY: install run demo test lint typecheck bench bench-databases clean system-deps bench-deps fuzz
 
 install: $(STAMP)
 
@@ -52,6 +52,12 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Long fuzzing: schemathesis and the hypothesis properties with KC_FUZZ_EXAMPLES examples each.
+KC_FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP) system-deps
+	KC_FUZZ_EXAMPLES=$(KC_FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider -p fuzz.profile \
+	  --hypothesis-profile=fuzz --timeout=0 tests/test_fuzz.py tests/test_properties.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

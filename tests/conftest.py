@@ -73,6 +73,10 @@ def base_env(issuer: DevIssuer, pfx: Pfx, database: Path) -> dict[str, str]:
             "keyConnectorSettings__certificate__filesystemPath": str(pfx.path),
             "keyConnectorSettings__certificate__filesystemPassword": pfx.password,
             "keyConnectorSettings__lastAccessFlushSeconds": "0.2",
+            # Tests send many requests from one address and user; the rate-limit tests set their own.
+            "keyConnectorSettings__rateLimit__perUserPerMinute": "0",
+            "keyConnectorSettings__rateLimit__perAddressPerMinute": "0",
+            "keyConnectorSettings__rateLimit__failedAuthPerAddressPerMinute": "0",
         }
     )
     return env

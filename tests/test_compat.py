@@ -13,15 +13,18 @@ import os
 import secrets
 import sqlite3
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from keyconnector.devtools.issuer import DevIssuer
-from tests.conftest import Pfx, base_env
+from tests.conftest import Pfx, Service, base_env
 
 OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
 
@@ -66,6 +69,17 @@ def upstream_open(data_key: bytes, record: str) -> bytes:
     return AESGCM(data_key).decrypt(nonce, ciphertext_and_tag, None)
 
 
+def format2_open(data_key: bytes, user: uuid.UUID, record: str) -> bytes:
+    """Our format 2 (``kc:2:<version>:base64(nonce || ciphertext || tag)``, associated data binding the
+    user id and the version), written out here independently of keyconnector.crypto."""
+    _, marker, version_text, body = record.split(":", 3)
+    version = int(version_text)
+    assert marker == "2", record[:10]
+    blob = base64.b64decode(body, validate=True)
+    aad = b"keyconnector/record/2|" + user.bytes + version.to_bytes(4, "big")
+    return AESGCM(data_key).decrypt(blob[:12], blob[12:], aad)
+
+
 def make_users(n: int) -> dict[uuid.UUID, bytes]:
     return {uuid.uuid4(): secrets.token_bytes(32) for _ in range(n)}
 
@@ -105,25 +119,31 @@ def schema_of(path: Path) -> list[tuple[str, str]]:
         )
 
 
+def legacy_env(issuer: DevIssuer, pfx: Pfx, database: Path) -> dict[str, str]:
+    """A service that keeps writing upstream's format, for operators who may move back to upstream."""
+    return base_env(issuer, pfx, database) | {"keyConnectorSettings__compat__writeLegacyFormat": "true"}
+
+
 # -- the tests -------------------------------------------------------------------------------------
 
 
 def test_an_upstream_sqlite_database_is_taken_over_in_place(
-    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service: Callable[..., Service]
 ) -> None:
     database = tmp_path / "kc.db"
     users = make_users(25)
     data_key = build_upstream_sqlite(database, pfx, users)
     before = schema_of(database)
 
-    service = start_service(base_env(issuer, pfx, database))
+    service = start_service(legacy_env(issuer, pfx, database))
     with service.client() as client:
         for user, key in users.items():
             response = client.get("/user-keys", headers={"Authorization": f"Bearer {issuer.mint(user)}"})
             assert response.status_code == 200
             assert base64.b64decode(response.json()["key"]) == key
 
-        # What we write, upstream reads: decrypt a new record with upstream's algorithm, by hand.
+        # With writeLegacyFormat, what we write, upstream reads: decrypt a new record with upstream's
+        # algorithm, by hand.
         newcomer, new_key = uuid.uuid4(), secrets.token_bytes(32)
         headers = {"Authorization": f"Bearer {issuer.mint(newcomer)}"}
         body = {"key": base64.b64encode(new_key).decode()}
@@ -142,11 +162,11 @@ def test_an_upstream_sqlite_database_is_taken_over_in_place(
     assert len(created) >= 19 and created[10] == " "  # yyyy-MM-dd HH:mm:ss[.FFFFFFF]
 
 
-def test_a_new_database_is_created_as_upstream_would_and_reads_with_upstream_crypto(
-    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service
+def test_a_new_database_is_created_as_upstream_would_and_reads_with_upstream_crypto_when_asked(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service: Callable[..., Service]
 ) -> None:
     database = tmp_path / "fresh.db"
-    service = start_service(base_env(issuer, pfx, database))
+    service = start_service(legacy_env(issuer, pfx, database))
     users = make_users(5)
     with service.client() as client:
         for user, key in users.items():
@@ -170,7 +190,7 @@ def test_a_new_database_is_created_as_upstream_would_and_reads_with_upstream_cry
 
 
 def test_an_upstream_json_database_is_taken_over(
-    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service: Callable[..., Service]
 ) -> None:
     users = make_users(10)
     data_key = secrets.token_bytes(32)
@@ -189,7 +209,7 @@ def test_an_upstream_json_database_is_taken_over(
     }
     path = tmp_path / "data.json"
     path.write_text(json.dumps(document, indent=2))
-    env = base_env(issuer, pfx, tmp_path / "unused.db")
+    env = legacy_env(issuer, pfx, tmp_path / "unused.db")
     env["keyConnectorSettings__database__provider"] = "json"
     env["keyConnectorSettings__database__jsonFilePath"] = str(path)
     service = start_service(env)
@@ -214,3 +234,34 @@ def test_an_upstream_json_database_is_taken_over(
     assert upstream_open(data_key, entries[str(newcomer)]["key"]) == new_key
     for user, key in users.items():
         assert upstream_open(data_key, entries[str(user)]["key"]) == key
+
+
+def test_by_default_new_records_are_bound_and_upstream_records_still_read(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service: Callable[..., Service]
+) -> None:
+    """Without writeLegacyFormat: the data key stays upstream's (ApplicationDatas unwraps with upstream's
+    algorithm), upstream's records keep reading, but new records are format 2 (``kc:2:1:``), bound to
+    their user, which upstream's algorithm cannot open."""
+    database = tmp_path / "kc.db"
+    users = make_users(3)
+    data_key = build_upstream_sqlite(database, pfx, users)
+    service = start_service(base_env(issuer, pfx, database))
+    newcomer, new_key = uuid.uuid4(), secrets.token_bytes(32)
+    with service.client() as client:
+        for user, key in users.items():
+            response = client.get("/user-keys", headers={"Authorization": f"Bearer {issuer.mint(user)}"})
+            assert response.status_code == 200 and base64.b64decode(response.json()["key"]) == key
+        headers = {"Authorization": f"Bearer {issuer.mint(newcomer)}"}
+        body = {"key": base64.b64encode(new_key).decode()}
+        assert client.post("/user-keys", headers=headers, json=body).status_code == 200
+        response = client.get("/user-keys", headers=headers)
+        assert base64.b64decode(response.json()["key"]) == new_key
+    with sqlite3.connect(database) as conn:
+        (wrapped,) = conn.execute('SELECT "SymmetricKey" FROM "ApplicationDatas"').fetchone()
+        (record,) = conn.execute(
+            'SELECT "Key" FROM "UserKeys" WHERE "Id" = ?', (str(newcomer).upper(),)
+        ).fetchone()
+    assert upstream_unwrap(pfx, wrapped) == data_key
+    assert record.startswith("kc:2:1:")
+    with pytest.raises((InvalidTag, ValueError)):  # the bytes or the tag: either way upstream cannot read it
+        upstream_open(data_key, record)

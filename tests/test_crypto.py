@@ -109,8 +109,18 @@ def test_unreadable_format_2_records_say_why(record: str, reason: str) -> None:
 def test_a_key_set_seals_with_the_current_version_and_opens_every_loaded_one() -> None:
     user = uuid.uuid4()
     v1, v2 = DataKey(generate_data_key(), 1), DataKey(generate_data_key(), 2)
-    legacy = KeySet({1: v1}, 1).seal(b"old", user)
-    assert record_version(legacy) == 1 and not legacy.startswith("kc:"), "version 1 writes upstream's format"
+    legacy = KeySet({1: v1}, 1, write_legacy=True).seal(b"old", user)
+    assert record_version(legacy) == 1 and not legacy.startswith("kc:"), (
+        "writeLegacyFormat: upstream's format"
+    )
+    bound = KeySet({1: v1}, 1).seal(b"bound", user)
+    assert bound.startswith("kc:2:1:"), "by default version 1 writes format 2 too"
+    assert KeySet({1: v1}, 1).open(bound, user) == b"bound"
+    with pytest.raises(IntegrityError, match="copied from another user"):
+        KeySet({1: v1}, 1).open(bound, uuid.uuid4())
+    assert KeySet({1: v1, 2: v2}, 2, write_legacy=True).seal(b"x", user).startswith("kc:2:2:"), (
+        "writeLegacyFormat only applies while version 1 seals"
+    )
     both = KeySet({1: v1, 2: v2}, 2)
     current = both.seal(b"new", user)
     assert record_version(current) == 2

@@ -218,7 +218,7 @@ def test_upstream_sqlite_database_is_adopted_in_place(tmp_path: Path) -> None:
     assert upstream.sqlite_dump(path) == before
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT version_num FROM keyconnector_schema_version").fetchall() == [
-            ("0002",)
+            ("0003",)
         ]
         tables = {
             name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
@@ -230,6 +230,7 @@ def test_upstream_sqlite_database_is_adopted_in_place(tmp_path: Path) -> None:
         "sqlite_sequence",
         "keyconnector_schema_version",
         "keyconnector_key_ring",
+        "keyconnector_audit",
     }
 
     async def check() -> None:
@@ -290,7 +291,7 @@ def test_new_sqlite_database_has_exactly_upstreams_schema(tmp_path: Path) -> Non
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert connection.execute("SELECT version_num FROM keyconnector_schema_version").fetchall() == [
-            ("0002",)
+            ("0003",)
         ]
 
 

@@ -441,7 +441,7 @@ def test_an_upstream_database_is_taken_over_in_place(server_backend: Backend) ->
     assert server_backend.sql('SELECT "MigrationId", "ProductVersion" FROM "__EFMigrationsHistory"') == [
         (MIGRATION_IDS[server_backend.name], "5.0.9")
     ]
-    assert server_backend.sql("SELECT version_num FROM keyconnector_schema_version") == [("0002",)]
+    assert server_backend.sql("SELECT version_num FROM keyconnector_schema_version") == [("0003",)]
 
     new_user = uuid.UUID("ABCDEF01-2345-4678-9ABC-DEF012345678")
 

@@ -464,7 +464,7 @@ def migration_engine(backend: Backend) -> Engine:
     return engine
 
 
-def test_a_revision_0001_database_migrates_to_0002_and_keeps_its_data(
+def test_a_revision_0001_database_migrates_to_the_latest_and_keeps_its_data(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     from alembic import command
@@ -488,12 +488,12 @@ def test_a_revision_0001_database_migrates_to_0002_and_keeps_its_data(
 
         with_repository(backend.settings, write)
         state = inspect_database(backend.settings)
-        assert "keyconnector revision 0001 (`serve` upgrades it to 0002)" in state.description, state
+        assert "keyconnector revision 0001 (`serve` upgrades it to 0003)" in state.description, state
 
         migrate(backend.settings)
         migrate(backend.settings)  # a second start changes nothing
-        assert backend.sql("SELECT version_num FROM keyconnector_schema_version") == [("0002",)]
-        assert "keyconnector revision 0002; 1 user keys" in inspect_database(backend.settings).description
+        assert backend.sql("SELECT version_num FROM keyconnector_schema_version") == [("0003",)]
+        assert "keyconnector revision 0003; 1 user keys" in inspect_database(backend.settings).description
 
         async def check(repository: Repository) -> None:
             assert await repository.get_key(LOW) == "kept"

@@ -39,7 +39,7 @@ from keyconnector.settings import load_settings
 from keyconnector.storage import Repository, UserKeyRecord, migrate, open_repository
 from tests.conftest import Pfx, base_env
 from tests.support.backends import Backend, make_backend, run, with_repository
-from tests.test_compat import upstream_open, upstream_seal, upstream_unwrap, upstream_wrap
+from tests.test_compat import format2_open, upstream_open, upstream_seal, upstream_unwrap, upstream_wrap
 
 SETTINGS = "keyConnectorSettings__"
 
@@ -222,7 +222,12 @@ def assert_target_holds(
         if plaintext is None:
             assert record.key is None
         else:
-            assert record.key is not None and upstream_open(data_key, record.key) == plaintext, user
+            assert record.key is not None, user
+            # Format 2 (bound to the user) by default; upstream's format with writeLegacyFormat.
+            if record.key.startswith("kc:2:1:"):
+                assert format2_open(data_key, user, record.key) == plaintext, user
+            else:
+                assert upstream_open(data_key, record.key) == plaintext, user
 
 
 def assert_served(target: Deployment, expected: Expected, issuer: DevIssuer, start_service: Any) -> None:

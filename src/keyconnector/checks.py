@@ -36,6 +36,9 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
         CheckResult("settings", True, f"unknown setting {name} is ignored (a typo?)", warning=True)
         for name in loaded.unknown
     ]
+    from keyconnector.permissions import loose_files
+
+    results += [CheckResult("permissions", True, problem, warning=True) for problem in loose_files(settings)]
 
     repository: Repository | None = None
     has_data = False

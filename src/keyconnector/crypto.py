@@ -1,8 +1,11 @@
 """The envelope: how a user's key is sealed under the data key, and how the data key is wrapped.
 
 Upstream's record is ``base64(ciphertext || tag || nonce)`` with AES-256-GCM, a 12-byte random
-nonce and no associated data. Records written by upstream must read here forever, and (while we
-write that format) what we write must read in upstream, so that format is reproduced exactly.
+nonce and no associated data. Records written by upstream must read here forever, and (with
+``compat.writeLegacyFormat``, for operators who may move back) what we write must read in upstream,
+so that format is reproduced exactly. It is not bound to its user: a record copied into another
+user's row decrypts there, which is why it is no longer the default (``keyconnector
+upgrade-records`` rewrites the old ones).
 
 Room for new formats: base64 never contains ``:``, so every record format after upstream's starts
 with ``kc:<format>:``. A reader meeting a marker it does not know says so plainly instead of
@@ -126,25 +129,43 @@ def record_version(record: str) -> int:
             "upgrade keyconnector"
         )
     head, sep, _ = record[len(FORMAT_2) :].partition(":")
-    if not sep or not head.isdigit() or len(head) > 9:
+    # ASCII digits in their one spelling: '²' is a digit to str.isdigit, and '01' would alias '1'.
+    if not sep or not (head.isascii() and head.isdigit()) or len(head) > 9 or head != str(int(head)):
         raise IntegrityError("the stored record has no valid data-key version")
     return int(head)
+
+
+def is_legacy(record: str) -> bool:
+    """True for upstream's format (not bound to a user): what ``upgrade-records`` rewrites."""
+    return not record.startswith(RECORD_MARKER)
 
 
 class KeySet:
     """Every data-key version a process can open, and the one it seals new records with.
 
-    Version 1 seals in upstream's format (so a deployment that never rotated stays readable by
-    upstream); later versions seal in format 2.
+    Every version seals in format 2, bound to the user. With ``write_legacy`` (the setting
+    ``compat.writeLegacyFormat``), version 1 seals in upstream's format instead, so that a deployment
+    that never rotated stays readable by upstream; later versions always seal in format 2 (upstream
+    cannot read records of a rotated data key anyway).
     """
 
-    __slots__ = ("current", "keys")
+    __slots__ = ("current", "keys", "write_legacy")
 
-    def __init__(self, keys: Mapping[int, DataKey], current: int) -> None:
+    def __init__(self, keys: Mapping[int, DataKey], current: int, *, write_legacy: bool = False) -> None:
         if current not in keys:
             raise IntegrityError(f"the current data key version {current} is not loaded")
         self.keys = dict(keys)
         self.current = current
+        self.write_legacy = write_legacy
+
+    def with_legacy_format(self, write_legacy: bool) -> KeySet:
+        """The same keys, sealing per ``compat.writeLegacyFormat`` (``load_key_set`` does not know it)."""
+        return KeySet(self.keys, self.current, write_legacy=write_legacy)
+
+    @property
+    def seals_legacy(self) -> bool:
+        """Whether new records are written in upstream's (unbound) format."""
+        return self.write_legacy and self.current == LEGACY_VERSION
 
     @property
     def sealing_key(self) -> DataKey:
@@ -152,7 +173,7 @@ class KeySet:
 
     def seal(self, plaintext: bytes, user_id: UUID) -> str:
         key = self.keys[self.current]
-        if self.current == LEGACY_VERSION:
+        if self.write_legacy and self.current == LEGACY_VERSION:
             return key.seal_legacy(plaintext)
         return key.seal(plaintext, user_id)
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from keyconnector.datakeys import load_key_set
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.keys import open_key_provider
+from keyconnector.permissions import warn_loose_permissions
 from keyconnector.settings import CONFIG_FILE_ENV, Settings, identity_server_uri
 from keyconnector.storage import migrate, open_repository
 
@@ -91,6 +92,8 @@ def preflight(settings: Settings) -> None:
     outage should not turn into a crash loop, and the service then recovers by itself).
     """
     identity_server_uri(settings)
+    # Before the migration, which may create the database file (it does so with mode 0600).
+    warn_loose_permissions(settings)
     migrate_with_retries(settings)
     try:
         asyncio.run(_prepare_data_key(settings))

@@ -5,6 +5,11 @@ ring changes, e.g. during a data-key rotation) and the access-time batch. Readin
 writes to the database: upstream's read-then-write made every login fail whenever the
 ``LastAccessDate`` write failed. Here the times are collected in memory and
 written in one batch every few seconds; a failed batch is logged, counted, kept and retried.
+
+New records are bound to their user (format 2, see ``keyconnector.crypto``) unless
+``compat.writeLegacyFormat`` asks for upstream's format. A stored record that does not open for the
+user asking (altered, or copied from another user's row) raises ``RecordIntegrityError``: the key is
+never returned, and the HTTP layer and the audit trail can tell it from other failures.
 """
 
 from __future__ import annotations
@@ -15,13 +20,23 @@ import time
 from datetime import UTC, datetime
 from uuid import UUID
 
-from keyconnector.crypto import KeySet, UnknownVersionError
+from keyconnector.crypto import LEGACY_VERSION, KeySet, UnknownVersionError
 from keyconnector.datakeys import load_key_set, load_ring
 from keyconnector.errors import IntegrityError, KeyConnectorError, UnavailableError
 from keyconnector.keys import KeyProvider
 from keyconnector.storage import Repository
 
 log = logging.getLogger("keyconnector.service")
+
+
+class RecordIntegrityError(IntegrityError):
+    """A user's stored record does not open for that user: altered, copied from another user's row,
+    or sealed by a data key this deployment does not have. Never carries the record itself."""
+
+    def __init__(self, user_id: UUID, reason: str) -> None:
+        self.user_id = user_id
+        self.reason = reason
+        super().__init__(f"the stored record of user {user_id} failed its integrity check: {reason}")
 
 
 def utcnow() -> datetime:
@@ -40,8 +55,11 @@ class KeyService:
         flush_interval: float = 10.0,
         retry_interval: float = 5.0,
         ring_refresh_interval: float = 10.0,
+        write_legacy_format: bool = False,
     ) -> None:
         self.repository = repository
+        self._write_legacy_format = write_legacy_format
+        self._warned_legacy_version: int | None = None
         self.provider = provider
         self._flush_interval = flush_interval
         self._retry_interval = retry_interval
@@ -103,10 +121,25 @@ class KeyService:
                 raise
             if self._data_key is not None and keys.current != self._data_key.current:
                 log.info("data key version %d now seals new records", keys.current)
+            keys = keys.with_legacy_format(self._write_legacy_format)
+            self._warn_about_legacy_format(keys.current)
             self._data_key, self._ring_revision = keys, ring.revision
             self._last_refresh = time.monotonic()
             self._last_error = None
             return keys
+
+    def _warn_about_legacy_format(self, current: int) -> None:
+        """Once per version: ``writeLegacyFormat`` has no effect once version 1 no longer seals."""
+        if not self._write_legacy_format or current == LEGACY_VERSION:
+            return
+        if self._warned_legacy_version != current:
+            self._warned_legacy_version = current
+            log.warning(
+                "keyConnectorSettings__compat__writeLegacyFormat is set, but data key version %d seals "
+                "new records: upstream cannot read records of a rotated data key, so they are written "
+                "in format 2 (bound to their user); the setting only applies while version 1 is current",
+                current,
+            )
 
     async def refresh_keys(self) -> None:
         """Reload the data keys if the key ring changed (a rotation started, moved on or ended).
@@ -167,12 +200,18 @@ class KeyService:
     # -- user keys ----------------------------------------------------------------------------
 
     async def get(self, user_id: UUID) -> bytes | None:
-        """The user's key, or None. Records the access time for the next batch."""
+        """The user's key, or None. Records the access time for the next batch.
+
+        Raises ``RecordIntegrityError`` when the stored record does not open for this user.
+        """
         data_key = self._data_key or await self.data_key()
         record = await self.repository.get_key(user_id)
         if record is None:
             return None
-        plaintext = await self._open(data_key, record, user_id)
+        try:
+            plaintext = await self._open(data_key, record, user_id)
+        except IntegrityError as exc:
+            raise RecordIntegrityError(user_id, str(exc)) from None
         self._pending[user_id.int] = time.time()
         return plaintext
 

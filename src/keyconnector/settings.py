@@ -141,6 +141,43 @@ class TransferSettings(Section):
     certificate: CertificateSettings | None = None
 
 
+class CompatSettings(Section):
+    """Ours: what to keep writing for operators who may move back to upstream."""
+
+    write_legacy_format: bool = Field(default=False, alias="writeLegacyFormat")
+    """Seal new records in upstream's format (not bound to the user) so that upstream can read them."""
+
+
+class AuditSettings(Section):
+    """Ours: the audit trail of every user-key access (see keyconnector.audit)."""
+
+    file: str | None = None
+    """Append JSON lines to this file."""
+    stdout: bool = False
+    """Write JSON lines to standard output."""
+    database: bool = False
+    """Append to our table ``keyconnector_audit`` in the service's database (SQL backends)."""
+    fail_closed: bool = Field(default=False, alias="failClosed")
+    """Refuse to serve a key (503) when no sink can record the access."""
+
+
+class RateLimitSettings(Section):
+    """Ours: token buckets per user and per client address (0 turns a limit off)."""
+
+    per_user_per_minute: float = Field(default=60, ge=0, alias="perUserPerMinute")
+    per_user_burst: int = Field(default=20, ge=1, alias="perUserBurst")
+    per_address_per_minute: float = Field(default=6000, ge=0, alias="perAddressPerMinute")
+    per_address_burst: int = Field(default=600, ge=1, alias="perAddressBurst")
+    # Generous: behind one corporate NAT, a few dozen clients with expired tokens must not lock out
+    # the whole office.
+    failed_auth_per_address_per_minute: float = Field(
+        default=300, ge=0, alias="failedAuthPerAddressPerMinute"
+    )
+    failed_auth_burst: int = Field(default=100, ge=1, alias="failedAuthBurst")
+    trusted_proxies: str = Field(default="", alias="trustedProxies")
+    """Comma-separated addresses or CIDR ranges whose ``X-Forwarded-For`` is believed."""
+
+
 class LoggingSettings(Section):
     """Ours, not upstream's: where request and service logs go and in which shape."""
 
@@ -174,6 +211,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("transferTo", "transfer_to"),
     )
     logging: LoggingSettings = LoggingSettings()
+    compat: CompatSettings = CompatSettings()
+    audit: AuditSettings = AuditSettings()
+    rate_limit: RateLimitSettings = Field(
+        default=RateLimitSettings(),
+        alias="rateLimit",
+        validation_alias=AliasChoices("rateLimit", "rate_limit"),
+    )
     ca_certificates_directory: str = Field(
         default="/etc/bitwarden/ca-certificates",
         alias="caCertificatesDirectory",

@@ -20,8 +20,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from keyconnector import logs
+from keyconnector.audit import open_audit
 from keyconnector.auth import TokenValidator
-from keyconnector.http import routes
+from keyconnector.http import openapi, routes
 from keyconnector.http.cors import CORSMiddleware, allowed_origin
 from keyconnector.http.middleware import RequestMiddleware
 from keyconnector.http.responses import message
@@ -37,11 +38,13 @@ log = logging.getLogger("keyconnector")
 
 async def build_services(settings: Settings) -> Services:
     uri = identity_server_uri(settings)
+    audit = open_audit(settings)
     repository = await open_repository(settings.database)
     try:
         provider = await open_key_provider(settings, tolerate_outage=True)
     except BaseException:
         await repository.aclose()
+        await audit.aclose()
         raise
     validator = TokenValidator(uri, verify=trust_context(settings.ca_certificates_directory))
     keys = KeyService(
@@ -49,17 +52,25 @@ async def build_services(settings: Settings) -> Services:
         provider,
         flush_interval=settings.last_access_flush_seconds,
         ring_refresh_interval=settings.key_ring_refresh_seconds,
+        write_legacy_format=settings.compat.write_legacy_format,
     )
     await validator.start()
     await keys.start()
+    await audit.start()
     return Services(
-        settings=settings, repository=repository, provider=provider, validator=validator, keys=keys
+        settings=settings,
+        repository=repository,
+        provider=provider,
+        validator=validator,
+        keys=keys,
+        audit=audit,
     )
 
 
 async def close_services(services: Services) -> None:
     for close in (
         services.keys.aclose,
+        services.audit.aclose,
         services.validator.aclose,
         services.provider.aclose,
         services.repository.aclose,
@@ -108,11 +119,14 @@ def create_app(settings: Settings) -> ASGIApp:
             Route("/health", routes.health, methods=["GET"]),
             Route("/health/live", routes.health_live, methods=["GET"]),
             Route("/health/ready", routes.health_ready, methods=["GET"]),
+            Route("/openapi.json", openapi.openapi_endpoint, methods=["GET"]),
         ],
         exception_handlers={404: _not_found, 405: _method_not_allowed},
         lifespan=lifespan,
     )
-    return RequestMiddleware(CORSMiddleware(app, allowed_origin(settings.web_vault_uri)))
+    return RequestMiddleware(
+        CORSMiddleware(app, allowed_origin(settings.web_vault_uri)), rate_limits=settings.rate_limit
+    )
 
 
 def create_app_from_environment() -> ASGIApp:

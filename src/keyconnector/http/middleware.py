@@ -1,4 +1,5 @@
-"""The outermost ASGI layer: request ids, path tolerance, a last-resort 500, one log line per request."""
+"""The outermost ASGI layer: request ids, path tolerance, rate limits, a last-resort 500, one log line
+per request."""
 
 from __future__ import annotations
 
@@ -7,19 +8,70 @@ import logging
 import os
 import re
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keyconnector.http.ratelimit import RateLimiter, Refusal, client_address
 from keyconnector.logs import access_log
+from keyconnector.settings import RateLimitSettings
 
 error_log = logging.getLogger("keyconnector.http")
 _SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _SLASHES = re.compile(r"/{2,}")
+_JSON = b"application/json; charset=utf-8"
+LIMITED_PATH = "/user-keys"
+"""The only path with limits: health, alive and now must answer whatever a client does."""
+_DRAIN_LIMIT = 1024 * 1024
+_EMPTY_BODY: Message = {"type": "http.request", "body": b"", "more_body": False}
+
+
+def _find_services(app: Any) -> Any | None:
+    """The ``Services`` the app's lifespan built, found through the wrapped layers (CORS sits
+    between): a few ``.app`` attributes down, in ``state.services``. Requests only arrive after the
+    lifespan start-up, so it is there by the time anyone asks."""
+    for _ in range(8):
+        state = getattr(app, "state", None)
+        services = getattr(state, "services", None) if state is not None else None
+        if services is not None:
+            return services
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+async def _send_refusal(send: Send, refusal: Refusal, request_id: bytes) -> None:
+    body = json.dumps({"message": refusal.message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 429,
+            "headers": [
+                (b"content-type", _JSON),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(refusal.retry_after).encode()),
+                (b"x-request-id", request_id),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, rate_limits: RateLimitSettings) -> None:
         self.app = app
+        limiter = RateLimiter(rate_limits)
+        self._limiter = limiter if limiter.enabled or limiter.trusted is not None else None
+        self._services: Any | None = None
+
+    def _audit_refusal(self, scope: Scope) -> None:
+        """A 429 sent before the endpoint ran is an attempt the audit trail must show too."""
+        if self._services is None:
+            self._services = _find_services(self.app)
+        audit = getattr(self._services, "audit", None)
+        if audit is not None:
+            audit.record_scope(scope, "rate_limited", 429)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,19 +93,79 @@ class RequestMiddleware:
         if request_id is None:
             request_id = os.urandom(8).hex().encode()
         scope["keyconnector.request_id"] = request_id
+        limiter = self._limiter
+        address = client_address(scope, limiter.trusted if limiter is not None else None)
+        scope["keyconnector.client_address"] = address
         status = 500
         started_response = False
+        if limiter is not None and path == LIMITED_PATH and scope["method"] != "OPTIONS":
+            refusal = limiter.before_auth(address)
+            if refusal is not None:
+                status = 429
+                self._audit_refusal(scope)
+                await _send_refusal(send, refusal, request_id)
+                self._log(scope, path, 429, started, request_id, address)
+                return
+        else:
+            limiter = None
+        # The per-user limit needs the user id, which the endpoint learns from the token. It is
+        # applied at the first moment the user is known and before anything is disclosed or written:
+        # a write reads its body after the token check, so the body read is that moment (the endpoint
+        # is then handed an empty body, refuses it with a 4xx and writes nothing); a read is stopped
+        # at its response start, so the key never leaves. Either way the endpoint's answer is
+        # replaced by the 429.
+        user_refusal: Refusal | None = None
+        user_checked = False
+        replaced = False
+
+        def check_user() -> None:
+            nonlocal user_refusal, user_checked
+            user = scope.get("keyconnector.user")
+            if limiter is not None and not user_checked and user is not None:
+                user_checked = True
+                user_refusal = limiter.for_user(user)
+
+        def user_limit() -> Refusal | None:
+            check_user()
+            return user_refusal
+
+        # The endpoint asks as soon as it knows the user, so that it answers (and audits) the 429 itself.
+        scope["keyconnector.user_limit"] = user_limit
+
+        async def receive_wrapper() -> Message:
+            check_user()
+            if user_refusal is None:
+                return await receive()
+            size = 0
+            while True:  # drain what the client sends, so the 429 is not lost to a connection reset
+                message = await receive()
+                if message["type"] != "http.request":
+                    return message
+                size += len(message.get("body", b""))
+                if not message.get("more_body", False) or size > _DRAIN_LIMIT:
+                    return _EMPTY_BODY
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, started_response
+            nonlocal status, started_response, replaced
+            if replaced:
+                return
             if message["type"] == "http.response.start":
+                if limiter is not None:
+                    if message["status"] in (401, 403):
+                        limiter.authentication_failed(address)
+                    check_user()
+                    if user_refusal is not None:
+                        replaced = started_response = True
+                        status = 429
+                        await _send_refusal(send, user_refusal, request_id)
+                        return
                 status = message["status"]
                 started_response = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper if limiter is not None else receive, send_wrapper)
         except Exception:
             error_log.exception("unhandled error in %s %s", scope["method"], path)
             if not started_response:
@@ -62,20 +174,23 @@ class RequestMiddleware:
                     {
                         "type": "http.response.start",
                         "status": 500,
-                        "headers": [(b"content-type", b"application/json; charset=utf-8")],
+                        "headers": [(b"content-type", _JSON)],
                     }
                 )
                 await send({"type": "http.response.body", "body": body})
         finally:
-            access = access_log()
-            if access.enabled:
-                client = scope.get("client")
-                access.record(
-                    scope["method"],
-                    path,
-                    status,
-                    (time.perf_counter() - started) * 1000,
-                    scope.get("keyconnector.user"),
-                    request_id.decode(),
-                    client[0] if client else None,
-                )
+            self._log(scope, path, status, started, request_id, address)
+
+    @staticmethod
+    def _log(scope: Scope, path: str, status: int, started: float, request_id: bytes, address: str) -> None:
+        access = access_log()
+        if access.enabled:
+            access.record(
+                scope["method"],
+                path,
+                status,
+                (time.perf_counter() - started) * 1000,
+                scope.get("keyconnector.user"),
+                request_id.decode(),
+                address or None,
+            )

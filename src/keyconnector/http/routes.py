@@ -144,32 +144,96 @@ async def _principal(request: Request, services: Services) -> Principal:
     return principal
 
 
+AUDIT_UNAVAILABLE = (
+    "the audit trail is unavailable, so keys are not served (audit.failClosed is on); try again later"
+)
+
+
+def _audit_refused(request: Request) -> Response:
+    log.error("%s %s refused: no audit sink can record it (failClosed)", request.method, request.url.path)
+    return unavailable(AUDIT_UNAVAILABLE, 5)
+
+
 async def user_keys(request: Request) -> Response:
+    """The endpoint, then one audit entry for whatever it answered.
+
+    A key is read first and recorded before it is sent: with ``audit.failClosed`` a read that no
+    sink could record becomes a 503 instead. A write is checked before it is made (a write cannot be
+    taken back after the fact) and recorded after.
+    """
     services: Services = request.app.state.services
+    audit = services.audit
+    try:
+        response, outcome = await _user_keys(request, services)
+    except Exception:
+        audit.record_scope(request.scope, "error", 500)
+        raise
+    if outcome == "audit_unavailable":
+        return response
+    recorded = audit.record_scope(request.scope, outcome, response.status_code)
+    if not recorded and audit.fail_closed and outcome == "read":
+        return _audit_refused(request)
+    return response
+
+
+async def _user_keys(request: Request, services: Services) -> tuple[Response, str]:
+    """The response and the audit outcome (see keyconnector.audit)."""
     try:
         principal = await _principal(request, services)
+        refusal = _user_rate_limit(request)
+        if refusal is not None:
+            return refusal, "rate_limited"
         if request.method == "GET":
             key = await services.keys.get(principal.user_id)
             if key is None:
-                return message(404, "this user has no key")
+                return message(404, "this user has no key"), "not_found"
             body = b'{"key":"' + base64.b64encode(key) + b'"}'
-            return Response(body, media_type=JSON, headers=NO_STORE)
+            return Response(body, media_type=JSON, headers=NO_STORE), "read"
         raw = await _read_key(request)
+        if services.audit.fail_closed and not services.audit.can_record():
+            return _audit_refused(request), "audit_unavailable"
         if request.method == "POST":
             if not await services.keys.create(principal.user_id, raw):
-                return message(400, "this user already has a key; use PUT to replace it")
-        else:
-            await services.keys.put(principal.user_id, raw)
-        return Response(b"", headers=NO_STORE)
+                return message(400, "this user already has a key; use PUT to replace it"), "already_exists"
+            return Response(b"", headers=NO_STORE), "created"
+        created = await services.keys.put(principal.user_id, raw)
+        return Response(b"", headers=NO_STORE), "created" if created else "replaced"
     except AuthError as exc:
         if exc.status == 401:
-            return unauthorized(exc.message)
-        return message(exc.status, exc.message)
+            return unauthorized(exc.message), "unauthorized"
+        return message(exc.status, exc.message), "forbidden" if exc.status == 403 else "unauthorized"
     except BadRequest as exc:
-        return message(exc.status, exc.text)
+        return message(exc.status, exc.text), "bad_request"
     except UnavailableError as exc:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
-        return unavailable(str(exc), exc.retry_after)
+        return unavailable(str(exc), exc.retry_after), "unavailable"
     except IntegrityError as exc:
-        log.error("%s %s: the stored key cannot be used: %s", request.method, request.url.path, exc)
-        return message(500, "the stored key for this user cannot be decrypted; the incident was logged")
+        # 500, not 4xx: the stored data is damaged or was moved, which the client neither caused nor
+        # can fix (a 409 would invite it to overwrite the evidence).
+        request_id = request.scope["keyconnector.request_id"].decode()
+        log.error("%s %s (request %s): %s", request.method, request.url.path, request_id, exc)
+        return (
+            message(
+                500,
+                "the stored key for this user cannot be decrypted (altered, or copied from another user's "
+                f"row) and was not returned; the incident was logged (request {request_id})",
+            ),
+            "integrity",
+        )
+
+
+def _user_rate_limit(request: Request) -> Response | None:
+    """The per-user limit, applied here so the audit entry says ``rate_limited``.
+
+    The request middleware applies it (see keyconnector.http.ratelimit) and, when it publishes its
+    check as ``scope["keyconnector.user_limit"]`` (a callable returning the refusal or None, taken
+    once per request), the endpoint asks it as soon as the user is known. Without that hook the
+    middleware still refuses, but the audit entry shows what the endpoint would have answered.
+    """
+    check = request.scope.get("keyconnector.user_limit")
+    if check is None:
+        return None
+    refusal = check()
+    if refusal is None:
+        return None
+    return message(429, refusal.message, {"Retry-After": str(refusal.retry_after)})

@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from keyconnector.audit import AuditTrail
 from keyconnector.auth import TokenValidator
 from keyconnector.errors import KeyConnectorError
 from keyconnector.keys import KeyProvider
@@ -69,6 +70,8 @@ class Services:
     provider: KeyProvider
     validator: TokenValidator
     keys: KeyService
+    audit: AuditTrail = field(default_factory=lambda: AuditTrail([]))
+    """Every user-key request is recorded here (no sink configured: records nothing)."""
     health: HealthChecker = field(init=False)
 
     def __post_init__(self) -> None:

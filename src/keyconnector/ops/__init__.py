@@ -29,6 +29,8 @@ OPERATIONS: list[str] = [
     "keyconnector.ops.rotate",
     "keyconnector.ops.backup",
     "keyconnector.ops.stats",
+    "keyconnector.ops.audit",
+    "keyconnector.ops.upgrade",
 ]
 
 Subcommands = Any
@@ -114,6 +116,7 @@ async def open_side(
             # load_key_set would make data key version 1: not for a side that must stay as it is.
             raise StorageError(f"the {name} database has no data key yet (`keyconnector serve` makes one)")
         keys, ring = await load_key_set(repository, provider)  # makes version 1 if there is none
+        keys = keys.with_legacy_format(settings.compat.write_legacy_format)
     except BaseException:
         await repository.aclose()
         await provider.aclose()

@@ -29,6 +29,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TextIO
@@ -395,13 +396,33 @@ async def _settle(ring: KeyRing, settle_seconds: float, out: TextIO | None) -> N
         await asyncio.sleep(remaining)
 
 
+Rewrite = Callable[[str, int, bytes, UUID], str | None]
+"""(record, its data-key version, its plaintext, its user) -> the record to store instead, or None."""
+
+
 async def _pass(
-    repository: Repository, keys: KeySet, batch_size: int, max_rate: float | None, number: int
+    repository: Repository,
+    keys: KeySet,
+    batch_size: int,
+    max_rate: float | None,
+    number: int,
+    *,
+    rewrite: Rewrite | None = None,
+    description: str | None = None,
 ) -> PassResult:
-    """Read every record once: open it (the verification), and re-encrypt it if it is not current."""
+    """Read every record once: open it (the verification), and rewrite it by compare-and-swap if
+    ``rewrite`` says so (default: re-encrypt it with the current version if it is on another one).
+    ``keyconnector upgrade-records`` uses the same pass with its own rule."""
     result = PassResult()
     current = keys.current
-    description = f"re-encrypting to data-key version {current}" + (f" (pass {number})" if number > 1 else "")
+    if rewrite is None:
+
+        def rewrite(record: str, version: int, plaintext: bytes, user_id: UUID) -> str | None:
+            return keys.seal(plaintext, user_id) if version != current else None
+
+    if description is None:
+        description = f"re-encrypting to data-key version {current}"
+    description += f" (pass {number})" if number > 1 else ""
     started = time.monotonic()
     with Progress(description, await repository.count_records()) as progress:
         async for batch in repository.iter_records(batch_size):
@@ -422,10 +443,9 @@ async def _pass(
                     result.failed[record.user_id] = str(exc)
                     continue
                 result.opened += 1
-                if version != current:
-                    updates.append(
-                        RecordUpdate(record.user_id, record.key, keys.seal(plaintext, record.user_id))
-                    )
+                replacement = rewrite(record.key, version, plaintext, record.user_id)
+                if replacement is not None:
+                    updates.append(RecordUpdate(record.user_id, record.key, replacement))
                     result.from_versions[version] += 1
             if updates:
                 changed = await repository.replace_records(updates)

@@ -25,6 +25,7 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Connection,
     Identity,
@@ -338,3 +339,26 @@ key_ring = Table(
 """One row (``id = 1``): the data-key versions and their wraps, as a JSON document (see
 ``keyconnector.datakeys``). A document rather than columns so that adding a field later needs no
 migration on five databases; ``revision`` makes every change a compare-and-swap."""
+
+AUDIT = "keyconnector_audit"
+
+audit = Table(
+    AUDIT,
+    MetaData(),
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    Column("chain", String(100), nullable=False),
+    Column("seq", BigInteger(), nullable=False),
+    Column("time", String(32), nullable=False),
+    Column("user_id", String(36), nullable=True),
+    Column("outcome", String(32), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column(
+        "entry",
+        Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb").with_variant(mssql.NVARCHAR(), "mssql"),
+        nullable=False,
+    ),
+    Column("hash", String(64), nullable=False),
+)
+"""The audit trail (see ``keyconnector.audit``): append-only, one row per entry in insertion order
+(``id``). ``entry`` is the hash-chained JSON exactly as sealed; the other columns repeat some of its
+fields for queries, and ``keyconnector audit verify --database`` checks that they still agree."""

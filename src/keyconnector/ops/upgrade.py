@@ -1,0 +1,142 @@
+"""``keyconnector upgrade-records``: bind every upstream-format record to its user, online.
+
+Upstream's records carry no associated data, so a record copied into another user's row decrypts
+there (PROTOCOL section 5). Format 2 binds the user id and the data-key version. This command
+rewrites every upstream-format record into format 2 under the same data-key version (version 1:
+the key does not change, only the envelope), while the service keeps serving: it reads either
+format, so a GET during the upgrade gets the same key whichever envelope it finds.
+
+It reuses the passes of ``rotate-data-key`` (``keyconnector.ops.rotate._pass``): batches, each
+record replaced by compare-and-swap on the value it read, so a client's concurrent PUT always wins;
+passes repeat until one finds nothing to rewrite, and that last pass has opened every record (the
+verification). Resuming after an interruption (SIGKILL included) is running it again: what was
+rewritten is format 2 and left alone.
+
+It refuses while ``compat.writeLegacyFormat`` is set in its own settings: instances configured like
+that write upstream's format again, and the upgrade would undo itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+from uuid import UUID
+
+from keyconnector.crypto import LEGACY_VERSION, is_legacy
+from keyconnector.errors import ConfigurationError, KeyConnectorError
+from keyconnector.ops import (
+    OperationFailed,
+    Subcommands,
+    add_settings_arguments,
+    load_settings_from,
+    open_side,
+)
+from keyconnector.ops.rotate import MAX_PASSES, _pass, _positive_float, _positive_int, _say
+from keyconnector.settings import Settings
+
+
+def add_commands(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "upgrade-records",
+        help="rewrite upstream-format records in format 2, bound to their user (online, resumable)",
+        description=(
+            "Rewrites every record still in upstream's format (not bound to its user: a copy in another "
+            "user's row decrypts there) into format 2, whose AES-GCM associated data binds the user id and "
+            "the data-key version. The data-key version stays the same. Runs while the service serves "
+            "(a client's concurrent write wins); run it again after an interruption. Refused while "
+            "keyConnectorSettings__compat__writeLegacyFormat is set. Exit 1 lists the users whose records "
+            "do not decrypt (left untouched)."
+        ),
+    )
+    add_settings_arguments(parser)
+    parser.add_argument("--batch-size", type=_positive_int, default=2000, help="records per transaction")
+    parser.add_argument(
+        "--max-rate",
+        type=_positive_float,
+        help="records examined per second at most, to spare a busy database (default: no limit)",
+    )
+    parser.set_defaults(func=cmd_upgrade_records)
+
+
+def cmd_upgrade_records(args: argparse.Namespace) -> int:
+    settings = load_settings_from(args).settings
+    asyncio.run(upgrade_records(settings, batch_size=args.batch_size, max_rate=args.max_rate, out=sys.stdout))
+    return 0
+
+
+@dataclass
+class Upgrade:
+    rewritten: int
+    conflicts: int
+    """Records a client replaced while they were being rewritten (the client's value was kept)."""
+    verified: int
+    passes: int
+    failed: dict[UUID, str]
+    seconds: float
+
+
+async def upgrade_records(
+    settings: Settings, *, batch_size: int = 2000, max_rate: float | None = None, out: TextIO | None = None
+) -> Upgrade:
+    """Rewrite every upstream-format record in format 2; raises ``OperationFailed`` listing the users
+    whose records do not decrypt, after doing everything else."""
+    if settings.compat.write_legacy_format:
+        raise ConfigurationError(
+            "compat.writeLegacyFormat",
+            "is set: instances with this setting write upstream's format again, which would undo the "
+            "upgrade. Remove it (from every instance) before running upgrade-records",
+        )
+    side = await open_side(settings)
+    try:
+        keys = side.keys  # format 2 for every version: open_side ignores writeLegacyFormat
+
+        def bind(record: str, version: int, plaintext: bytes, user_id: UUID) -> str | None:
+            if not is_legacy(record):
+                return None
+            return keys.keys[LEGACY_VERSION].seal(plaintext, user_id)
+
+        started = time.monotonic()
+        rewritten = conflicts = passes = 0
+        while True:
+            passes += 1
+            if passes > MAX_PASSES:
+                raise KeyConnectorError(
+                    f"upgrade-records: clients kept writing upstream-format records for {MAX_PASSES} passes; "
+                    "is an instance running with keyConnectorSettings__compat__writeLegacyFormat=true? "
+                    "Remove that setting and run it again"
+                )
+            last = await _pass(
+                side.repository,
+                keys,
+                batch_size,
+                max_rate,
+                passes,
+                rewrite=bind,
+                description="binding upstream-format records to their users",
+            )
+            rewritten += last.rewritten
+            conflicts += last.conflicts
+            if last.work == 0:
+                break
+    finally:
+        await side.aclose()
+    result = Upgrade(rewritten, conflicts, last.opened, passes, last.failed, time.monotonic() - started)
+    _say(
+        out,
+        f"upgrade-records: rewrote {result.rewritten:,} record(s) in format 2 in {result.seconds:.1f} s "
+        f"({result.passes} pass(es)"
+        + (f", {result.conflicts:,} replaced by clients meanwhile" if result.conflicts else "")
+        + f"); {result.verified:,} record(s) verified"
+        + (f"; {len(result.failed)} record(s) do not decrypt" if result.failed else ""),
+    )
+    if result.failed:
+        raise OperationFailed(
+            "upgrade-records: records that do not decrypt were left as they are "
+            f"(first reason: {next(iter(result.failed.values()))})",
+            sorted(result.failed),
+        )
+    return result
