@@ -268,7 +268,9 @@ def test_a_value_that_is_not_base64(openbao: OpenBao) -> None:
     assert error.setting == "certificate.vaultSecretDataKey" and "base64" in error.problem
 
 
-@pytest.mark.parametrize("password", ["wrong-password-that-is-not-the-pfx-one", None], ids=["wrong", "missing"])
+@pytest.mark.parametrize(
+    "password", ["wrong-password-that-is-not-the-pfx-one", None], ids=["wrong", "missing"]
+)
 def test_a_wrong_or_missing_pfx_password(
     openbao: OpenBao, stored: tuple[str, str], password: str | None
 ) -> None:
