@@ -13,15 +13,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import secrets
-import signal
-import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +39,7 @@ from keyconnector.settings import Settings, load_settings
 from keyconnector.storage import UserKeyRecord
 from tests.conftest import Pfx, Service, base_env
 from tests.support.backends import Backend, make_backend
+from tests.support.processes import kill_midway
 
 ALL = ["sqlite", "json", "postgresql", "mariadb"]
 ROTATE = [sys.executable, "-m", "keyconnector", "rotate-data-key"]
@@ -230,14 +227,6 @@ def check_through_service(service: Service, issuer: DevIssuer, expected: dict[uu
             assert response.json() == {"key": b64(key)}
 
 
-def wait_until(condition: Callable[[], bool], process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert process.poll() is None, f"the rotation ended (exit {process.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.03)
-
-
 # -- rotate-data-key ---------------------------------------------------------------------------------------
 
 
@@ -265,22 +254,13 @@ def test_data_key_rotation_under_load_killed_and_resumed(
     load.start()
     try:
         load.wait_for(20)
-        rotation = subprocess.Popen(
+        output = kill_midway(
             [*ROTATE, "--settle-seconds", SETTLE, "--batch-size", "100", "--max-rate", "2000"],
-            env=site.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            site.env,
+            lambda: count_version(backend, 2) >= 400,
+            "a fifth of the records were done",
         )
-        try:
-            wait_until(lambda: count_version(backend, 2) >= 400, rotation, "a fifth of the records were done")
-            gets_before_kill = load.gets
-            os.kill(rotation.pid, signal.SIGKILL)
-            output = rotation.communicate(timeout=30)[0].decode()
-        finally:
-            if rotation.poll() is None:
-                rotation.kill()
-                rotation.wait()
-        assert rotation.returncode == -signal.SIGKILL, output
+        gets_before_kill = load.gets
         assert "made data-key version 2" in output
         killed_at = count_version(backend, 2)
         assert 400 <= killed_at < 2000, killed_at

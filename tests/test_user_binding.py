@@ -11,10 +11,7 @@ answers GETs.
 from __future__ import annotations
 
 import base64
-import os
 import secrets
-import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -27,6 +24,7 @@ from keyconnector.cli import main
 from keyconnector.devtools.issuer import DevIssuer
 from tests.conftest import Pfx, Service
 from tests.support.backends import Backend, make_backend
+from tests.support.processes import kill_midway
 from tests.test_compat import upstream_open, upstream_unwrap
 from tests.test_rotate import (
     Load,
@@ -36,7 +34,6 @@ from tests.test_rotate import (
     read_state,
     run,
     seed,
-    wait_until,
 )
 
 UPGRADE = [sys.executable, "-m", "keyconnector", "upgrade-records"]
@@ -200,22 +197,13 @@ def test_upgrade_records_under_load_killed_and_resumed(
     load.start()
     try:
         load.wait_for(20)
-        upgrade = subprocess.Popen(
+        kill_midway(
             [*UPGRADE, "--batch-size", "100", "--max-rate", "2000"],
-            env=site.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            site.env,
+            lambda: count_version(backend, 1) >= 400,
+            "a fifth of the records were done",
         )
-        try:
-            wait_until(lambda: count_version(backend, 1) >= 400, upgrade, "a fifth of the records were done")
-            gets_before_kill = load.gets
-            os.kill(upgrade.pid, signal.SIGKILL)
-            output = upgrade.communicate(timeout=30)[0].decode()
-        finally:
-            if upgrade.poll() is None:
-                upgrade.kill()
-                upgrade.wait()
-        assert upgrade.returncode == -signal.SIGKILL, output
+        gets_before_kill = load.gets
         killed_at = count_version(backend, 1)
         assert 400 <= killed_at < len(keys), killed_at
         load.wait_for(gets_before_kill + 50)

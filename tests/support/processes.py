@@ -97,3 +97,28 @@ def started(server: ServerT) -> Iterator[ServerT]:
         yield server
     finally:
         server.destroy()
+
+
+def kill_midway(
+    command: list[str], env: dict[str, str], reached: Callable[[], bool], what: str, timeout: float = 30
+) -> str:
+    """Run ``command``, SIGKILL it as soon as ``reached()`` holds, and return what it printed.
+
+    For the interrupted-and-re-run tests: the command must still be running when it is killed,
+    otherwise the test would prove nothing about an interruption.
+    """
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while not reached():
+            assert process.poll() is None, f"the command ended (exit {process.returncode}) before {what}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.03)
+        os.kill(process.pid, signal.SIGKILL)
+        output = process.communicate(timeout=30)[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL, output
+    return output
