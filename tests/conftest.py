@@ -7,6 +7,7 @@ an issuer on 127.0.0.1 and reads a real database file.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +83,34 @@ def base_env(issuer: DevIssuer, pfx: Pfx, database: Path) -> dict[str, str]:
     return env
 
 
+SERVICE_LOGS: list[Path] = []
+"""Every service log of this test process, scanned for secrets when the session ends."""
+
+JWT_SHAPE = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{20,}")
+KEY_SHAPE = re.compile(rb"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=(?![A-Za-z0-9+/=])")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_service_log(pfx: Pfx) -> Iterator[None]:
+    """The whole suite as a leak test: after every test has run, no log of any service it started
+    holds a token, a 32-byte key in base64 (user keys, data keys) or the PFX password. The tests
+    provoke every error path on purpose, so this covers far more than one scenario can."""
+    yield
+    leaks: list[str] = []
+    for path in SERVICE_LOGS:
+        if not path.exists():
+            continue
+        text = path.read_bytes()
+        for name, found in (
+            ("an access token", JWT_SHAPE.search(text)),
+            ("a base64 key", KEY_SHAPE.search(text)),
+            ("the PFX password", re.search(re.escape(pfx.password.encode()), text)),
+        ):
+            if found is not None:
+                leaks.append(f"{path}: {name} at byte {found.start()}")
+    assert not leaks, "secrets in service logs:\n" + "\n".join(leaks[:20])
+
+
 class Service:
     """A `keyconnector serve` process on a free port, with its stderr kept for assertions."""
 
@@ -90,6 +119,7 @@ class Service:
     ):
         self.env = env
         self.log_path = log_path
+        SERVICE_LOGS.append(log_path)
         self.workers = workers
         self.extra_args = extra_args
         self.port = free_port()
