@@ -260,3 +260,31 @@ def test_fail_closed_refuses_keys_when_nothing_can_record(
         other = {"Authorization": f"Bearer {issuer.mint(uuid.uuid4())}"}
         assert client.post("/user-keys", headers=other, json={"key": KEY}).status_code == 503
         assert client.get("/user-keys", headers=other).status_code == 404  # nothing was stored
+
+
+@pytest.mark.parametrize("limit", ["perUser", "perAddress"])
+def test_rate_limited_attempts_are_audited(
+    limit: str, start_service: StartService, issuer: DevIssuer, pfx: Pfx, tmp_path: Path
+) -> None:
+    """A 429 is a refused attempt too, whether the middleware sends it before the endpoint runs (per
+    address) or the endpoint answers it once the user is known (per user)."""
+    trail_file = tmp_path / "audit.jsonl"
+    env = _env(issuer, pfx, tmp_path, file=str(trail_file))
+    env[f"keyConnectorSettings__rateLimit__{limit}PerMinute"] = "1"
+    env[f"keyConnectorSettings__rateLimit__{limit}Burst"] = "2"
+    service = start_service(env)
+    user = uuid.uuid4()
+    headers = {"Authorization": f"Bearer {issuer.mint(user)}"}
+    with service.client() as client:
+        statuses = [client.get("/user-keys", headers=headers).status_code for _ in range(3)]
+    assert statuses == [404, 404, 429]
+    deadline = time.monotonic() + 10
+    while len(_entries(trail_file)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    entries = _entries(trail_file)
+    assert [(e["outcome"], e["status"]) for e in entries] == [
+        ("not_found", 404),
+        ("not_found", 404),
+        ("rate_limited", 429),
+    ]
+    assert _verify(env, "--file", str(trail_file)).returncode == 0
