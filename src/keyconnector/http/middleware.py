@@ -22,8 +22,6 @@ _SLASHES = re.compile(r"/{2,}")
 _JSON = b"application/json; charset=utf-8"
 LIMITED_PATH = "/user-keys"
 """The only path with limits: health, alive and now must answer whatever a client does."""
-_DRAIN_LIMIT = 1024 * 1024
-_EMPTY_BODY: Message = {"type": "http.request", "body": b"", "more_body": False}
 
 
 def _find_services(app: Any) -> Any | None:
@@ -108,64 +106,24 @@ class RequestMiddleware:
                 return
         else:
             limiter = None
-        # The per-user limit needs the user id, which the endpoint learns from the token. It is
-        # applied at the first moment the user is known and before anything is disclosed or written:
-        # a write reads its body after the token check, so the body read is that moment (the endpoint
-        # is then handed an empty body, refuses it with a 4xx and writes nothing); a read is stopped
-        # at its response start, so the key never leaves. Either way the endpoint's answer is
-        # replaced by the 429.
-        user_refusal: Refusal | None = None
-        user_checked = False
-        replaced = False
-
-        def check_user() -> None:
-            nonlocal user_refusal, user_checked
-            user = scope.get("keyconnector.user")
-            if limiter is not None and not user_checked and user is not None:
-                user_checked = True
-                user_refusal = limiter.for_user(user)
-
-        def user_limit() -> Refusal | None:
-            check_user()
-            return user_refusal
-
-        # The endpoint asks as soon as it knows the user, so that it answers (and audits) the 429 itself.
-        scope["keyconnector.user_limit"] = user_limit
-
-        async def receive_wrapper() -> Message:
-            check_user()
-            if user_refusal is None:
-                return await receive()
-            size = 0
-            while True:  # drain what the client sends, so the 429 is not lost to a connection reset
-                message = await receive()
-                if message["type"] != "http.request":
-                    return message
-                size += len(message.get("body", b""))
-                if not message.get("more_body", False) or size > _DRAIN_LIMIT:
-                    return _EMPTY_BODY
+        if limiter is not None:
+            # The per-user limit needs the user id, which only the endpoint learns (from the token):
+            # it asks right after the token check, before reading or writing anything, and answers
+            # (and audits) the 429 itself.
+            scope["keyconnector.user_limit"] = limiter.for_user
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, started_response, replaced
-            if replaced:
-                return
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                if limiter is not None:
-                    if message["status"] in (401, 403):
-                        limiter.authentication_failed(address)
-                    check_user()
-                    if user_refusal is not None:
-                        replaced = started_response = True
-                        status = 429
-                        await _send_refusal(send, user_refusal, request_id)
-                        return
                 status = message["status"]
+                if limiter is not None and status in (401, 403):
+                    limiter.authentication_failed(address)
                 started_response = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
         try:
-            await self.app(scope, receive_wrapper if limiter is not None else receive, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
         except Exception:
             error_log.exception("unhandled error in %s %s", scope["method"], path)
             if not started_response:

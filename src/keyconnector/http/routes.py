@@ -12,6 +12,7 @@ import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -180,7 +181,7 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
     """The response and the audit outcome (see keyconnector.audit)."""
     try:
         principal = await _principal(request, services)
-        refusal = _user_rate_limit(request)
+        refusal = await _user_rate_limit(request, principal.user_id)
         if refusal is not None:
             return refusal, "rate_limited"
         if request.method == "GET":
@@ -222,18 +223,16 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
         )
 
 
-def _user_rate_limit(request: Request) -> Response | None:
-    """The per-user limit, applied here so the audit entry says ``rate_limited``.
+async def _user_rate_limit(request: Request, user_id: UUID) -> Response | None:
+    """The per-user limit (see keyconnector.http.ratelimit), published by the request middleware.
 
-    The request middleware applies it (see keyconnector.http.ratelimit) and, when it publishes its
-    check as ``scope["keyconnector.user_limit"]`` (a callable returning the refusal or None, taken
-    once per request), the endpoint asks it as soon as the user is known. Without that hook the
-    middleware still refuses, but the audit entry shows what the endpoint would have answered.
+    Asked as soon as the token names the user, before anything is read or written, so that the 429
+    is this endpoint's answer and its audit entry says ``rate_limited``.
     """
     check = request.scope.get("keyconnector.user_limit")
-    if check is None:
-        return None
-    refusal = check()
+    refusal = check(user_id) if check is not None else None
     if refusal is None:
         return None
+    if request.method != "GET":
+        await _drain(request)  # the 429 must not be lost to a reset over an unread body
     return message(429, refusal.message, {"Retry-After": str(refusal.retry_after)})
