@@ -174,15 +174,17 @@ async def unwrap_version(
     return DataKey(await unwrap_raw(repository, ring, version, provider), version)
 
 
-async def stored_wrap(repository: Repository, ring: KeyRing, version: int, provider: KeyProvider) -> str:
-    """The stored wrap of ``version`` meant for ``provider``'s key pair: its own in the ring, else
-    for version 1 the one in ``ApplicationDatas`` (upstream's, made before any key ring existed)."""
+def wrap_for(ring: KeyRing, version: int, provider: KeyProvider, application_datas: str | None) -> str:
+    """The wrap of ``version`` meant for ``provider``'s key pair: its own in the ring, else for
+    version 1 ``application_datas`` (upstream's wrap, made before any key ring existed).
+
+    Pure, so that a backup can be checked against a key pair before anything is written."""
     entry = ring.versions.get(version)
     if entry is None or entry.state != ACTIVE:
         raise IntegrityError(f"data key version {version} is not in the key ring (retired or never made)")
     wrapped = entry.wraps.get(provider.fingerprint)
     if wrapped is None and version == LEGACY_VERSION:
-        wrapped = await repository.get_wrapped_data_key()
+        wrapped = application_datas
     if wrapped is None:
         raise IntegrityError(
             f"data key version {version} is not wrapped for this key pair ({provider.description}); it is "
@@ -190,6 +192,15 @@ async def stored_wrap(repository: Repository, ring: KeyRing, version: int, provi
             "settings of a key pair that has it, naming this one as the new pair"
         )
     return wrapped
+
+
+async def stored_wrap(repository: Repository, ring: KeyRing, version: int, provider: KeyProvider) -> str:
+    """``wrap_for`` with ``ApplicationDatas`` read from the database when version 1 needs it."""
+    entry = ring.versions.get(version)
+    legacy = None
+    if version == LEGACY_VERSION and entry is not None and provider.fingerprint not in entry.wraps:
+        legacy = await repository.get_wrapped_data_key()
+    return wrap_for(ring, version, provider, legacy)
 
 
 async def unwrap_raw(repository: Repository, ring: KeyRing, version: int, provider: KeyProvider) -> bytes:

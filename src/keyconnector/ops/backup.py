@@ -56,9 +56,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from uuid import UUID
 
 from keyconnector import logs
-from keyconnector.crypto import LEGACY_VERSION, DataKey, KeySet
-from keyconnector.datakeys import KeyRing, load_key_set, now_text
-from keyconnector.errors import KeyConnectorError, UsageError
+from keyconnector.crypto import DataKey, KeySet
+from keyconnector.datakeys import KeyRing, load_key_set, now_text, wrap_for
+from keyconnector.errors import IntegrityError, KeyConnectorError, UsageError
 from keyconnector.keys import KeyProvider, open_key_provider
 from keyconnector.ops import OperationFailed, Subcommands, add_settings_arguments, load_settings_from
 from keyconnector.progress import Progress
@@ -742,22 +742,17 @@ def _publish(temp: Path, output: Path, force: bool) -> None:
 
 
 async def _backup_keys(header: _Header, provider: KeyProvider) -> KeySet | None:
-    """The backup's data keys, unwrapped in memory: proves the key pair fits before anything is written.
-    (The rule is ``datakeys.unwrap_version``'s, without its database: version 1 falls back to the
-    ``ApplicationDatas`` wrap.) None when the backup holds no data key at all."""
+    """The backup's data keys, unwrapped in memory: proves the key pair fits before anything is written
+    (``datakeys.wrap_for``, with the backup's ``ApplicationDatas`` wrap). None when it holds no data key."""
     if header.data_key is None and header.key_ring is None:
         return None
     ring = KeyRing.implicit() if header.key_ring is None else KeyRing.parse(header.key_ring)
     keys = {}
     for number in ring.active:
-        wrapped = ring.versions[number].wraps.get(provider.fingerprint)
-        if wrapped is None and number == LEGACY_VERSION:
-            wrapped = header.data_key
-        if wrapped is None:
-            raise BackupError(
-                f"data key version {number} in the backup is not wrapped for the configured key pair "
-                f"({provider.description})"
-            )
+        try:
+            wrapped = wrap_for(ring, number, provider, header.data_key)
+        except IntegrityError as exc:
+            raise BackupError(f"in the backup: {exc}") from None
         try:
             blob = base64.b64decode(wrapped, validate=True)
         except (binascii.Error, ValueError):
