@@ -187,6 +187,35 @@ class LoggingSettings(Section):
     access_log: bool = Field(default=True, alias="accessLog")
 
 
+class MetricsSettings(Section):
+    """Ours: Prometheus metrics (see keyconnector.metrics)."""
+
+    enabled: bool = True
+    """Serve ``/metrics``. Counters only: no user id, address or key ever becomes a label."""
+    port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve ``/metrics`` on this port instead of the service's own, so that it can stay inside the
+    cluster while the service port faces clients."""
+    host: str | None = None
+    """The address for ``port`` (default: the service's own listening address)."""
+
+
+class ShutdownSettings(Section):
+    """Ours: how a stopping service drains (SIGTERM from an orchestrator, systemd or Ctrl-C)."""
+
+    drain_seconds: float = Field(default=25.0, ge=0, le=3600, alias="drainSeconds")
+    """How long requests already running may take to finish before the process exits anyway. Keep it
+    below the orchestrator's grace period (Kubernetes: 30 s by default)."""
+
+
+class TracingSettings(Section):
+    """Ours: OpenTelemetry traces, exported over OTLP/HTTP (``pip install 'keyconnector[otel]'``).
+
+    The exporter reads the standard ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers,
+    certificate); ``OTEL_SERVICE_NAME`` names the service (default ``keyconnector``)."""
+
+    enabled: bool = False
+
+
 class Settings(BaseSettings):
     """Everything under ``keyConnectorSettings``."""
 
@@ -211,6 +240,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("transferTo", "transfer_to"),
     )
     logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    tracing: TracingSettings = TracingSettings()
     compat: CompatSettings = CompatSettings()
     audit: AuditSettings = AuditSettings()
     rate_limit: RateLimitSettings = Field(
