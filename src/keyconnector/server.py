@@ -8,16 +8,22 @@ so that a misconfiguration fails fast with one clear message instead of once per
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from keyconnector.datakeys import load_key_set
 from keyconnector.errors import ConfigurationError, UnavailableError
+from keyconnector.http.drain import DRAIN_DIR_ENV, FLAG, idle_marker
 from keyconnector.keys import open_key_provider
 from keyconnector.permissions import warn_loose_permissions
 from keyconnector.settings import CONFIG_FILE_ENV, Settings, identity_server_uri
@@ -27,6 +33,8 @@ log = logging.getLogger("keyconnector.server")
 
 DEFAULT_PORT = 5000
 MIGRATION_ATTEMPTS = 10
+WORKER_STOP_SECONDS = 5
+"""After the drain, how long a worker may take to close (flush access times and audit entries)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,80 @@ def preflight(settings: Settings) -> None:
         log.error("starting without the data key: %s; user-key requests get 503 until it is back", exc)
 
 
+def wait_for_drain(folder: Path, seconds: float) -> bool:
+    """Raise the drain flag for the workers and wait until each one serving is idle, or ``seconds``.
+
+    A worker announces itself with a marker when it starts serving (``http.drain``) and leaves an
+    idle marker once draining with nothing running. True when every worker finished in time.
+    """
+    (folder / FLAG).touch()
+    started = time.monotonic()
+    deadline = started + seconds
+    while True:
+        busy = [
+            pid for pid in _serving_workers(folder) if _alive(pid) and not idle_marker(folder, pid).exists()
+        ]
+        if not busy:
+            log.info("drained in %.1fs; stopping", time.monotonic() - started)
+            return True
+        if time.monotonic() >= deadline:
+            log.warning(
+                "drain took longer than %.0fs (keyConnectorSettings__shutdown__drainSeconds); stopping "
+                "%d worker(s) with requests still running",
+                seconds,
+                len(busy),
+            )
+            return False
+        time.sleep(0.05)
+
+
+def _serving_workers(folder: Path) -> list[int]:
+    pids = []
+    for marker in folder.glob("worker-*"):
+        with contextlib.suppress(ValueError):
+            pids.append(int(marker.name.removeprefix("worker-")))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _draining(server_class: Any, folder: Path, seconds: float) -> Any:
+    """granian's server, with a drain between the stop signal and the stop of the workers.
+
+    granian stops its workers as soon as SIGTERM or SIGINT arrives. Here the first signal starts the
+    drain in a thread and returns; the stop proper begins when the drain is over. A second signal
+    stops at once (an operator pressing Ctrl-C twice means it).
+    """
+
+    class DrainingServer(server_class):  # type: ignore[misc]
+        _drain_started = False
+
+        def signal_handler_interrupt(self, *args: Any, **kwargs: Any) -> None:
+            if self._drain_started or seconds <= 0:
+                server_class.signal_handler_interrupt(self, *args, **kwargs)
+                return
+            self._drain_started = True
+            log.info("stop requested: draining for up to %.0fs", seconds)
+
+            def drain_then_stop() -> None:
+                try:
+                    wait_for_drain(folder, seconds)
+                finally:
+                    server_class.signal_handler_interrupt(self)
+
+            threading.Thread(target=drain_then_stop, name="drain", daemon=True).start()
+
+    return DrainingServer
+
+
 def run(
     settings: Settings,
     listen: Listen,
@@ -125,8 +207,10 @@ def run(
     # the key provider here, and HSM libraries (PKCS#11 must be re-initialised after fork) and gRPC
     # channels (Google Cloud KMS) do not survive being forked.
     multiprocessing.set_start_method("spawn", force=True)
+    drain_folder = Path(tempfile.mkdtemp(prefix="keyconnector-drain-"))  # mode 0700
+    os.environ[DRAIN_DIR_ENV] = str(drain_folder)
     log.info("listening on %s://%s:%d with %d worker(s)", scheme, listen.host, listen.port, workers)
-    server = Server(
+    server = _draining(Server, drain_folder, settings.shutdown.drain_seconds)(
         "keyconnector.http.app:create_app_from_environment",
         address=listen.host,
         port=listen.port,
@@ -139,5 +223,9 @@ def run(
         ssl_cert=Path(tls_cert) if tls_cert else None,
         ssl_key=Path(tls_key) if tls_key else None,
         respawn_failed_workers=True,
+        workers_kill_timeout=WORKER_STOP_SECONDS,
     )
-    server.serve()
+    try:
+        server.serve()
+    finally:
+        shutil.rmtree(drain_folder, ignore_errors=True)

@@ -202,9 +202,10 @@ class MetricsSettings(Section):
 class ShutdownSettings(Section):
     """Ours: how a stopping service drains (SIGTERM from an orchestrator, systemd or Ctrl-C)."""
 
-    drain_seconds: float = Field(default=25.0, ge=0, le=3600, alias="drainSeconds")
-    """How long requests already running may take to finish before the process exits anyway. Keep it
-    below the orchestrator's grace period (Kubernetes: 30 s by default)."""
+    drain_seconds: float = Field(default=20.0, ge=0, le=3600, alias="drainSeconds")
+    """How long requests already running may take to finish before the process exits anyway (0: stop
+    at once). The workers then get up to 5 s more to close: keep the sum below the orchestrator's grace
+    period (Kubernetes: 30 s by default)."""
 
 
 class TracingSettings(Section):

@@ -24,6 +24,7 @@ from keyconnector.audit import open_audit
 from keyconnector.auth import TokenValidator
 from keyconnector.http import openapi, routes
 from keyconnector.http.cors import CORSMiddleware, allowed_origin
+from keyconnector.http.drain import DrainLayer
 from keyconnector.http.middleware import RequestMiddleware
 from keyconnector.http.responses import message
 from keyconnector.http.state import Services
@@ -124,8 +125,11 @@ def create_app(settings: Settings) -> ASGIApp:
         exception_handlers={404: _not_found, 405: _method_not_allowed},
         lifespan=lifespan,
     )
+    # The drain sits inside CORS, so that a browser can read its 503, and inside the request layer, so
+    # that refused requests are logged with their request id like any other.
     return RequestMiddleware(
-        CORSMiddleware(app, allowed_origin(settings.web_vault_uri)), rate_limits=settings.rate_limit
+        CORSMiddleware(DrainLayer(app), allowed_origin(settings.web_vault_uri)),
+        rate_limits=settings.rate_limit,
     )
 
 
