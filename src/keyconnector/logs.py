@@ -13,12 +13,17 @@ import logging.handlers
 import os
 import sys
 import time
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
 from keyconnector.settings import LoggingSettings
 
 ACCESS_LOGGER = "keyconnector.access"
+
+request_id: ContextVar[str | None] = ContextVar("keyconnector_request_id", default=None)
+"""The id of the request being handled (set by the HTTP layer), added to every log line written
+while handling it, so that an error line and its access-log line can be found together."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,6 +34,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        current = request_id.get()
+        if current is not None:
+            entry["request_id"] = current
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)
@@ -38,6 +46,19 @@ class JsonFormatter(logging.Formatter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """Human lines; a line written while handling a request ends with ``rid=<request id>``, as the
+    access log's line for that request does."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        current = request_id.get()
+        return line if current is None else f"{line} rid={current}"
 
 
 class AccessLog:
@@ -163,7 +184,7 @@ def configure(settings: LoggingSettings) -> None:
     _access = AccessLog(json_format=settings.format == "json", file=settings.file)
     _access.enabled = settings.access_log
     formatter: logging.Formatter
-    formatter = JsonFormatter() if settings.format == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter = JsonFormatter() if settings.format == "json" else TextFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.file:
         # WatchedFileHandler reopens the file after logrotate moves it.

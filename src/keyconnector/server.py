@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from keyconnector import tracing
 from keyconnector.datakeys import load_key_set
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.http.drain import DRAIN_DIR_ENV, FLAG, idle_marker
@@ -100,6 +101,7 @@ def preflight(settings: Settings) -> None:
     outage should not turn into a crash loop, and the service then recovers by itself).
     """
     identity_server_uri(settings)
+    tracing.check(settings)
     # Before the migration, which may create the database file (it does so with mode 0600).
     warn_loose_permissions(settings)
     migrate_with_retries(settings)

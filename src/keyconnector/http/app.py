@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from keyconnector import logs
+from keyconnector import logs, tracing
 from keyconnector.audit import open_audit
 from keyconnector.auth import TokenValidator
 from keyconnector.http import openapi, routes
@@ -127,14 +127,15 @@ def create_app(settings: Settings) -> ASGIApp:
     )
     # The drain sits inside CORS, so that a browser can read its 503, and inside the request layer, so
     # that refused requests are logged with their request id like any other.
-    return RequestMiddleware(
-        CORSMiddleware(DrainLayer(app), allowed_origin(settings.web_vault_uri)),
-        rate_limits=settings.rate_limit,
-    )
+    inner: ASGIApp = CORSMiddleware(DrainLayer(app), allowed_origin(settings.web_vault_uri))
+    if settings.tracing.enabled:
+        inner = tracing.TracingLayer(inner)
+    return RequestMiddleware(inner, rate_limits=settings.rate_limit)
 
 
 def create_app_from_environment() -> ASGIApp:
     """The server's factory: settings from the environment (and ``KEYCONNECTOR_CONFIG``)."""
     settings = load_settings().settings
     logs.configure(settings.logging)
+    tracing.configure(settings)
     return create_app(settings)

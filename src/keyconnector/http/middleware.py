@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keyconnector import logs
 from keyconnector.http.ratelimit import RateLimiter, Refusal, client_address
 from keyconnector.logs import access_log
 from keyconnector.settings import RateLimitSettings
@@ -91,6 +92,7 @@ class RequestMiddleware:
         if request_id is None:
             request_id = os.urandom(8).hex().encode()
         scope["keyconnector.request_id"] = request_id
+        request_id_token = logs.request_id.set(request_id.decode())
         limiter = self._limiter
         address = client_address(scope, limiter.trusted if limiter is not None else None)
         scope["keyconnector.client_address"] = address
@@ -103,6 +105,7 @@ class RequestMiddleware:
                 self._audit_refusal(scope)
                 await _send_refusal(send, refusal, request_id)
                 self._log(scope, path, 429, started, request_id, address)
+                logs.request_id.reset(request_id_token)
                 return
         else:
             limiter = None
@@ -138,6 +141,7 @@ class RequestMiddleware:
                 await send({"type": "http.response.body", "body": body})
         finally:
             self._log(scope, path, status, started, request_id, address)
+            logs.request_id.reset(request_id_token)
 
     @staticmethod
     def _log(scope: Scope, path: str, status: int, started: float, request_id: bytes, address: str) -> None:

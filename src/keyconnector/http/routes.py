@@ -212,7 +212,7 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
         # 500, not 4xx: the stored data is damaged or was moved, which the client neither caused nor
         # can fix (a 409 would invite it to overwrite the evidence).
         request_id = request.scope["keyconnector.request_id"].decode()
-        log.error("%s %s (request %s): %s", request.method, request.url.path, request_id, exc)
+        log.error("%s %s: %s", request.method, request.url.path, exc)  # the request id is added to the line
         return (
             message(
                 500,

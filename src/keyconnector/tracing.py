@@ -1,0 +1,147 @@
+"""Optional OpenTelemetry traces: one server span per request, child spans for the key provider and
+the database, exported over OTLP/HTTP.
+
+Off unless ``tracing.enabled`` is set, and then the ``otel`` extra must be installed: an operator
+who asked for traces and gets none would be debugging the wrong thing, so a missing package stops the
+service with a message naming the extra. When off, nothing here runs on the request path (the layer
+is not even installed).
+
+The exporter is configured the standard way, by ``OTEL_EXPORTER_OTLP_*`` variables (endpoint,
+headers, certificate, timeout), so collectors and their authentication need no setting of ours.
+An incoming W3C ``traceparent`` header is honoured, so a span started by a reverse proxy or the
+Bitwarden server continues here. Spans carry the route, the status and the request id, never a user
+id, an address, a token or a key: a trace backend is usually far less guarded than this service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from keyconnector._optional import require
+from keyconnector.settings import Settings
+
+log = logging.getLogger("keyconnector.tracing")
+
+DEFAULT_SERVICE_NAME = "keyconnector"
+ROUTES = frozenset(
+    {"/user-keys", "/alive", "/now", "/health", "/health/live", "/health/ready", "/openapi.json", "/metrics"}
+)
+"""Span names use these paths; anything else is ``unmatched`` (a scanner must not create span names)."""
+
+_tracer: Any | None = None
+_provider: Any | None = None
+
+
+def _sdk(module: str) -> Any:
+    return require(module, extra="otel", setting="tracing.enabled", provider="OpenTelemetry tracing")
+
+
+def check(settings: Settings) -> None:
+    """Fail before serving when tracing is asked for and its packages are missing."""
+    if settings.tracing.enabled:
+        _sdk("opentelemetry.sdk.trace")
+        _sdk("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+
+def configure(settings: Settings) -> None:
+    """Set up this process's tracer (each server worker calls it); no-op when tracing is off."""
+    global _tracer, _provider
+    if not settings.tracing.enabled or _tracer is not None:
+        return
+    sdk_trace = _sdk("opentelemetry.sdk.trace")
+    export = _sdk("opentelemetry.sdk.trace.export")
+    resources = _sdk("opentelemetry.sdk.resources")
+    otlp = _sdk("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": DEFAULT_SERVICE_NAME}
+    provider = sdk_trace.TracerProvider(resource=resources.Resource.create(attributes))
+    provider.add_span_processor(export.BatchSpanProcessor(otlp.OTLPSpanExporter()))
+    _provider = provider
+    _tracer = provider.get_tracer("keyconnector")
+    log.info("tracing: exporting spans over OTLP/HTTP")
+
+
+def shutdown() -> None:
+    """Send the spans still buffered (a worker that stops must not lose its last traces)."""
+    global _tracer, _provider
+    if _provider is not None:
+        try:
+            _provider.shutdown()
+        except Exception as exc:  # an exporter failing at exit must not hide the real shutdown
+            log.warning("tracing: could not send the last spans: %s", exc)
+    _tracer = _provider = None
+
+
+def tracer() -> Any | None:
+    """The tracer when tracing is on, else None (callers skip their spans)."""
+    return _tracer
+
+
+@contextlib.contextmanager
+def span(name: str, **attributes: str | int) -> Iterator[None]:
+    """A child span of the current request's span; nothing at all when tracing is off."""
+    current = _tracer
+    if current is None:
+        yield
+        return
+    with current.start_as_current_span(name, attributes=attributes):
+        yield
+
+
+class TracingLayer:
+    """One SERVER span per HTTP request, continuing the caller's trace when it sent one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        trace = _sdk("opentelemetry.trace")
+        propagate = _sdk("opentelemetry.propagate")
+        self._kind = trace.SpanKind.SERVER
+        self._error = trace.Status(trace.StatusCode.ERROR)
+        self._extract = propagate.extract
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                shutdown()
+            return
+        current = _tracer
+        if scope["type"] != "http" or current is None:
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        route = path if path in ROUTES else "unmatched"
+        carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        request_id = scope.get("keyconnector.request_id", b"")
+        attributes = {
+            "http.request.method": scope["method"],
+            "http.route": route,
+            "url.scheme": scope.get("scheme", "http"),
+            "keyconnector.request_id": request_id.decode() if isinstance(request_id, bytes) else "",
+        }
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        with current.start_as_current_span(
+            f"{scope['method']} {route}",
+            context=self._extract(carrier),
+            kind=self._kind,
+            attributes=attributes,
+        ) as server_span:
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                server_span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    server_span.set_status(self._error)
