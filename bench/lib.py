@@ -150,7 +150,9 @@ class TokenMinter:
 def service_env(issuer_url: str, pfx_path: Path, pfx_password: str, database: Path) -> dict[str, str]:
     """The environment an operator would set for SQLite + a PFX (as tests/conftest.py::base_env).
 
-    Nothing else is tuned: the access log stays on and ``lastAccessFlushSeconds`` keeps its default.
+    Nothing else is tuned: the access log and metrics stay on and ``lastAccessFlushSeconds`` keeps its
+    default. Rate limits are off: the load generator is one address sending far more than any real
+    client population behind one address would.
     """
     env = {k: v for k, v in os.environ.items() if not k.lower().startswith("keyconnectorsettings")}
     env.pop("ASPNETCORE_URLS", None)
@@ -164,6 +166,9 @@ def service_env(issuer_url: str, pfx_path: Path, pfx_password: str, database: Pa
             "keyConnectorSettings__certificate__provider": "filesystem",
             "keyConnectorSettings__certificate__filesystemPath": str(pfx_path),
             "keyConnectorSettings__certificate__filesystemPassword": pfx_password,
+            "keyConnectorSettings__rateLimit__perUserPerMinute": "0",
+            "keyConnectorSettings__rateLimit__perAddressPerMinute": "0",
+            "keyConnectorSettings__rateLimit__failedAuthPerAddressPerMinute": "0",
         }
     )
     return env

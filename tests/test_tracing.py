@@ -136,6 +136,18 @@ def test_requests_are_traced_and_continue_the_callers_trace(
         get_span = receiver.wait_for("GET /user-keys")[0]
         assert get_span["trace_id"] != caller_trace  # no traceparent: a trace of its own
         assert get_span["attributes"]["keyconnector.request_id"] == got.headers["x-request-id"]
+        # The database read of the GET is a child of its span.
+        reads = receiver.wait_for("database get_key", count=1)
+        assert any(
+            read["trace_id"] == get_span["trace_id"] and read["parent_span_id"] == get_span["span_id"]
+            for read in reads
+        )
+        assert reads[0]["attributes"]["db.system"] == "sqlite"
+        writes = receiver.wait_for("database create_key")
+        assert writes[0]["trace_id"] == caller_trace
+        # Each worker unwrapped the data key at start, outside any request.
+        unwraps = receiver.wait_for("key provider unwrap", count=2)
+        assert all(span["parent_span_id"] == "" for span in unwraps)
         # A scanner's paths do not become span names.
         receiver.wait_for("GET unmatched")
     finally:

@@ -15,10 +15,8 @@ id, an address, a token or a key: a trace backend is usually far less guarded th
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -80,17 +78,6 @@ def shutdown() -> None:
 def tracer() -> Any | None:
     """The tracer when tracing is on, else None (callers skip their spans)."""
     return _tracer
-
-
-@contextlib.contextmanager
-def span(name: str, **attributes: str | int) -> Iterator[None]:
-    """A child span of the current request's span; nothing at all when tracing is off."""
-    current = _tracer
-    if current is None:
-        yield
-        return
-    with current.start_as_current_span(name, attributes=attributes):
-        yield
 
 
 class TracingLayer:

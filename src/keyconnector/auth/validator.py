@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from keyconnector import metrics
 from keyconnector.auth.jwks import KeySet, KeySetSource, VerificationKey
 
 __all__ = ["AuthError", "Principal", "TokenValidator"]
@@ -143,6 +144,7 @@ class TokenValidator:
         # the worker) walk 100,000 entries. Measured in a login storm: 50-120 ms pauses before.
         self._cache: OrderedDict[bytes, tuple[int, str | None, float]] = OrderedDict()
         self.cache_hits = 0
+        self.cache_misses = 0
         # All tokens from one identity server key share one header segment: decode it once.
         self._headers: dict[bytes, dict[str, object]] = {}
         self._clock = clock
@@ -177,6 +179,13 @@ class TokenValidator:
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal of a ``Bearer`` token; raises :class:`AuthError` or ``UnavailableError``."""
+        try:
+            return await self._authenticate(authorization)
+        except AuthError as exc:
+            metrics.count_token_failure(exc.status, exc.message)  # by a fixed reason, never the token
+            raise
+
+    async def _authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
             raise _unauthorized("the request carries no bearer token (no Authorization header)")
         scheme, _, rest = authorization.strip().partition(" ")
@@ -197,6 +206,7 @@ class TokenValidator:
                 return Principal(_UUID(int=cached[0]), cached[1], cached[2])
             del self._cache[digest]
             raise _unauthorized("the token has expired")
+        self.cache_misses += 1
 
         source = self._source
         key_set = source.current

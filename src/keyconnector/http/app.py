@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from keyconnector import logs, tracing
+from keyconnector import logs, metrics, tracing
 from keyconnector.audit import open_audit
 from keyconnector.auth import TokenValidator
 from keyconnector.http import openapi, routes
@@ -47,6 +47,12 @@ async def build_services(settings: Settings) -> Services:
         await repository.aclose()
         await audit.aclose()
         raise
+    # The same wrappers time the calls for metrics and open the child spans of a trace.
+    if settings.metrics.enabled or settings.tracing.enabled:
+        repository = metrics.InstrumentedRepository(repository, settings.database.provider)
+        provider = metrics.InstrumentedKeyProvider(
+            provider, settings.rsa_key.provider if settings.rsa_key else "unknown"
+        )
     validator = TokenValidator(uri, verify=trust_context(settings.ca_certificates_directory))
     keys = KeyService(
         repository,
@@ -107,10 +113,16 @@ def create_app(settings: Settings) -> ASGIApp:
             services.provider.description,
             settings.identity_server_uri,
         )
+        mirror = metrics.Mirror(services) if settings.metrics.enabled else None
+        if mirror is not None:
+            mirror.start()
+            app.state.metrics_mirror = mirror
         try:
             yield
         finally:
             await close_services(services)
+            if mirror is not None:
+                await mirror.aclose()  # after the close, so failures of the last flushes count too
 
     app = Starlette(
         routes=[
@@ -121,6 +133,7 @@ def create_app(settings: Settings) -> ASGIApp:
             Route("/health/live", routes.health_live, methods=["GET"]),
             Route("/health/ready", routes.health_ready, methods=["GET"]),
             Route("/openapi.json", openapi.openapi_endpoint, methods=["GET"]),
+            Route("/metrics", metrics.endpoint(settings), methods=["GET"]),
         ],
         exception_handlers={404: _not_found, 405: _method_not_allowed},
         lifespan=lifespan,
@@ -130,7 +143,7 @@ def create_app(settings: Settings) -> ASGIApp:
     inner: ASGIApp = CORSMiddleware(DrainLayer(app), allowed_origin(settings.web_vault_uri))
     if settings.tracing.enabled:
         inner = tracing.TracingLayer(inner)
-    return RequestMiddleware(inner, rate_limits=settings.rate_limit)
+    return RequestMiddleware(inner, rate_limits=settings.rate_limit, metrics=settings.metrics.enabled)
 
 
 def create_app_from_environment() -> ASGIApp:

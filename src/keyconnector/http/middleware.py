@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from keyconnector import logs
 from keyconnector.http.ratelimit import RateLimiter, Refusal, client_address
 from keyconnector.logs import access_log
+from keyconnector.metrics import RequestMetrics
 from keyconnector.settings import RateLimitSettings
 
 error_log = logging.getLogger("keyconnector.http")
@@ -58,8 +59,9 @@ async def _send_refusal(send: Send, refusal: Refusal, request_id: bytes) -> None
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, rate_limits: RateLimitSettings) -> None:
+    def __init__(self, app: ASGIApp, rate_limits: RateLimitSettings, *, metrics: bool = True) -> None:
         self.app = app
+        self._metrics = RequestMetrics() if metrics else None
         limiter = RateLimiter(rate_limits)
         self._limiter = limiter if limiter.enabled or limiter.trusted is not None else None
         self._services: Any | None = None
@@ -143,8 +145,11 @@ class RequestMiddleware:
             self._log(scope, path, status, started, request_id, address)
             logs.request_id.reset(request_id_token)
 
-    @staticmethod
-    def _log(scope: Scope, path: str, status: int, started: float, request_id: bytes, address: str) -> None:
+    def _log(
+        self, scope: Scope, path: str, status: int, started: float, request_id: bytes, address: str
+    ) -> None:
+        if self._metrics is not None:
+            self._metrics.record(path, scope["method"], status, time.perf_counter() - started)
         access = access_log()
         if access.enabled:
             access.record(

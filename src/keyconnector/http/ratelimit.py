@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from starlette.types import Scope
 
+from keyconnector import metrics
 from keyconnector.errors import ConfigurationError, setting_name
 from keyconnector.settings import RateLimitSettings
 
@@ -206,6 +207,7 @@ class Refusal:
 
 
 def _refusal(wait: float, who: str, setting: str) -> Refusal:
+    metrics.count_rejection(setting)  # every refusal is made here, so it is counted once
     seconds = max(1, math.ceil(wait))
     return Refusal(
         f"too many requests {who}; try again in {seconds} second{'s' if seconds != 1 else ''} "
