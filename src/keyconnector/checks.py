@@ -67,7 +67,9 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
                 unwrapped = await provider.unwrap(base64.b64decode(wrapped))
                 ok = len(unwrapped) == 32
                 detail = (
-                    "the stored data key unwraps with this key pair" if ok else "unwraps to a wrong length"
+                    "the stored data key unwraps with this key pair"
+                    if ok
+                    else "the stored data key unwraps to a wrong length: it was not wrapped by this key pair"
                 )
                 results.append(CheckResult("data key", ok, detail))
         except KeyConnectorError as exc:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from keyconnector import tracing
 from keyconnector.datakeys import load_key_set
-from keyconnector.errors import ConfigurationError, UnavailableError
+from keyconnector.errors import UnavailableError, UsageError
 from keyconnector.http.drain import DRAIN_DIR_ENV, FLAG, idle_marker
 from keyconnector.keys import open_key_provider
 from keyconnector.permissions import warn_loose_permissions
@@ -53,9 +53,7 @@ def listen_address(host: str | None, port: int | None, environ: dict[str, str] |
         first = urls.split(";")[0].strip()
         parts = urlsplit(first.replace("://+", "://0.0.0.0").replace("://*", "://0.0.0.0"))
         if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ConfigurationError(
-                "(ASPNETCORE_URLS)", f"cannot read '{first}' as a URL like http://+:5000"
-            )
+            raise UsageError("ASPNETCORE_URLS", f"cannot read '{first}' as a URL like http://+:5000")
         default = 443 if parts.scheme == "https" else 80
         return Listen(parts.hostname, parts.port or default, parts.scheme == "https")
     return Listen(host or "127.0.0.1", port or DEFAULT_PORT, False)
@@ -201,14 +199,18 @@ def run(
     if config_file:
         os.environ[CONFIG_FILE_ENV] = str(Path(config_file).resolve())
     if listen.https and not (tls_cert and tls_key):
-        raise ConfigurationError(
-            "(ASPNETCORE_URLS)", "asks for https: give the certificate with --tls-cert PEM --tls-key PEM"
+        raise UsageError(
+            "ASPNETCORE_URLS", "asks for https: give the certificate with --tls-cert PEM --tls-key PEM"
         )
     scheme = "https" if tls_cert else "http"
     # Workers start as fresh interpreters, not forks of this process: pre-flight has already opened
     # the key provider here, and HSM libraries (PKCS#11 must be re-initialised after fork) and gRPC
     # channels (Google Cloud KMS) do not survive being forked.
     multiprocessing.set_start_method("spawn", force=True)
+    from keyconnector import metrics
+
+    # Before the workers spawn: they must find PROMETHEUS_MULTIPROC_DIR when they import the client.
+    metrics_side = metrics.start_parent_side(settings, listen.host)
     drain_folder = Path(tempfile.mkdtemp(prefix="keyconnector-drain-"))  # mode 0700
     os.environ[DRAIN_DIR_ENV] = str(drain_folder)
     log.info("listening on %s://%s:%d with %d worker(s)", scheme, listen.host, listen.port, workers)
@@ -231,3 +233,4 @@ def run(
         server.serve()
     finally:
         shutil.rmtree(drain_folder, ignore_errors=True)
+        metrics_side.stop()
