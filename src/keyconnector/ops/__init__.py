@@ -31,6 +31,8 @@ OPERATIONS: list[str] = [
     "keyconnector.ops.stats",
     "keyconnector.ops.audit",
     "keyconnector.ops.upgrade",
+    "keyconnector.ops.downgrade",
+    "keyconnector.ops.docs",
 ]
 
 Subcommands = Any

@@ -156,8 +156,9 @@ class Repository(Protocol):
     async def set_wrapped_data_key(self, wrapped: str) -> None:
         """Replace ``SymmetricKey`` of the first ``ApplicationDatas`` row (insert it if there is none).
 
-        Only for retiring an old key pair (the row then holds the new pair's wrap of data key
-        version 1, so upstream pointed at the new pair reads it) and for restore."""
+        Only for what upstream must read afterwards: retiring an old key pair (the row then holds the
+        new pair's wrap of data key version 1, so upstream pointed at the new pair reads it), restore,
+        and ``downgrade-records`` (the re-made version 1 that upstream will use)."""
         ...
 
     async def ping(self) -> None:
