@@ -7,7 +7,7 @@ DATA ?= data
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install run demo test lint typecheck bench bench-databases clean system-deps bench-deps fuzz
+.PHONY: install run demo test lint docs typecheck bench bench-databases clean system-deps bench-deps fuzz
 
 install: $(STAMP)
 
@@ -64,8 +64,16 @@ fuzz: $(STAMP) system-deps
 	  --hypothesis-profile=fuzz --timeout=0 tests/test_fuzz.py tests/test_properties.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench fuzz
-	$(BIN)/ruff format --check src tests bench fuzz
+	$(BIN)/ruff check src tests bench fuzz deploy/docker/healthcheck
+	$(BIN)/ruff format --check src tests bench fuzz deploy/docker/healthcheck
+	$(BIN)/hadolint --failure-threshold warning Dockerfile
+	$(BIN)/helm lint --strict deploy/helm/keyconnector >/dev/null
+	bash -n deploy/docker/entrypoint.sh
+	$(BIN)/keyconnector config-reference --check docs/configuration.md
+
+# The configuration reference is generated from the settings model; commit the result.
+docs: $(STAMP)
+	$(BIN)/keyconnector config-reference --output docs/configuration.md
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
