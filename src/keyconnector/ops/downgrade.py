@@ -91,12 +91,12 @@ from keyconnector.ops import (
 )
 from keyconnector.ops.rotate import (
     MAX_PASSES,
-    SETTLE_MARGIN,
     _non_negative_float,
     _pass,
     _positive_float,
     _positive_int,
     _say,
+    settle_time,
 )
 from keyconnector.progress import Progress
 from keyconnector.settings import Settings
@@ -150,9 +150,7 @@ def cmd_downgrade_records(args: argparse.Namespace) -> int:
     if args.dry_run:
         asyncio.run(plan_downgrade(settings, batch_size=args.batch_size, out=sys.stdout))
         return 0
-    settle = args.settle_seconds
-    if settle is None:
-        settle = settings.key_ring_refresh_seconds + settings.last_access_flush_seconds + SETTLE_MARGIN
+    settle = settle_time(settings, args.settle_seconds)
     asyncio.run(
         downgrade_records(
             settings,

@@ -246,12 +246,18 @@ async def retire_key_pair(settings: Settings, out: TextIO) -> list[str]:
 # -- rotate-data-key -------------------------------------------------------------------------------------
 
 
+def settle_time(settings: Settings, given: float | None) -> float:
+    """How long a ring change takes to reach every running service (unless the operator said).
+
+    A service looks at the ring on its access-flush tick once the refresh interval has passed."""
+    if given is not None:
+        return given
+    return settings.key_ring_refresh_seconds + settings.last_access_flush_seconds + SETTLE_MARGIN
+
+
 def cmd_rotate_data_key(args: argparse.Namespace) -> int:
     settings = load_settings_from(args).settings
-    settle = args.settle_seconds
-    if settle is None:
-        # A service looks at the ring on its access-flush tick once the refresh interval has passed.
-        settle = settings.key_ring_refresh_seconds + settings.last_access_flush_seconds + SETTLE_MARGIN
+    settle = settle_time(settings, args.settle_seconds)
     asyncio.run(
         rotate_data_key(
             settings,
