@@ -11,7 +11,6 @@ SIGKILLed half-way.
 
 from __future__ import annotations
 
-import base64
 import secrets
 import sys
 import uuid
@@ -20,10 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.serialization import pkcs12
 
 from keyconnector.cli import main
 from keyconnector.datakeys import RETIRED, start_data_key_version
@@ -33,6 +28,7 @@ from keyconnector.settings import Settings
 from keyconnector.storage import UserKeyRecord
 from tests.conftest import Pfx, Service
 from tests.support.backends import Backend, make_backend
+from tests.support.envelopes import b64, upstream_open, upstream_unwrap
 from tests.support.processes import kill_midway
 from tests.test_rotate import CREATED, Load, check_through_service, deployment, read_state, run
 
@@ -43,10 +39,6 @@ SETTLE = "1.5"
 """Services reload the ring every 0.5 s (on a 0.2 s tick): 1.5 s of settling is plenty."""
 
 
-def b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode()
-
-
 # -- upstream's reader, from PROTOCOL.md section 3 ---------------------------------------------------------
 
 
@@ -54,26 +46,18 @@ def upstream_data_key(backend: Backend, pfx: Pfx) -> bytes:
     """The first ``ApplicationDatas`` row, unwrapped as the certificate provider of upstream does."""
     rows = backend.sql('SELECT "SymmetricKey" FROM "ApplicationDatas" ORDER BY "Id"')
     assert rows and isinstance(rows[0][0], str)
-    private_key, _, _ = pkcs12.load_key_and_certificates(pfx.path.read_bytes(), pfx.password.encode())
-    assert isinstance(private_key, rsa.RSAPrivateKey)
-    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
-    data_key = private_key.decrypt(base64.b64decode(rows[0][0]), oaep)
+    data_key = upstream_unwrap(pfx, rows[0][0])
     assert len(data_key) == 32
     return data_key
 
 
 def upstream_read_all(backend: Backend, pfx: Pfx) -> dict[uuid.UUID, bytes | None]:
     """Every user's key as upstream would return it (None: no key in the row)."""
-    aead = AESGCM(upstream_data_key(backend, pfx))
-    keys: dict[uuid.UUID, bytes | None] = {}
-    for user_id, record in backend.sql('SELECT "Id", "Key" FROM "UserKeys"'):
-        user = uuid.UUID(str(user_id))
-        if record is None:
-            keys[user] = None
-            continue
-        blob = base64.b64decode(record, validate=True)  # a format-2 record fails here (':' is not base64)
-        keys[user] = aead.decrypt(blob[-12:], blob[:-12], None)
-    return keys
+    data_key = upstream_data_key(backend, pfx)
+    return {
+        uuid.UUID(str(user_id)): None if record is None else upstream_open(data_key, record)
+        for user_id, record in backend.sql('SELECT "Id", "Key" FROM "UserKeys"')
+    }
 
 
 def application_datas(backend: Backend) -> str:

@@ -39,6 +39,7 @@ from keyconnector.settings import Settings, load_settings
 from keyconnector.storage import UserKeyRecord
 from tests.conftest import Pfx, Service, base_env
 from tests.support.backends import Backend, make_backend
+from tests.support.envelopes import b64
 from tests.support.processes import kill_midway
 
 ALL = ["sqlite", "json", "postgresql", "mariadb"]
@@ -152,10 +153,6 @@ def count_version(backend: Backend, version: int) -> int:
         return sum(1 for entry in document["userKey"] if str(entry.get("key") or "").startswith(prefix))
     rows = backend.sql('SELECT COUNT(*) FROM "UserKeys" WHERE "Key" LIKE ?', (prefix + "%",))
     return int(rows[0][0])
-
-
-def b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode()
 
 
 # -- clients during a rotation -----------------------------------------------------------------------------

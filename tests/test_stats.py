@@ -18,7 +18,7 @@ from keyconnector.settings import load_settings
 from keyconnector.storage import UserKeyRecord, migrate, open_repository
 from tests.conftest import Pfx
 from tests.support.backends import run
-from tests.test_compat import upstream_seal, upstream_wrap
+from tests.support.envelopes import upstream_seal, upstream_wrap
 from tests.test_transfer import Deployment, command_env, deployment, keyconnector
 
 AGES: dict[str, timedelta | None] = {

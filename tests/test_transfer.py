@@ -39,7 +39,7 @@ from keyconnector.settings import load_settings
 from keyconnector.storage import Repository, UserKeyRecord, migrate, open_repository
 from tests.conftest import Pfx, base_env
 from tests.support.backends import Backend, make_backend, run, with_repository
-from tests.test_compat import format2_open, upstream_open, upstream_seal, upstream_unwrap, upstream_wrap
+from tests.support.envelopes import format2_open, upstream_open, upstream_seal, upstream_unwrap, upstream_wrap
 
 SETTINGS = "keyConnectorSettings__"
 

@@ -10,7 +10,6 @@ answers GETs.
 
 from __future__ import annotations
 
-import base64
 import secrets
 import sys
 import uuid
@@ -24,8 +23,8 @@ from keyconnector.cli import main
 from keyconnector.devtools.issuer import DevIssuer
 from tests.conftest import Pfx, Service
 from tests.support.backends import Backend, make_backend
+from tests.support.envelopes import b64, upstream_open, upstream_unwrap
 from tests.support.processes import kill_midway
-from tests.test_compat import upstream_open, upstream_unwrap
 from tests.test_rotate import (
     Load,
     check_through_service,
@@ -40,10 +39,6 @@ UPGRADE = [sys.executable, "-m", "keyconnector", "upgrade-records"]
 INTEGRITY_STATUS = 500
 """What a GET whose record fails its integrity check answers (see routes.py)."""
 LEGACY = {"compat__writeLegacyFormat": "true"}
-
-
-def b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode()
 
 
 def get(client: httpx.Client, issuer: DevIssuer, user: uuid.UUID) -> httpx.Response:
