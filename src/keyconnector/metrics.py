@@ -80,6 +80,13 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
 MIRROR_INTERVAL = 1.0
 
+
+def route_and_method(path: str, method: str) -> tuple[str, str]:
+    """Bounded labels for a request (metrics and span names): a scanner's made-up paths and methods
+    must not become new series or span names."""
+    return (path if path in ROUTES else UNMATCHED, method if method in METHODS else OTHER_METHOD)
+
+
 HTTP_REQUESTS = Counter(
     "keyconnector_http_requests_total",
     "HTTP requests answered, by route (path, or 'unmatched'), method and status.",
@@ -243,10 +250,7 @@ class RequestMetrics:
         self._durations: dict[tuple[str, str], DeferredHistogram] = {}
 
     def record(self, path: str, method: str, status: int, seconds: float) -> None:
-        if path not in ROUTES:
-            path = UNMATCHED
-        if method not in METHODS:
-            method = OTHER_METHOD
+        path, method = route_and_method(path, method)
         key = (path, method, status)
         children = self._children.get(key)
         if children is None:

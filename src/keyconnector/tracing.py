@@ -21,17 +21,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keyconnector import metrics  # at call time only: metrics imports this module too
 from keyconnector._optional import require
 from keyconnector.settings import Settings
 
 log = logging.getLogger("keyconnector.tracing")
 
 DEFAULT_SERVICE_NAME = "keyconnector"
-ROUTES = frozenset(
-    {"/user-keys", "/alive", "/now", "/health", "/health/live", "/health/ready", "/openapi.json", "/metrics"}
-)
-"""Span names use these paths; anything else is ``unmatched`` (a scanner must not create span names)."""
-
 _tracer: Any | None = None
 _provider: Any | None = None
 
@@ -102,12 +98,11 @@ class TracingLayer:
         if scope["type"] != "http" or current is None:
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        route = path if path in ROUTES else "unmatched"
+        route, method = metrics.route_and_method(scope["path"], scope["method"])
         carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         request_id = scope.get("keyconnector.request_id", b"")
         attributes = {
-            "http.request.method": scope["method"],
+            "http.request.method": method,
             "http.route": route,
             "url.scheme": scope.get("scheme", "http"),
             "keyconnector.request_id": request_id.decode() if isinstance(request_id, bytes) else "",
@@ -121,7 +116,7 @@ class TracingLayer:
             await send(message)
 
         with current.start_as_current_span(
-            f"{scope['method']} {route}",
+            f"{method} {route}",
             context=self._extract(carrier),
             kind=self._kind,
             attributes=attributes,

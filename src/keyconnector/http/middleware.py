@@ -148,15 +148,16 @@ class RequestMiddleware:
     def _log(
         self, scope: Scope, path: str, status: int, started: float, request_id: bytes, address: str
     ) -> None:
+        seconds = time.perf_counter() - started
         if self._metrics is not None:
-            self._metrics.record(path, scope["method"], status, time.perf_counter() - started)
+            self._metrics.record(path, scope["method"], status, seconds)
         access = access_log()
         if access.enabled:
             access.record(
                 scope["method"],
                 path,
                 status,
-                (time.perf_counter() - started) * 1000,
+                seconds * 1000,
                 scope.get("keyconnector.user"),
                 request_id.decode(),
                 address or None,
