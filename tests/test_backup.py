@@ -109,6 +109,7 @@ async def _populate(
         ring.versions[1].wraps[provider.fingerprint] = wrapped_v1
         wrapped_v2 = base64.b64encode(await provider.wrap(raw)).decode()
         ring.versions[2] = RingVersion(2, ACTIVE, now_text(), {provider.fingerprint: wrapped_v2})
+        ring.seal_versions({2: DataKey(raw, 2)})
         ring.current = 2
         await save_ring(repository, ring)
         v1, v2 = side.keys.keys[1], DataKey(raw, 2)
@@ -595,13 +596,13 @@ def test_backup_killed_or_raced_by_a_rotation_leaves_no_backup(
     wait_for_partial(process, folder, 0)
 
     async def rotate() -> None:
-        repository = await open_repository(source.backend.settings)
+        side = await open_side(load_settings({}, source.config).settings)
         try:
-            ring = await load_ring(repository)
+            ring = await load_ring(side.repository, side.provider)
             ring.current = 1
-            await save_ring(repository, ring)
+            await save_ring(side.repository, ring)
         finally:
-            await repository.aclose()
+            await side.aclose()
 
     run(rotate())
     process.send_signal(signal.SIGCONT)

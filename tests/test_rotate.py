@@ -30,13 +30,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from keyconnector.cli import main
-from keyconnector.crypto import NONCE_SIZE, OAEP_SHA1, KeySet
-from keyconnector.datakeys import RETIRED, KeyRing, load_ring
+from keyconnector.crypto import NONCE_SIZE, OAEP_SHA1, DataKey, KeySet
+from keyconnector.datakeys import RETIRED, KeyRing, read_ring
+from keyconnector.keys import open_key_provider
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keygen import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.settings import Settings, load_settings
-from keyconnector.storage import UserKeyRecord
+from keyconnector.storage import UserKeyRecord, migrate, open_repository
 from tests.conftest import Pfx, Service, base_env
 from tests.support.backends import Backend, make_backend
 from tests.support.envelopes import b64
@@ -98,17 +99,24 @@ def run(coroutine: Any) -> Any:
 
 
 async def seed(settings: Settings, count: int) -> dict[uuid.UUID, bytes]:
-    """``count`` users with records in upstream's format, under the data key the product made."""
-    side = await open_side(settings)
+    """An upstream deployment: a data key in ApplicationDatas wrapped by the key pair, and ``count``
+    users with records in upstream's format under it; no key ring (keyconnector adopts it)."""
+    migrate(settings.database)
+    repository = await open_repository(settings.database)
+    provider = await open_key_provider(settings)
     try:
-        legacy = side.keys.keys[1]
+        raw = secrets.token_bytes(32)
+        assert await repository.get_wrapped_data_key() is None
+        await repository.store_wrapped_data_key(base64.b64encode(await provider.wrap(raw)).decode())
+        legacy = DataKey(raw, 1)
         keys = {uuid.uuid4(): secrets.token_bytes(32) for _ in range(count)}
-        await side.repository.upsert_records(
+        await repository.upsert_records(
             [UserKeyRecord(user, legacy.seal_legacy(key), CREATED, None, None) for user, key in keys.items()]
         )
         return keys
     finally:
-        await side.aclose()
+        await provider.aclose()
+        await repository.aclose()
 
 
 @dataclass
@@ -126,7 +134,7 @@ async def read_state(settings: Settings) -> State:
         records = {r.user_id: r.key async for batch in side.repository.iter_records() for r in batch}
         wrapped = await side.repository.get_wrapped_data_key()
         rows = await side.repository.count_records()
-        return State(records, rows, await load_ring(side.repository), side.keys, wrapped)
+        return State(records, rows, await read_ring(side.repository), side.keys, wrapped)
     finally:
         await side.aclose()
 

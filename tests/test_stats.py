@@ -80,6 +80,8 @@ def write_deployment(source: Deployment, *, rotated: bool) -> dict[str, Any]:
                         3: RingVersion(3, state=RETIRED),
                     },
                 )
+                ring.auth_key = secrets.token_bytes(32)  # as keyconnector authenticates its rings
+                ring.seal_versions({1: DataKey(version1, 1), 2: DataKey(version2, 2)})
                 await save_ring(repository, ring)
             await repository.upsert_records(records)
             return provider.fingerprint

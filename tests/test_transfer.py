@@ -155,6 +155,8 @@ def populate(
                     2: RingVersion(2, wraps={fingerprint: upstream_wrap(source.pfx, version2)}),
                 },
             )
+            ring.auth_key = secrets.token_bytes(32)  # as keyconnector authenticates its rings
+            ring.seal_versions({1: DataKey(version1, 1), 2: DataKey(version2, 2)})
             await save_ring(repository, ring)
             sealer = DataKey(version2, 2)
             expected = Expected({}, {})

@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyconnector.errors import IntegrityError
 
@@ -50,6 +51,14 @@ OAEP_SHA256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.S
 
 def generate_data_key() -> bytes:
     return secrets.token_bytes(DATA_KEY_SIZE)
+
+
+def derive_key(root: bytes, purpose: str) -> bytes:
+    """A 32-byte key for one ``purpose`` (HKDF-SHA256), so that one secret can key several MACs
+    without a MAC made for one purpose ever verifying for another."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"keyconnector/" + purpose.encode()
+    ).derive(root)
 
 
 class DataKey:
@@ -91,6 +100,19 @@ class DataKey:
             return self._aead.decrypt(blob[-NONCE_SIZE:], blob[:-NONCE_SIZE], None)
         except InvalidTag:
             raise IntegrityError("the stored record does not decrypt under the data key") from None
+
+    def seal_secret(self, secret: bytes, context: bytes) -> str:
+        """``secret`` encrypted under this data key for one ``context`` (the key ring's
+        authentication key): only a holder of the data key can make or open it."""
+        nonce = os.urandom(NONCE_SIZE)
+        return base64.b64encode(nonce + self._aead.encrypt(nonce, secret, context)).decode("ascii")
+
+    def open_secret(self, sealed: str, context: bytes) -> bytes:
+        try:
+            blob = base64.b64decode(sealed, validate=True)
+            return self._aead.decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], context)
+        except (binascii.Error, ValueError, InvalidTag):
+            raise IntegrityError("the sealed secret does not open under this data key") from None
 
     def _open_marked(self, record: str, user_id: UUID | None) -> bytes:
         version = record_version(record)
@@ -149,18 +171,28 @@ class KeySet:
     cannot read records of a rotated data key anyway).
     """
 
-    __slots__ = ("current", "keys", "write_legacy")
+    __slots__ = ("accept_legacy", "current", "keys", "write_legacy")
 
-    def __init__(self, keys: Mapping[int, DataKey], current: int, *, write_legacy: bool = False) -> None:
+    def __init__(
+        self,
+        keys: Mapping[int, DataKey],
+        current: int,
+        *,
+        write_legacy: bool = False,
+        accept_legacy: bool = True,
+    ) -> None:
         if current not in keys:
             raise IntegrityError(f"the current data key version {current} is not loaded")
         self.keys = dict(keys)
         self.current = current
         self.write_legacy = write_legacy
+        self.accept_legacy = accept_legacy
+        """False once the authenticated key ring says every record is bound to its user: an
+        upstream-format record is then one copied in from elsewhere (a replayed old row)."""
 
     def with_legacy_format(self, write_legacy: bool) -> KeySet:
         """The same keys, sealing per ``compat.writeLegacyFormat`` (``load_key_set`` does not know it)."""
-        return KeySet(self.keys, self.current, write_legacy=write_legacy)
+        return KeySet(self.keys, self.current, write_legacy=write_legacy, accept_legacy=self.accept_legacy)
 
     @property
     def seals_legacy(self) -> bool:
@@ -182,6 +214,12 @@ class KeySet:
         key = self.keys.get(version)
         if key is None:
             raise UnknownVersionError(version)
+        if not self.accept_legacy and not record.startswith(RECORD_MARKER):
+            raise LegacyRefusedError(
+                "the record is in upstream's format (not bound to its user), which this deployment no "
+                "longer accepts since `keyconnector upgrade-records` bound every record: it was copied in "
+                "from elsewhere, such as an old dump"
+            )
         return key.open(record, user_id)
 
 
@@ -191,3 +229,7 @@ class UnknownVersionError(IntegrityError):
     def __init__(self, version: int) -> None:
         self.version = version
         super().__init__(f"the record needs data key version {version}, which is not loaded")
+
+
+class LegacyRefusedError(IntegrityError):
+    """An upstream-format record where the key ring says every record is bound to its user."""

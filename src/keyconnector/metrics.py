@@ -149,6 +149,11 @@ ACCESS_TIME_WRITE_FAILURES = Counter(
     "keyconnector_access_time_write_failures_total",
     "Batches of last-access times the database did not take (kept and retried).",
 )
+KEY_RING_REFUSALS = Counter(
+    "keyconnector_key_ring_refusals_total",
+    "Times a stored key ring was refused: it did not authenticate, went backwards or contradicts the "
+    "records (someone without the data key changed it).",
+)
 ACCESS_LOG_DROPPED = Counter(
     "keyconnector_access_log_dropped_writes_total",
     "Access-log batches that could not be written to stderr.",
@@ -510,6 +515,7 @@ class Mirror:
         self._add("cache_hits", services.validator.cache_hits, TOKEN_CACHE.labels("hit"))
         self._add("cache_misses", services.validator.cache_misses, TOKEN_CACHE.labels("miss"))
         self._add("access_write", services.keys.access_write_failures, ACCESS_TIME_WRITE_FAILURES)
+        self._add("ring_refusals", services.keys.ring_refusals, KEY_RING_REFUSALS)
         self._add("audit", services.audit.failures, AUDIT_UNRECORDED)
         for sink in services.audit.sinks:
             self._add(f"sink:{sink.name}", sink.failures, AUDIT_FAILURES.labels(sink.name))

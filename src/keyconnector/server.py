@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keyconnector import tracing
-from keyconnector.datakeys import load_key_set
+from keyconnector.datakeys import RingRefused, RingTrust, load_key_set
 from keyconnector.errors import UnavailableError, UsageError
 from keyconnector.http.drain import DRAIN_DIR_ENV, FLAG, idle_marker
 from keyconnector.keys import open_key_provider
@@ -84,7 +84,14 @@ async def _prepare_data_key(settings: Settings) -> None:
     try:
         provider = await open_key_provider(settings)
         try:
-            await load_key_set(repository, provider)  # creates data key version 1 if there is none
+            # Creates data key version 1 and its authenticated ring if there are none, or adopts
+            # what an earlier version or upstream left.
+            await load_key_set(
+                repository,
+                provider,
+                RingTrust(anchor=settings.key_ring_anchor),
+                accept_legacy_when_new=settings.compat.write_legacy_format,
+            )
         finally:
             await provider.aclose()
     finally:
@@ -107,6 +114,12 @@ def preflight(settings: Settings) -> None:
         asyncio.run(_prepare_data_key(settings))
     except UnavailableError as exc:
         log.error("starting without the data key: %s; user-key requests get 503 until it is back", exc)
+    except RingRefused as exc:
+        log.error(
+            "REFUSED the stored key ring: %s. Starting anyway: user-key requests get 503, and /health/ready "
+            "says why, until a ring that authenticates is back",
+            exc,
+        )
 
 
 def wait_for_drain(folder: Path, seconds: float) -> bool:

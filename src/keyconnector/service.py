@@ -15,13 +15,15 @@ never returned, and the HTTP layer and the audit trail can tell it from other fa
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from uuid import UUID
 
-from keyconnector.crypto import LEGACY_VERSION, KeySet, UnknownVersionError
-from keyconnector.datakeys import load_key_set, load_ring
+from keyconnector.crypto import LEGACY_VERSION, KeySet, LegacyRefusedError, UnknownVersionError
+from keyconnector.datakeys import KeyRing, RingRefused, RingTrust, accept_unbound_records, load_key_set
 from keyconnector.errors import IntegrityError, KeyConnectorError, UnavailableError
 from keyconnector.keys import KeyProvider
 from keyconnector.storage import Repository
@@ -37,6 +39,17 @@ class RecordIntegrityError(IntegrityError):
         self.user_id = user_id
         self.reason = reason
         super().__init__(f"the stored record of user {user_id} failed its integrity check: {reason}")
+
+
+_NOT_YET = object()
+
+
+def _named_current(document: str) -> int | None:
+    """The current version a stored ring names (unauthenticated: only to decide whether to block writes)."""
+    try:
+        return int(json.loads(document)["current"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def utcnow() -> datetime:
@@ -56,8 +69,18 @@ class KeyService:
         retry_interval: float = 5.0,
         ring_refresh_interval: float = 10.0,
         write_legacy_format: bool = False,
+        ring_anchor: str | None = None,
     ) -> None:
         self.repository = repository
+        self._ring_anchor = ring_anchor
+        self._auth_key: bytes | None = None
+        self.ring_anchor = ""
+        """The authentication key's fingerprint of the ring this process trusts (for logs and health)."""
+        self.ring_problem: str | None = None
+        """Why the stored key ring was last refused, while it still is: shown by /health/ready."""
+        self.ring_refusals = 0
+        """How many times a stored ring was refused (mirrored into /metrics)."""
+        self._on_trusted: list[Callable[[KeyRing], None]] = []
         self._write_legacy_format = write_legacy_format
         self._warned_legacy_version: int | None = None
         self.provider = provider
@@ -65,6 +88,7 @@ class KeyService:
         self._retry_interval = retry_interval
         self._ring_refresh_interval = ring_refresh_interval
         self._ring_revision = -1
+        self._ring_seen: object = _NOT_YET
         self._last_refresh = 0.0
         self._refresh_lock = asyncio.Lock()
         self._sealing_blocked: str | None = None
@@ -113,20 +137,62 @@ class KeyService:
             if self._data_key is not None and not reload:
                 return self._data_key
             self._last_attempt = time.monotonic()
+            trust = RingTrust(self._auth_key, max(self._ring_revision, 0), self._ring_anchor)
             try:
-                # On an empty database this creates version 1, race-free (datakeys.bootstrap_data_key).
-                keys, ring = await load_key_set(self.repository, self.provider)
+                # On an empty database this creates version 1 and its authenticated ring, race-free;
+                # an existing deployment's data key is adopted (datakeys.open_ring).
+                keys, ring = await load_key_set(
+                    self.repository, self.provider, trust, accept_legacy_when_new=self._write_legacy_format
+                )
+                if self._write_legacy_format and not ring.accept_legacy:
+                    ring = await accept_unbound_records(self.repository, self.provider, ring)
+                    keys = KeySet(keys.keys, keys.current, accept_legacy=True)
+            except RingRefused as exc:
+                self._ring_refused(str(exc))
+                if self._data_key is None:
+                    self._last_error = str(exc)
+                raise
             except KeyConnectorError as exc:
                 self._last_error = str(exc)
                 raise
+            if self.ring_problem is not None:
+                log.warning(
+                    "the key ring authenticates again (revision %d); the earlier refusal is over",
+                    ring.revision,
+                )
+                self.ring_problem = None
             if self._data_key is not None and keys.current != self._data_key.current:
                 log.info("data key version %d now seals new records", keys.current)
+            if self._auth_key is None:
+                log.info("key ring revision %d authenticated (anchor %s)", ring.revision, ring.anchor)
+            self._auth_key, self.ring_anchor = ring.auth_key, ring.anchor
+            for listener in self._on_trusted:
+                listener(ring)
             keys = keys.with_legacy_format(self._write_legacy_format)
             self._warn_about_legacy_format(keys.current)
             self._data_key, self._ring_revision = keys, ring.revision
             self._last_refresh = time.monotonic()
             self._last_error = None
             return keys
+
+    def on_trusted(self, listener: Callable[[KeyRing], None]) -> None:
+        """Call ``listener`` with every ring this process trusts (the first at start, then after each
+        change): other parts key themselves from it (``KeyRing.derive``), such as the audit trail."""
+        self._on_trusted.append(listener)
+
+    def _ring_refused(self, problem: str) -> None:
+        """Keep serving with what was trusted before; say loudly, once per distinct problem, why not more."""
+        self.ring_refusals += 1
+        if problem != self.ring_problem:
+            log.error(
+                "REFUSED the stored key ring: %s. %s",
+                problem,
+                "Records still open with the data keys trusted before, and new records are sealed with "
+                "the last trusted current version"
+                if self._data_key is not None
+                else "No user key is served until a ring that authenticates is back",
+            )
+        self.ring_problem = problem
 
     def _warn_about_legacy_format(self, current: int) -> None:
         """Once per version: ``writeLegacyFormat`` has no effect once version 1 no longer seals."""
@@ -151,16 +217,24 @@ class KeyService:
         """
         async with self._refresh_lock:
             self._last_refresh = time.monotonic()
-            ring = await load_ring(self.repository)
-            if ring.revision == self._ring_revision:
-                return
+            stored = await self.repository.get_key_ring()
+            seen = None if stored is None else (stored.revision, stored.document)
+            if seen == self._ring_seen:
+                return  # unchanged since it was last trusted, or last refused
+            self._ring_seen = seen
             try:
                 await self._load_data_key(reload=True)
+            except RingRefused:
+                raise  # the last trusted keys keep serving, and sealing (see _ring_refused)
             except KeyConnectorError as exc:
                 keys = self._data_key
-                if keys is not None and ring.current != keys.current:
+                if (
+                    keys is not None
+                    and stored is not None
+                    and _named_current(stored.document) != keys.current
+                ):
                     self._sealing_blocked = (
-                        f"data key version {ring.current} seals new records and cannot be loaded: {exc}"
+                        f"the key ring names a new current data key that cannot be loaded: {exc}"
                     )
                 raise
             self._sealing_blocked = None
@@ -168,9 +242,10 @@ class KeyService:
     async def _open(self, keys: KeySet, record: str, user_id: UUID) -> bytes:
         try:
             return keys.open(record, user_id)
-        except UnknownVersionError:
-            # Sealed by a data-key version made after this process loaded its keys: reload, once per
-            # burst of such records (the lock makes concurrent requests share one reload).
+        except (UnknownVersionError, LegacyRefusedError):
+            # Sealed by a data-key version made after this process loaded its keys, or in upstream's
+            # format after the ring was switched back to accepting it (``downgrade-records``): look at
+            # the ring again, once per burst of such records (concurrent requests share one reload).
             before = self._last_refresh
             async with self._refresh_lock:
                 pass

@@ -460,6 +460,27 @@ class Settings(BaseSettings):
     )
     """How often a running service looks for a new data-key version (rotations wait this long, plus
     a margin, before they rely on every instance sealing with the new version)."""
+    key_ring_anchor: str | None = Field(
+        default=None,
+        alias="keyRingAnchor",
+        validation_alias=AliasChoices("keyRingAnchor", "key_ring_anchor"),
+        json_schema_extra=_meta("all", ours=True),
+    )
+    """The key ring's anchor (20 hex digits, from the start-up log, ``check`` or ``stats``). Set, every
+    process refuses a key ring that is not authenticated by that deployment's key, even at a cold start
+    (see the README's threat model): a database writer cannot then swap in a ring of their own."""
+
+    @field_validator("key_ring_anchor")
+    @classmethod
+    def _anchor_form(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        text = value.strip().lower()
+        if len(text) != 20 or any(c not in "0123456789abcdef" for c in text):
+            raise ValueError(
+                "must be the 20 hex digits that `keyconnector check` shows as the key ring's anchor"
+            )
+        return text
 
     @classmethod
     def settings_customise_sources(

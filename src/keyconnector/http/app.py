@@ -60,6 +60,7 @@ async def build_services(settings: Settings) -> Services:
         flush_interval=settings.last_access_flush_seconds,
         ring_refresh_interval=settings.key_ring_refresh_seconds,
         write_legacy_format=settings.compat.write_legacy_format,
+        ring_anchor=settings.key_ring_anchor,
     )
     await validator.start()
     await keys.start()

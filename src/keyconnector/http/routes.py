@@ -60,7 +60,7 @@ async def health_ready(request: Request) -> Response:
     healthy, checks = await services.health.overall()
     if not healthy:
         status = "unready"
-    elif checks.get("database") == "ok" and checks.get("keyProvider") == "ok":
+    elif all(checks.get(name) == "ok" for name in ("database", "keyProvider", "keyRing")):
         status = "ready"
     else:
         status = "degraded"

@@ -52,6 +52,10 @@ class HealthChecker:
                 # failing readiness here would turn a provider blip into a full outage of every replica.
                 if name == "database" or not services.keys.ready:
                     healthy = False
+        # A refused key ring is reported but keeps the instance in the load balancer when it still
+        # holds trusted keys: it serves every record those open, and seals with the last trusted one.
+        problem = services.keys.ring_problem
+        checks["keyRing"] = "ok" if problem is None else f"refused: {problem}"
         if services.keys.ready:
             checks["dataKey"] = "ok"
         else:

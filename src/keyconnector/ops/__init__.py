@@ -18,7 +18,14 @@ from typing import Any
 from uuid import UUID
 
 from keyconnector.crypto import KeySet
-from keyconnector.datakeys import KeyRing, load_key_set
+from keyconnector.datakeys import (
+    KeyRing,
+    NotAdopted,
+    RingTrust,
+    accept_unbound_records,
+    load_key_set,
+    open_ring,
+)
 from keyconnector.errors import ConfigurationError, KeyConnectorError, StorageError
 from keyconnector.keys import KeyProvider, open_key_provider
 from keyconnector.settings import DatabaseSettings, LoadedSettings, Settings, load_with_env_file
@@ -83,6 +90,11 @@ class Side:
     keys: KeySet
     ring: KeyRing
 
+    @property
+    def trust(self) -> RingTrust:
+        """What this side trusted when it opened: a later ring must carry the same authentication."""
+        return RingTrust(self.ring.auth_key, self.ring.revision)
+
     async def aclose(self) -> None:
         try:
             await self.provider.aclose()
@@ -113,12 +125,23 @@ async def open_side(
     except BaseException:
         await provider.aclose()
         raise
+    write_legacy = settings.compat.write_legacy_format
     try:
-        if not create and await repository.get_wrapped_data_key() is None:
-            # load_key_set would make data key version 1: not for a side that must stay as it is.
-            raise StorageError(f"the {name} database has no data key yet (`keyconnector serve` makes one)")
-        keys, ring = await load_key_set(repository, provider)  # makes version 1 if there is none
-        keys = keys.with_legacy_format(settings.compat.write_legacy_format)
+        if create:
+            # Makes data key version 1 and the authenticated ring if there are none (as serve would).
+            keys, ring = await load_key_set(repository, provider, accept_legacy_when_new=write_legacy)
+            if write_legacy and not ring.accept_legacy:
+                ring = await accept_unbound_records(repository, provider, ring)
+                keys = KeySet(keys.keys, keys.current, accept_legacy=True)
+        else:
+            try:
+                opened = await open_ring(repository, provider, adopt=False)
+            except NotAdopted:
+                raise StorageError(
+                    f"the {name} database has no data key yet (`keyconnector serve` makes one)"
+                ) from None
+            keys, ring = opened.key_set(), opened.ring
+        keys = keys.with_legacy_format(write_legacy)
     except BaseException:
         await repository.aclose()
         await provider.aclose()

@@ -57,7 +57,7 @@ from uuid import UUID
 
 from keyconnector import logs
 from keyconnector.crypto import DataKey, KeySet
-from keyconnector.datakeys import KeyRing, load_key_set, now_text, wrap_for
+from keyconnector.datakeys import UNADOPTED_RING, KeyRing, load_key_set, now_text, wrap_for
 from keyconnector.errors import IntegrityError, KeyConnectorError, UsageError
 from keyconnector.keys import KeyProvider, open_key_provider
 from keyconnector.ops import OperationFailed, Subcommands, add_settings_arguments, load_settings_from
@@ -874,7 +874,8 @@ async def _restore_ring(repository: Repository, ring: StoredKeyRing | None) -> N
     if ring is not None:
         wanted = ring.document
     elif stored is not None:
-        wanted = KeyRing.implicit().dump()  # the target rotated, the backup did not: version 1 only
+        # The target rotated, the backup did not: version 1 only, adopted again at the next start.
+        wanted = UNADOPTED_RING
     else:
         return
     if stored is not None and stored.document == wanted:

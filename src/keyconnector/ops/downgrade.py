@@ -72,7 +72,6 @@ from keyconnector.datakeys import (
     RotationRefused,
     change_ring,
     load_key_set,
-    load_ring,
     precise_now_text,
     retire_versions,
     stored_wrap,
@@ -206,7 +205,10 @@ async def switch_ring(repository: Repository, provider: KeyProvider) -> tuple[Ke
         target = decide(ring, provider)
         decided.append(target)
         if not target.switch:
-            return False
+            # Upstream's format is about to be written again: the ring must accept it.
+            changed = not ring.accept_legacy
+            ring.accept_legacy = True
+            return changed
         mine = provider.fingerprint
         if target.reactivate:
             raw = await unwrap_raw(repository, ring, target.source_version, provider)
@@ -214,15 +216,17 @@ async def switch_ring(repository: Repository, provider: KeyProvider) -> tuple[Ke
             ring.versions[LEGACY_VERSION] = RingVersion(
                 LEGACY_VERSION, ACTIVE, precise_now_text(), {mine: wrapped}
             )
+            ring.seal_versions({LEGACY_VERSION: DataKey(raw, LEGACY_VERSION)})
         else:
             entry = ring.versions[LEGACY_VERSION]
             if mine not in entry.wraps:  # filed from ApplicationDatas, as start_data_key_version does
                 entry.wraps[mine] = await stored_wrap(repository, ring, LEGACY_VERSION, provider)
             entry.created = precise_now_text()
         ring.current = LEGACY_VERSION
+        ring.accept_legacy = True  # the records are about to be rewritten in upstream's format
         return True
 
-    ring, _ = await change_ring(repository, change)
+    ring, _ = await change_ring(repository, provider, change)
     return ring, decided[0]
 
 
@@ -362,7 +366,7 @@ async def _downgrade(
     if not result.failed:
         others = [version for version in ring.active if version != LEGACY_VERSION]
         if others:
-            _, result.retired = await retire_versions(side.repository, others)
+            _, result.retired = await retire_versions(side.repository, side.provider, others)
     return result
 
 
@@ -458,7 +462,7 @@ async def plan_downgrade(settings: Settings, *, batch_size: int = 2000, out: Tex
     side = await open_side(settings, create=False)
     try:
         plan = Plan()
-        ring = await load_ring(side.repository)
+        ring = side.ring
         target = decide(ring, side.provider)
         plan.ring_switch = target.switch
         plan.reactivate_from = target.source_version if target.reactivate else None

@@ -372,7 +372,7 @@ async def _rotate(
     else:
         unused = [version for version in ring.active if version not in keep]
         if unused:
-            ring, retired = await retire_versions(side.repository, unused)
+            ring, retired = await retire_versions(side.repository, side.provider, unused)
     return DataKeyRotation(
         current=keys.current,
         made=made is not None,

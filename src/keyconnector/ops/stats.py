@@ -3,7 +3,9 @@
 How many users, how many records each data-key version still has (a version can only be retired
 when none is left; records of a format this version does not know show up as ``unknown``), when
 users last read their key, and which key pairs wrap each data-key version. Read-only: it never
-creates a database, a table or a data key, and needs no key pair (nothing is decrypted).
+creates a database, a table or a data key. With the configured key pair it also authenticates the
+key ring (``key_ring_authentication``: its anchor, or why it is refused); without one it still
+counts (nothing is decrypted).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from keyconnector.crypto import LEGACY_VERSION, record_version
-from keyconnector.datakeys import KeyRing, load_ring
-from keyconnector.errors import IntegrityError, StorageError
+from keyconnector.crypto import LEGACY_VERSION, is_legacy, record_version
+from keyconnector.datakeys import KeyRing, NotAdopted, RingTrust, open_ring, read_ring
+from keyconnector.errors import IntegrityError, KeyConnectorError, StorageError
+from keyconnector.keys import open_key_provider
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
-from keyconnector.settings import DatabaseSettings
+from keyconnector.settings import DatabaseSettings, Settings
 from keyconnector.storage import Repository, inspect, open_repository
 
 UNKNOWN = "unknown"
@@ -69,6 +72,8 @@ class Stats:
     with_key: int = 0
     without_key: int = 0
     records_per_version: dict[str, int] = field(default_factory=dict)
+    records_per_format: dict[str, int] = field(default_factory=dict)
+    """``upstream`` (upstream's envelope, not bound to its user) and ``bound`` (format 2)."""
     last_access: dict[str, int] = field(default_factory=dict)
     key_ring_stored: bool = False
     """False for a deployment that never rotated: version 1 is then only the key in ApplicationDatas."""
@@ -77,6 +82,10 @@ class Stats:
     application_datas_wrap: bool = False
     """Whether ApplicationDatas holds a wrapped data key (version 1, the one upstream reads)."""
     versions: list[VersionInfo] = field(default_factory=list)
+    unbound_records: str = "accepted"
+    """Whether the key ring (as stored) accepts upstream-format records: ``accepted`` or ``refused``."""
+    key_ring_authentication: str = "not checked"
+    """``ok, anchor ...``, ``refused: ...`` or why it was not checked (no key pair)."""
 
 
 def _bucket(last_access: datetime | None, now: datetime) -> str:
@@ -106,6 +115,7 @@ async def collect(repository: Repository, description: str, now: datetime | None
     now = now or datetime.now(UTC).replace(tzinfo=None)
     stats = Stats(description, now.strftime("%Y-%m-%dT%H:%M:%SZ"))
     versions: Counter[str] = Counter()
+    formats: Counter[str] = Counter()
     buckets: Counter[str] = Counter()
     async for batch in repository.iter_records(BATCH_SIZE):
         for record in batch:
@@ -116,9 +126,12 @@ async def collect(repository: Repository, description: str, now: datetime | None
             else:
                 stats.with_key += 1
                 versions[_version_of(record.key)] += 1
+                formats["upstream" if is_legacy(record.key) else "bound"] += 1
     stats.records_per_version = {name: versions[name] for name in sorted(versions, key=_version_order)}
+    stats.records_per_format = {name: formats[name] for name in ("upstream", "bound")}
     stats.last_access = {name: buckets[name] for name in BUCKET_LABELS}
-    ring: KeyRing = await load_ring(repository)
+    ring: KeyRing = await read_ring(repository)
+    stats.unbound_records = "accepted" if ring.accept_legacy else "refused"
     stats.key_ring_stored = ring.revision > 0
     stats.key_ring_revision = ring.revision
     stats.current_version = ring.current
@@ -137,16 +150,47 @@ async def collect(repository: Repository, description: str, now: datetime | None
     return stats
 
 
-async def gather_stats(database: DatabaseSettings, prefix: str = "database") -> Stats:
-    """Statistics of the database, which must exist already (it is never created here)."""
+async def gather_stats(
+    database: DatabaseSettings, prefix: str = "database", settings: Settings | None = None
+) -> Stats:
+    """Statistics of the database, which must exist already (it is never created here); with
+    ``settings`` (their key pair), the key ring is also authenticated, read-only."""
     state = inspect(database, prefix)
     if not state.has_schema:
         raise StorageError(f"no Key Connector data to count: {state.description}")
     repository = await open_repository(database, prefix)
     try:
-        return await collect(repository, state.description)
+        stats = await collect(repository, state.description)
+        if settings is not None:
+            stats.key_ring_authentication = await authenticate_ring(repository, settings)
+        return stats
     finally:
         await repository.aclose()
+
+
+async def authenticate_ring(repository: Repository, settings: Settings) -> str:
+    """One line on the stored ring, checked with the configured key pair without writing anything."""
+    if settings.rsa_key is None or not settings.rsa_key.provider:
+        return "not checked: no key pair configured"
+    try:
+        provider = await open_key_provider(settings)
+    except KeyConnectorError as exc:
+        return f"not checked: the key pair is not available: {exc}"
+    try:
+        opened = await open_ring(
+            repository, provider, trust=RingTrust(anchor=settings.key_ring_anchor), adopt=False
+        )
+    except NotAdopted as exc:
+        return f"none yet: {exc}"
+    except IntegrityError as exc:
+        return f"refused: {exc}"
+    except KeyConnectorError as exc:
+        return f"not checked: {exc}"
+    finally:
+        await provider.aclose()
+    if opened.adopted:
+        return f"not adopted yet: {opened.adopted}"
+    return f"ok, revision {opened.ring.revision}, anchor {opened.ring.anchor}"
 
 
 def to_json(stats: Stats) -> str:
@@ -169,6 +213,13 @@ def render(stats: Stats) -> None:
     users.add_row("with a key", f"{stats.with_key:,}")
     users.add_row("without a key", f"{stats.without_key:,}")
     console.print(users)
+
+    formats = Table(title="records per format")
+    formats.add_column("format")
+    formats.add_column("records", justify="right")
+    formats.add_row("upstream's (not bound to the user)", f"{stats.records_per_format.get('upstream', 0):,}")
+    formats.add_row("format 2 (bound to the user)", f"{stats.records_per_format.get('bound', 0):,}")
+    console.print(formats)
 
     versions = Table(title="records per data-key version")
     versions.add_column("version")
@@ -203,11 +254,13 @@ def render(stats: Stats) -> None:
     console.print(ring)
     wrap = "holds" if stats.application_datas_wrap else "does not hold"
     console.print(f"ApplicationDatas {wrap} a wrapped data key (version 1, as upstream reads it)")
+    console.print(f"key ring authentication: {stats.key_ring_authentication}")
+    console.print(f"upstream-format records: {stats.unbound_records} by the key ring")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     settings = load_settings_from(args).settings
-    stats = asyncio.run(gather_stats(settings.database))
+    stats = asyncio.run(gather_stats(settings.database, settings=settings))
     if args.json:
         print(to_json(stats))
     else:
@@ -221,8 +274,9 @@ def add_commands(commands: Subcommands) -> None:
         help="count users, records per data-key version, last access and key-ring versions (read-only)",
         description=(
             "Read-only statistics of the configured database: users with and without a key, records "
-            "per data-key version, when users last read their key, and the key ring. Never creates "
-            "anything and needs no key pair. Exit 1 when the database has no Key Connector data yet."
+            "per data-key version, when users last read their key, and the key ring (authenticated with the "
+            "configured key pair, if any). Never creates anything. Exit 1 when the database has no Key "
+            "Connector data yet."
         ),
     )
     add_settings_arguments(parser)

@@ -14,6 +14,10 @@ rewritten is format 2 and left alone.
 
 It refuses while ``compat.writeLegacyFormat`` is set in its own settings: instances configured like
 that write upstream's format again, and the upgrade would undo itself.
+
+Once a full pass found every record bound (and none failed), the authenticated key ring is set to
+refuse upstream-format records: after that, such a record in a row (copied from a dump taken before
+the upgrade, say) is an integrity failure, never a key served to whoever owns the row now.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import TextIO
 from uuid import UUID
 
 from keyconnector.crypto import LEGACY_VERSION, is_legacy
+from keyconnector.datakeys import refuse_unbound_records
 from keyconnector.errors import ConfigurationError, KeyConnectorError
 from keyconnector.ops import (
     OperationFailed,
@@ -122,6 +127,12 @@ async def upgrade_records(
             conflicts += last.conflicts
             if last.work == 0:
                 break
+        refused_now = False
+        if not last.failed:
+            # The last pass opened every record and found none unbound: from now on an unbound record
+            # can only be one copied in from elsewhere (an old dump), so the ring refuses them.
+            refused_now = side.ring.accept_legacy
+            await refuse_unbound_records(side.repository, side.provider, side.trust)
     finally:
         await side.aclose()
     result = Upgrade(rewritten, conflicts, last.opened, passes, last.failed, time.monotonic() - started)
@@ -133,6 +144,12 @@ async def upgrade_records(
         + f"); {result.verified:,} record(s) verified"
         + (f"; {len(result.failed)} record(s) do not decrypt" if result.failed else ""),
     )
+    if refused_now:
+        _say(
+            out,
+            "upgrade-records: the key ring now refuses upstream-format records: one copied into a row from "
+            "an old dump is an integrity failure, not a key served",
+        )
     if result.failed:
         raise OperationFailed(
             "upgrade-records: records that do not decrypt were left as they are "
