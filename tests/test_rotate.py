@@ -32,9 +32,9 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from keyconnector.cli import main
 from keyconnector.crypto import NONCE_SIZE, OAEP_SHA1, DataKey, KeySet
 from keyconnector.datakeys import RETIRED, KeyRing, read_ring
-from keyconnector.keys import open_key_provider
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keygen import self_signed_pfx
+from keyconnector.keys import open_key_provider
 from keyconnector.ops import open_side
 from keyconnector.settings import Settings, load_settings
 from keyconnector.storage import UserKeyRecord, migrate, open_repository
