@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_name
 from keyconnector.keys import KeyProvider, open_key_provider
-from keyconnector.settings import LoadedSettings, identity_server_uri
+from keyconnector.settings import DatabaseSettings, LoadedSettings, identity_server_uri
 from keyconnector.storage import Repository, inspect, open_repository
 
 
@@ -48,6 +48,9 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
         results.append(CheckResult("database", True, state.description))
     except KeyConnectorError as exc:
         results.append(CheckResult("database", False, str(exc)))
+    transport = _check_transport(settings.database)
+    if transport is not None:
+        results.append(transport)
 
     provider: KeyProvider | None = None
     try:
@@ -82,6 +85,28 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
         if closeable is not None:
             await closeable.aclose()
     return results
+
+
+def _check_transport(database: DatabaseSettings) -> CheckResult | None:
+    """Whether a network attacker could stand in for the database (and so write it), judged from the
+    connection string alone: it is worth saying even when the server cannot be reached right now.
+
+    None for file databases (nothing travels over a network) and for a connection string that does
+    not parse (the ``database`` line already names what is wrong with it).
+    """
+    from keyconnector.storage import server_target
+    from keyconnector.storage.sqlcommon import transport_summary, transport_warning
+
+    try:
+        target = server_target(database)
+    except KeyConnectorError:
+        return None
+    if target is None:
+        return None
+    warning = transport_warning(target)
+    if warning is not None:
+        return CheckResult("database transport", True, warning, warning=True)
+    return CheckResult("database transport", True, transport_summary(target))
 
 
 async def _check_identity(loaded: LoadedSettings) -> CheckResult:

@@ -28,7 +28,7 @@ from keyconnector.http.drain import DRAIN_DIR_ENV, FLAG, idle_marker
 from keyconnector.keys import open_key_provider
 from keyconnector.permissions import warn_loose_permissions
 from keyconnector.settings import CONFIG_FILE_ENV, Settings, identity_server_uri
-from keyconnector.storage import migrate, open_repository
+from keyconnector.storage import migrate, open_repository, warn_insecure_transport
 
 log = logging.getLogger("keyconnector.server")
 
@@ -109,6 +109,8 @@ def preflight(settings: Settings) -> None:
     tracing.check(settings)
     # Before the migration, which may create the database file (it does so with mode 0600).
     warn_loose_permissions(settings)
+    # Before the first connection attempt, so the warning is there even while the database is down.
+    warn_database_transport(settings)
     migrate_with_retries(settings)
     try:
         asyncio.run(_prepare_data_key(settings))
@@ -120,6 +122,17 @@ def preflight(settings: Settings) -> None:
             "says why, until a ring that authenticates is back",
             exc,
         )
+
+
+def warn_database_transport(settings: Settings) -> None:
+    """Warn (once, here in the parent: workers never call this) about each server database that a
+    network attacker could stand in for: the service's own, and the start-up transfer's target when
+    that transfer is still to run. Nothing is refused: a private network may be trusted on purpose,
+    but the operator should know that whoever can answer as the database can write it."""
+    warn_insecure_transport(settings.database)
+    transfer = settings.transfer_to
+    if transfer.lockfile_path and transfer.database is not None and not Path(transfer.lockfile_path).exists():
+        warn_insecure_transport(transfer.database, "transferTo.database")
 
 
 def wait_for_drain(folder: Path, seconds: float) -> bool:

@@ -14,8 +14,10 @@ from keyconnector.devtools import free_port
 
 
 class TcpProxy:
-    def __init__(self, target: tuple[str, int], port: int | None = None) -> None:
+    def __init__(self, target: tuple[str, int], port: int | None = None, host: str = "127.0.0.1") -> None:
         self.target = target
+        self.host = host
+        """The address to listen on: another of this machine's addresses makes a local server look remote."""
         self.port = port or free_port()
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
@@ -37,7 +39,7 @@ class TcpProxy:
             return self
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener.bind((self.host, self.port))
         listener.listen(64)
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()

@@ -24,11 +24,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import ModuleType
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from uuid import UUID
 
 from keyconnector.errors import ConfigurationError
 from keyconnector.settings import DatabaseSettings
+
+if TYPE_CHECKING:
+    from keyconnector.storage.sqlcommon import ServerTarget
 
 BACKENDS: dict[str, str] = {
     "sqlite": "keyconnector.storage.sqlite",
@@ -37,6 +40,9 @@ BACKENDS: dict[str, str] = {
     "mysql": "keyconnector.storage.mysql",
     "sqlserver": "keyconnector.storage.sqlserver",
 }
+
+SERVER_PROVIDERS = ("postgresql", "mysql", "sqlserver")
+"""The providers reached over a connection (:mod:`.sqlcommon`); the others are files on this machine."""
 
 REMOVED: dict[str, str] = {
     "mongo": (
@@ -195,3 +201,28 @@ def migrate(settings: DatabaseSettings, prefix: str = "database") -> None:
 async def open_repository(settings: DatabaseSettings, prefix: str = "database") -> Repository:
     repository: Repository = await backend_module(settings, prefix).open(settings, prefix)
     return repository
+
+
+def server_target(settings: DatabaseSettings, prefix: str = "database") -> ServerTarget | None:
+    """The parsed connection string of a server database, or None for a file (SQLite, JSON).
+
+    Parsing needs no driver and no connection, so ``check`` and ``serve`` can judge the transport
+    (:func:`~keyconnector.storage.sqlcommon.transport_warning`) before anything is contacted. A
+    connection string that does not parse raises the same ``ConfigurationError`` the backend would.
+    """
+    if settings.provider not in SERVER_PROVIDERS:
+        return None
+    target: ServerTarget = backend_module(settings, prefix).parse_target(settings, prefix)
+    return target
+
+
+def warn_insecure_transport(settings: DatabaseSettings, prefix: str = "database") -> str | None:
+    """Log, once, the warning for a server database a network attacker could stand in for (see
+    :func:`~keyconnector.storage.sqlcommon.transport_warning`); returns it, or None when the
+    database is a file, on this machine or reached over verified TLS."""
+    target = server_target(settings, prefix)
+    if target is None:
+        return None
+    from keyconnector.storage.sqlcommon import log_transport_warning
+
+    return log_transport_warning(target)

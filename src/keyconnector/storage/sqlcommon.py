@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import logging
 import os
 import random
@@ -35,7 +36,13 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from keyconnector.errors import ConfigurationError, KeyConnectorError, StorageError, UnavailableError
+from keyconnector.errors import (
+    ConfigurationError,
+    KeyConnectorError,
+    StorageError,
+    UnavailableError,
+    setting_name,
+)
 from keyconnector.storage.connstr import normalize_key, parse_connection_string, resolve
 
 log = logging.getLogger("keyconnector.storage")
@@ -86,6 +93,12 @@ class ServerTarget:
     idle_lifetime: float
     application_name: str
     extra: Mapping[str, str]
+    url_form: bool = False
+    """Written as a URL (``postgresql://...``) rather than ``Key=value;...``: advice is given in the
+    spelling the operator used."""
+    trusts_server_certificate: bool = False
+    """``Trust Server Certificate=true`` was given: TLS without the certificate check, whatever the mode
+    said (``ssl_mode`` is then at most ``require``)."""
 
     @property
     def host(self) -> str:
@@ -252,7 +265,8 @@ def load_target(text: str | None, setting: str, spec: ConnectionStringSpec, pool
     text = (text or "").strip()
     if not text:
         raise ConfigurationError(setting, f"is not set; for example: {spec.example}")
-    if "://" in text.split(";", 1)[0] and "=" not in text.split("://", 1)[0]:
+    url_form = "://" in text.split(";", 1)[0] and "=" not in text.split("://", 1)[0]
+    if url_form:
         values = _parse_url(text, setting, spec)
     else:
         values = resolve(
@@ -349,6 +363,8 @@ def load_target(text: str | None, setting: str, spec: ConnectionStringSpec, pool
         idle_lifetime=idle,
         application_name=values.get("application name") or "keyconnector",
         extra={key: value for key, value in values.items() if key not in known},
+        url_form=url_form,
+        trusts_server_certificate=trusting,
     )
 
 
@@ -405,6 +421,108 @@ def trust_bundle_file() -> str:
         out.write("\n".join(parts))
     _bundle_path = name
     return name
+
+
+# -- transport security -------------------------------------------------------------------------------------
+
+
+LOCAL_HOST_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+"""Names that mean this machine without asking DNS (``/etc/hosts``, or built into the resolver)."""
+
+VERIFIED_SSL_MODES = ("verify-ca", "verify-full")
+"""The modes in which the client checks the server's certificate against trusted CAs."""
+
+_UNVERIFIED: dict[str, str] = {
+    "disable": "does not use TLS",
+    "allow": "uses TLS only if the server insists, without checking its certificate",
+    "prefer": "uses TLS only if the server offers it, without checking its certificate",
+    "require": "is encrypted but does not check the server's certificate",
+    "trusted": "is encrypted, but TrustServerCertificate=True turns off the server certificate check",
+}
+"""What each unverified mode leaves open, for the warning."""
+
+_VERIFIED_TLS: dict[tuple[str, bool], str] = {
+    ("postgresql", False): "SSL Mode=VerifyFull",
+    ("postgresql", True): "sslmode=verify-full",
+    ("mysql", False): "SslMode=VerifyFull",
+    ("mysql", True): "ssl_mode=VERIFY_IDENTITY",
+    ("sqlserver", False): "Encrypt=True;TrustServerCertificate=False",
+    ("sqlserver", True): "encrypt=true&trustservercertificate=false",
+}
+"""What to write, per provider and per form (``Key=value`` or URL), for verified TLS."""
+
+
+def is_local_host(host: str) -> bool:
+    """True when connecting to ``host`` cannot leave this machine: a Unix socket path, a loopback
+    address (127.0.0.0/8, ::1) or a name that means loopback.
+
+    Decided from the text alone, never by resolving it: a DNS answer is exactly what a network
+    attacker may forge, so a name that merely resolves to 127.0.0.1 today does not count.
+    """
+    text = host.strip()
+    if text.startswith("/"):
+        return True  # a Unix socket (libpq and Npgsql read a host starting with '/' as its folder)
+    text = text.split("\\", 1)[0]  # SQL Server's host\instance: the instance is no part of the address
+    text = text.removeprefix("[").removesuffix("]").rstrip(".").lower()
+    if text in LOCAL_HOST_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _where(hosts: Sequence[tuple[str, int]]) -> str:
+    return ", ".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in hosts)
+
+
+def transport_warning(target: ServerTarget) -> str | None:
+    """None when a network attacker cannot stand in for ``target``'s database, else the warning.
+
+    Whoever can answer in the database's place can write it: plant a data key of their own (every
+    new user key is then wrapped under it) or swap users' records. So the connection must either
+    stay on this machine or check the server's certificate. ``Trust Server Certificate=true`` counts
+    as not checking, whatever the SSL mode says (:func:`load_target` turned the mode down to
+    ``require`` already). The message names the setting and what to add in the operator's own
+    spelling; it never contains the password (only hosts, ports and the mode).
+    """
+    remote = [(host, port) for host, port in target.hosts if not is_local_host(host)]
+    if not remote or target.ssl_mode in VERIFIED_SSL_MODES:
+        return None
+    mode = "trusted" if target.trusts_server_certificate else target.ssl_mode
+    how = _UNVERIFIED.get(mode, "does not check the server's certificate")
+    advice = [_VERIFIED_TLS.get((target.provider, target.url_form), "a verify-full SSL mode")]
+    if target.trusts_server_certificate and target.provider != "sqlserver":
+        advice.append("remove Trust Server Certificate")  # SQL Server's advice says =False already
+    fix = " and ".join(advice)
+    where = _where(remote)
+    return (
+        f"{setting_name(target.setting)}: the database server {where} is not on this machine and the "
+        f"connection {how} (SSL mode {target.ssl_mode}): anyone on the network path can pose as the "
+        "database and rewrite it, planting a data key of their own or swapping users' records. "
+        f"In the connection string, set {fix}, and have the server's certificate trusted (the "
+        f"system store, or a .crt file in {CA_CERTIFICATES_DIRECTORY})"
+    )
+
+
+def transport_summary(target: ServerTarget) -> str:
+    """Why ``target``'s transport is safe, for ``check``'s ``ok`` line (call when there is no warning)."""
+    if target.ssl_mode in VERIFIED_SSL_MODES:
+        return f"verified TLS (SSL mode {target.ssl_mode}) to {_where(target.hosts)}"
+    return f"{_where(target.hosts)} is on this machine"
+
+
+def log_transport_warning(target: ServerTarget) -> str | None:
+    """Log :func:`transport_warning` at WARNING, once: ``serve`` calls this in the parent process
+    before any worker starts, so the warning is not repeated per worker. Returns the message."""
+    message = transport_warning(target)
+    if message is not None:
+        # No arguments: the text is logged as is (a '%' in an IPv6 zone cannot upset formatting).
+        log.warning(message)
+    return message
 
 
 # -- errors and retries -------------------------------------------------------------------------------------
