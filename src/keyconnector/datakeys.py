@@ -377,16 +377,30 @@ async def open_ring(
             except KeyRingConflict:
                 continue  # another instance adopted first: authenticate what it wrote
             return adoption
-        keys = await _authenticate(repository, ring, provider, trust)
+        keys = await authenticate(ring, provider, trust, await _application_datas(repository, ring, provider))
         if trust.auth_key is None:
             await _check_records(repository, ring, keys, ring_missing=False)
         return OpenedRing(ring, keys)
     raise KeyRingConflict("the key ring kept changing while it was being read; try again")
 
 
-async def _authenticate(
-    repository: Repository, ring: KeyRing, provider: KeyProvider, trust: RingTrust
+async def _application_datas(repository: Repository, ring: KeyRing, provider: KeyProvider) -> str | None:
+    """``ApplicationDatas``, read only when version 1 is active without a wrap for ``provider``."""
+    entry = ring.versions.get(LEGACY_VERSION)
+    if entry is not None and entry.state == ACTIVE and provider.fingerprint not in entry.wraps:
+        return await repository.get_wrapped_data_key()
+    return None
+
+
+async def authenticate(
+    ring: KeyRing, provider: KeyProvider, trust: RingTrust, application_datas: str | None
 ) -> dict[int, DataKey]:
+    """Authenticate a parsed ring with ``provider`` (``application_datas``: upstream's wrap of version 1,
+    used when the ring holds none for this key pair) and return every active data key; sets
+    ``ring.auth_key``. Raises ``RingRefused`` saying what is wrong. Reads no database, so that a
+    backup's ring can be checked before anything is written."""
+    if ring.format < FORMAT:
+        raise RingRefused("the key ring was written before rings were authenticated; it is adopted at start")
     if ring.document_revision != ring.revision:
         raise RingRefused(
             f"the key ring's row says revision {ring.revision}, but its authenticated content was written "
@@ -397,10 +411,11 @@ async def _authenticate(
             f"the key ring went back from revision {trust.revision} to {ring.revision}: an older ring was "
             "copied in"
         )
-    keys = {
-        number: DataKey(await unwrap_raw(repository, ring, number, provider), number)
-        for number in ring.active
-    }
+    keys: dict[int, DataKey] = {}
+    for number in ring.active:
+        wrapped = wrap_for(ring, number, provider, application_datas)
+        raw = await provider.unwrap(_decode(wrapped, f"the wrap of data key version {number}"))
+        keys[number] = DataKey(raw, number)
     auth_key = trust.auth_key
     if auth_key is None:
         for number in ring.active:
