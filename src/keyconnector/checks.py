@@ -6,12 +6,12 @@ to run against production before switching over.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 
+from keyconnector.datakeys import NotAdopted, RingRefused, RingTrust, open_ring
 from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_name
 from keyconnector.keys import KeyProvider, open_key_provider
-from keyconnector.settings import DatabaseSettings, LoadedSettings, identity_server_uri
+from keyconnector.settings import DatabaseSettings, LoadedSettings, Settings, identity_server_uri
 from keyconnector.storage import Repository, inspect, open_repository
 
 
@@ -63,22 +63,9 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     if provider is not None and has_data:
         try:
             repository = await open_repository(settings.database)
-            wrapped = await repository.get_wrapped_data_key()
-            if wrapped is None:
-                results.append(CheckResult("data key", True, "none stored yet; `serve` creates one at start"))
-            else:
-                unwrapped = await provider.unwrap(base64.b64decode(wrapped))
-                ok = len(unwrapped) == 32
-                detail = (
-                    "the stored data key unwraps with this key pair"
-                    if ok
-                    else "the stored data key unwraps to a wrong length: it was not wrapped by this key pair"
-                )
-                results.append(CheckResult("data key", ok, detail))
+            results += await _check_data_keys(repository, provider, settings)
         except KeyConnectorError as exc:
             results.append(CheckResult("data key", False, str(exc)))
-        except ValueError:
-            results.append(CheckResult("data key", False, "the stored data key is not valid base64"))
 
     results.append(await _check_identity(loaded))
     for closeable in (provider, repository):
@@ -126,3 +113,40 @@ async def _check_identity(loaded: LoadedSettings) -> CheckResult:
         return CheckResult("identity server", False, f"{exc} (setting {setting_name('identityServerUri')})")
     finally:
         await validator.aclose()
+
+
+async def _check_data_keys(
+    repository: Repository, provider: KeyProvider, settings: Settings
+) -> list[CheckResult]:
+    """The data keys as ``serve`` would load them: through the authenticated key ring, read-only.
+
+    The same code path as the service (``datakeys.open_ring``), so that ``check`` cannot contradict
+    ``serve`` (during a key-pair rotation, say, when ApplicationDatas still holds the old pair's wrap
+    and the new pair's wraps are only in the ring)."""
+    trust = RingTrust(anchor=settings.key_ring_anchor)
+    try:
+        opened = await open_ring(repository, provider, trust=trust, adopt=False)
+    except NotAdopted as exc:
+        return [CheckResult("data key", True, str(exc))]
+    except RingRefused as exc:
+        return [CheckResult("key ring", False, str(exc))]
+    ring = opened.ring
+    versions = ", ".join(str(number) for number in sorted(opened.keys))
+    keys = CheckResult(
+        "data key",
+        True,
+        f"version(s) {versions} unwrap with this key pair; version {ring.current} seals new records",
+    )
+    if opened.adopted:
+        return [keys, CheckResult("key ring", True, f"{opened.adopted} (anchor {ring.anchor})")]
+    legacy = "accepted" if ring.accept_legacy else "refused (every record is bound to its user)"
+    pinned = " (pinned by keyRingAnchor)" if settings.key_ring_anchor else ""
+    return [
+        keys,
+        CheckResult(
+            "key ring",
+            True,
+            f"revision {ring.revision} authenticates; anchor {ring.anchor}{pinned}; upstream-format "
+            f"records {legacy}",
+        ),
+    ]

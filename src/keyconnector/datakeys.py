@@ -436,13 +436,7 @@ async def authenticate(
             "the ring edited). Nothing in it is used"
         )
     for number in ring.active:
-        seal = ring.versions[number].seal
-        try:
-            if seal is None or not hmac.compare_digest(
-                keys[number].open_secret(seal, _seal_context(number)), auth_key
-            ):
-                raise IntegrityError("different authentication key")
-        except IntegrityError:
+        if not _carries(keys[number], ring.versions[number].seal, number, auth_key):
             raise RingRefused(
                 f"data key version {number} as this key pair unwraps it does not carry the key ring's "
                 "authentication: its wrap was replaced (ApplicationDatas or the ring) with a key of "
@@ -451,6 +445,16 @@ async def authenticate(
     ring.auth_key = auth_key
     _check_anchor(ring, trust)
     return keys
+
+
+def _carries(key: DataKey, seal: str | None, version: int, auth_key: bytes) -> bool:
+    """Whether ``seal`` is ``auth_key`` sealed under ``key``: the proof that ``key`` is the real one."""
+    if seal is None:
+        return False
+    try:
+        return hmac.compare_digest(key.open_secret(seal, _seal_context(version)), auth_key)
+    except IntegrityError:
+        return False
 
 
 def _check_anchor(ring: KeyRing, trust: RingTrust) -> None:
