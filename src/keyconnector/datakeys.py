@@ -135,6 +135,9 @@ class KeyRing:
     """How trust in this ring began (a note for people; covered by the MAC)."""
     auth_key: bytes | None = field(default=None, repr=False, compare=False)
     """The authentication key, once this process has opened a seal and checked the MAC with it."""
+    digest: str = field(default="", compare=False)
+    """SHA-256 of the stored document this was parsed from (or last written as): a cheap way for a
+    running service to see that the row changed, without authenticating it again every time."""
 
     @classmethod
     def implicit(cls) -> KeyRing:
@@ -166,6 +169,7 @@ class KeyRing:
                 document_revision=int(document.get("revision", 0)),
                 mac=str(document.get("mac", "")),
                 adopted=str(document.get("adopted", "")),
+                digest=stored_digest(stored),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StorageError(
@@ -239,6 +243,13 @@ class KeyRing:
         return derive_key(self.auth_key, purpose)
 
 
+def stored_digest(stored: StoredKeyRing | None) -> str:
+    """Identifies a stored row (revision and document) without parsing or authenticating it."""
+    if stored is None:
+        return ""
+    return hashlib.sha256(f"{stored.revision}:{stored.document}".encode()).hexdigest()
+
+
 def anchor_of(auth_key: bytes) -> str:
     return derive_key(auth_key, _ANCHOR_PURPOSE)[:10].hex()
 
@@ -275,10 +286,12 @@ async def read_ring(repository: Repository) -> KeyRing:
 
 async def save_ring(repository: Repository, ring: KeyRing) -> KeyRing:
     """Compare-and-swap; raises ``KeyRingConflict`` when someone else changed it first."""
-    if not await repository.put_key_ring(ring.dump(ring.revision + 1), ring.revision):
+    document = ring.dump(ring.revision + 1)
+    if not await repository.put_key_ring(document, ring.revision):
         raise KeyRingConflict("the key ring was changed by another process meanwhile; run the command again")
     ring.revision += 1
     ring.document_revision = ring.revision
+    ring.digest = stored_digest(StoredKeyRing(ring.revision, document))
     return ring
 
 

@@ -23,7 +23,14 @@ from datetime import UTC, datetime
 from uuid import UUID
 
 from keyconnector.crypto import LEGACY_VERSION, KeySet, LegacyRefusedError, UnknownVersionError
-from keyconnector.datakeys import KeyRing, RingRefused, RingTrust, accept_unbound_records, load_key_set
+from keyconnector.datakeys import (
+    KeyRing,
+    RingRefused,
+    RingTrust,
+    accept_unbound_records,
+    load_key_set,
+    stored_digest,
+)
 from keyconnector.errors import IntegrityError, KeyConnectorError, UnavailableError
 from keyconnector.keys import KeyProvider
 from keyconnector.storage import Repository
@@ -39,9 +46,6 @@ class RecordIntegrityError(IntegrityError):
         self.user_id = user_id
         self.reason = reason
         super().__init__(f"the stored record of user {user_id} failed its integrity check: {reason}")
-
-
-_NOT_YET = object()
 
 
 def _named_current(document: str) -> int | None:
@@ -88,7 +92,9 @@ class KeyService:
         self._retry_interval = retry_interval
         self._ring_refresh_interval = ring_refresh_interval
         self._ring_revision = -1
-        self._ring_seen: object = _NOT_YET
+        self._ring_seen: str | None = None
+        """``datakeys.stored_digest`` of the row last trusted or refused: an unchanged row is not
+        unwrapped and authenticated again at every refresh."""
         self._last_refresh = 0.0
         self._refresh_lock = asyncio.Lock()
         self._sealing_blocked: str | None = None
@@ -170,7 +176,7 @@ class KeyService:
                 listener(ring)
             keys = keys.with_legacy_format(self._write_legacy_format)
             self._warn_about_legacy_format(keys.current)
-            self._data_key, self._ring_revision = keys, ring.revision
+            self._data_key, self._ring_revision, self._ring_seen = keys, ring.revision, ring.digest
             self._last_refresh = time.monotonic()
             self._last_error = None
             return keys
@@ -218,13 +224,13 @@ class KeyService:
         async with self._refresh_lock:
             self._last_refresh = time.monotonic()
             stored = await self.repository.get_key_ring()
-            seen = None if stored is None else (stored.revision, stored.document)
+            seen = stored_digest(stored)
             if seen == self._ring_seen:
                 return  # unchanged since it was last trusted, or last refused
-            self._ring_seen = seen
             try:
                 await self._load_data_key(reload=True)
             except RingRefused:
+                self._ring_seen = seen  # refused once is enough until the row changes again
                 raise  # the last trusted keys keep serving, and sealing (see _ring_refused)
             except KeyConnectorError as exc:
                 keys = self._data_key
