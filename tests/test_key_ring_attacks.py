@@ -404,3 +404,21 @@ def test_two_instances_pick_up_a_legitimate_rotation(
             assert readiness(service)[1]["checks"]["keyRing"] == "ok"
     for service in (first, second):
         assert "REFUSED" not in service.logs()
+
+
+def test_write_legacy_format_makes_the_ring_accept_unbound_records_and_says_so(
+    request: pytest.FixtureRequest, tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service: Any
+) -> None:
+    site = site_for("sqlite", tmp_path, request, issuer, pfx)
+    backend = site.backend
+    first: Service = start_service(site.env)
+    first.stop()
+    assert json.loads(ring_row(backend)[1])["unboundRecords"] == "refused"  # type: ignore[index]
+    legacy: Service = start_service({**site.env, "keyConnectorSettings__compat__writeLegacyFormat": "true"})
+    assert json.loads(ring_row(backend)[1])["unboundRecords"] == "accepted"  # type: ignore[index]
+    assert "the key ring accepts upstream-format (unbound) records again" in legacy.logs()
+    alice, key = uuid.uuid4(), secrets.token_bytes(32)
+    with legacy.client() as client:
+        enrol(client, issuer, alice, key)
+        assert not stored(backend, alice).startswith("kc:")  # upstream's format, for the way back
+        assert get(client, issuer, alice).json() == {"key": b64(key)}
