@@ -200,6 +200,10 @@ def test_environment_variables_are_read_where_the_page_says() -> None:
 # -- round trip: the names on the page land on their fields ----------------------------------------------
 
 
+FORMED: dict[str, tuple[str, Any]] = {"keyRingAnchor": ("0123456789ABCDEF0123", "0123456789abcdef0123")}
+"""Settings whose text has a required form: a valid sample, as written and as held."""
+
+
 def _sample(entry: Entry) -> tuple[str, Any]:
     """A valid value differing from the default, as text, and what the field should then hold."""
     info = entry.field
@@ -225,6 +229,8 @@ def _sample(entry: Entry) -> tuple[str, Any]:
         return str(number), number
     if base is SecretStr:
         return f"s3cret-{entry.names[-1]}", f"s3cret-{entry.names[-1]}"
+    if entry.names[-1] in FORMED:
+        return FORMED[entry.names[-1]]
     return f"sample-{entry.names[-1]}", f"sample-{entry.names[-1]}"
 
 
