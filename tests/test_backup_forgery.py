@@ -42,9 +42,9 @@ from keyconnector.crypto import DataKey
 from keyconnector.datakeys import ACTIVE, KeyRing, RingVersion
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.ops.backup import PASSPHRASE_ENV
-from keyconnector.storage import inspect
+from keyconnector.storage import UserKeyRecord, inspect, migrate, open_repository
 from tests.conftest import Pfx
-from tests.support.backends import Backend
+from tests.support.backends import Backend, run
 from tests.support.envelopes import upstream_keys, upstream_seal, upstream_wrap
 from tests.test_backup import (
     Snapshot,
@@ -469,3 +469,49 @@ def test_an_old_format_backup_restores_in_passphrase_mode_with_a_warning(
     assert "adopted the key ring of an earlier keyconnector" in service.logs()
     restored = authenticated_ring(config)
     assert restored.current == 2 and restored.anchor
+
+
+# -- a deployment upstream left, backed up before keyconnector ever served it --------------------------------
+
+
+def test_backup_of_a_deployment_never_started_adopts_it_first(
+    tmp_path: Path, pfx: Pfx, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The takeover guide's step 2: a backup of upstream's database, while upstream still serves. The
+    backup adopts the data key as `serve` would (keyconnector's own table only), so that the file is
+    authenticated; the ring accepts upstream-format records, which upstream goes on writing."""
+    source = new_backend("sqlite", tmp_path / "source", request)
+    config = write_config(tmp_path / "source.json", source, pfx)
+    data_key = os.urandom(32)
+    keys = {uuid.uuid4(): os.urandom(32) for _ in range(50)}
+
+    async def as_upstream_left_it() -> None:
+        migrate(source.settings)
+        repository = await open_repository(source.settings)
+        try:
+            await repository.store_wrapped_data_key(upstream_wrap(pfx, data_key))
+            await repository.upsert_records(
+                [
+                    UserKeyRecord(
+                        user, upstream_seal(data_key, key), BASE_TIME + timedelta(seconds=i), None, None
+                    )
+                    for i, (user, key) in enumerate(keys.items())
+                ]
+            )
+        finally:
+            await repository.aclose()
+
+    run(as_upstream_left_it())
+    assert source.sql("SELECT COUNT(*) FROM keyconnector_key_ring")[0][0] == 0
+    identity, recipient = identity_file(tmp_path / "identity.txt")
+    backup = tmp_path / "kc.backup"
+    code, out = cli(capsys, "backup", "--config", config, backup, "--recipient", recipient)
+    assert code == 0 and "50 records" in out, out
+    assert "adopted the data key in ApplicationDatas as the root of the authenticated key ring" in out, out
+    ring = authenticated_ring(config)
+    assert printed_anchor(out) == ring.anchor and ring.accept_legacy
+
+    target = new_backend("json", tmp_path / "target", request)
+    target_config = write_config(tmp_path / "target.json", target, pfx)
+    code, out = restore(capsys, target_config, backup, identity, "--expect-anchor", ring.anchor)
+    assert code == 0 and "50 records" in out and "50 decrypt" in out, out

@@ -809,17 +809,18 @@ async def _backup(
 async def _authenticated_ring(settings: Settings, repository: Repository, provider: KeyProvider) -> KeyRing:
     """The database's authenticated key ring: its key MACs the manifest, its anchor names the deployment.
 
-    A deployment no keyconnector of this version has started yet is adopted first, exactly as ``serve``
-    would at its next start (the one write a backup may make): without an authenticated ring there
-    is no key a restore could check the backup with."""
+    A deployment no keyconnector of this version has started yet is adopted first, as ``serve`` would
+    at its next start (the one write a backup may make, to keyconnector's own table): without an
+    authenticated ring there is no key a restore could check the backup with. Such a backup is often
+    taken during a takeover, while upstream still serves and writes upstream-format records, so a
+    ring adopted here for a database without records accepts them (``serve`` would decide by
+    ``compat.writeLegacyFormat``); ``upgrade-records`` tightens that later."""
     trust = RingTrust(anchor=settings.key_ring_anchor)
     try:
         opened = await open_ring(repository, provider, trust=trust, adopt=False)
         if not opened.adopted:
             return opened.ring
-        _, ring = await load_key_set(
-            repository, provider, trust, accept_legacy_when_new=settings.compat.write_legacy_format
-        )
+        _, ring = await load_key_set(repository, provider, trust, accept_legacy_when_new=True)
         return ring
     except NotAdopted:
         raise BackupError(
@@ -1135,24 +1136,25 @@ async def _verify_only(settings: Settings, backup: _BackupFile, options: _Restor
                 note = f"; records not decrypted: {exc}"
         keys = None if opened is None else opened.keys
         contents, decryption = backup.check(options.batch_size, keys, decrypt=opened is not None)
-        line = (
+        intact = (
             f"verify: {backup.path} is intact: {contents.records:,} records, made {contents.header.created} "
             f"from {contents.header.source}"
         )
         if opened is None:
-            return line + note
+            return intact + note
         _check_mac(contents, opened, backup)
         if decryption.failed:
-            raise OperationFailed(f"{line}; but only {decryption.summary()}", decryption.failed)
-        line += f"; {decryption.summary()}"
+            raise OperationFailed(f"{intact}; but only {decryption.summary()}", decryption.failed)
+        parts = [intact, decryption.summary()]
         if opened.ring is not None:
             assert provider is not None
-            checked = await _check_anchor(settings, provider, opened.ring, backup, options, verify_only=True)
-            authenticated = "its manifest's MAC verifies" if backup.format >= 2 else "format 1: no MAC"
-            line += f"; {authenticated}; {checked}"
+            parts.append("its manifest's MAC verifies" if backup.format >= 2 else "format 1: no MAC")
+            parts.append(
+                await _check_anchor(settings, provider, opened.ring, backup, options, verify_only=True)
+            )
         else:
-            line += "; format 1 with a key ring of the earlier format: not authenticated"
-        return line + note
+            parts.append("format 1 with a key ring of the earlier format: not authenticated")
+        return "; ".join(parts) + note
     finally:
         if provider is not None:
             await provider.aclose()
