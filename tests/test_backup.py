@@ -578,7 +578,7 @@ def test_a_database_in_use_is_refused_unless_replace(
     # The same deployment: its own key ring vouches for the backup, no anchor needed.
     code, out = restore(capsys, made, same_config, made.backup, "--replace", anchor=False)
     assert code == 0 and "1 rows of users not in the backup were kept" in out, out
-    assert f"key ring anchor {made.anchor} (matches the key ring of sqlite" in out, out
+    assert f"key ring anchor {made.anchor} (matches the key ring of the target database (sqlite" in out, out
     after = snapshot(same)
     assert after.rows[changed] == made.original.rows[changed]
     assert after.rows[newcomer] == before.rows[newcomer]

@@ -230,7 +230,7 @@ def test_a_forged_recipients_backup_is_refused_and_nothing_is_written(
     empty = new_backend("postgresql", tmp_path / "empty", request)
     config = write_config(tmp_path / "empty.json", empty, pfx)
     code, out = restore(capsys, config, forgery.path, identity)
-    assert code == 1 and "is empty and no anchor was given" in out and "--expect-anchor" in out, out
+    assert code == 1 and "has no Key Connector tables yet" in out and "and no anchor was given" in out, out
     assert "key ring revision N authenticated (anchor X)" in out and "`keyconnector check`" in out, out
     assert not inspect(empty.settings).has_schema
     code, out = restore(capsys, config, forgery.path, identity, "--expect-anchor", live.anchor)
@@ -372,7 +372,9 @@ def test_backup_restore_into_postgresql_served_with_the_same_anchor(
     # Restored again over itself: the target's own ring vouches, nothing changes.
     before = snapshot(target)
     code, out = restore(capsys, config, backup, identity)
-    assert code == 0 and f"anchor {anchor} (matches the key ring of postgresql" in out, out
+    assert code == 0 and f"anchor {anchor} (matches the key ring of the target database (postgresql" in out, (
+        out
+    )
     assert_untouched(target, before)
 
     service = start_service(service_env(issuer, pfx, target))

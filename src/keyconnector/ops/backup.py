@@ -1013,24 +1013,27 @@ async def _target_anchor(settings: Settings, provider: KeyProvider) -> tuple[str
     Reads only: a database without tables is not created."""
     state = inspect(settings.database, "database")
     if not state.has_schema:
-        return None, f"{state.description} is empty"
+        return None, f"the target database has no Key Connector tables yet ({state.description})"
     repository = await open_repository(settings.database, "database")
     try:
         opened = await open_ring(repository, provider, adopt=False)
     except NotAdopted:
-        return None, f"{repository.description} has no data key"
+        return None, f"the target database ({repository.description}) has no data key"
     except KeyConnectorError as exc:
         log.warning(
             "the key ring of %s does not authenticate, so it cannot vouch for the backup: %s",
             repository.description,
             exc,
         )
-        return None, f"the key ring of {repository.description} does not authenticate"
+        return None, f"the key ring of the target database ({repository.description}) does not authenticate"
     finally:
         await repository.aclose()
     if opened.adopted:
-        return None, f"the key ring of {repository.description} is not authenticated yet"
-    return opened.ring.anchor, f"the key ring of {repository.description}"
+        return (
+            None,
+            f"the key ring of the target database ({repository.description}) is not authenticated yet",
+        )
+    return opened.ring.anchor, f"the key ring of the target database ({repository.description})"
 
 
 async def _check_anchor(
