@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import logging
 import os
 import pty
+import re
 import select
 import signal
 import stat
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,11 +40,11 @@ from pyrage import x25519
 
 from keyconnector.cli import main
 from keyconnector.crypto import DataKey, generate_data_key
-from keyconnector.datakeys import ACTIVE, RingVersion, load_ring, now_text, save_ring
+from keyconnector.datakeys import ACTIVE, KeyRing, RingVersion, load_ring, now_text, save_ring
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keygen import self_signed_pfx
 from keyconnector.ops import open_side
-from keyconnector.ops.backup import PASSPHRASE_ENV
+from keyconnector.ops.backup import MAC_PURPOSE, PASSPHRASE_ENV
 from keyconnector.settings import load_settings
 from keyconnector.storage import UserKeyRecord, inspect, open_repository
 from tests.conftest import Pfx, Service, base_env
@@ -111,6 +113,9 @@ async def _populate(
         ring.versions[2] = RingVersion(2, ACTIVE, now_text(), {provider.fingerprint: wrapped_v2})
         ring.seal_versions({2: DataKey(raw, 2)})
         ring.current = 2
+        ring.accept_legacy = (
+            True  # the rows below include upstream-format ones, as a deployment that upgraded
+        )
         await save_ring(repository, ring)
         v1, v2 = side.keys.keys[1], DataKey(raw, 2)
 
@@ -154,11 +159,25 @@ def populate(backend: Backend, pfx: Pfx, count: int = RECORDS) -> Source:
     return Source(backend, config, keys, legacy, format2)
 
 
+def ring_content(document: str | None) -> str | None:
+    """What a restore keeps of a key ring: all but its revision and MAC (it writes the ring for the
+    target's next revision, MACed again under the same authentication key)."""
+    if document is None:
+        return None
+    body = json.loads(document)
+    body.pop("revision", None)
+    body.pop("mac", None)
+    return json.dumps(body, sort_keys=True)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     data_key: str | None
     key_ring: str | None
+    """The ring's content (``ring_content``): equal after a restore."""
     rows: dict[uuid.UUID, UserKeyRecord]
+    ring_document: str | None = field(default=None, compare=False)
+    """The ring exactly as stored: unchanged where nothing may be written."""
 
 
 def snapshot(backend: Backend) -> Snapshot:
@@ -167,11 +186,32 @@ def snapshot(backend: Backend) -> Snapshot:
         try:
             ring = await repository.get_key_ring()
             rows = {r.user_id: r async for batch in repository.iter_records(1000) for r in batch}
-            return Snapshot(await repository.get_wrapped_data_key(), ring and ring.document, rows)
+            document = None if ring is None else ring.document
+            return Snapshot(await repository.get_wrapped_data_key(), ring_content(document), rows, document)
         finally:
             await repository.aclose()
 
     return run(read())
+
+
+def authenticated_ring(config: Path) -> KeyRing:
+    """The deployment's key ring, authenticated with its key pair (``auth_key`` set)."""
+
+    async def read() -> KeyRing:
+        side = await open_side(load_settings({}, config).settings, create=False)
+        try:
+            return side.ring
+        finally:
+            await side.aclose()
+
+    return run(read())
+
+
+def printed_anchor(output: str) -> str:
+    """The anchor `keyconnector backup` prints for the operator to keep."""
+    match = re.search(r"key ring anchor ([0-9a-f]{20})", output)
+    assert match, output
+    return match.group(1)
 
 
 def new_backend(name: str, folder: Path, request: pytest.FixtureRequest) -> Backend:
@@ -234,6 +274,7 @@ def test_round_trip_into_another_kind_of_database(
     target_config = write_config(tmp_path / "target.json", target, pfx)
     original = snapshot(source.backend)
     assert len(original.rows) == RECORDS and original.key_ring is not None
+    anchor = authenticated_ring(source.config).anchor
     backup = tmp_path / "kc.backup"
     outputs: list[str] = []
     passphrase = "correct horse battery staple " + uuid.uuid4().hex
@@ -244,6 +285,7 @@ def test_round_trip_into_another_kind_of_database(
         code, out = cli(capsys, "backup", "--config", source.config, backup, "--passphrase-file", secret)
         outputs.append(out)
         assert code == 0, out
+        assert printed_anchor(out) == anchor
 
         monkeypatch.setenv(PASSPHRASE_ENV, "not the passphrase")
         code, out = cli(capsys, "restore", "--config", target_config, backup)
@@ -253,6 +295,8 @@ def test_round_trip_into_another_kind_of_database(
 
         monkeypatch.setenv(PASSPHRASE_ENV, passphrase)
         code, out = cli(capsys, "restore", "--config", target_config, backup)
+        # An empty target, no anchor given: the passphrase authenticates the file; the anchor is shown.
+        assert f"key ring anchor {anchor} (not compared" in out, out
     else:
         _, first_public = identity_file(tmp_path / "first.txt")
         second, second_public = identity_file(tmp_path / "second.txt")
@@ -269,10 +313,27 @@ def test_round_trip_into_another_kind_of_database(
         )
         outputs.append(out)
         assert code == 0, out
+        assert printed_anchor(out) == anchor
+        # An empty target and no anchor: a recipients backup could be anyone's. Refused, nothing written.
         code, out = cli(capsys, "restore", "--config", target_config, backup, "--identity", second)
+        assert code == 1 and "no anchor was given" in out and "--expect-anchor" in out, out
+        assert not inspect(target.settings).has_schema
+        code, out = cli(
+            capsys,
+            "restore",
+            "--config",
+            target_config,
+            backup,
+            "--identity",
+            second,
+            "--expect-anchor",
+            anchor,
+        )
+        assert f"key ring anchor {anchor} (matches --expect-anchor)" in out, out
     outputs.append(out)
     assert code == 0, out
     assert f"{RECORDS:,} records" in out and "identical to the backup" in out
+    assert "restart every running `keyconnector serve`" in out
 
     # The file: private, and no record, user id or wrapped key in it as plaintext.
     assert stat.S_IMODE(backup.stat().st_mode) == 0o600
@@ -285,7 +346,8 @@ def test_round_trip_into_another_kind_of_database(
     assert passphrase.encode() not in blob
 
     restored = snapshot(target)
-    assert restored == original  # every row, key and date; the data key; the key ring document
+    assert restored == original  # every row, key and date; the data key; the key ring's content
+    assert authenticated_ring(target_config).anchor == anchor  # the same deployment, as the service sees it
 
     service = start_service(service_env(issuer, pfx, target))
     assert_served(service, issuer, source)
@@ -301,6 +363,10 @@ class Made:
     backup: Path
     identity: Path
     recipient: str
+    anchor: str
+    """The source's key ring anchor, as the operator keeps it (restore --expect-anchor)."""
+    mac_key: bytes
+    """The key of the backup's manifest MAC, to make well-authenticated edits (a buggy writer's)."""
 
 
 @pytest.fixture(scope="module")
@@ -310,13 +376,24 @@ def made(tmp_path_factory: pytest.TempPathFactory, pfx: Pfx, request: pytest.Fix
     identity, recipient = identity_file(folder / "identity.txt")
     backup = folder / "kc.backup"
     assert invoke("backup", "--config", source.config, backup, "--recipient", recipient) == 0
-    return Made(source, snapshot(source.backend), backup, identity, recipient)
+    ring = authenticated_ring(source.config)
+    return Made(
+        source, snapshot(source.backend), backup, identity, recipient, ring.anchor, ring.derive(MAC_PURPOSE)
+    )
 
 
 def restore(
-    capsys: pytest.CaptureFixture[str], made: Made, config: Path, backup: Path, *extra: str
+    capsys: pytest.CaptureFixture[str],
+    made: Made,
+    config: Path,
+    backup: Path,
+    *extra: str,
+    anchor: bool = True,
 ) -> tuple[int, str]:
-    return cli(capsys, "restore", "--config", config, backup, "--identity", made.identity, *extra)
+    """`keyconnector restore` of a recipients backup; with ``anchor``, giving the source's anchor as the
+    operator of an empty target must."""
+    expect = ["--expect-anchor", made.anchor] if anchor else []
+    return cli(capsys, "restore", "--config", config, backup, "--identity", made.identity, *expect, *extra)
 
 
 def sqlite_target(tmp_path: Path, pfx: Pfx, request: pytest.FixtureRequest) -> tuple[Backend, Path]:
@@ -340,6 +417,13 @@ def reencrypted(made: Made, path: Path, edit: Any) -> Path:
         + pyrage.encrypt(payload, [x25519.Recipient.from_str(made.recipient)])
     )
     return path
+
+
+def remac(made: Made, manifest: dict[str, Any]) -> None:
+    """Give an edited manifest the MAC the source's key ring makes: only a holder of its data key can."""
+    body = {name: value for name, value in manifest.items() if name != "mac"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    manifest["mac"] = hmac.new(made.mac_key, canonical, hashlib.sha256).hexdigest()
 
 
 def test_damaged_files_are_refused_and_nothing_is_written(
@@ -410,6 +494,7 @@ def test_verify_only_decrypts_every_record_and_writes_nothing(
     code, out = restore(capsys, made, config, made.backup, "--verify-only")
     assert code == 0, out
     assert f"{3000 - nulls:,} decrypt with the configured key pair, {nulls:,} have no key, 0 fail" in out
+    assert f"its manifest's MAC verifies; key ring anchor {made.anchor} (matches --expect-anchor)" in out, out
     assert not (target.folder / "kc.db").exists()
 
     # Two format-2 records swapped between their users' rows no longer decrypt (they are bound to their
@@ -426,11 +511,18 @@ def test_verify_only_decrypts_every_record_and_writes_nothing(
         manifest["manifest"]["sha256"] = hashlib.sha256(b"".join(edited)).hexdigest()
         digests = sorted(hashlib.sha256(line).digest() for line in edited[1:])
         manifest["manifest"]["recordsSha256"] = hashlib.sha256(b"".join(digests)).hexdigest()
+        remac(made, manifest["manifest"])
         return [*edited, json.dumps(manifest).encode() + b"\n"]
 
     path = reencrypted(made, tmp_path / "swapped", swap)
     code, out = restore(capsys, made, config, path, "--verify-only")
     assert code == 1 and "2 record(s) failed" in out and all(user in out for user in swapped), out
+    assert not (target.folder / "kc.db").exists()
+
+    # A restore of that file refuses it before writing anything, naming the same two users.
+    code, out = restore(capsys, made, config, path)
+    assert code == 1 and "restore refused, nothing was written" in out and "2 record(s) failed" in out, out
+    assert all(user in out for user in swapped), out
     assert not (target.folder / "kc.db").exists()
 
 
@@ -457,10 +549,16 @@ def test_a_database_in_use_is_refused_unless_replace(
     before = snapshot(other)
     code, out = restore(capsys, made, other_config, made.backup)
     assert code == 1 and "already holds another data key" in out and "nothing was written" in out, out
-    assert snapshot(other) == before
+    assert snapshot(other) == before and snapshot(other).ring_document == before.ring_document
 
-    # --replace writes the backup; the stranger's row is kept but, under the backup's data key, no longer
-    # decrypts: the verification names it and the exit code says so.
+    # --replace alone does not make another deployment's backup acceptable: its key ring's anchor is not
+    # this database's (a forged backup looks just like that).
+    code, out = restore(capsys, made, other_config, made.backup, "--replace", anchor=False)
+    assert code == 1 and f"the backup's key ring has anchor {made.anchor}" in out and "--expect-anchor" in out
+    assert snapshot(other) == before and snapshot(other).ring_document == before.ring_document
+
+    # --replace with the backup's anchor named writes the backup; the stranger's row is kept but, under the
+    # backup's data key, no longer decrypts: the verification names it and the exit code says so.
     code, out = restore(capsys, made, other_config, made.backup, "--replace")
     assert code == 1 and "1 record(s) failed" in out and str(stranger) in out, out
     after = snapshot(other)
@@ -473,12 +571,14 @@ def test_a_database_in_use_is_refused_unless_replace(
     newcomer, changed = uuid.uuid4(), made.source.legacy[0]
     run(_seal_rows(same_config, {newcomer: os.urandom(32), changed: os.urandom(32)}))
     before = snapshot(same)
-    code, out = restore(capsys, made, same_config, made.backup)
+    code, out = restore(capsys, made, same_config, made.backup, anchor=False)
     assert code == 1 and "already holds 3,001 rows (2 not from this backup)" in out, out
-    assert snapshot(same) == before
+    assert snapshot(same) == before and snapshot(same).ring_document == before.ring_document
 
-    code, out = restore(capsys, made, same_config, made.backup, "--replace")
+    # The same deployment: its own key ring vouches for the backup, no anchor needed.
+    code, out = restore(capsys, made, same_config, made.backup, "--replace", anchor=False)
     assert code == 0 and "1 rows of users not in the backup were kept" in out, out
+    assert f"key ring anchor {made.anchor} (matches the key ring of the target database (sqlite" in out, out
     after = snapshot(same)
     assert after.rows[changed] == made.original.rows[changed]
     assert after.rows[newcomer] == before.rows[newcomer]
@@ -513,7 +613,7 @@ def test_restore_killed_half_way_completes_when_run_again(
     batch = "50" if kind == "json" else "10"  # many small transactions: a wide window to land in
     command = [sys.executable, "-m", "keyconnector", "restore", "--config", str(config), str(made.backup)]
     process = subprocess.Popen(
-        [*command, "--identity", str(made.identity), "--batch-size", batch],
+        [*command, "--identity", str(made.identity), "--expect-anchor", made.anchor, "--batch-size", batch],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
