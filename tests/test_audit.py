@@ -118,19 +118,22 @@ def test_two_workers_write_chains_that_verify(
     with ThreadPoolExecutor(16) as pool:
         assert set(pool.map(get, tokens)) == {404}
     entries = _entries(log)
-    assert len(entries) == 150
-    assert len({entry["chain"] for entry in entries}) == 2
+    requests = [entry for entry in entries if entry["outcome"] != "checkpoint"]
+    assert len(requests) == 150
+    assert len({entry["chain"] for entry in requests}) == 2
     result = _verify(service.env, "--file", str(log))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "verified 150 entries in 2 chain(s)" in result.stdout
+    assert f"verified {len(entries)} entries in 2 chain(s)" in result.stdout
     # The stdout sink wrote the same entries as whole lines into the service's output.
     stdout_lines = [line for line in service.logs().splitlines() if line.startswith('{"chain"')]
-    assert len(stdout_lines) == 150
+    assert len([line for line in stdout_lines if '"outcome":"checkpoint"' not in line]) == 150
 
 
 @pytest.fixture
-def trail(start_service: StartService, issuer: DevIssuer, pfx: Pfx, tmp_path: Path) -> list[str]:
-    """Ten lines of one chain written by a real service."""
+def trail(
+    start_service: StartService, issuer: DevIssuer, pfx: Pfx, tmp_path: Path
+) -> tuple[list[str], dict[str, str]]:
+    """Ten lines of one chain written by a real service, and its settings (verify needs its key)."""
     log = tmp_path / "audit.log"
     service = start_service(_env(issuer, pfx, tmp_path, file=str(log)))
     with service.client() as client:
@@ -138,7 +141,7 @@ def trail(start_service: StartService, issuer: DevIssuer, pfx: Pfx, tmp_path: Pa
             client.get("/user-keys", headers={"Authorization": f"Bearer {issuer.mint(uuid.uuid4())}"})
     lines = log.read_text().splitlines(keepends=True)
     assert len(lines) == 10
-    return lines
+    return lines, service.env
 
 
 def _tampered(tmp_path: Path, lines: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -147,30 +150,44 @@ def _tampered(tmp_path: Path, lines: list[str], env: dict[str, str]) -> subproce
     return _verify(env, "--file", str(path))
 
 
-def test_verify_finds_removed_changed_and_swapped_lines(trail: list[str], tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin"}
-    intact = _tampered(tmp_path, trail, env)
+def test_verify_needs_the_deployments_settings(
+    trail: tuple[list[str], dict[str, str]], tmp_path: Path
+) -> None:
+    """The MACs are checked under a key from the data key: a file alone cannot be verified."""
+    lines, service_env = trail
+    env = {name: value for name, value in service_env.items() if not name.startswith("keyConnectorSettings")}
+    env["keyConnectorSettings__certificate__filesystemPath"] = str(tmp_path / "missing.pfx")
+    result = _tampered(tmp_path, lines, env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "audit verify checks MACs under a key that comes from the deployment's data key" in result.stderr
+
+
+def test_verify_finds_removed_changed_and_swapped_lines(
+    trail: tuple[list[str], dict[str, str]], tmp_path: Path
+) -> None:
+    lines, env = trail
+    intact = _tampered(tmp_path, lines, env)
     assert intact.returncode == 0, intact.stdout + intact.stderr
 
-    removed = _tampered(tmp_path, trail[:4] + trail[5:], env)
+    removed = _tampered(tmp_path, lines[:4] + lines[5:], env)
     assert removed.returncode == 1
     assert "line 5" in removed.stdout and "seq 5 removed" in removed.stdout, removed.stdout
 
-    first_removed = _tampered(tmp_path, trail[1:], env)
+    first_removed = _tampered(tmp_path, lines[1:], env)
     assert (
         first_removed.returncode == 1
         and "line 1" in first_removed.stdout
         and "removed" in first_removed.stdout
     )
 
-    changed = list(trail)
+    changed = list(lines)
     changed[2] = changed[2].replace('"outcome":"not_found"', '"outcome":"read"')
-    assert changed[2] != trail[2]
+    assert changed[2] != lines[2]
     result = _tampered(tmp_path, changed, env)
     assert result.returncode == 1
     assert "line 3" in result.stdout and "changed" in result.stdout, result.stdout
 
-    swapped = list(trail)
+    swapped = list(lines)
     swapped[5], swapped[6] = swapped[6], swapped[5]
     result = _tampered(tmp_path, swapped, env)
     assert result.returncode == 1

@@ -307,6 +307,10 @@ class AuditSettings(Section):
     """Append to our table ``keyconnector_audit`` in the service's database (SQL backends)."""
     fail_closed: bool = Field(default=False, alias="failClosed", json_schema_extra=_meta("all", ours=True))
     """Refuse to serve a key (503) when no sink can record the access."""
+    checkpoint_seconds: float = Field(
+        default=60, gt=0, alias="checkpointSeconds", json_schema_extra=_meta("all", ours=True)
+    )
+    """How often each chain's head is written into the other sinks and logged as an anchor (and at stop)."""
 
 
 class RateLimitSettings(Section):

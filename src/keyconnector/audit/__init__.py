@@ -4,11 +4,14 @@ Every read, create, replace and refused attempt becomes one entry (see :meth:`Au
 with the user id (when the token gave one), UTC time, client address, client name
 (``Bitwarden-Client-Name``), method, outcome, HTTP status and request id; never a key or a token.
 Entries go to any combination of sinks (``audit.file``, ``audit.stdout``, ``audit.database``), each
-hash-chained per worker process (:mod:`keyconnector.audit.chain`), and ``keyconnector audit verify``
-checks the chains.
+chained per worker process with a MAC under the audit key (:mod:`keyconnector.audit.chain`), which
+comes from the key ring (``set_key``; entries wait for it, see :mod:`keyconnector.audit.sink`).
+Every ``audit.checkpointSeconds`` and at a clean stop, each sink's chain head is sealed as a
+checkpoint, written into the other sinks and logged as an anchor token; ``keyconnector audit verify``
+checks the MACs and the chains against the checkpoints it can see.
 
 Recording happens on the request path, so it is built to cost microseconds: one dict, one canonical
-JSON encoding and one SHA-256 per sink, then one ``os.write`` (file, stdout) or a list append
+JSON encoding and one HMAC-SHA256 per sink, then one ``os.write`` (file, stdout) or a list append
 (database, flushed in the background).
 
 With ``audit.failClosed`` the routes refuse to serve or store a key when no sink can record the
@@ -17,15 +20,17 @@ access; without it an audit failure is logged and counted and never fails a requ
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
 import logging
-import time
-from datetime import UTC, datetime
-from typing import Any, Protocol
+import socket
 from uuid import UUID
 
 from starlette.types import Scope
 
-from keyconnector.audit.chain import new_chain_id
+from keyconnector.audit.chain import CHECKPOINT, Checkpoint, Mac, new_chain_id, utc_now
+from keyconnector.audit.sink import KeyedSink
 from keyconnector.errors import ConfigurationError
 from keyconnector.settings import Settings
 
@@ -33,32 +38,6 @@ log = logging.getLogger("keyconnector.audit")
 
 MAX_CLIENT_NAME = 100
 """A client name is the client's to choose: capped, so an entry stays one small atomic write."""
-
-
-class Sink(Protocol):
-    name: str
-    failures: int
-
-    def write(self, fields: dict[str, Any]) -> bool: ...
-
-    def can_record(self) -> bool: ...
-
-    async def start(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-_second: list[Any] = [-1, ""]
-
-
-def _utc_now() -> str:
-    """ISO 8601 UTC with microseconds; the part up to the second is formatted once per second
-    (strftime on every entry was a third of the cost of recording)."""
-    now = time.time()
-    whole = int(now)
-    if whole != _second[0]:
-        _second[0], _second[1] = whole, f"{datetime.fromtimestamp(whole, UTC):%Y-%m-%dT%H:%M:%S}"
-    return f"{_second[1]}.{int((now - whole) * 1e6):06d}Z"
 
 
 def client_address(scope: Scope) -> str | None:
@@ -74,12 +53,25 @@ def client_address(scope: Scope) -> str | None:
 class AuditTrail:
     """The sinks of one worker process, and whether a key may be served without them."""
 
-    def __init__(self, sinks: list[Sink], *, fail_closed: bool = False, chain_id: str = "") -> None:
+    def __init__(
+        self,
+        sinks: list[KeyedSink],
+        *,
+        fail_closed: bool = False,
+        chain_id: str = "",
+        checkpoint_seconds: float = 60.0,
+    ) -> None:
         self.sinks = sinks
         self.fail_closed = fail_closed
         self.chain_id = chain_id
+        self.checkpoint_seconds = checkpoint_seconds
+        self.host = socket.gethostname()
         self.failures = 0
         """Entries no sink recorded (with sinks configured)."""
+        self._key: bytes | None = None
+        self._mac: Mac | None = None
+        self._started = False
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def enabled(self) -> bool:
@@ -104,7 +96,7 @@ class AuditTrail:
         if not self.sinks:
             return True
         fields = {
-            "time": _utc_now(),
+            "time": utc_now(),
             "user": str(user) if user is not None else None,
             "client": client,
             "clientName": client_name[:MAX_CLIENT_NAME] if client_name is not None else None,
@@ -144,33 +136,119 @@ class AuditTrail:
             request_id=request_id.decode() if isinstance(request_id, bytes) else request_id,
         )
 
+    def set_key(self, key: bytes) -> None:
+        """The audit key (``KeyRing.derive(KEY_PURPOSE)``), given with every ring the process trusts.
+
+        The first one keys the sinks; the key is the same for the life of a deployment, so a later
+        ring brings nothing new, and one that brings another key cannot re-key chains already
+        written (their entries would no longer verify): it is refused, loudly.
+        """
+        if self._key is not None:
+            if not hmac.compare_digest(key, self._key):
+                log.error(
+                    "the key ring now gives another audit key; the audit trail keeps the one it started "
+                    "with (restart the service if the key ring was restored from another deployment)"
+                )
+            return
+        self._key, self._mac = key, Mac(key)
+        if self._started:
+            self._activate()
+
+    def _activate(self) -> None:
+        assert self._mac is not None
+        for sink in self.sinks:  # each on its own: a database that is down does not hold up the file
+            self._tasks.append(asyncio.create_task(sink.activate(self._mac), name=f"audit-{sink.name}-key"))
+
     async def start(self) -> None:
         for sink in self.sinks:
             await sink.start()
+        self._started = True
+        if self._mac is not None:
+            self._activate()
+        if self.sinks:
+            self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="audit-checkpoints"))
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.checkpoint_seconds)
+            try:
+                for checkpoint in self.checkpoint():
+                    log.info(
+                        "audit %s chain %s at seq %d: %s",
+                        checkpoint.sink,
+                        checkpoint.chain,
+                        checkpoint.seq,
+                        checkpoint.token,
+                    )
+            except Exception:
+                log.exception("audit checkpoint failed")
+
+    def checkpoint(self, *, final: bool = False) -> list[Checkpoint]:
+        """Seal the head of every sink that recorded entries since its last checkpoint (every sink
+        with entries when ``final``) and write it into each other sink.
+
+        Checkpoint entries do not make a checkpoint due by themselves: otherwise two sinks would
+        checkpoint each other forever on an idle service. The last ones are covered at the stop.
+        """
+        mac = self._mac
+        if mac is None:
+            return []
+        made: list[tuple[KeyedSink, Checkpoint]] = []
+        for sink in self.sinks:
+            head = sink.head()
+            if head is None or sink.chain is None:
+                continue
+            if not final and sink.content_seq <= sink.checkpointed_seq:
+                continue
+            seq, entry_mac = head
+            checkpoint = Checkpoint.make(mac, sink.name, sink.chain.id, seq, entry_mac, utc_now(), self.host)
+            sink.checkpointed_seq = seq
+            made.append((sink, checkpoint))
+        for source, checkpoint in made:
+            fields = {
+                "time": checkpoint.time,
+                "outcome": CHECKPOINT,
+                "status": 0,
+                "checkpoint": checkpoint.fields(),
+            }
+            for sink in self.sinks:
+                if sink is not source:
+                    sink.write(fields)
+        return [checkpoint for _, checkpoint in made]
 
     async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._mac is not None:
+            for sink in self.sinks:
+                await sink.settle()
+            try:
+                self.checkpoint(final=True)
+            except Exception:
+                log.exception("audit checkpoint failed")
         for sink in self.sinks:
+            sink.drop_held()
             try:
                 await sink.aclose()
             except Exception:
                 log.exception("error while closing the audit %s sink", sink.name)
-            chain = getattr(sink, "chain", None)
-            if chain is not None and chain.seq > 1:
-                # An anchor outside the trail: removing a chain's newest entries is visible against it.
-                log.info(
-                    "audit %s chain %s ends at seq %d, hash %s",
-                    sink.name,
-                    chain.id,
-                    chain.seq - 1,
-                    chain.prev,
-                )
+        mac = self._mac
+        for sink in self.sinks:
+            head = sink.head()
+            if mac is None or head is None or sink.chain is None:
+                continue
+            # An anchor outside the trail: removing a chain's newest entries is visible against it.
+            token = Checkpoint.make(mac, sink.name, sink.chain.id, head[0], head[1], utc_now(), self.host)
+            log.info("audit %s chain %s ends at seq %d: %s", sink.name, sink.chain.id, head[0], token.token)
 
 
 def open_audit(settings: Settings) -> AuditTrail:
     """The sinks ``settings.audit`` asks for (not started); configuration errors name the setting."""
     config = settings.audit
     chain_id = new_chain_id()
-    sinks: list[Sink] = []
+    sinks: list[KeyedSink] = []
     if config.file:
         from keyconnector.audit.filesink import LineSink
 
@@ -190,4 +268,9 @@ def open_audit(settings: Settings) -> AuditTrail:
             "audit.failClosed",
             "is true but no audit sink is set (audit.file, audit.stdout or audit.database)",
         )
-    return AuditTrail(sinks, fail_closed=config.fail_closed, chain_id=chain_id)
+    return AuditTrail(
+        sinks,
+        fail_closed=config.fail_closed,
+        chain_id=chain_id,
+        checkpoint_seconds=config.checkpoint_seconds,
+    )

@@ -10,23 +10,29 @@ the next login needs).
 
 "Can record" for ``failClosed``: the last flush succeeded and the queue is below ``bound``. A failed
 batch stays queued and is retried; when the queue is full, new entries are refused (and counted)
-without being chained, so the table never shows a gap for an entry that was never accepted.
+without being chained, so the table never shows a gap for an entry that was never accepted. A
+checkpoint names the newest *inserted* entry, never a queued one: a verifier reading the table a
+moment later must find it there.
+
+When the sink is keyed, ``survey`` looks at the newest row, and only when it is unkeyed (the first
+start of this version, or rows added since by something without the key) at the rest of the table.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Connection, Engine, create_engine, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from keyconnector.audit.chain import Chain
+from keyconnector.audit.chain import CHECKPOINT, FORMAT, Chain
+from keyconnector.audit.sink import KeyedSink, Survey
 from keyconnector.errors import ConfigurationError
 from keyconnector.settings import DatabaseSettings
 from keyconnector.storage import backend_module
@@ -36,7 +42,8 @@ log = logging.getLogger("keyconnector.audit")
 
 FLUSH_SECONDS = 1.0
 BOUND = 10_000
-_LOG_EVERY = 10.0
+_KEYED_MARK = f'%"v":{FORMAT},"mac":"%'
+"""How a keyed entry's text looks from SQL: ``v`` is the last key before the appended ``mac``."""
 
 
 def audit_engine(settings: DatabaseSettings, prefix: str = "database") -> Engine:
@@ -59,7 +66,33 @@ def audit_engine(settings: DatabaseSettings, prefix: str = "database") -> Engine
     return engine
 
 
-class DatabaseSink:
+def _keyed(text: str) -> bool:
+    try:
+        entry = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and "v" in entry
+
+
+def survey_table(connection: Connection) -> Survey:
+    """The unkeyed chains' heads in the table, unless it already holds a keyed entry."""
+    newest = connection.execute(select(audit.c.entry).order_by(audit.c.id.desc()).limit(1)).scalar()
+    if newest is None:
+        return Survey(keyed=False)
+    if (
+        _keyed(newest)
+        or connection.execute(select(audit.c.id).where(audit.c.entry.like(_KEYED_MARK)).limit(1)).first()
+    ):
+        return Survey(keyed=True)
+    last = select(func.max(audit.c.id)).group_by(audit.c.chain)
+    rows = connection.execute(
+        select(audit.c.chain, audit.c.seq, audit.c.hash).where(audit.c.id.in_(last)).order_by(audit.c.id)
+    ).all()
+    count = connection.execute(select(func.count()).select_from(audit)).scalar_one()
+    return Survey(False, [(str(chain), int(seq), str(digest)) for chain, seq, digest in rows], int(count))
+
+
+class DatabaseSink(KeyedSink):
     name = "database"
 
     def __init__(
@@ -70,8 +103,7 @@ class DatabaseSink:
         interval: float = FLUSH_SECONDS,
         bound: int = BOUND,
     ) -> None:
-        self.chain = Chain(chain_id)
-        self.failures = 0
+        super().__init__(chain_id)
         self.flushed = 0
         self._make_engine = make_engine
         self._engine: Engine | None = None
@@ -81,38 +113,37 @@ class DatabaseSink:
         self._ok = False
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._logged_at = -1e9
 
-    def can_record(self) -> bool:
+    def _can_record(self) -> bool:
         return self._ok and len(self._queue) < self._bound
 
-    def write(self, fields: dict[str, Any]) -> bool:
+    def _write(self, chain: Chain, fields: dict[str, Any]) -> bool:
         """Queue one entry; True when the trail can be trusted to get it (see the module docstring)."""
         if len(self._queue) >= self._bound:
             self._failed(f"{len(self._queue)} entries waiting: the audit table is not being written")
             return False
-        entry, line, digest = self.chain.seal(fields)
+        entry, line, digest = chain.seal(fields)
         self._queue.append(
             {
                 "chain": entry["chain"],
                 "seq": entry["seq"],
                 "time": entry["time"],
-                "user_id": entry["user"],
+                "user_id": entry.get("user"),
                 "outcome": entry["outcome"],
                 "status": entry["status"],
                 "entry": line[:-1].decode(),
                 "hash": digest,
             }
         )
-        self.chain.advance(digest)
+        chain.advance(digest)
         return self._ok
 
-    def _failed(self, problem: str) -> None:
-        self.failures += 1
-        now = time.monotonic()
-        if now - self._logged_at >= _LOG_EVERY:
-            self._logged_at = now
-            log.error("audit database sink: %s (%d failures so far)", problem, self.failures)
+    def survey(self) -> Survey:
+        try:
+            with self._engine_now().connect() as connection:
+                return survey_table(connection)
+        except Exception as exc:
+            raise RuntimeError(_safe(exc)) from None  # without the statement SQLAlchemy appends
 
     def _engine_now(self) -> Engine:
         if self._engine is None:
@@ -160,6 +191,12 @@ class DatabaseSink:
             del self._queue[: len(batch)]
             self.flushed += len(batch)
             self._ok = True
+            content = [row["seq"] for row in batch if row["outcome"] != CHECKPOINT]
+            self._recorded(batch[-1]["seq"], batch[-1]["hash"], content[-1] if content else None)
+
+    async def settle(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), timeout=5)
 
     async def aclose(self) -> None:
         if self._task is not None:

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp
 
 from keyconnector import logs, metrics, tracing
 from keyconnector.audit import open_audit
+from keyconnector.audit.chain import KEY_PURPOSE
 from keyconnector.auth import TokenValidator
 from keyconnector.http import openapi, routes
 from keyconnector.http.cors import CORSMiddleware, allowed_origin
@@ -62,6 +63,8 @@ async def build_services(settings: Settings) -> Services:
         write_legacy_format=settings.compat.write_legacy_format,
         ring_anchor=settings.key_ring_anchor,
     )
+    # The audit key comes with the data key: entries recorded before it loads wait for it.
+    keys.on_trusted(lambda ring: audit.set_key(ring.derive(KEY_PURPOSE)))
     await validator.start()
     await keys.start()
     await audit.start()

@@ -89,6 +89,9 @@ class Side:
     provider: KeyProvider
     keys: KeySet
     ring: KeyRing
+    adopted: str | None = None
+    """Without ``create``: set when the database holds no authenticated ring yet (what ``serve`` would
+    adopt); ``ring`` is then only that proposal, and its authentication key exists nowhere else."""
 
     @property
     def trust(self) -> RingTrust:
@@ -126,6 +129,7 @@ async def open_side(
         await provider.aclose()
         raise
     write_legacy = settings.compat.write_legacy_format
+    adopted: str | None = None
     try:
         if create:
             # Makes data key version 1 and the authenticated ring if there are none (as serve would).
@@ -134,19 +138,21 @@ async def open_side(
                 ring = await accept_unbound_records(repository, provider, ring)
                 keys = KeySet(keys.keys, keys.current, accept_legacy=True)
         else:
+            # The pinned anchor is the deployment's own, not the transfer target's.
+            trust = RingTrust(anchor=None if transfer else settings.key_ring_anchor)
             try:
-                opened = await open_ring(repository, provider, adopt=False)
+                opened = await open_ring(repository, provider, trust=trust, adopt=False)
             except NotAdopted:
                 raise StorageError(
                     f"the {name} database has no data key yet (`keyconnector serve` makes one)"
                 ) from None
-            keys, ring = opened.key_set(), opened.ring
+            keys, ring, adopted = opened.key_set(), opened.ring, opened.adopted
         keys = keys.with_legacy_format(write_legacy)
     except BaseException:
         await repository.aclose()
         await provider.aclose()
         raise
-    return Side(name, database, prefix, repository, provider, keys, ring)
+    return Side(name, database, prefix, repository, provider, keys, ring, adopted)
 
 
 class OperationFailed(KeyConnectorError):
