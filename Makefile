@@ -66,6 +66,7 @@ fuzz: $(STAMP) system-deps
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench fuzz deploy/docker/healthcheck
 	$(BIN)/ruff format --check src tests bench fuzz deploy/docker/healthcheck
+	PYTHONPATH=src $(BIN)/lint-imports --config .importlinter
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
 	$(BIN)/helm lint --strict deploy/helm/keyconnector >/dev/null
 	bash -n deploy/docker/entrypoint.sh

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.errors import ConfigurationError
-from keyconnector.metrics import LATENCY_BUCKETS, DeferredHistogram, start_parent_side, token_failure_reason
+from keyconnector.metrics import LATENCY_BUCKETS, DeferredHistogram, start_parent_side
 from keyconnector.settings import Settings
 from tests.conftest import Pfx, Service, base_env
 from tests.support.moto_kms import isolated_aws_files, kms_provider_env
@@ -236,11 +236,37 @@ def test_key_provider_errors_are_counted(
 
 
 def test_token_failure_reasons_are_a_fixed_set() -> None:
-    """Reasons come from the refusal's wording; anything unforeseen is 'malformed', never the text."""
-    assert token_failure_reason(403, "the token lacks the 'api' scope") == "policy"
-    assert token_failure_reason(401, "the token has expired") == "expired"
-    assert token_failure_reason(401, "the token's signature is invalid") == "bad_signature"
-    assert token_failure_reason(401, "something nobody wrote yet") == "malformed"
+    """Every refusal carries a reason from a fixed set, decided where it is raised: the metric label
+    can never be the message, let alone the token."""
+    import ast
+    import inspect
+
+    from keyconnector.auth import validator
+
+    allowed = {
+        "missing",
+        "malformed",
+        "expired",
+        "not_yet_valid",
+        "bad_signature",
+        "unknown_key",
+        "bad_algorithm",
+        "wrong_issuer",
+        "policy",
+    }
+    tree = ast.parse(inspect.getsource(validator))
+    used = {
+        node.args[1].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) in {"_unauthorized", "AuthError"}
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+    }
+    assert used and used <= allowed, used - allowed
+    assert validator._forbidden("no").reason == "policy"
+    assert validator._unauthorized("no").reason == "malformed"
 
 
 def test_deferred_histogram_matches_observe() -> None:

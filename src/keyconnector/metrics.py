@@ -287,43 +287,6 @@ def count_rejection(limit: str) -> None:
     child.inc()
 
 
-_REASONS: tuple[tuple[str, str], ...] = (
-    ("no bearer token", "missing"),
-    ("carries no token", "missing"),
-    ("Bearer scheme", "missing"),
-    ("not valid yet", "not_yet_valid"),
-    ("expired", "expired"),
-    ("signature is invalid", "bad_signature"),
-    ("signed with a key", "unknown_key"),
-    ("signing algorithm", "bad_algorithm"),
-    ("issuer", "wrong_issuer"),
-)
-_failure_children: dict[tuple[int, str], Any] = {}
-
-
-def token_failure_reason(status: int, text: str) -> str:
-    """A short fixed reason for a refused token, from the refusal's message (which never carries
-    the token). 403 is always ``policy``: the token was valid but lacks what the service requires."""
-    if status == 403:
-        return "policy"
-    for fragment, reason in _REASONS:
-        if fragment in text:
-            return reason
-    return "malformed"
-
-
-def count_token_failure(status: int, text: str) -> None:
-    """Messages come from a fixed set in ``keyconnector.auth.validator``; the cache stays small, and
-    is bounded anyway."""
-    key = (status, text)
-    child = _failure_children.get(key)
-    if child is None:
-        if len(_failure_children) >= 256:
-            _failure_children.clear()
-        child = _failure_children[key] = TOKEN_FAILURES.labels(token_failure_reason(status, text))
-    child.inc()
-
-
 # -- key provider and database --------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -514,6 +477,8 @@ class Mirror:
         services = self._services
         self._add("cache_hits", services.validator.cache_hits, TOKEN_CACHE.labels("hit"))
         self._add("cache_misses", services.validator.cache_misses, TOKEN_CACHE.labels("miss"))
+        for reason, count in list(services.validator.failures.items()):
+            self._add(f"token:{reason}", count, TOKEN_FAILURES.labels(reason))
         self._add("access_write", services.keys.access_write_failures, ACCESS_TIME_WRITE_FAILURES)
         self._add("ring_refusals", services.keys.ring_refusals, KEY_RING_REFUSALS)
         self._add("audit", services.audit.failures, AUDIT_UNRECORDED)
