@@ -270,19 +270,19 @@ ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
     ),
     EnvironmentVariable(
         "OTEL_EXPORTER_OTLP_*",
-        "keyconnector.tracing",
+        "keyconnector.telemetry.tracing",
         "`serve` with `tracing__enabled=true`",
         "The OpenTelemetry exporter's standard settings: endpoint, headers, certificate, timeout.",
     ),
     EnvironmentVariable(
         "OTEL_SERVICE_NAME",
-        "keyconnector.tracing",
+        "keyconnector.telemetry.tracing",
         "`serve` with `tracing__enabled=true`",
         "The service name on every span (default `keyconnector`).",
     ),
     EnvironmentVariable(
         "PROMETHEUS_MULTIPROC_DIR",
-        "keyconnector.metrics",
+        "keyconnector.telemetry.metrics",
         "`serve` with `metrics__enabled=true` (the default)",
         "The folder where workers share their metrics; when set it is used as it is and left in place, "
         "otherwise a private temporary folder is made and removed.",

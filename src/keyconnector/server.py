@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from keyconnector import tracing
 from keyconnector.datakeys import RingRefused, RingTrust, load_key_set
 from keyconnector.errors import UnavailableError, UsageError
 from keyconnector.http.drain import DRAIN_DIR_ENV, FLAG, idle_marker
@@ -29,6 +28,7 @@ from keyconnector.keys import open_key_provider
 from keyconnector.permissions import warn_loose_permissions
 from keyconnector.settings import CONFIG_FILE_ENV, Settings, identity_server_uri
 from keyconnector.storage import migrate, open_repository, warn_insecure_transport
+from keyconnector.telemetry import tracing
 
 log = logging.getLogger("keyconnector.server")
 
@@ -233,7 +233,7 @@ def run(
     # the key provider here, and HSM libraries (PKCS#11 must be re-initialised after fork) and gRPC
     # channels (Google Cloud KMS) do not survive being forked.
     multiprocessing.set_start_method("spawn", force=True)
-    from keyconnector import metrics
+    from keyconnector.telemetry import metrics
 
     # Before the workers spawn: they must find PROMETHEUS_MULTIPROC_DIR when they import the client.
     metrics_side = metrics.start_parent_side(settings, listen.host)

@@ -364,7 +364,7 @@ class LoggingSettings(Section):
 
 
 class MetricsSettings(Section):
-    """Ours: Prometheus metrics (see keyconnector.metrics)."""
+    """Ours: Prometheus metrics (see keyconnector.telemetry.metrics)."""
 
     enabled: bool = Field(default=True, json_schema_extra=_meta("all", ours=True))
     """Serve ``/metrics``. Counters only: no user id, address or key ever becomes a label."""

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from keyconnector import logs, metrics, tracing
+from keyconnector import logs
 from keyconnector.audit import open_audit
 from keyconnector.audit.chain import KEY_PURPOSE
 from keyconnector.auth import TokenValidator
@@ -33,6 +33,7 @@ from keyconnector.keys import open_key_provider
 from keyconnector.service import KeyService
 from keyconnector.settings import Settings, identity_server_uri, load_settings
 from keyconnector.storage import open_repository
+from keyconnector.telemetry import metrics, tracing
 from keyconnector.tls import trust_context
 
 log = logging.getLogger("keyconnector")

@@ -15,8 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from keyconnector import logs
 from keyconnector.http.ratelimit import RateLimiter, Refusal, client_address
 from keyconnector.logs import access_log
-from keyconnector.metrics import RequestMetrics
 from keyconnector.settings import RateLimitSettings
+from keyconnector.telemetry.metrics import RequestMetrics
 
 error_log = logging.getLogger("keyconnector.http")
 _SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 from starlette.types import Scope
 
-from keyconnector import metrics
 from keyconnector.errors import ConfigurationError, setting_name
 from keyconnector.settings import RateLimitSettings
+from keyconnector.telemetry import metrics
 
 MAX_ENTRIES = 100_000
 """Buckets kept per store: about 150 bytes each, so some 15 MB per store and worker at worst."""

@@ -21,9 +21,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from keyconnector import metrics  # at call time only: metrics imports this module too
 from keyconnector._optional import require
 from keyconnector.settings import Settings
+from keyconnector.telemetry.labels import route_and_method
 
 log = logging.getLogger("keyconnector.tracing")
 
@@ -98,7 +98,7 @@ class TracingLayer:
         if scope["type"] != "http" or current is None:
             await self.app(scope, receive, send)
             return
-        route, method = metrics.route_and_method(scope["path"], scope["method"])
+        route, method = route_and_method(scope["path"], scope["method"])
         carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         request_id = scope.get("keyconnector.request_id", b"")
         attributes = {

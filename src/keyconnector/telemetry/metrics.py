@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from uuid import UUID
 
 from prometheus_client import (
@@ -57,34 +57,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from keyconnector import logs, tracing
+from keyconnector import logs
 from keyconnector.errors import ConfigurationError, setting_name
 from keyconnector.settings import Settings
+from keyconnector.telemetry import tracing
+from keyconnector.telemetry.labels import route_and_method
 
 if TYPE_CHECKING:
-    from keyconnector.http.state import Services
     from keyconnector.keys import KeyProvider
     from keyconnector.storage import RecordUpdate, Repository, StoredKeyRing, UserKeyRecord
 
 log = logging.getLogger("keyconnector.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-ROUTES = frozenset(
-    {"/user-keys", "/alive", "/now", "/health", "/health/live", "/health/ready", "/openapi.json", "/metrics"}
-)
-UNMATCHED = "unmatched"
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
-OTHER_METHOD = "other"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """A request takes 1-50 ms when all is well; the upper buckets show a struggling database or KMS."""
 _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
 MIRROR_INTERVAL = 1.0
-
-
-def route_and_method(path: str, method: str) -> tuple[str, str]:
-    """Bounded labels for a request (metrics and span names): a scanner's made-up paths and methods
-    must not become new series or span names."""
-    return (path if path in ROUTES else UNMATCHED, method if method in METHODS else OTHER_METHOD)
 
 
 HTTP_REQUESTS = Counter(
@@ -453,6 +442,44 @@ class InstrumentedRepository:
 # -- counters kept elsewhere ------------------------------------------------------------------------------
 
 
+class _TokenCounts(Protocol):
+    cache_hits: int
+    cache_misses: int
+    failures: dict[str, int]
+
+
+class _KeyCounts(Protocol):
+    access_write_failures: int
+    ring_refusals: int
+
+
+class _SinkCounts(Protocol):
+    name: str
+    failures: int
+
+
+class _AuditCounts(Protocol):
+    failures: int
+
+    @property
+    def sinks(self) -> Sequence[_SinkCounts]: ...
+
+
+class MirrorSources(Protocol):
+    """What the mirror reads: the token validator, the key service and the audit trail of a worker
+    (``keyconnector.http.state.Services`` fits), described by their counters alone so that telemetry
+    needs none of those parts."""
+
+    @property
+    def validator(self) -> _TokenCounts: ...
+
+    @property
+    def keys(self) -> _KeyCounts: ...
+
+    @property
+    def audit(self) -> _AuditCounts: ...
+
+
 class Mirror:
     """Copies the growth of plain counters that other parts keep into Prometheus counters.
 
@@ -460,7 +487,7 @@ class Mirror:
     them here once a second keeps Prometheus off those paths (a cache hit is every reused token).
     """
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: MirrorSources) -> None:
         self._services = services
         self._seen: dict[str, int] = {}
         self._access_log: object | None = None
