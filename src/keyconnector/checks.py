@@ -75,12 +75,13 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     return results
 
 
-def _check_transport(database: DatabaseSettings, trust: Trust) -> CheckResult | None:
+def _check_transport(database: DatabaseSettings, trust: Trust | None = None) -> CheckResult | None:
     """Whether a network attacker could stand in for the database (and so write it), judged from the
     connection string alone: it is worth saying even when the server cannot be reached right now.
 
     None for file databases (nothing travels over a network) and for a connection string that does
-    not parse (the ``database`` line already names what is wrong with it).
+    not parse (the ``database`` line already names what is wrong with it). ``trust`` is the
+    deployment's (the warning names its folder); None means the default folder's.
     """
     from keyconnector.storage import server_target
     from keyconnector.storage.sqlcommon import transport_summary, transport_warning
