@@ -33,7 +33,7 @@ from keyconnector.errors import (
     setting_name,
 )
 from keyconnector.settings import CertificateSettings, RsaKeySettings, secret
-from keyconnector.tls import ca_bundle
+from keyconnector.tls import Trust
 
 if TYPE_CHECKING:
     from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
@@ -155,8 +155,10 @@ class Vault:
         self.role = role  # "key provider" or "certificate provider", for messages
         require("azure.identity", extra="azure", setting=f"{prefix}.provider", provider="azurekv")
         self.url = vault_url(section.azure_keyvault_uri, f"{prefix}.azureKeyvaultUri")
-        bundle = ca_bundle(section.azure_keyvault_ca_bundle, ca_directory, f"{prefix}.azureKeyvaultCaBundle")
-        self.options: dict[str, Any] = {**CLIENT_OPTIONS, "connection_verify": bundle or True}
+        bundle = Trust.from_directory(ca_directory).bundle_file(
+            section.azure_keyvault_ca_bundle, f"{prefix}.azureKeyvaultCaBundle"
+        )
+        self.options: dict[str, Any] = {**CLIENT_OPTIONS, "connection_verify": bundle}
         self.app_id = (section.azure_keyvault_ad_app_id or "").strip() or None
         client_secret = secret(section.azure_keyvault_ad_secret)
         self.uses_secret = bool(client_secret)

@@ -13,6 +13,7 @@ from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_n
 from keyconnector.keys import KeyProvider, open_key_provider
 from keyconnector.settings import DatabaseSettings, LoadedSettings, Settings, identity_server_uri
 from keyconnector.storage import Repository, inspect, open_repository
+from keyconnector.tls import Trust
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,12 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     repository: Repository | None = None
     has_data = False
     try:
-        state = inspect(settings.database)
+        state = inspect(settings.database, trust=Trust.from_settings(settings))
         has_data = state.has_schema
         results.append(CheckResult("database", True, state.description))
     except KeyConnectorError as exc:
         results.append(CheckResult("database", False, str(exc)))
-    transport = _check_transport(settings.database)
+    transport = _check_transport(settings.database, Trust.from_settings(settings))
     if transport is not None:
         results.append(transport)
 
@@ -62,7 +63,7 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
 
     if provider is not None and has_data:
         try:
-            repository = await open_repository(settings.database)
+            repository = await open_repository(settings.database, trust=Trust.from_settings(settings))
             results += await _check_data_keys(repository, provider, settings)
         except KeyConnectorError as exc:
             results.append(CheckResult("data key", False, str(exc)))
@@ -74,18 +75,19 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     return results
 
 
-def _check_transport(database: DatabaseSettings) -> CheckResult | None:
+def _check_transport(database: DatabaseSettings, trust: Trust | None = None) -> CheckResult | None:
     """Whether a network attacker could stand in for the database (and so write it), judged from the
     connection string alone: it is worth saying even when the server cannot be reached right now.
 
     None for file databases (nothing travels over a network) and for a connection string that does
-    not parse (the ``database`` line already names what is wrong with it).
+    not parse (the ``database`` line already names what is wrong with it). ``trust`` is the
+    deployment's (the warning names its folder); None means the default folder's.
     """
     from keyconnector.storage import server_target
     from keyconnector.storage.sqlcommon import transport_summary, transport_warning
 
     try:
-        target = server_target(database)
+        target = server_target(database, trust=trust)
     except KeyConnectorError:
         return None
     if target is None:
@@ -98,14 +100,13 @@ def _check_transport(database: DatabaseSettings) -> CheckResult | None:
 
 async def _check_identity(loaded: LoadedSettings) -> CheckResult:
     from keyconnector.auth import TokenValidator
-    from keyconnector.tls import trust_context
 
     settings = loaded.settings
     try:
         uri = identity_server_uri(settings)
     except ConfigurationError as exc:
         return CheckResult("identity server", False, str(exc))
-    validator = TokenValidator(uri, verify=trust_context(settings.ca_certificates_directory))
+    validator = TokenValidator(uri, verify=Trust.from_settings(settings))
     try:
         await validator.refresh()
         return CheckResult("identity server", True, validator.status())

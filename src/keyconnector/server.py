@@ -29,6 +29,7 @@ from keyconnector.permissions import warn_loose_permissions
 from keyconnector.settings import CONFIG_FILE_ENV, Settings, identity_server_uri
 from keyconnector.storage import migrate, open_repository, warn_insecure_transport
 from keyconnector.telemetry import tracing
+from keyconnector.tls import Trust
 
 log = logging.getLogger("keyconnector.server")
 
@@ -63,7 +64,7 @@ def migrate_with_retries(settings: Settings, attempts: int = MIGRATION_ATTEMPTS)
     delay = 1.0
     for attempt in range(1, attempts + 1):
         try:
-            migrate(settings.database)
+            migrate(settings.database, trust=Trust.from_settings(settings))
             return
         except UnavailableError as exc:
             if attempt == attempts:
@@ -80,7 +81,7 @@ def migrate_with_retries(settings: Settings, attempts: int = MIGRATION_ATTEMPTS)
 
 
 async def _prepare_data_key(settings: Settings) -> None:
-    repository = await open_repository(settings.database)
+    repository = await open_repository(settings.database, trust=Trust.from_settings(settings))
     try:
         provider = await open_key_provider(settings)
         try:
@@ -129,10 +130,11 @@ def warn_database_transport(settings: Settings) -> None:
     network attacker could stand in for: the service's own, and the start-up transfer's target when
     that transfer is still to run. Nothing is refused: a private network may be trusted on purpose,
     but the operator should know that whoever can answer as the database can write it."""
-    warn_insecure_transport(settings.database)
+    trust = Trust.from_settings(settings)
+    warn_insecure_transport(settings.database, trust=trust)
     transfer = settings.transfer_to
     if transfer.lockfile_path and transfer.database is not None and not Path(transfer.lockfile_path).exists():
-        warn_insecure_transport(transfer.database, "transferTo.database")
+        warn_insecure_transport(transfer.database, "transferTo.database", trust=trust)
 
 
 def wait_for_drain(folder: Path, seconds: float) -> bool:

@@ -28,11 +28,9 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import certifi
 import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -42,6 +40,7 @@ from joserfc.jwk import ECKey, RSAKey
 from joserfc.jws import JWSRegistry
 
 from keyconnector.errors import ConfigurationError, UnavailableError
+from keyconnector.tls import Trust
 
 __all__ = ["KeySet", "KeySetSource", "VerificationKey", "parse_key_set"]
 
@@ -200,29 +199,6 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def tls_context(verify: ssl.SSLContext | str | bool) -> ssl.SSLContext | bool:
-    """What to hand httpx for ``verify``: a path means "the usual public roots plus these CAs".
-
-    httpx alone would trust *only* the given file (and warns that passing a path is deprecated); an
-    operator adding a private CA still expects public certificates to work. A directory is read as
-    PEM files (``*.crt``/``*.pem``), the way operators drop CAs into ``/etc/bitwarden/ca-certificates``.
-    """
-    if not isinstance(verify, str):
-        return verify
-    path = Path(verify)
-    if not path.exists():
-        raise ValueError(f"the CA certificates at {verify} do not exist")
-    files = sorted(p for p in path.iterdir() if p.suffix in (".crt", ".pem")) if path.is_dir() else [path]
-    context = ssl.create_default_context(cafile=certifi.where())
-    context.load_default_certs()
-    for file in files:
-        try:
-            context.load_verify_locations(cafile=str(file))
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"the CA certificate {file} cannot be loaded: {exc}") from None
-    return context
-
-
 class _FetchError(Exception):
     """A reason, fit for operators, why discovery or the key set could not be had."""
 
@@ -238,7 +214,7 @@ class KeySetSource:
         identity_server_uri: str,
         *,
         http_client: httpx.AsyncClient | None = None,
-        verify: ssl.SSLContext | str | bool = True,
+        verify: Trust | ssl.SSLContext | bool = True,
         refetch_interval: float = 5.0,
         refresh_period: float = 3600.0,
         timeout: float = 5.0,
@@ -257,7 +233,7 @@ class KeySetSource:
         self._require_https = scheme == "https"
         self._owns_client = http_client is None
         self._client = http_client or httpx.AsyncClient(
-            verify=tls_context(verify),
+            verify=verify.ssl_context() if isinstance(verify, Trust) else verify,
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": "keyconnector"},

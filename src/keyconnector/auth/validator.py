@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import httpx
 
 from keyconnector.auth.jwks import KeySet, KeySetSource, VerificationKey
+from keyconnector.tls import Trust
 
 __all__ = ["AuthError", "Principal", "TokenValidator"]
 
@@ -116,8 +117,9 @@ class TokenValidator:
 
     ``identity_server_uri`` is ``identityServerUri`` as configured (a trailing slash is fine); the
     issuer tokens are checked against comes from its discovery document. ``verify`` is handed to
-    httpx for TLS (a CA bundle path or an ``SSLContext`` for a private CA). ``clock`` exists so that
-    tests can move time without sleeping.
+    httpx for TLS: the deployment's :class:`~keyconnector.tls.Trust` (what the service passes, so the
+    identity server is trusted as every other outgoing connection is), an ``SSLContext``, or a bool.
+    ``clock`` exists so that tests can move time without sleeping.
     """
 
     def __init__(
@@ -125,7 +127,7 @@ class TokenValidator:
         identity_server_uri: str,
         *,
         http_client: httpx.AsyncClient | None = None,
-        verify: ssl.SSLContext | str | bool = True,
+        verify: Trust | ssl.SSLContext | bool = True,
         refetch_interval: float = 5.0,
         clock_skew: float = 300.0,
         cache_size: int = 100_000,

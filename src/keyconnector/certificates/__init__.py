@@ -6,7 +6,7 @@ picks the module by name. Adding a source means adding one module and one line t
 
 ``prefix`` is ``certificate`` or ``transferTo.certificate`` (so errors name the right setting);
 ``ca_directory`` is ``caCertificatesDirectory``, for sources that fetch over TLS (see
-``keyconnector.tls.ca_bundle``). A source that cannot reach its server raises ``UnavailableError``;
+``keyconnector.tls.Trust``, built from it). A source that cannot reach its server raises ``UnavailableError``;
 a wrong setting raises ``ConfigurationError``.
 """
 

@@ -26,7 +26,7 @@ from keyconnector._optional import require
 from keyconnector.certificates import LoadedCertificate, from_pkcs12
 from keyconnector.errors import ConfigurationError, KeyConnectorError, UnavailableError, setting_name
 from keyconnector.settings import CertificateSettings, secret
-from keyconnector.tls import ca_bundle
+from keyconnector.tls import Trust
 
 CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 10
@@ -105,7 +105,7 @@ async def load(settings: CertificateSettings, prefix: str, ca_directory: str) ->
     )
     blob = _required(settings.azure_storage_file_name, names.blob, "the PFX blob in that container")
     check_connection_string(connection_string, names.connection)
-    verify = ca_bundle(settings.azure_storage_ca_bundle, ca_directory, names.ca_bundle)
+    verify = Trust.from_directory(ca_directory).bundle_file(settings.azure_storage_ca_bundle, names.ca_bundle)
     fetcher = _Fetcher(connection_string, verify, container, blob, names)
     data = await asyncio.to_thread(fetcher.fetch)
     where = f"{container}/{blob}"

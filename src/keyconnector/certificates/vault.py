@@ -24,7 +24,7 @@ from keyconnector._optional import require
 from keyconnector.certificates import LoadedCertificate, from_pkcs12
 from keyconnector.errors import ConfigurationError, KeyConnectorError, UnavailableError, setting_name
 from keyconnector.settings import CertificateSettings, secret
-from keyconnector.tls import ca_bundle
+from keyconnector.tls import Trust
 
 DEFAULT_KV_MOUNT = "secret"
 CONNECT_TIMEOUT = 5.0
@@ -198,7 +198,7 @@ async def load(settings: CertificateSettings, prefix: str, ca_directory: str) ->
 
     api = VaultApi(f"{prefix}.provider", "vault")
     ca_setting = f"{prefix}.vaultCaBundle"
-    verify = ca_bundle(settings.vault_ca_bundle, ca_directory, ca_setting) or True
+    verify = Trust.from_directory(ca_directory).bundle_file(settings.vault_ca_bundle, ca_setting)
     client = api.client(url, token, verify)
     try:
         response = await asyncio.to_thread(

@@ -34,7 +34,7 @@ from keyconnector.service import KeyService
 from keyconnector.settings import Settings, identity_server_uri, load_settings
 from keyconnector.storage import open_repository
 from keyconnector.telemetry import metrics, tracing
-from keyconnector.tls import trust_context
+from keyconnector.tls import Trust
 
 log = logging.getLogger("keyconnector")
 
@@ -42,7 +42,8 @@ log = logging.getLogger("keyconnector")
 async def build_services(settings: Settings) -> Services:
     uri = identity_server_uri(settings)
     audit = open_audit(settings)
-    repository = await open_repository(settings.database)
+    trust = Trust.from_settings(settings)
+    repository = await open_repository(settings.database, trust=trust)
     try:
         provider = await open_key_provider(settings, tolerate_outage=True)
     except BaseException:
@@ -55,7 +56,7 @@ async def build_services(settings: Settings) -> Services:
         provider = metrics.InstrumentedKeyProvider(
             provider, settings.rsa_key.provider if settings.rsa_key else "unknown"
         )
-    validator = TokenValidator(uri, verify=trust_context(settings.ca_certificates_directory))
+    validator = TokenValidator(uri, verify=trust)
     keys = KeyService(
         repository,
         provider,

@@ -36,7 +36,7 @@ from keyconnector.errors import (
     setting_name,
 )
 from keyconnector.settings import RsaKeySettings, Settings, secret
-from keyconnector.tls import ca_bundle
+from keyconnector.tls import Trust
 
 PROVIDER = "awskms"
 RSA_ALGORITHM = "RSAES_OAEP_SHA_256"
@@ -166,10 +166,14 @@ async def open(settings: Settings, *, transfer: bool = False) -> AwsKmsKeyProvid
         raise ConfigurationError(f"{prefix}.provider", "is not set")
     require("boto3", extra="aws", setting=f"{prefix}.provider", provider=PROVIDER)
     _quiet_botocore()
-    verify = ca_bundle(
-        rsa_settings.aws_ca_bundle, settings.ca_certificates_directory, f"{prefix}.awsCaBundle"
-    )
+    verify = verify_argument(settings, rsa_settings, prefix)
     return await asyncio.to_thread(_connect, rsa_settings, prefix, verify)
+
+
+def verify_argument(settings: Settings, rsa_settings: RsaKeySettings, prefix: str) -> str:
+    """boto3's ``verify``: the deployment's trust as one file, or ``awsCaBundle`` when set (boto3
+    alone would trust certifi only, not the system store nor ``caCertificatesDirectory``)."""
+    return Trust.from_settings(settings).bundle_file(rsa_settings.aws_ca_bundle, f"{prefix}.awsCaBundle")
 
 
 def _connect(rsa_settings: RsaKeySettings, prefix: str, verify: str | None) -> AwsKmsKeyProvider:

@@ -41,7 +41,7 @@ from keyconnector.errors import (
 )
 from keyconnector.keys import rsa_fingerprint
 from keyconnector.settings import RsaKeySettings, Settings
-from keyconnector.tls import ca_bundle_bytes
+from keyconnector.tls import Trust
 
 DEFAULT_ENDPOINT = "cloudkms.googleapis.com:443"
 SCOPES = ("https://www.googleapis.com/auth/cloudkms",)
@@ -479,9 +479,13 @@ async def open(settings: Settings, *, transfer: bool = False) -> GcpKmsKeyProvid
         raise ConfigurationError(f"{prefix}.provider", "is not set")
     target = _target(rsa_settings, prefix)
     libs = _Libraries.load(prefix)
-    roots = ca_bundle_bytes(
-        rsa_settings.google_cloud_ca_bundle,
-        settings.ca_certificates_directory,
-        f"{prefix}.googleCloudCaBundle",
-    )
+    roots = root_certificates(settings, rsa_settings, prefix)
     return await asyncio.to_thread(_open_blocking, libs, target, roots)
+
+
+def root_certificates(settings: Settings, rsa_settings: RsaKeySettings, prefix: str) -> bytes:
+    """gRPC's ``root_certificates``: the deployment's trust, or ``googleCloudCaBundle`` when set
+    (gRPC alone would trust its own bundled roots only)."""
+    return Trust.from_settings(settings).bundle_bytes(
+        rsa_settings.google_cloud_ca_bundle, f"{prefix}.googleCloudCaBundle"
+    )

@@ -44,7 +44,7 @@ from keyconnector.errors import (
     setting_name,
 )
 from keyconnector.settings import RsaKeySettings, Settings, secret
-from keyconnector.tls import ca_bundle
+from keyconnector.tls import Trust
 
 log = logging.getLogger("keyconnector.keys.vaulttransit")
 
@@ -430,6 +430,14 @@ class VaultTransitKeyProvider:
         self._client.adapter.close()
 
 
+def verify_argument(settings: Settings, rsa_settings: RsaKeySettings, prefix: str) -> str:
+    """hvac's ``verify``: the deployment's trust as one file, or ``vaultTransitCaBundle`` when set
+    (requests alone would trust certifi only)."""
+    return Trust.from_settings(settings).bundle_file(
+        rsa_settings.vault_transit_ca_bundle, f"{prefix}.vaultTransitCaBundle"
+    )
+
+
 async def open(settings: Settings, *, transfer: bool = False) -> VaultTransitKeyProvider:
     prefix = "transferTo.rsaKey" if transfer else "rsaKey"
     rsa_settings = settings.transfer_to.rsa_key if transfer else settings.rsa_key
@@ -437,14 +445,7 @@ async def open(settings: Settings, *, transfer: bool = False) -> VaultTransitKey
         raise ConfigurationError(f"{prefix}.provider", "is not set")
     target = _target(rsa_settings, prefix, settings.ca_certificates_directory)
     api = VaultApi(f"{prefix}.provider", "vaulttransit")
-    verify = (
-        ca_bundle(
-            rsa_settings.vault_transit_ca_bundle,
-            settings.ca_certificates_directory,
-            f"{prefix}.vaultTransitCaBundle",
-        )
-        or True
-    )
+    verify = verify_argument(settings, rsa_settings, prefix)
     provider = VaultTransitKeyProvider(
         api, api.client(target.url, target.token, verify, target.namespace), target
     )

@@ -30,6 +30,7 @@ from keyconnector.errors import ConfigurationError, KeyConnectorError, StorageEr
 from keyconnector.keys import KeyProvider, open_key_provider
 from keyconnector.settings import DatabaseSettings, LoadedSettings, Settings, load_with_env_file
 from keyconnector.storage import Repository, migrate, open_repository
+from keyconnector.tls import Trust
 
 OPERATIONS: list[str] = [
     "keyconnector.ops.transfer",
@@ -123,8 +124,8 @@ async def open_side(
     try:
         await provider.check()
         if create:
-            migrate(database, prefix)
-        repository = await open_repository(database, prefix)
+            migrate(database, prefix, trust=Trust.from_settings(settings))
+        repository = await open_repository(database, prefix, trust=Trust.from_settings(settings))
     except BaseException:
         await provider.aclose()
         raise

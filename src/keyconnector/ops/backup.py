@@ -124,6 +124,7 @@ from keyconnector.storage import (
     migrate,
     open_repository,
 )
+from keyconnector.tls import Trust
 
 if TYPE_CHECKING:
     from pyrage import x25519
@@ -790,13 +791,13 @@ async def _backup(
     batch_size: int,
 ) -> tuple[str, str]:
     """Write the backup; return what it holds, for the operator, and the key ring's anchor."""
-    state = inspect(settings.database, "database")
+    state = inspect(settings.database, "database", trust=Trust.from_settings(settings))
     if not state.has_schema:
         raise BackupError(f"{state.description} has no Key Connector tables: there is nothing to back up")
     provider = await open_key_provider(settings)
     try:
         await provider.check()
-        repository = await open_repository(settings.database, "database")
+        repository = await open_repository(settings.database, "database", trust=Trust.from_settings(settings))
         try:
             ring = await _authenticated_ring(settings, repository, provider)
             return await _write_backup(repository, ring, output, protection, recipients, force, batch_size)
@@ -1011,10 +1012,10 @@ def _check_mac(contents: _Contents, opened: _BackupKeys, backup: _BackupFile) ->
 async def _target_anchor(settings: Settings, provider: KeyProvider) -> tuple[str | None, str]:
     """The anchor of the target database's own authenticated ring, or None and why there is none.
     Reads only: a database without tables is not created."""
-    state = inspect(settings.database, "database")
+    state = inspect(settings.database, "database", trust=Trust.from_settings(settings))
     if not state.has_schema:
         return None, f"the target database has no Key Connector tables yet ({state.description})"
-    repository = await open_repository(settings.database, "database")
+    repository = await open_repository(settings.database, "database", trust=Trust.from_settings(settings))
     try:
         opened = await open_ring(repository, provider, adopt=False)
     except NotAdopted:
@@ -1193,8 +1194,8 @@ async def _restore(settings: Settings, backup: _BackupFile, options: _RestoreOpt
             notes.append(await _check_anchor(settings, provider, opened.ring, backup, options))
         else:
             notes.append(_adoption_note(settings))
-        migrate(settings.database, "database")
-        repository = await open_repository(settings.database, "database")
+        migrate(settings.database, "database", trust=Trust.from_settings(settings))
+        repository = await open_repository(settings.database, "database", trust=Trust.from_settings(settings))
         try:
             await _check_target(repository, contents, opened, provider, options.replace)
             await _write(repository, backup, contents, opened, provider, options.batch_size)

@@ -58,6 +58,7 @@ from keyconnector.ops import (
 from keyconnector.progress import Progress
 from keyconnector.settings import Settings
 from keyconnector.storage import RecordUpdate, Repository, migrate, open_repository
+from keyconnector.tls import Trust
 
 SETTLE_MARGIN = 5.0
 """Seconds added to the services' ring refresh delay before a new version is relied on."""
@@ -218,8 +219,9 @@ async def retire_key_pair(settings: Settings, out: TextIO) -> list[str]:
     provider = await open_key_provider(settings)
     try:
         await provider.check()
-        migrate(settings.database)
-        repository = await open_repository(settings.database)
+        trust = Trust.from_settings(settings)
+        migrate(settings.database, trust=trust)
+        repository = await open_repository(settings.database, trust=trust)
         try:
             result = await retire_other_key_pairs(repository, provider)
         finally:

@@ -25,6 +25,7 @@ from keyconnector.keys import open_key_provider
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
 from keyconnector.settings import DatabaseSettings, Settings
 from keyconnector.storage import Repository, inspect, open_repository
+from keyconnector.tls import Trust
 
 UNKNOWN = "unknown"
 
@@ -154,11 +155,13 @@ async def gather_stats(
     database: DatabaseSettings, prefix: str = "database", settings: Settings | None = None
 ) -> Stats:
     """Statistics of the database, which must exist already (it is never created here); with
-    ``settings`` (their key pair), the key ring is also authenticated, read-only."""
-    state = inspect(database, prefix)
+    ``settings`` (their key pair), the key ring is also authenticated, read-only, and their
+    ``caCertificatesDirectory`` is trusted for the database's TLS."""
+    trust = Trust.from_settings(settings) if settings is not None else None
+    state = inspect(database, prefix, trust=trust)
     if not state.has_schema:
         raise StorageError(f"no Key Connector data to count: {state.description}")
-    repository = await open_repository(database, prefix)
+    repository = await open_repository(database, prefix, trust=trust)
     try:
         stats = await collect(repository, state.description)
         if settings is not None:

@@ -39,6 +39,7 @@ from keyconnector.ops import (
 from keyconnector.progress import Progress
 from keyconnector.settings import DatabaseSettings, Settings
 from keyconnector.storage import UserKeyRecord, inspect, open_repository
+from keyconnector.tls import Trust
 
 log = logging.getLogger("keyconnector.transfer")
 
@@ -115,13 +116,13 @@ def _target_of(settings: Settings, target_settings: Settings | None) -> tuple[Se
     return settings, True
 
 
-async def _stored_state(database: DatabaseSettings, prefix: str) -> tuple[str, bool]:
+async def _stored_state(database: DatabaseSettings, prefix: str, trust: Trust) -> tuple[str, bool]:
     """Read-only: the database's description, and whether it holds a data key (so opening it with
     ``create=False`` will not make one)."""
-    state = inspect(database, prefix)
+    state = inspect(database, prefix, trust=trust)
     if not state.has_schema:
         return state.description, False
-    repository = await open_repository(database, prefix)
+    repository = await open_repository(database, prefix, trust=trust)
     try:
         # Both read, always: a key ring that cannot be read must fail here, before the target is touched.
         wrapped, ring = await repository.get_wrapped_data_key(), await repository.get_key_ring()
@@ -136,7 +137,7 @@ async def _probe_target(owner: Settings, transfer: bool) -> tuple[Side | None, s
     database = owner.transfer_to.database if transfer else owner.database
     assert database is not None
     prefix = "transferTo.database" if transfer else "database"
-    description, has_data_key = await _stored_state(database, prefix)
+    description, has_data_key = await _stored_state(database, prefix, Trust.from_settings(owner))
     if has_data_key:
         side = await open_side(owner, transfer=transfer, name="target", create=False)
         return side, side.repository.description
@@ -323,7 +324,9 @@ async def transfer(
         raise UsageError("--batch-size", "--batch-size must be at least 1")
     owner, transfer_to = _target_of(settings, target_settings)
     # The source first, read-only: a missing or empty source must not create the target's schema.
-    source_description, has_data_key = await _side("source", _stored_state(settings.database, "database"))
+    source_description, has_data_key = await _side(
+        "source", _stored_state(settings.database, "database", Trust.from_settings(settings))
+    )
     if not has_data_key:
         raise SideError(f"the source has no data key, so nothing to transfer ({source_description})")
     # The target before the source's data keys, and its key pair before its database: a wrong target

@@ -3,15 +3,16 @@
 One module per backend (``sqlite``, ``jsonfile``, ``postgresql``, ``mysql`` (MySQL and MariaDB),
 ``sqlserver``), each exposing:
 
-- ``def migrate(settings: DatabaseSettings, prefix: str) -> None``: bring the schema up to date,
-  synchronously, once per start-up and before any worker serves. It creates a new database the way
-  upstream would (migration history row included) and uses an existing upstream one in place. It
-  must be safe when two processes run it at once on the same empty database.
-- ``async def open(settings: DatabaseSettings, prefix: str) -> Repository``.
-- ``def inspect(settings: DatabaseSettings, prefix: str) -> DatabaseState``: read-only.
+- ``def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None) -> None``: bring the
+  schema up to date, synchronously, once per start-up and before any worker serves. It creates a
+  new database the way upstream would (migration history row included) and uses an existing
+  upstream one in place. It must be safe when two processes run it at once on the same empty database.
+- ``async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None) -> Repository``.
+- ``def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None) -> DatabaseState``: read-only.
 
 ``prefix`` is the settings path the backend's errors should name: ``database`` or
-``transferTo.database``.
+``transferTo.database``. ``trust`` is the deployment's trust store (``caCertificatesDirectory``,
+see :mod:`keyconnector.tls`) for TLS to a database server; file backends ignore it.
 
 The request path is ``get_key``: backends keep it free of ORM layers (see PERFORMANCE-NOTES). The
 access time is not written on that path at all: the service batches it into ``record_access``.
@@ -32,6 +33,7 @@ from keyconnector.settings import DatabaseSettings
 
 if TYPE_CHECKING:
     from keyconnector.storage.sqlcommon import ServerTarget
+    from keyconnector.tls import Trust
 
 BACKENDS: dict[str, str] = {
     "sqlite": "keyconnector.storage.sqlite",
@@ -188,22 +190,32 @@ def backend_module(settings: DatabaseSettings, prefix: str = "database") -> Modu
     return importlib.import_module(module_name)
 
 
-def inspect(settings: DatabaseSettings, prefix: str = "database") -> DatabaseState:
-    """Describe the database read-only (``keyconnector check``): never creates a file or a table."""
-    state: DatabaseState = backend_module(settings, prefix).inspect(settings, prefix)
+def inspect(
+    settings: DatabaseSettings, prefix: str = "database", *, trust: Trust | None = None
+) -> DatabaseState:
+    """Describe the database read-only (``keyconnector check``): never creates a file or a table.
+
+    ``trust`` (here and below) is the deployment's :class:`~keyconnector.tls.Trust`: a database
+    section does not carry ``caCertificatesDirectory``, so whoever holds the whole settings passes
+    it in; None means the default folder's (tools and tests without settings)."""
+    state: DatabaseState = backend_module(settings, prefix).inspect(settings, prefix, trust)
     return state
 
 
-def migrate(settings: DatabaseSettings, prefix: str = "database") -> None:
-    backend_module(settings, prefix).migrate(settings, prefix)
+def migrate(settings: DatabaseSettings, prefix: str = "database", *, trust: Trust | None = None) -> None:
+    backend_module(settings, prefix).migrate(settings, prefix, trust)
 
 
-async def open_repository(settings: DatabaseSettings, prefix: str = "database") -> Repository:
-    repository: Repository = await backend_module(settings, prefix).open(settings, prefix)
+async def open_repository(
+    settings: DatabaseSettings, prefix: str = "database", *, trust: Trust | None = None
+) -> Repository:
+    repository: Repository = await backend_module(settings, prefix).open(settings, prefix, trust)
     return repository
 
 
-def server_target(settings: DatabaseSettings, prefix: str = "database") -> ServerTarget | None:
+def server_target(
+    settings: DatabaseSettings, prefix: str = "database", *, trust: Trust | None = None
+) -> ServerTarget | None:
     """The parsed connection string of a server database, or None for a file (SQLite, JSON).
 
     Parsing needs no driver and no connection, so ``check`` and ``serve`` can judge the transport
@@ -212,15 +224,17 @@ def server_target(settings: DatabaseSettings, prefix: str = "database") -> Serve
     """
     if settings.provider not in SERVER_PROVIDERS:
         return None
-    target: ServerTarget = backend_module(settings, prefix).parse_target(settings, prefix)
+    target: ServerTarget = backend_module(settings, prefix).parse_target(settings, prefix, trust)
     return target
 
 
-def warn_insecure_transport(settings: DatabaseSettings, prefix: str = "database") -> str | None:
+def warn_insecure_transport(
+    settings: DatabaseSettings, prefix: str = "database", *, trust: Trust | None = None
+) -> str | None:
     """Log, once, the warning for a server database a network attacker could stand in for (see
     :func:`~keyconnector.storage.sqlcommon.transport_warning`); returns it, or None when the
     database is a file, on this machine or reached over verified TLS."""
-    target = server_target(settings, prefix)
+    target = server_target(settings, prefix, trust=trust)
     if target is None:
         return None
     from keyconnector.storage.sqlcommon import log_transport_warning

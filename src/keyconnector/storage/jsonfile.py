@@ -36,6 +36,7 @@ from uuid import UUID
 from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
 from keyconnector.settings import DatabaseSettings
 from keyconnector.storage import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
+from keyconnector.tls import Trust
 
 T = TypeVar("T")
 
@@ -541,7 +542,7 @@ def _path(settings: DatabaseSettings, prefix: str) -> str:
     return path
 
 
-def migrate(settings: DatabaseSettings, prefix: str) -> None:
+def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
     """Make sure the file exists and parses; a JSON file has no schema to migrate.
 
     Creating it here, under the write lock, means every worker later finds a file, so a missing file
@@ -554,7 +555,7 @@ def migrate(settings: DatabaseSettings, prefix: str) -> None:
         repository._executor.shutdown(wait=False)
 
 
-def inspect(settings: DatabaseSettings, prefix: str) -> DatabaseState:
+def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
     """What ``keyconnector check`` reports; reads the file, never creates it."""
     path = _path(settings, prefix)
     if not os.path.exists(path):
@@ -567,7 +568,7 @@ def inspect(settings: DatabaseSettings, prefix: str) -> DatabaseState:
     return DatabaseState(f"json {path}: readable; {count} user keys", True)
 
 
-async def open(settings: DatabaseSettings, prefix: str) -> JsonFileRepository:
+async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> JsonFileRepository:
     """Open the repository; reading the file now makes a corrupt or missing one a start-up error."""
     repository = JsonFileRepository(_path(settings, prefix), prefix)
     try:

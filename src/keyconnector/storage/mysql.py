@@ -52,6 +52,7 @@ from keyconnector.storage.sqlcommon import (
     translate,
     with_retries,
 )
+from keyconnector.tls import Trust
 
 log = logging.getLogger(__name__)
 
@@ -283,13 +284,14 @@ _DUPLICATE_KEY = 1062
 _TLS_NOT_OFFERED = 2026
 
 
-def parse_target(settings: DatabaseSettings, prefix: str) -> ServerTarget:
+def parse_target(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> ServerTarget:
     raw = settings.mysql_connection_string
     target = load_target(
         raw.get_secret_value() if raw is not None else None,
         f"{prefix}.{SPEC.setting_name}",
         SPEC,
         settings.pool_size,
+        trust,
     )
     if len(target.hosts) > 1:
         raise ConfigurationError(
@@ -405,14 +407,14 @@ def migration_engine(target: ServerTarget) -> Any:
     return create_engine("mysql+pymysql://", connect_args=_pymysql_arguments(target), poolclass=NullPool)
 
 
-def migrate(settings: DatabaseSettings, prefix: str) -> None:
+def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
     """Create upstream's schema on an empty database, or adopt upstream's in place (see sqlcommon)."""
-    target = parse_target(settings, prefix)
+    target = parse_target(settings, prefix, trust)
     run_migrations(lambda: migration_engine(target), classify, target)
 
 
-def inspect(settings: DatabaseSettings, prefix: str) -> DatabaseState:
-    target = parse_target(settings, prefix)
+def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
+    target = parse_target(settings, prefix, trust)
     description, has_schema = inspect_database(lambda: migration_engine(target), classify, target)
     return DatabaseState(f"{target.description}: {description}", has_schema)
 
@@ -754,11 +756,11 @@ def _naive(value: datetime | None) -> datetime | None:
     return None if value is None else naive_utc(value)
 
 
-async def open(settings: DatabaseSettings, prefix: str) -> MySqlRepository:
+async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> MySqlRepository:
     """Make the pool and check upstream's tables are there (a server that is down does not stop the
     worker from starting: requests answer 503 until it is back)."""
     asyncmy = require("asyncmy", extra="mysql", setting=f"{prefix}.{SPEC.setting_name}", provider="mysql")
-    target = parse_target(settings, prefix)
+    target = parse_target(settings, prefix, trust)
     log_pool(target, settings.pool_size)
     arguments: dict[str, Any] = {
         "host": target.host,

@@ -47,9 +47,9 @@ from keyconnector.storage.sqlcommon import (
     log_pool,
     run_migrations,
     translate,
-    trust_bundle_file,
     with_retries,
 )
+from keyconnector.tls import Trust
 
 if TYPE_CHECKING:
     import asyncpg
@@ -272,13 +272,14 @@ _TRANSIENT_CODES = {"40001", "40P01", "55P03", "25006"}  # serialization, deadlo
 _CONFIGURATION_CLASSES = ("28", "3D", "42501")  # authorization, unknown database, no privilege
 
 
-def parse_target(settings: DatabaseSettings, prefix: str) -> ServerTarget:
+def parse_target(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> ServerTarget:
     raw = settings.postgresql_connection_string
     target = load_target(
         raw.get_secret_value() if raw is not None else None,
         f"{prefix}.{SPEC.setting_name}",
         SPEC,
         settings.pool_size,
+        trust,
     )
     attributes = target.extra.get("target session attributes")
     if attributes is not None and attributes.strip().lower() not in _TARGET_SESSION_ATTRIBUTES:
@@ -351,7 +352,7 @@ def _psycopg_arguments(target: ServerTarget) -> dict[str, Any]:
     if target.password is not None:
         arguments["password"] = target.password
     if target.ssl_mode in ("verify-ca", "verify-full"):
-        arguments["sslrootcert"] = target.ssl_root_cert or trust_bundle_file()
+        arguments["sslrootcert"] = target.ssl_root_cert or target.trust.bundle_file()
     elif target.ssl_root_cert:
         arguments["sslrootcert"] = target.ssl_root_cert
     if target.ssl_cert:
@@ -378,14 +379,14 @@ def migration_engine(target: ServerTarget) -> Any:
     return create_engine("postgresql+psycopg://", connect_args=_psycopg_arguments(target), poolclass=NullPool)
 
 
-def migrate(settings: DatabaseSettings, prefix: str) -> None:
+def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
     """Create upstream's schema on an empty database, or adopt upstream's in place (see sqlcommon)."""
-    target = parse_target(settings, prefix)
+    target = parse_target(settings, prefix, trust)
     run_migrations(lambda: migration_engine(target), classify, target)
 
 
-def inspect(settings: DatabaseSettings, prefix: str) -> DatabaseState:
-    target = parse_target(settings, prefix)
+def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
+    target = parse_target(settings, prefix, trust)
     description, has_schema = inspect_database(lambda: migration_engine(target), classify, target)
     return DatabaseState(f"{target.description}: {description}", has_schema)
 
@@ -650,7 +651,7 @@ def _connect_arguments(target: ServerTarget) -> dict[str, Any]:
     return arguments
 
 
-async def open(settings: DatabaseSettings, prefix: str) -> PostgresRepository:
+async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> PostgresRepository:
     """Make the pool and check upstream's tables are there.
 
     A server that is down right now does not stop a worker from starting: the pool connects on first
@@ -659,7 +660,7 @@ async def open(settings: DatabaseSettings, prefix: str) -> PostgresRepository:
     asyncpg_module = require(
         "asyncpg", extra="postgres", setting=f"{prefix}.{SPEC.setting_name}", provider="postgresql"
     )
-    target = parse_target(settings, prefix)
+    target = parse_target(settings, prefix, trust)
     log_pool(target, settings.pool_size)
     try:
         ssl_context = _connect_arguments(target)

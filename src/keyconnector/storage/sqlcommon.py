@@ -25,14 +25,11 @@ import asyncio
 import enum
 import ipaddress
 import logging
-import os
 import random
 import ssl
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -44,13 +41,11 @@ from keyconnector.errors import (
     setting_name,
 )
 from keyconnector.storage.connstr import normalize_key, parse_connection_string, resolve
+from keyconnector.tls import Trust
 
 log = logging.getLogger("keyconnector.storage")
 
 T = TypeVar("T")
-
-CA_CERTIFICATES_DIRECTORY = "/etc/bitwarden/ca-certificates"
-"""Where operators drop private CA certificates (PROTOCOL section 4); trusted for database TLS too."""
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 """libpq's names, used for every provider: each connection string spelling is mapped onto one of them."""
@@ -99,6 +94,10 @@ class ServerTarget:
     trusts_server_certificate: bool = False
     """``Trust Server Certificate=true`` was given: TLS without the certificate check, whatever the mode
     said (``ssl_mode`` is then at most ``require``)."""
+    trust: Trust = field(default_factory=Trust.from_directory, repr=False, compare=False)
+    """The deployment's trust store (``caCertificatesDirectory``), for the verify modes: the same one
+    every other outgoing connection uses. The backends' callers pass it in from the settings; the
+    default (the default folder) is for tools and tests that have none."""
 
     @property
     def host(self) -> str:
@@ -260,8 +259,12 @@ def _port(text: str, setting: str) -> int:
     return port
 
 
-def load_target(text: str | None, setting: str, spec: ConnectionStringSpec, pool_size: int) -> ServerTarget:
-    """Read and validate the connection string; every error names ``setting`` and never a value."""
+def load_target(
+    text: str | None, setting: str, spec: ConnectionStringSpec, pool_size: int, trust: Trust | None = None
+) -> ServerTarget:
+    """Read and validate the connection string; every error names ``setting`` and never a value.
+
+    ``trust`` is the deployment's (:meth:`Trust.from_settings`); None means the default folder's."""
     text = (text or "").strip()
     if not text:
         raise ConfigurationError(setting, f"is not set; for example: {spec.example}")
@@ -365,6 +368,7 @@ def load_target(text: str | None, setting: str, spec: ConnectionStringSpec, pool
         extra={key: value for key, value in values.items() if key not in known},
         url_form=url_form,
         trusts_server_certificate=trusting,
+        trust=trust or Trust.from_directory(),
     )
 
 
@@ -375,8 +379,8 @@ def client_ssl_context(target: ServerTarget) -> ssl.SSLContext | None:
     """The TLS context for ``target``'s SSL mode, or None for "no TLS".
 
     ``prefer`` and ``require`` encrypt without checking the certificate (libpq's meaning); the
-    ``verify`` modes trust the system store, certifi and the operator's private CAs (or the root
-    certificate the connection string names), as every other outgoing connection does.
+    ``verify`` modes trust ``target.trust`` (the system store, certifi and ``caCertificatesDirectory``),
+    as every other outgoing connection does, or the root certificate the connection string names.
     """
     if target.ssl_mode in ("disable", "allow"):
         return None
@@ -384,9 +388,7 @@ def client_ssl_context(target: ServerTarget) -> ssl.SSLContext | None:
         if target.ssl_root_cert:
             context = ssl.create_default_context(cafile=target.ssl_root_cert)
         else:
-            from keyconnector.tls import trust_context
-
-            context = trust_context(CA_CERTIFICATES_DIRECTORY)
+            context = target.trust.ssl_context()
         context.check_hostname = target.ssl_mode == "verify-full"
     else:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -395,32 +397,6 @@ def client_ssl_context(target: ServerTarget) -> ssl.SSLContext | None:
     if target.ssl_cert:
         context.load_cert_chain(target.ssl_cert, target.ssl_key, target.ssl_key_password)
     return context
-
-
-_bundle_path: str | None = None
-
-
-def trust_bundle_file() -> str:
-    """A PEM file with every CA we trust, for drivers that want a file rather than an SSLContext
-    (libpq, FreeTDS). Written once per process, readable by this user only."""
-    global _bundle_path
-    if _bundle_path is not None and os.path.exists(_bundle_path):
-        return _bundle_path
-    import certifi
-
-    from keyconnector.tls import extra_ca_files
-
-    parts = [Path(certifi.where()).read_text(encoding="ascii", errors="replace")]
-    system = ssl.get_default_verify_paths().cafile
-    if system and os.path.exists(system):
-        parts.append(Path(system).read_text(encoding="ascii", errors="replace"))
-    for path in extra_ca_files(CA_CERTIFICATES_DIRECTORY):
-        parts.append(path.read_text(encoding="ascii", errors="replace"))
-    handle, name = tempfile.mkstemp(prefix="keyconnector-ca-", suffix=".pem")
-    with os.fdopen(handle, "w", encoding="ascii") as out:
-        out.write("\n".join(parts))
-    _bundle_path = name
-    return name
 
 
 # -- transport security -------------------------------------------------------------------------------------
@@ -504,7 +480,7 @@ def transport_warning(target: ServerTarget) -> str | None:
         f"connection {how} (SSL mode {target.ssl_mode}): anyone on the network path can pose as the "
         "database and rewrite it, planting a data key of their own or swapping users' records. "
         f"In the connection string, set {fix}, and have the server's certificate trusted (the "
-        f"system store, or a .crt file in {CA_CERTIFICATES_DIRECTORY})"
+        f"system store, or a .crt file in {target.trust.folder})"
     )
 
 

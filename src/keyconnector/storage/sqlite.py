@@ -36,6 +36,7 @@ from keyconnector.settings import DatabaseSettings
 from keyconnector.storage import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.connstr import parse_connection_string, resolve
 from keyconnector.storage.schema import format_sqlite_time, parse_sqlite_time, sqlite_guid
+from keyconnector.tls import Trust
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def _set_wal(target: SqliteTarget) -> None:
         )
 
 
-def migrate(settings: DatabaseSettings, prefix: str) -> None:
+def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
     """Create upstream's schema in a new file, or adopt an upstream file in place.
 
     Safe when several processes run it at once on the same (even empty) file: see
@@ -240,7 +241,7 @@ def migrate(settings: DatabaseSettings, prefix: str) -> None:
         raise _translate(exc, target, "migrating the schema") from None
 
 
-def inspect(settings: DatabaseSettings, prefix: str) -> DatabaseState:
+def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
     """What ``keyconnector check`` reports; opens the file read-only and never creates it."""
     from sqlalchemy import create_engine
     from sqlalchemy.exc import DBAPIError
@@ -622,7 +623,7 @@ def _time_text(value: datetime | None) -> str | None:
     return None if value is None else format_sqlite_time(value)
 
 
-async def open(settings: DatabaseSettings, prefix: str) -> SqliteRepository:
+async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> SqliteRepository:
     """Open the repository; :func:`migrate` must have run (the file must exist with upstream's tables)."""
     repository = SqliteRepository(parse_target(settings, prefix))
     await repository._open()

@@ -54,9 +54,9 @@ from keyconnector.storage.sqlcommon import (
     parse_bool,
     run_migrations,
     translate,
-    trust_bundle_file,
     with_retries,
 )
+from keyconnector.tls import Trust
 
 log = logging.getLogger(__name__)
 
@@ -335,13 +335,14 @@ _DUPLICATE_KEY = {2627, 2601}
 _NUMBER = re.compile(r"(?:message|error|Msg) (\d{3,5})", re.IGNORECASE)
 
 
-def parse_target(settings: DatabaseSettings, prefix: str) -> ServerTarget:
+def parse_target(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> ServerTarget:
     raw = settings.sqlserver_connection_string
     target = load_target(
         raw.get_secret_value() if raw is not None else None,
         f"{prefix}.{SPEC.setting_name}",
         SPEC,
         settings.pool_size,
+        trust,
     )
     integrated = target.extra.get("integrated security", "").strip().lower()
     if integrated and (integrated == "sspi" or parse_bool(integrated, target.setting, "Integrated Security")):
@@ -414,22 +415,29 @@ def encryption_level(target: ServerTarget) -> str:
     return {"disable": "off", "allow": "request", "prefer": "request"}.get(target.ssl_mode, "require")
 
 
-_freetds_conf: str | None = None
+_freetds_conf: tuple[str, bool, str] | None = None
+"""(CA file, host name checked, configuration file) last written: FREETDSCONF is process-wide."""
 
 
 def _configure_certificate_checks(target: ServerTarget) -> None:
-    """Make FreeTDS check the server certificate (it only does when its configuration names a CA file)."""
+    """Make FreeTDS check the server certificate (it only does when its configuration names a CA file).
+
+    The CA file is ``target.trust``'s bundle, the same trust every other outgoing connection has;
+    the file is rewritten only when that trust (or the host-name check) changes."""
     global _freetds_conf
-    if target.ssl_mode not in ("verify-ca", "verify-full") or _freetds_conf is not None:
+    if target.ssl_mode not in ("verify-ca", "verify-full"):
         return
-    ca_file = trust_bundle_file()
+    ca_file = target.trust.bundle_file()
+    check_hostname = target.ssl_mode == "verify-full"
+    if _freetds_conf is not None and _freetds_conf[:2] == (ca_file, check_hostname):
+        return
     handle, name = tempfile.mkstemp(prefix="keyconnector-freetds-", suffix=".conf")
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         out.write("[global]\n")
         out.write(f"\tca file = {ca_file}\n")
-        out.write(f"\tcheck certificate hostname = {'yes' if target.ssl_mode == 'verify-full' else 'no'}\n")
+        out.write(f"\tcheck certificate hostname = {'yes' if check_hostname else 'no'}\n")
     os.environ["FREETDSCONF"] = name
-    _freetds_conf = name
+    _freetds_conf = (ca_file, check_hostname, name)
 
 
 def connect_arguments(target: ServerTarget) -> dict[str, Any]:
@@ -467,14 +475,14 @@ def migration_engine(target: ServerTarget) -> Any:
     return create_engine("mssql+pymssql://", connect_args=arguments, poolclass=NullPool)
 
 
-def migrate(settings: DatabaseSettings, prefix: str) -> None:
+def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
     """Create upstream's schema on an empty database, or adopt upstream's in place (see sqlcommon)."""
-    target = parse_target(settings, prefix)
+    target = parse_target(settings, prefix, trust)
     run_migrations(lambda: migration_engine(target), classify, target)
 
 
-def inspect(settings: DatabaseSettings, prefix: str) -> DatabaseState:
-    target = parse_target(settings, prefix)
+def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
+    target = parse_target(settings, prefix, trust)
     description, has_schema = inspect_database(lambda: migration_engine(target), classify, target)
     return DatabaseState(f"{target.description}: {description}", has_schema)
 
@@ -792,10 +800,10 @@ def _time(value: datetime | None) -> datetime | None:
     return None if value is None else naive_utc(value)
 
 
-async def open(settings: DatabaseSettings, prefix: str) -> SqlServerRepository:
+async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> SqlServerRepository:
     """Make the pool and check upstream's tables are there (a server that is down does not stop the
     worker from starting: requests answer 503 until it is back)."""
-    target = parse_target(settings, prefix)
+    target = parse_target(settings, prefix, trust)
     log_pool(target, settings.pool_size)
     _configure_certificate_checks(target)
     repository = SqlServerRepository(target, _Connections(connect_arguments(target)))
