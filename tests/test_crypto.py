@@ -10,8 +10,8 @@ import uuid
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyconnector.crypto import DataKey, KeySet, UnknownVersionError, generate_data_key, record_version
-from keyconnector.errors import IntegrityError
+from keyconnector.crypto import DataKey, DataKeys, UnknownVersionError, generate_data_key, record_version
+from keyconnector.errors import IntegrityFailure
 
 
 def upstream_seal(key: bytes, plaintext: bytes) -> str:
@@ -44,7 +44,7 @@ def test_nonces_are_fresh() -> None:
     ],
 )
 def test_unreadable_records_say_why(record: str, reason: str) -> None:
-    with pytest.raises(IntegrityError, match=reason):
+    with pytest.raises(IntegrityFailure, match=reason):
         DataKey(generate_data_key()).open(record)
 
 
@@ -52,14 +52,14 @@ def test_a_tampered_record_or_another_data_key_fails_closed() -> None:
     data_key = DataKey(generate_data_key())
     record = bytearray(base64.b64decode(data_key.seal_legacy(b"k" * 32)))
     record[0] ^= 1
-    with pytest.raises(IntegrityError, match="does not decrypt"):
+    with pytest.raises(IntegrityFailure, match="does not decrypt"):
         data_key.open(base64.b64encode(bytes(record)).decode())
-    with pytest.raises(IntegrityError, match="does not decrypt"):
+    with pytest.raises(IntegrityFailure, match="does not decrypt"):
         DataKey(generate_data_key()).open(data_key.seal_legacy(b"k" * 32))
 
 
 def test_a_data_key_of_the_wrong_size_is_refused() -> None:
-    with pytest.raises(IntegrityError, match="16 bytes"):
+    with pytest.raises(IntegrityFailure, match="16 bytes"):
         DataKey(b"x" * 16)
 
 
@@ -79,7 +79,7 @@ def test_format_2_names_its_version_and_reads_back_only_for_its_user() -> None:
     aad = b"keyconnector/record/2|" + alice.bytes + (7).to_bytes(4, "big")
     assert AESGCM(raw).decrypt(blob[:12], blob[12:], aad) == b"alice's key"
     # Copied into Bob's row, it does not open for Bob.
-    with pytest.raises(IntegrityError, match="copied from another user's row"):
+    with pytest.raises(IntegrityFailure, match="copied from another user's row"):
         key.open(record, bob)
 
 
@@ -88,7 +88,7 @@ def test_format_2_refuses_a_changed_version_number() -> None:
     user = uuid.uuid4()
     record = DataKey(raw, version=2).seal(b"k", user)
     forged = record.replace("kc:2:2:", "kc:2:3:", 1)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityFailure):
         DataKey(raw, version=3).open(forged, user)
 
 
@@ -102,29 +102,29 @@ def test_format_2_refuses_a_changed_version_number() -> None:
     ],
 )
 def test_unreadable_format_2_records_say_why(record: str, reason: str) -> None:
-    with pytest.raises(IntegrityError, match=reason):
+    with pytest.raises(IntegrityFailure, match=reason):
         DataKey(generate_data_key(), version=1).open(record, uuid.uuid4())
 
 
 def test_a_key_set_seals_with_the_current_version_and_opens_every_loaded_one() -> None:
     user = uuid.uuid4()
     v1, v2 = DataKey(generate_data_key(), 1), DataKey(generate_data_key(), 2)
-    legacy = KeySet({1: v1}, 1, write_legacy=True).seal(b"old", user)
+    legacy = DataKeys({1: v1}, 1, write_legacy=True).seal(b"old", user)
     assert record_version(legacy) == 1 and not legacy.startswith("kc:"), (
         "writeLegacyFormat: upstream's format"
     )
-    bound = KeySet({1: v1}, 1).seal(b"bound", user)
+    bound = DataKeys({1: v1}, 1).seal(b"bound", user)
     assert bound.startswith("kc:2:1:"), "by default version 1 writes format 2 too"
-    assert KeySet({1: v1}, 1).open(bound, user) == b"bound"
-    with pytest.raises(IntegrityError, match="copied from another user"):
-        KeySet({1: v1}, 1).open(bound, uuid.uuid4())
-    assert KeySet({1: v1, 2: v2}, 2, write_legacy=True).seal(b"x", user).startswith("kc:2:2:"), (
+    assert DataKeys({1: v1}, 1).open(bound, user) == b"bound"
+    with pytest.raises(IntegrityFailure, match="copied from another user"):
+        DataKeys({1: v1}, 1).open(bound, uuid.uuid4())
+    assert DataKeys({1: v1, 2: v2}, 2, write_legacy=True).seal(b"x", user).startswith("kc:2:2:"), (
         "writeLegacyFormat only applies while version 1 seals"
     )
-    both = KeySet({1: v1, 2: v2}, 2)
+    both = DataKeys({1: v1, 2: v2}, 2)
     current = both.seal(b"new", user)
     assert record_version(current) == 2
     assert both.open(legacy, user) == b"old"
     assert both.open(current, user) == b"new"
     with pytest.raises(UnknownVersionError):
-        KeySet({1: v1}, 1).open(current, user)
+        DataKeys({1: v1}, 1).open(current, user)

@@ -28,7 +28,7 @@ import pytest
 
 from keyconnector.devtools import free_port
 from keyconnector.devtools.tls import local_tls_files
-from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError, UnavailableError
+from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
 from keyconnector.keys import KeyProvider, awskms
 from keyconnector.settings import load_settings
 from tests.support.moto_kms import (
@@ -288,11 +288,11 @@ def test_altered_or_foreign_ciphertext_is_an_integrity_error(
     env = fresh_key.env
     wrapped = wrap(open_provider(env, monkeypatch), secrets.token_bytes(32))
     altered = wrapped[:-1] + bytes([wrapped[-1] ^ 1])
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityFailure):
         unwrap(open_provider(env, monkeypatch), altered)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityFailure):
         unwrap(open_provider(env, monkeypatch), b"")
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityFailure):
         unwrap(open_provider(env, monkeypatch), b"x" * 7000)  # longer than any KMS ciphertext
 
 
@@ -758,7 +758,7 @@ def test_ciphertext_refused_is_an_integrity_error(
     with StandIn(respond) as endpoint:
         env = kms_provider_env(endpoint.url, arn, symmetric=True, files=aws_isolated_files).env
         provider = open_provider(env, monkeypatch)
-        with pytest.raises(IntegrityError) as caught:
+        with pytest.raises(IntegrityFailure) as caught:
             unwrap(provider, base64.b64decode("AQIDBAUGBwgJCgsMDQ4PEA=="))
     assert code in str(caught.value) and "another key" in str(caught.value)
     decrypt = [h for _, _, h in endpoint.requests if h.get("x-amz-target") == "TrentService.Decrypt"]

@@ -23,7 +23,7 @@ import pytest
 from keyconnector.certificates import load_certificate
 from keyconnector.crypto import OAEP_SHA1, OAEP_SHA256
 from keyconnector.devtools import free_port
-from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError, UnavailableError
+from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
 from keyconnector.keys import azurekv
 from keyconnector.keys import certificate as certificate_provider
 from keyconnector.settings import Settings, load_settings
@@ -270,7 +270,7 @@ def test_rotated_key_still_unwraps_what_an_older_version_wrapped(
 
 def test_a_wrapped_key_the_vault_refuses_is_an_integrity_error(azurekv_key_provider: ProviderEnv) -> None:
     other = azurekv_key_provider.env
-    with pytest.raises(IntegrityError, match="another key"):
+    with pytest.raises(IntegrityFailure, match="another key"):
         unwrap(open_key(other), secrets.token_bytes(256))
 
 

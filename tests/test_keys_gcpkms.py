@@ -26,7 +26,7 @@ from google.cloud.kms_v1.services.key_management_service.transports import KeyMa
 
 from keyconnector.crypto import OAEP_SHA256
 from keyconnector.devtools import free_port
-from keyconnector.errors import ConfigurationError, IntegrityError, UnavailableError
+from keyconnector.errors import ConfigurationError, IntegrityFailure, UnavailableError
 from keyconnector.keys import gcpkms, open_key_provider
 from keyconnector.settings import Settings, load_settings
 from tests.support.gcp_kms import KeyVersion, KmsStandIn, ServiceAccount, crc32c, oaep
@@ -99,7 +99,7 @@ async def round_trip(settings: Settings, data_key: bytes) -> bytes:
 
 
 def open_error(settings: Settings) -> Exception:
-    with pytest.raises((ConfigurationError, UnavailableError, IntegrityError)) as caught:
+    with pytest.raises((ConfigurationError, UnavailableError, IntegrityFailure)) as caught:
         run(round_trip(settings, secrets.token_bytes(32)))
     return caught.value
 
@@ -447,7 +447,7 @@ def test_a_corrupted_wrapped_key_is_an_integrity_error(gcp: Gcp) -> None:
 
     errors = run(main())
     assert len(errors) == 3
-    assert all(isinstance(error, IntegrityError) for error in errors), errors
+    assert all(isinstance(error, IntegrityFailure) for error in errors), errors
     assert gcp.version.name in str(errors[0])
 
 

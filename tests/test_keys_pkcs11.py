@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11.util.rsa import decode_rsa_private_key
 
 from keyconnector.crypto import OAEP_SHA1
-from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError, UnavailableError
+from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
 from keyconnector.keys import open_key_provider
 from keyconnector.keys import pkcs11 as provider_module
 from keyconnector.settings import RsaKeySettings, load_settings
@@ -202,7 +202,7 @@ def test_token_chosen_by_serial_among_two(softhsm: SoftHsmSession) -> None:
             assert (
                 await provider.unwrap(public_key(softhsm.second_key).encrypt(data_key, OAEP_SHA1)) == data_key
             )
-            with pytest.raises(IntegrityError):
+            with pytest.raises(IntegrityFailure):
                 await provider.unwrap(public_key(softhsm.main_key).encrypt(data_key, OAEP_SHA1))
 
     asyncio.run(main())
@@ -466,9 +466,9 @@ def test_a_foreign_ciphertext_is_an_integrity_error_and_the_session_survives(
 
     async def main() -> None:
         async with opened(main_env) as provider:
-            with pytest.raises(IntegrityError):
+            with pytest.raises(IntegrityFailure):
                 await provider.unwrap(foreign.encrypt(secrets.token_bytes(32), OAEP_SHA1))
-            with pytest.raises(IntegrityError):
+            with pytest.raises(IntegrityFailure):
                 await provider.unwrap(b"\x01" * 100)  # not even the key's size
             await provider.check()
 

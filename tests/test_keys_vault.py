@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from keyconnector.certificates import LoadedCertificate, load_certificate
-from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError, UnavailableError
+from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
 from keyconnector.keygen import self_signed_pfx
 from keyconnector.keys import open_key_provider
 from keyconnector.keys import vaulttransit as vaulttransit_module
@@ -432,7 +432,7 @@ def test_ciphertexts_of_other_keys_are_integrity_errors(openbao: OpenBao) -> Non
         return [o for o in outcomes if isinstance(o, BaseException)]
 
     errors = with_provider(settings_from(transit_env(openbao, key, vaultTransitToken=token)), use)
-    assert len(errors) == len(foreign) and all(isinstance(e, IntegrityError) for e in errors), errors
+    assert len(errors) == len(foreign) and all(isinstance(e, IntegrityFailure) for e in errors), errors
 
 
 def test_concurrent_unwraps_are_correct(openbao: OpenBao, vaulttransit_provider: ProviderEnv) -> None:

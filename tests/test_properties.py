@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from keyconnector.crypto import FORMAT_2, DataKey, generate_data_key, record_version
-from keyconnector.errors import ConfigurationError, IntegrityError
+from keyconnector.errors import ConfigurationError, IntegrityFailure
 from keyconnector.storage.connstr import normalize_key, parse_connection_string, resolve
 
 RAW_KEY = generate_data_key()
@@ -54,7 +54,7 @@ def test_format_2_never_opens_for_another_user(
 ) -> None:
     assume(user != other)
     record = DataKey(RAW_KEY, version).seal(plaintext, user)
-    with pytest.raises(IntegrityError, match="does not decrypt for this user"):
+    with pytest.raises(IntegrityFailure, match="does not decrypt for this user"):
         DataKey(RAW_KEY, version).open(record, other)
 
 
@@ -66,9 +66,9 @@ def test_format_2_never_opens_under_another_version(
     assume(version != other)
     record = DataKey(RAW_KEY, version).seal(plaintext, user)
     relabelled = f"{FORMAT_2}{other}:" + record.rsplit(":", 1)[1]
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityFailure):
         DataKey(RAW_KEY, other).open(relabelled, user)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityFailure):
         DataKey(RAW_KEY, other).open(record, user)
 
 
@@ -113,7 +113,7 @@ def _same_envelope(a: str, b: str) -> bool:
         return same_head and base64.b64decode(body_a, validate=True) == base64.b64decode(
             body_b, validate=True
         )
-    except (ValueError, IntegrityError):
+    except (ValueError, IntegrityFailure):
         return False
 
 
@@ -128,7 +128,7 @@ def test_any_mutation_fails_with_integrity_error_only(
     assume(mutated != record)
     try:
         opened = data_key.open(mutated, user)
-    except IntegrityError:
+    except IntegrityFailure:
         return
     # Only a different spelling of the very same envelope may still open, and then to the same key.
     assert _same_envelope(record, mutated), f"a mutated record opened: {mutated!r}"
@@ -142,7 +142,7 @@ def test_record_version_raises_only_integrity_error(text: str) -> None:
     for record in (text, "kc:" + text, FORMAT_2 + text):
         try:
             version = record_version(record)
-        except IntegrityError:
+        except IntegrityFailure:
             continue
         assert isinstance(version, int)
         assert version >= 1 if record.startswith(FORMAT_2) else version == 1
@@ -152,7 +152,7 @@ def test_record_version_raises_only_integrity_error(text: str) -> None:
 def test_opening_arbitrary_text_raises_only_integrity_error(text: str, user: uuid.UUID) -> None:
     for record in (text, FORMAT_2 + "1:" + text, FORMAT_2 + text):
         for opener in (DataKey(RAW_KEY, 1), DataKey(RAW_KEY, 2)):
-            with contextlib.suppress(IntegrityError):
+            with contextlib.suppress(IntegrityFailure):
                 opener.open(record, user)
 
 

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from keyconnector.cli import main
-from keyconnector.crypto import NONCE_SIZE, OAEP_SHA1, DataKey, KeySet
+from keyconnector.crypto import NONCE_SIZE, OAEP_SHA1, DataKey, DataKeys
 from keyconnector.datakeys import RETIRED, KeyRing, read_ring
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keygen import self_signed_pfx
@@ -124,7 +124,7 @@ class State:
     records: dict[uuid.UUID, str | None]
     rows: int
     ring: KeyRing
-    keys: KeySet
+    keys: DataKeys
     application_datas: str | None
 
 

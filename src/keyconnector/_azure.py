@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from keyconnector._optional import require
 from keyconnector.errors import (
     ConfigurationError,
-    IntegrityError,
+    IntegrityFailure,
     KeyConnectorError,
     UnavailableError,
     setting_name,
@@ -240,7 +240,7 @@ class Vault:
         refused: str | None = None,
     ) -> KeyConnectorError:
         """What a failed vault call means. ``permission`` is what it needed, e.g. ``keys/decrypt``;
-        ``missing`` is raised on 404; ``refused`` (an IntegrityError message) on 400."""
+        ``missing`` is raised on 404; ``refused`` (an IntegrityFailure message) on 400."""
         from azure.core.exceptions import HttpResponseError
 
         network = _network_cause(exc)
@@ -254,7 +254,7 @@ class Vault:
             if status == 404 and missing is not None:
                 return missing
             if status == 400 and refused is not None:
-                return IntegrityError(refused)
+                return IntegrityFailure(refused)
             if status == 403:
                 area, operation = permission.split("/")
                 return ConfigurationError(

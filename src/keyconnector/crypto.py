@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keyconnector.errors import IntegrityError
+from keyconnector.errors import IntegrityFailure
 
 DATA_KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -68,7 +68,7 @@ class DataKey:
 
     def __init__(self, key: bytes, version: int = 0) -> None:
         if len(key) != DATA_KEY_SIZE:
-            raise IntegrityError(
+            raise IntegrityFailure(
                 f"the unwrapped data key is {len(key)} bytes long instead of {DATA_KEY_SIZE}: "
                 "the key pair does not match the one that wrapped it"
             )
@@ -93,13 +93,13 @@ class DataKey:
         try:
             blob = base64.b64decode(record, validate=True)
         except (binascii.Error, ValueError):
-            raise IntegrityError("the stored record is not valid base64") from None
+            raise IntegrityFailure("the stored record is not valid base64") from None
         if len(blob) < NONCE_SIZE + TAG_SIZE:
-            raise IntegrityError("the stored record is too short to be an AES-GCM envelope")
+            raise IntegrityFailure("the stored record is too short to be an AES-GCM envelope")
         try:
             return self._aead.decrypt(blob[-NONCE_SIZE:], blob[:-NONCE_SIZE], None)
         except InvalidTag:
-            raise IntegrityError("the stored record does not decrypt under the data key") from None
+            raise IntegrityFailure("the stored record does not decrypt under the data key") from None
 
     def seal_secret(self, secret: bytes, context: bytes) -> str:
         """``secret`` encrypted under this data key for one ``context`` (the key ring's
@@ -112,25 +112,25 @@ class DataKey:
             blob = base64.b64decode(sealed, validate=True)
             return self._aead.decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], context)
         except (binascii.Error, ValueError, InvalidTag):
-            raise IntegrityError("the sealed secret does not open under this data key") from None
+            raise IntegrityFailure("the sealed secret does not open under this data key") from None
 
     def _open_marked(self, record: str, user_id: UUID | None) -> bytes:
         version = record_version(record)
         if version != self.version:
-            raise IntegrityError(f"the record was sealed by data key version {version}, not {self.version}")
+            raise IntegrityFailure(f"the record was sealed by data key version {version}, not {self.version}")
         if user_id is None:
-            raise IntegrityError("a format 2 record can only be opened for its user")
+            raise IntegrityFailure("a format 2 record can only be opened for its user")
         try:
             blob = base64.b64decode(record[record.index(":", len(FORMAT_2)) + 1 :], validate=True)
         except (binascii.Error, ValueError):
-            raise IntegrityError("the stored record is not valid base64") from None
+            raise IntegrityFailure("the stored record is not valid base64") from None
         if len(blob) < NONCE_SIZE + TAG_SIZE:
-            raise IntegrityError("the stored record is too short to be an AES-GCM envelope")
+            raise IntegrityFailure("the stored record is too short to be an AES-GCM envelope")
         try:
             aad = _associated_data(user_id, version)
             return self._aead.decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], aad)
         except InvalidTag:
-            raise IntegrityError(
+            raise IntegrityFailure(
                 "the stored record does not decrypt for this user: it was altered or copied from another "
                 "user's row"
             ) from None
@@ -146,14 +146,14 @@ def record_version(record: str) -> int:
         return LEGACY_VERSION
     if not record.startswith(FORMAT_2):
         marker = record[len(RECORD_MARKER) :].split(":", 1)[0]
-        raise IntegrityError(
+        raise IntegrityFailure(
             f"the record is in format '{marker[:20]}', which this version of keyconnector does not know; "
             "upgrade keyconnector"
         )
     head, sep, _ = record[len(FORMAT_2) :].partition(":")
     # ASCII digits in their one spelling: '²' is a digit to str.isdigit, and '01' would alias '1'.
     if not sep or not (head.isascii() and head.isdigit()) or len(head) > 9 or head != str(int(head)):
-        raise IntegrityError("the stored record has no valid data-key version")
+        raise IntegrityFailure("the stored record has no valid data-key version")
     return int(head)
 
 
@@ -162,7 +162,7 @@ def is_legacy(record: str) -> bool:
     return not record.startswith(RECORD_MARKER)
 
 
-class KeySet:
+class DataKeys:
     """Every data-key version a process can open, and the one it seals new records with.
 
     Every version seals in format 2, bound to the user. With ``write_legacy`` (the setting
@@ -182,7 +182,7 @@ class KeySet:
         accept_legacy: bool = True,
     ) -> None:
         if current not in keys:
-            raise IntegrityError(f"the current data key version {current} is not loaded")
+            raise IntegrityFailure(f"the current data key version {current} is not loaded")
         self.keys = dict(keys)
         self.current = current
         self.write_legacy = write_legacy
@@ -190,9 +190,9 @@ class KeySet:
         """False once the authenticated key ring says every record is bound to its user: an
         upstream-format record is then one copied in from elsewhere (a replayed old row)."""
 
-    def with_legacy_format(self, write_legacy: bool) -> KeySet:
+    def with_legacy_format(self, write_legacy: bool) -> DataKeys:
         """The same keys, sealing per ``compat.writeLegacyFormat`` (``load_key_set`` does not know it)."""
-        return KeySet(self.keys, self.current, write_legacy=write_legacy, accept_legacy=self.accept_legacy)
+        return DataKeys(self.keys, self.current, write_legacy=write_legacy, accept_legacy=self.accept_legacy)
 
     @property
     def seals_legacy(self) -> bool:
@@ -223,7 +223,7 @@ class KeySet:
         return key.open(record, user_id)
 
 
-class UnknownVersionError(IntegrityError):
+class UnknownVersionError(IntegrityFailure):
     """A record needs a data-key version this process has not loaded (rotated since it started?)."""
 
     def __init__(self, version: int) -> None:
@@ -231,5 +231,5 @@ class UnknownVersionError(IntegrityError):
         super().__init__(f"the record needs data key version {version}, which is not loaded")
 
 
-class LegacyRefusedError(IntegrityError):
+class LegacyRefusedError(IntegrityFailure):
     """An upstream-format record where the key ring says every record is bound to its user."""

@@ -54,12 +54,12 @@ from typing import Any
 from keyconnector.crypto import (
     LEGACY_VERSION,
     DataKey,
-    KeySet,
+    DataKeys,
     derive_key,
     generate_data_key,
     record_version,
 )
-from keyconnector.errors import IntegrityError, KeyConnectorError, StorageError
+from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError
 from keyconnector.keys import KeyProvider
 from keyconnector.storage import Repository, StoredKeyRing, UserKeyRecord
 
@@ -98,7 +98,7 @@ class RotationRefused(KeyConnectorError):
     """The key ring is not in a state where the asked change is safe; the message says what to do first."""
 
 
-class RingRefused(IntegrityError):
+class RingRefused(IntegrityFailure):
     """The stored key ring failed authentication (or contradicts the records or an earlier ring):
     someone without a data key changed it. Nothing it says is used."""
 
@@ -299,7 +299,7 @@ def _decode(wrapped: str, where: str) -> bytes:
     try:
         return base64.b64decode(wrapped, validate=True)
     except (binascii.Error, ValueError):
-        raise IntegrityError(f"{where} is not valid base64") from None
+        raise IntegrityFailure(f"{where} is not valid base64") from None
 
 
 def wrap_for(ring: KeyRing, version: int, provider: KeyProvider, application_datas: str | None) -> str:
@@ -309,12 +309,12 @@ def wrap_for(ring: KeyRing, version: int, provider: KeyProvider, application_dat
     Pure, so that a backup can be checked against a key pair before anything is written."""
     entry = ring.versions.get(version)
     if entry is None or entry.state != ACTIVE:
-        raise IntegrityError(f"data key version {version} is not in the key ring (retired or never made)")
+        raise IntegrityFailure(f"data key version {version} is not in the key ring (retired or never made)")
     wrapped = entry.wraps.get(provider.fingerprint)
     if wrapped is None and version == LEGACY_VERSION:
         wrapped = application_datas
     if wrapped is None:
-        raise IntegrityError(
+        raise IntegrityFailure(
             f"data key version {version} is not wrapped for this key pair ({provider.description}); it is "
             f"wrapped for {len(entry.wraps)} other key pair(s). Run `keyconnector rotate-key-pair` with the "
             "settings of a key pair that has it, naming this one as the new pair"
@@ -347,8 +347,8 @@ class OpenedRing:
     adopted: str | None = None
     """Set when this call adopted (or made) the ring: what it adopted, for the log."""
 
-    def key_set(self) -> KeySet:
-        return KeySet(self.keys, self.ring.current, accept_legacy=self.ring.accept_legacy)
+    def key_set(self) -> DataKeys:
+        return DataKeys(self.keys, self.ring.current, accept_legacy=self.ring.accept_legacy)
 
 
 async def open_ring(
@@ -437,7 +437,7 @@ async def authenticate(
                 continue
             try:
                 candidate = keys[number].open_secret(seal, _seal_context(number))
-            except IntegrityError:
+            except IntegrityFailure:
                 continue
             if ring.mac_verifies(candidate):
                 auth_key = candidate
@@ -466,7 +466,7 @@ def _carries(key: DataKey, seal: str | None, version: int, auth_key: bytes) -> b
         return False
     try:
         return hmac.compare_digest(key.open_secret(seal, _seal_context(version)), auth_key)
-    except IntegrityError:
+    except IntegrityFailure:
         return False
 
 
@@ -501,7 +501,7 @@ async def _check_records(
         assert record.key is not None
         try:
             version = record_version(record.key)
-        except IntegrityError:
+        except IntegrityFailure:
             continue
         if version > newest:
             where = "there is no key ring" if ring_missing else f"the key ring ends at version {newest}"
@@ -517,7 +517,7 @@ async def _check_records(
         try:
             key.open(record.key, record.user_id)
             return
-        except IntegrityError:
+        except IntegrityFailure:
             continue
     if openable:
         raise RingRefused(
@@ -587,7 +587,7 @@ async def load_key_set(
     trust: RingTrust | None = None,
     *,
     accept_legacy_when_new: bool = False,
-) -> tuple[KeySet, KeyRing]:
+) -> tuple[DataKeys, KeyRing]:
     """Every active data-key version this key pair can unwrap, and the authenticated ring they came from."""
     opened = await open_ring(repository, provider, trust=trust, accept_legacy_when_new=accept_legacy_when_new)
     if opened.adopted:
@@ -638,7 +638,7 @@ async def wrap_checked(provider: KeyProvider, raw: bytes, version: int) -> str:
     wraps with a local public key but unwraps remotely: a wrong key id would otherwise go unseen)."""
     wrapped = await provider.wrap(raw)
     if not hmac.compare_digest(await provider.unwrap(wrapped), raw):
-        raise IntegrityError(
+        raise IntegrityFailure(
             f"{provider.description} does not unwrap its own wrap of data key version {version}"
         )
     return base64.b64encode(wrapped).decode("ascii")
@@ -649,7 +649,7 @@ async def _opens_to(provider: KeyProvider, wrapped: str | None, raw: bytes) -> b
         return False
     try:
         return hmac.compare_digest(await provider.unwrap(_decode(wrapped, "a stored wrap")), raw)
-    except IntegrityError:
+    except IntegrityFailure:
         return False
 
 
@@ -709,7 +709,7 @@ async def retire_other_key_pairs(repository: Repository, provider: KeyProvider) 
         for version in ring.active:
             try:
                 await unwrap_raw(repository, ring, version, provider)
-            except IntegrityError:
+            except IntegrityFailure:
                 missing.append(version)
         if missing:
             raise RotationRefused(

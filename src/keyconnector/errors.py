@@ -64,5 +64,8 @@ class StorageError(KeyConnectorError):
     """The database answered, but not as expected (schema mismatch, corrupt file)."""
 
 
-class IntegrityError(KeyConnectorError):
-    """A stored record does not decrypt: it was altered, moved to another user, or the key is wrong."""
+class IntegrityFailure(KeyConnectorError):
+    """A stored record does not decrypt: it was altered, moved to another user, or the key is wrong.
+
+    Not ``IntegrityError``: that is what every database driver calls a violated constraint, and the
+    two must never be caught for each other."""

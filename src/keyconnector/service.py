@@ -8,7 +8,7 @@ written in one batch every few seconds; a failed batch is logged, counted, kept 
 
 New records are bound to their user (format 2, see ``keyconnector.crypto``) unless
 ``compat.writeLegacyFormat`` asks for upstream's format. A stored record that does not open for the
-user asking (altered, or copied from another user's row) raises ``RecordIntegrityError``: the key is
+user asking (altered, or copied from another user's row) raises ``RecordIntegrityFailure``: the key is
 never returned, and the HTTP layer and the audit trail can tell it from other failures.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from uuid import UUID
 
-from keyconnector.crypto import LEGACY_VERSION, KeySet, LegacyRefusedError, UnknownVersionError
+from keyconnector.crypto import LEGACY_VERSION, DataKeys, LegacyRefusedError, UnknownVersionError
 from keyconnector.datakeys import (
     KeyRing,
     RingRefused,
@@ -31,14 +31,14 @@ from keyconnector.datakeys import (
     load_key_set,
     stored_digest,
 )
-from keyconnector.errors import IntegrityError, KeyConnectorError, UnavailableError
+from keyconnector.errors import IntegrityFailure, KeyConnectorError, UnavailableError
 from keyconnector.keys import KeyProvider
 from keyconnector.storage import Repository
 
 log = logging.getLogger("keyconnector.service")
 
 
-class RecordIntegrityError(IntegrityError):
+class RecordIntegrityFailure(IntegrityFailure):
     """A user's stored record does not open for that user: altered, copied from another user's row,
     or sealed by a data key this deployment does not have. Never carries the record itself."""
 
@@ -98,7 +98,7 @@ class KeyService:
         self._last_refresh = 0.0
         self._refresh_lock = asyncio.Lock()
         self._sealing_blocked: str | None = None
-        self._data_key: KeySet | None = None
+        self._data_key: DataKeys | None = None
         self._last_attempt = 0.0
         self._last_error: str | None = None
         self._bootstrap_lock = asyncio.Lock()
@@ -138,7 +138,7 @@ class KeyService:
             )
         return f"data key not loaded: {self._last_error or 'not tried yet'}"
 
-    async def _load_data_key(self, *, reload: bool = False) -> KeySet:
+    async def _load_data_key(self, *, reload: bool = False) -> DataKeys:
         async with self._bootstrap_lock:
             if self._data_key is not None and not reload:
                 return self._data_key
@@ -152,7 +152,7 @@ class KeyService:
                 )
                 if self._write_legacy_format and not ring.accept_legacy:
                     ring = await accept_unbound_records(self.repository, self.provider, ring)
-                    keys = KeySet(keys.keys, keys.current, accept_legacy=True)
+                    keys = DataKeys(keys.keys, keys.current, accept_legacy=True)
             except RingRefused as exc:
                 self._ring_refused(str(exc))
                 if self._data_key is None:
@@ -245,7 +245,7 @@ class KeyService:
                 raise
             self._sealing_blocked = None
 
-    async def _open(self, keys: KeySet, record: str, user_id: UUID) -> bytes:
+    async def _open(self, keys: DataKeys, record: str, user_id: UUID) -> bytes:
         try:
             return keys.open(record, user_id)
         except (UnknownVersionError, LegacyRefusedError):
@@ -260,12 +260,12 @@ class KeyService:
             assert self._data_key is not None
             return self._data_key.open(record, user_id)
 
-    def _sealing_keys(self, keys: KeySet) -> KeySet:
+    def _sealing_keys(self, keys: DataKeys) -> DataKeys:
         if self._sealing_blocked is not None:
             raise UnavailableError("the data key", self._sealing_blocked, retry_after=5)
         return keys
 
-    async def data_key(self) -> KeySet:
+    async def data_key(self) -> DataKeys:
         key = self._data_key
         if key is not None:
             return key
@@ -275,7 +275,7 @@ class KeyService:
             )
         try:
             return await self._load_data_key()
-        except IntegrityError as exc:
+        except IntegrityFailure as exc:
             raise UnavailableError("the data key", str(exc), retry_after=30) from None
 
     # -- user keys ----------------------------------------------------------------------------
@@ -283,7 +283,7 @@ class KeyService:
     async def get(self, user_id: UUID) -> bytes | None:
         """The user's key, or None. Records the access time for the next batch.
 
-        Raises ``RecordIntegrityError`` when the stored record does not open for this user.
+        Raises ``RecordIntegrityFailure`` when the stored record does not open for this user.
         """
         data_key = self._data_key or await self.data_key()
         record = await self.repository.get_key(user_id)
@@ -291,8 +291,8 @@ class KeyService:
             return None
         try:
             plaintext = await self._open(data_key, record, user_id)
-        except IntegrityError as exc:
-            raise RecordIntegrityError(user_id, str(exc)) from None
+        except IntegrityFailure as exc:
+            raise RecordIntegrityFailure(user_id, str(exc)) from None
         self._pending[user_id.int] = time.time()
         return plaintext
 

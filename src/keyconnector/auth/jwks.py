@@ -42,7 +42,7 @@ from joserfc.jws import JWSRegistry
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.tls import Trust
 
-__all__ = ["KeySet", "KeySetSource", "VerificationKey", "parse_key_set"]
+__all__ = ["KeySetSource", "SigningKeys", "VerificationKey", "parse_key_set"]
 
 log = logging.getLogger("keyconnector.auth")
 
@@ -104,7 +104,7 @@ class VerificationKey:
 
 
 @dataclass(frozen=True, slots=True)
-class KeySet:
+class SigningKeys:
     """An immutable snapshot of what the identity server published; replaced whole on every fetch."""
 
     issuer: str
@@ -154,8 +154,8 @@ def _import_key(jwk: Mapping[str, Any]) -> VerificationKey:
     return VerificationKey(kid if isinstance(kid, str) else None, str(kty), verifiers)
 
 
-def parse_key_set(document: Any, *, issuer: str, jwks_uri: str) -> KeySet:
-    """Turn a JWKS document into a :class:`KeySet`; unusable keys are skipped and listed, not fatal."""
+def parse_key_set(document: Any, *, issuer: str, jwks_uri: str) -> SigningKeys:
+    """Turn a JWKS document into a :class:`SigningKeys`; unusable keys are skipped and listed, not fatal."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError("the key set is not a JSON object with a 'keys' array")
     keys: dict[str, VerificationKey] = {}
@@ -177,7 +177,7 @@ def parse_key_set(document: Any, *, issuer: str, jwks_uri: str) -> KeySet:
     if not usable:
         detail = "; ".join(skipped) if skipped else "it is empty"
         raise ValueError(f"the key set has no usable signing key ({detail})")
-    return KeySet(
+    return SigningKeys(
         issuer=issuer,
         jwks_uri=jwks_uri,
         keys=keys,
@@ -204,7 +204,7 @@ class _FetchError(Exception):
 
 
 class KeySetSource:
-    """Owns the current :class:`KeySet` and every rule about fetching it.
+    """Owns the current :class:`SigningKeys` and every rule about fetching it.
 
     ``current`` is read on the hot path without awaiting anything; fetching happens in one shared task.
     """
@@ -243,12 +243,12 @@ class KeySetSource:
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
         self._backoff = initial_backoff
-        self.current: KeySet | None = None
+        self.current: SigningKeys | None = None
         self.last_error: str | None = None
         self._last_attempt = -math.inf  # monotonic time the last fetch started
         self._inflight: asyncio.Task[str | None] | None = None
         self._background: asyncio.Task[None] | None = None
-        self._listeners: list[Callable[[KeySet | None, KeySet], None]] = []
+        self._listeners: list[Callable[[SigningKeys | None, SigningKeys], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -269,7 +269,7 @@ class KeySetSource:
         if self._owns_client:
             await self._client.aclose()
 
-    def on_change(self, listener: Callable[[KeySet | None, KeySet], None]) -> None:
+    def on_change(self, listener: Callable[[SigningKeys | None, SigningKeys], None]) -> None:
         """Called with (old, new) whenever a fetch installs a new key set."""
         self._listeners.append(listener)
 
@@ -296,7 +296,7 @@ class KeySetSource:
             task = self._begin()
         await asyncio.shield(task)
 
-    async def refresh(self) -> KeySet:
+    async def refresh(self) -> SigningKeys:
         """Fetch now; raise :class:`UnavailableError` with the reason when it fails."""
         error = await self.fetch_now()
         if error is not None or self.current is None:
@@ -318,7 +318,7 @@ class KeySetSource:
         if self._inflight is task:
             self._inflight = None
 
-    async def _load(self) -> KeySet:
+    async def _load(self) -> SigningKeys:
         discovery = await self._get_json(self.discovery_url, "the discovery document")
         issuer, jwks_uri = self._read_discovery(discovery)
         document = await self._get_json(jwks_uri, "the key set")

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from keyconnector.auth.jwks import KeySet, KeySetSource, VerificationKey
+from keyconnector.auth.jwks import KeySetSource, SigningKeys, VerificationKey
 from keyconnector.tls import Trust
 
 __all__ = ["AuthError", "Principal", "TokenValidator"]
@@ -176,7 +176,7 @@ class TokenValidator:
     async def aclose(self) -> None:
         await self._source.aclose()
 
-    def _key_set_changed(self, old: KeySet | None, new: KeySet) -> None:
+    def _key_set_changed(self, old: SigningKeys | None, new: SigningKeys) -> None:
         # A cached principal vouches for a signature checked with the old keys: when a key is
         # withdrawn (or the issuer changes) those vouchers must go too.
         if old is not None and (old.issuer != new.issuer or not old.keys.keys() <= new.keys.keys()):
@@ -246,7 +246,7 @@ class TokenValidator:
             cache[digest] = (principal.user_id.int, principal.client_id, principal.expires_at)
         return principal
 
-    def _verify(self, raw: bytes, key_set: KeySet) -> Principal:
+    def _verify(self, raw: bytes, key_set: SigningKeys) -> Principal:
         """Check one token completely; 401 problems are checked before policy (403) problems."""
         parts = raw.split(b".")
         if len(parts) != 3:

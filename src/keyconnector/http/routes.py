@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from keyconnector.auth import AuthError, Principal
-from keyconnector.errors import IntegrityError, UnavailableError
+from keyconnector.errors import IntegrityFailure, UnavailableError
 from keyconnector.http.responses import JSON, message, unauthorized, unavailable
 from keyconnector.http.state import Services
 
@@ -208,7 +208,7 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
     except UnavailableError as exc:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         return unavailable(str(exc), exc.retry_after), "unavailable"
-    except IntegrityError as exc:
+    except IntegrityFailure as exc:
         # 500, not 4xx: the stored data is damaged or was moved, which the client neither caused nor
         # can fix (a 409 would invite it to overwrite the evidence).
         request_id = request.scope["keyconnector.request_id"].decode()

@@ -7,7 +7,7 @@ never a user's key.
 Errors follow one rule across providers: a wrong or missing setting raises ``ConfigurationError``
 naming it; a backend that cannot be reached (network, HSM token gone, KMS throttling) raises
 ``UnavailableError``, which the HTTP layer answers with 503 and which never stops the process;
-a wrapped key that the backend refuses to unwrap raises ``IntegrityError``.
+a wrapped key that the backend refuses to unwrap raises ``IntegrityFailure``.
 """
 
 from __future__ import annotations

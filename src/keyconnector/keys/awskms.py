@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from keyconnector._optional import require
 from keyconnector.errors import (
     ConfigurationError,
-    IntegrityError,
+    IntegrityFailure,
     KeyConnectorError,
     UnavailableError,
     setting_name,
@@ -133,7 +133,7 @@ class AwsKmsKeyProvider:
 
     async def unwrap(self, wrapped: bytes) -> bytes:
         if not 0 < len(wrapped) <= MAX_CIPHERTEXT:
-            raise IntegrityError(f"the stored data key is not a KMS ciphertext ({len(wrapped)} bytes)")
+            raise IntegrityFailure(f"the stored data key is not a KMS ciphertext ({len(wrapped)} bytes)")
         # KeyId and the algorithm are given so that KMS refuses a ciphertext of another key instead of
         # decrypting with whichever key the (symmetric) ciphertext names.
         response = await self._call(
@@ -144,7 +144,7 @@ class AwsKmsKeyProvider:
     async def check(self) -> None:
         probe = secrets.token_bytes(32)
         if await self.unwrap(await self.wrap(probe)) != probe:
-            raise IntegrityError(f"{self.description} does not round-trip a wrapped key")
+            raise IntegrityFailure(f"{self.description} does not round-trip a wrapped key")
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._client.close)
@@ -369,7 +369,7 @@ def _translate_answer(exc: Any, operation: str, context: _Context, *, opening: b
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
     said = f"{code}: {message}" if message else code
     if code in _CIPHERTEXT_REFUSED and operation == "Decrypt":
-        return IntegrityError(
+        return IntegrityFailure(
             f"AWS KMS refuses to decrypt the stored data key with the key {context.key_id} ({code}): "
             "it was wrapped by another key, or altered"
         )

@@ -23,7 +23,7 @@ from keyconnector._azure import Vault, object_name
 from keyconnector._optional import require
 from keyconnector.certificates import check_key_size
 from keyconnector.crypto import OAEP_SHA1
-from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError
+from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError
 from keyconnector.keys import rsa_fingerprint
 from keyconnector.settings import Settings
 
@@ -66,13 +66,13 @@ class AzureKeyVaultKeyProvider:
     async def unwrap(self, wrapped: bytes) -> bytes:
         try:
             return await self._decrypt(self._crypto, wrapped)
-        except IntegrityError:
+        except IntegrityFailure:
             for version in await self._other_versions():
                 try:
                     data_key = await self._decrypt(
                         self._client.get_cryptography_client(self._name, key_version=version), wrapped
                     )
-                except IntegrityError:
+                except IntegrityFailure:
                     continue
                 log.warning(
                     "the data key is wrapped with version %s of the Key Vault key '%s', not the current "
@@ -117,7 +117,7 @@ class AzureKeyVaultKeyProvider:
     async def check(self) -> None:
         probe = secrets.token_bytes(32)
         if await self._decrypt(self._crypto, await self.wrap(probe)) != probe:
-            raise IntegrityError(f"the Key Vault key '{self._name}' does not round-trip a wrapped key")
+            raise IntegrityFailure(f"the Key Vault key '{self._name}' does not round-trip a wrapped key")
 
     async def aclose(self) -> None:
         await asyncio.to_thread(_close, self._client, self._vault)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyconnector.certificates import load_certificate
 from keyconnector.crypto import OAEP_SHA1
-from keyconnector.errors import ConfigurationError, IntegrityError
+from keyconnector.errors import ConfigurationError, IntegrityFailure
 from keyconnector.keys import rsa_fingerprint
 from keyconnector.settings import Settings
 
@@ -39,14 +39,14 @@ class CertificateKeyProvider:
         try:
             return self._private_key.decrypt(wrapped, OAEP_SHA1)
         except ValueError:
-            raise IntegrityError(
+            raise IntegrityFailure(
                 "the stored data key does not unwrap with this key pair: it was wrapped by another one"
             ) from None
 
     async def check(self) -> None:
         probe = secrets.token_bytes(32)
         if await self.unwrap(await self.wrap(probe)) != probe:
-            raise IntegrityError("the key pair does not round-trip a wrapped key")
+            raise IntegrityFailure("the key pair does not round-trip a wrapped key")
 
     async def aclose(self) -> None:
         return None

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from keyconnector._optional import require
 from keyconnector.errors import (
     ConfigurationError,
-    IntegrityError,
+    IntegrityFailure,
     KeyConnectorError,
     UnavailableError,
     setting_name,
@@ -294,7 +294,7 @@ def _translate(
     errors = libs.api_exceptions
     details = _details(exc)
     if decrypting and isinstance(exc, errors.InvalidArgument):
-        return IntegrityError(
+        return IntegrityFailure(
             f"Google Cloud KMS refused to decrypt the stored data key with {target.version_name}: {details} "
             "(it was wrapped by another key or altered)"
         )
@@ -427,7 +427,7 @@ class GcpKmsKeyProvider:
     async def check(self) -> None:
         probe = secrets.token_bytes(32)
         if await self.unwrap(await self.wrap(probe)) != probe:
-            raise IntegrityError(f"{self._target.version_name} does not round-trip a wrapped key")
+            raise IntegrityFailure(f"{self._target.version_name} does not round-trip a wrapped key")
 
     async def aclose(self) -> None:
         if not self._closed:

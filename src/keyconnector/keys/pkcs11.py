@@ -44,7 +44,7 @@ How the library is used, and why:
   is left is closed and the session is opened and logged in again once, then the operation is retried;
   if that fails too, ``UnavailableError`` (503) and the next request tries again. A ciphertext the
   token refuses is told apart from a sick token by a probe (a fresh ciphertext of our own): if the
-  probe unwraps, the stored data key is the problem (``IntegrityError``).
+  probe unwraps, the stored data key is the problem (``IntegrityFailure``).
 - PKCS#11 calls have no timeouts of their own, so each call is awaited for a bounded time only.
 """
 
@@ -76,7 +76,7 @@ from keyconnector.certificates import load_certificate
 from keyconnector.crypto import OAEP_SHA1
 from keyconnector.errors import (
     ConfigurationError,
-    IntegrityError,
+    IntegrityFailure,
     KeyConnectorError,
     UnavailableError,
     setting_name,
@@ -590,7 +590,7 @@ class Pkcs11KeyProvider:
 
     async def unwrap(self, wrapped: bytes) -> bytes:
         if len(wrapped) != self._ciphertext_size:
-            raise IntegrityError(
+            raise IntegrityFailure(
                 f"the stored data key is {len(wrapped)} bytes long instead of {self._ciphertext_size}: it "
                 "was wrapped by another key pair"
             )
@@ -599,7 +599,7 @@ class Pkcs11KeyProvider:
     async def check(self) -> None:
         probe = secrets.token_bytes(32)
         if await self.unwrap(await self.wrap(probe)) != probe:
-            raise IntegrityError("the token's key does not round-trip a wrapped key")
+            raise IntegrityFailure("the token's key does not round-trip a wrapped key")
 
     async def aclose(self) -> None:
         if self._closed:
@@ -769,7 +769,7 @@ class Pkcs11KeyProvider:
             except pkcs11.PKCS11Error as exc:
                 name = type(exc).__name__
                 if name in _BAD_CIPHERTEXT or (name not in _GONE and self._probe_works()):
-                    raise IntegrityError(
+                    raise IntegrityFailure(
                         "the stored data key does not unwrap with the token's private key: it was wrapped "
                         "by another key pair"
                     ) from None
@@ -794,7 +794,7 @@ async def open(settings: Settings, *, transfer: bool = False) -> Pkcs11KeyProvid
     """Check the settings, load the certificate, log in to the token and prove the key pair, or fail now.
 
     Proving the pair at open turns a certificate that belongs to another key into a start-up error
-    naming the setting, instead of an ``IntegrityError`` on the first login.
+    naming the setting, instead of an ``IntegrityFailure`` on the first login.
     """
     prefix = "transferTo.rsaKey" if transfer else "rsaKey"
     rsa_settings = settings.transfer_to.rsa_key if transfer else settings.rsa_key

@@ -38,7 +38,7 @@ from keyconnector.certificates import check_key_size
 from keyconnector.certificates.vault import VaultApi, server_url
 from keyconnector.errors import (
     ConfigurationError,
-    IntegrityError,
+    IntegrityFailure,
     KeyConnectorError,
     UnavailableError,
     setting_name,
@@ -373,7 +373,7 @@ class VaultTransitKeyProvider:
         # decryption fails (a ciphertext of another RSA key): both mean the stored value is not ours.
         refused = (status == 400 and "not found" not in message) or (status == 500 and "decrypt" in message)
         if operation == "decrypt" and refused:
-            return IntegrityError(
+            return IntegrityFailure(
                 f"Vault transit key '{self._target.key}' does not decrypt the stored data key ({message}): "
                 "it was wrapped by another key"
             )
@@ -399,7 +399,7 @@ class VaultTransitKeyProvider:
         except UnicodeDecodeError:
             ciphertext = ""
         if not ciphertext.startswith(CIPHERTEXT_PREFIX):
-            raise IntegrityError(
+            raise IntegrityFailure(
                 "the stored data key is not a Vault transit ciphertext (vault:vN:...): "
                 "it was wrapped by another key provider"
             )
@@ -412,12 +412,14 @@ class VaultTransitKeyProvider:
         try:
             return base64.b64decode(response["data"]["plaintext"], validate=True)
         except (binascii.Error, KeyError, TypeError):
-            raise IntegrityError("Vault's transit decrypt answered without a base64 plaintext") from None
+            raise IntegrityFailure("Vault's transit decrypt answered without a base64 plaintext") from None
 
     async def check(self) -> None:
         probe = secrets.token_bytes(32)
         if await self.unwrap(await self.wrap(probe)) != probe:
-            raise IntegrityError(f"Vault transit key '{self._target.key}' does not round-trip a wrapped key")
+            raise IntegrityFailure(
+                f"Vault transit key '{self._target.key}' does not round-trip a wrapped key"
+            )
 
     async def aclose(self) -> None:
         """Revoke an AppRole token (each start logs in anew; this keeps Vault's token store small)."""

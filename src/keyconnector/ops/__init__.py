@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from keyconnector.crypto import KeySet
+from keyconnector.crypto import DataKeys
 from keyconnector.datakeys import (
     KeyRing,
     NotAdopted,
@@ -88,7 +88,7 @@ class Side:
     database_prefix: str
     repository: Repository
     provider: KeyProvider
-    keys: KeySet
+    keys: DataKeys
     ring: KeyRing
     adopted: str | None = None
     """Without ``create``: set when the database holds no authenticated ring yet (what ``serve`` would
@@ -137,7 +137,7 @@ async def open_side(
             keys, ring = await load_key_set(repository, provider, accept_legacy_when_new=write_legacy)
             if write_legacy and not ring.accept_legacy:
                 ring = await accept_unbound_records(repository, provider, ring)
-                keys = KeySet(keys.keys, keys.current, accept_legacy=True)
+                keys = DataKeys(keys.keys, keys.current, accept_legacy=True)
         else:
             # The pinned anchor is the deployment's own, not the transfer target's.
             trust = RingTrust(anchor=None if transfer else settings.key_ring_anchor)

@@ -95,7 +95,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from uuid import UUID
 
 from keyconnector import logs
-from keyconnector.crypto import DataKey, KeySet
+from keyconnector.crypto import DataKey, DataKeys
 from keyconnector.datakeys import FORMAT as RING_FORMAT
 from keyconnector.datakeys import (
     UNADOPTED_RING,
@@ -111,7 +111,7 @@ from keyconnector.datakeys import (
     save_ring,
     wrap_for,
 )
-from keyconnector.errors import IntegrityError, KeyConnectorError, StorageError, UsageError
+from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError, UsageError
 from keyconnector.keys import KeyProvider, open_key_provider
 from keyconnector.ops import OperationFailed, Subcommands, add_settings_arguments, load_settings_from
 from keyconnector.progress import Progress
@@ -737,7 +737,9 @@ class _BackupFile:
         with self.read() as reader:
             return reader.contents.header
 
-    def check(self, batch_size: int, keys: KeySet | None, *, decrypt: bool) -> tuple[_Contents, _Decryption]:
+    def check(
+        self, batch_size: int, keys: DataKeys | None, *, decrypt: bool
+    ) -> tuple[_Contents, _Decryption]:
         """Read the whole file and return what it holds; with ``decrypt``, open every record with ``keys``
         (None: the backup holds no data key, so every record that has a key fails)."""
         decryption = _Decryption()
@@ -757,7 +759,7 @@ class _Decryption:
     without_key: int = 0
     failed: list[UUID] = field(default_factory=list)
 
-    def add(self, records: list[UserKeyRecord], keys: KeySet | None) -> None:
+    def add(self, records: list[UserKeyRecord], keys: DataKeys | None) -> None:
         for record in records:
             if record.key is None:
                 self.without_key += 1
@@ -925,7 +927,7 @@ def _publish(temp: Path, output: Path, force: bool) -> None:
 class _BackupKeys:
     """The backup's data keys as the configured key pair unwraps them."""
 
-    keys: KeySet | None
+    keys: DataKeys | None
     """None when the backup holds no data key at all."""
     ring: KeyRing | None
     """The backup's key ring, authenticated (``auth_key`` set); None for a ring of the earlier,
@@ -948,13 +950,13 @@ async def _open_backup_keys(header: _Header, provider: KeyProvider, backup: _Bac
                     f"{backup.path} is forged or damaged: its header names key ring anchor {header.anchor}, "
                     f"but its key ring authenticates as {ring.anchor}; nothing was written"
                 )
-            return _BackupKeys(KeySet(keys, ring.current, accept_legacy=ring.accept_legacy), ring)
+            return _BackupKeys(DataKeys(keys, ring.current, accept_legacy=ring.accept_legacy), ring)
     if backup.format >= 2:
         raise BackupError(f"{backup.path} is damaged: it holds no authenticated key ring")
     return _BackupKeys(await _backup_keys(header, provider), None)
 
 
-async def _backup_keys(header: _Header, provider: KeyProvider) -> KeySet | None:
+async def _backup_keys(header: _Header, provider: KeyProvider) -> DataKeys | None:
     """The data keys of a backup whose ring is of the earlier format (or absent): ``datakeys.wrap_for``,
     with the backup's ``ApplicationDatas`` wrap. None when it holds no data key."""
     if header.data_key is None and header.key_ring is None:
@@ -964,14 +966,14 @@ async def _backup_keys(header: _Header, provider: KeyProvider) -> KeySet | None:
     for number in ring.active:
         try:
             wrapped = wrap_for(ring, number, provider, header.data_key)
-        except IntegrityError as exc:
-            raise IntegrityError(f"in the backup: {exc}") from None
+        except IntegrityFailure as exc:
+            raise IntegrityFailure(f"in the backup: {exc}") from None
         try:
             blob = base64.b64decode(wrapped, validate=True)
         except (binascii.Error, ValueError):
             raise BackupError(f"the backup's wrap of data key version {number} is not base64") from None
         keys[number] = DataKey(await provider.unwrap(blob), number)
-    return KeySet(keys, ring.current)
+    return DataKeys(keys, ring.current)
 
 
 def _check_file_format(backup: _BackupFile, options: _RestoreOptions) -> str | None:
@@ -1313,7 +1315,7 @@ async def _restore_ring(
 
 async def _restored_keys(
     repository: Repository, provider: KeyProvider, header: _Header, opened: _BackupKeys
-) -> KeySet | None:
+) -> DataKeys | None:
     """The keys the database now gives, proving its ring is the backup's (by content, for an
     authenticated ring: the revision and MAC are the target's)."""
     if opened.ring is not None:

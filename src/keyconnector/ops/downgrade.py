@@ -78,7 +78,7 @@ from keyconnector.datakeys import (
     unwrap_raw,
     wrap_checked,
 )
-from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError
+from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError
 from keyconnector.keys import KeyProvider
 from keyconnector.ops import (
     OperationFailed,
@@ -235,7 +235,7 @@ async def _opens_to(provider: KeyProvider, wrapped: str | None, raw: bytes) -> b
         return False
     try:
         return hmac.compare_digest(await provider.unwrap(base64.b64decode(wrapped, validate=True)), raw)
-    except (IntegrityError, binascii.Error, ValueError):
+    except (IntegrityFailure, binascii.Error, ValueError):
         return False
 
 
@@ -392,11 +392,11 @@ async def verify_as_upstream(
     failed: dict[UUID, str] = {}
     wrapped = await repository.get_wrapped_data_key()
     if wrapped is None:
-        raise IntegrityError("ApplicationDatas holds no data key: upstream would make a new one")
+        raise IntegrityFailure("ApplicationDatas holds no data key: upstream would make a new one")
     try:
         blob = base64.b64decode(wrapped, validate=True)
     except (binascii.Error, ValueError):
-        raise IntegrityError("the data key in ApplicationDatas is not valid base64") from None
+        raise IntegrityFailure("the data key in ApplicationDatas is not valid base64") from None
     key = DataKey(await provider.unwrap(blob), LEGACY_VERSION)
     verified = 0
     with Progress("verifying as upstream would read", await repository.count_records()) as progress:
@@ -409,7 +409,7 @@ async def verify_as_upstream(
                     continue
                 try:
                     key.open(record.key)
-                except IntegrityError as exc:
+                except IntegrityFailure as exc:
                     failed[record.user_id] = str(exc)
                     continue
                 verified += 1

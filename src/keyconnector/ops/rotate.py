@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import TextIO
 from uuid import UUID
 
-from keyconnector.crypto import KeySet, record_version
+from keyconnector.crypto import DataKeys, record_version
 from keyconnector.datakeys import (
     KeyRing,
     add_key_pair,
@@ -44,7 +44,7 @@ from keyconnector.datakeys import (
     retire_versions,
     start_data_key_version,
 )
-from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError, UsageError
+from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UsageError
 from keyconnector.keys import KeyProvider, open_key_provider
 from keyconnector.ops import (
     OperationFailed,
@@ -410,7 +410,7 @@ Rewrite = Callable[[str, int, bytes, UUID], str | None]
 
 async def _pass(
     repository: Repository,
-    keys: KeySet,
+    keys: DataKeys,
     batch_size: int,
     max_rate: float | None,
     number: int,
@@ -440,14 +440,14 @@ async def _pass(
                     continue
                 try:
                     version = record_version(record.key)
-                except IntegrityError as exc:
+                except IntegrityFailure as exc:
                     result.unreadable_format = True
                     result.failed[record.user_id] = str(exc)
                     continue
                 result.in_use.add(version)
                 try:
                     plaintext = keys.open(record.key, record.user_id)
-                except IntegrityError as exc:
+                except IntegrityFailure as exc:
                     result.failed[record.user_id] = str(exc)
                     continue
                 result.opened += 1

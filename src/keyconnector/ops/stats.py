@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from keyconnector.crypto import LEGACY_VERSION, is_legacy, record_version
 from keyconnector.datakeys import KeyRing, NotAdopted, RingTrust, open_ring, read_ring
-from keyconnector.errors import IntegrityError, KeyConnectorError, StorageError
+from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError
 from keyconnector.keys import open_key_provider
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
 from keyconnector.settings import DatabaseSettings, Settings
@@ -102,7 +102,7 @@ def _bucket(last_access: datetime | None, now: datetime) -> str:
 def _version_of(record: str) -> str:
     try:
         return str(record_version(record))
-    except IntegrityError:
+    except IntegrityFailure:
         return UNKNOWN
 
 
@@ -185,7 +185,7 @@ async def authenticate_ring(repository: Repository, settings: Settings) -> str:
         )
     except NotAdopted as exc:
         return f"none yet: {exc}"
-    except IntegrityError as exc:
+    except IntegrityFailure as exc:
         return f"refused: {exc}"
     except KeyConnectorError as exc:
         return f"not checked: {exc}"

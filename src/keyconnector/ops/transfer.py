@@ -24,8 +24,8 @@ from typing import TypeVar
 from uuid import UUID
 
 from keyconnector import logs
-from keyconnector.crypto import KeySet
-from keyconnector.errors import ConfigurationError, IntegrityError, KeyConnectorError, UsageError
+from keyconnector.crypto import DataKeys
+from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UsageError
 from keyconnector.keys import open_key_provider
 from keyconnector.ops import (
     OperationFailed,
@@ -170,13 +170,13 @@ async def _read_ahead(batches: AsyncIterator[list[UserKeyRecord]]) -> AsyncItera
             await asyncio.gather(pending, return_exceptions=True)
 
 
-def _open_record(keys: KeySet, record: UserKeyRecord) -> bytes | None:
-    """The user's key in clear (None for a row without one); raises ``IntegrityError``."""
+def _open_record(keys: DataKeys, record: UserKeyRecord) -> bytes | None:
+    """The user's key in clear (None for a row without one); raises ``IntegrityFailure``."""
     return None if record.key is None else keys.open(record.key, record.user_id)
 
 
 def _reseal(
-    batch: list[UserKeyRecord], source: KeySet, target: KeySet | None, result: TransferResult
+    batch: list[UserKeyRecord], source: DataKeys, target: DataKeys | None, result: TransferResult
 ) -> list[UserKeyRecord]:
     """The batch opened with the source's keys and sealed with the target's (opened only, when
     ``target`` is None); a record that does not open is counted as failed and left out."""
@@ -189,7 +189,7 @@ def _reseal(
         user_id = record.user_id
         try:
             plaintext = source.open(record.key, user_id)
-        except IntegrityError as exc:
+        except IntegrityFailure as exc:
             log.warning("user %s: the source record does not open: %s", user_id, exc)
             result.failed.append(user_id)
             continue
@@ -253,7 +253,7 @@ async def verify_copy(source: Side, target: Side, result: TransferResult, batch_
     def check(user_id: UUID, plaintext: bytes | None, record: UserKeyRecord) -> None:
         try:
             ok = _open_record(target.keys, record) == plaintext
-        except IntegrityError as exc:
+        except IntegrityFailure as exc:
             log.warning("user %s: the target record does not open: %s", user_id, exc)
             ok = False
         if ok:
@@ -277,7 +277,7 @@ async def verify_copy(source: Side, target: Side, result: TransferResult, batch_
                     continue
                 try:
                     plaintext = _open_record(source.keys, record)
-                except IntegrityError as exc:
+                except IntegrityFailure as exc:
                     log.warning("user %s: the source record no longer opens: %s", record.user_id, exc)
                     mismatched.append(record.user_id)
                     continue
