@@ -2,8 +2,9 @@
 
 One module per command family, each exposing ``add_commands(commands)`` to register its
 sub-commands on the ``keyconnector`` parser (``OPERATIONS`` lists them). What they share lives
-here: opening one side of an operation (a database with its key pair and data keys), loading the
-settings of a second deployment, and the error that lists the records that failed.
+here: opening one side of an operation (a database with its key pair and data keys, through
+``assemble.open_core`` like ``serve`` and ``check``), loading the settings of a second deployment,
+and the error that lists the records that failed.
 
 Every operation is safe to interrupt and run again: each batch is one transaction, writes are
 upserts or compare-and-swaps, and the final state is verified, not assumed.
