@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keyconnector.datakeys import NotAdopted, RingRefused, RingTrust, open_ring
+from keyconnector.assemble import database_of, load_data_keys, open_database, open_key_pair
+from keyconnector.datakeys import NotAdopted, RingRefused
 from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_name
-from keyconnector.keys import KeyProvider, open_key_provider
+from keyconnector.keys import KeyProvider
 from keyconnector.settings import DatabaseSettings, LoadedSettings, Settings, identity_server_uri
-from keyconnector.storage import Repository, inspect, open_repository
+from keyconnector.storage import Repository, inspect
 from keyconnector.tls import Trust
 
 
@@ -55,7 +56,8 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
 
     provider: KeyProvider | None = None
     try:
-        provider = await open_key_provider(settings)
+        # The assembly's steps, one line each (``assemble.open_core`` would stop at the first failure).
+        provider = await open_key_pair(settings, checked=False)
         await provider.check()
         results.append(CheckResult("key pair", True, f"{provider.description}; a wrapped key round-trips"))
     except KeyConnectorError as exc:
@@ -63,7 +65,9 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
 
     if provider is not None and has_data:
         try:
-            repository = await open_repository(settings.database, trust=Trust.from_settings(settings))
+            repository = await open_database(
+                *database_of(settings), create=False, trust=Trust.from_settings(settings)
+            )
             results += await _check_data_keys(repository, provider, settings)
         except KeyConnectorError as exc:
             results.append(CheckResult("data key", False, str(exc)))
@@ -121,18 +125,17 @@ async def _check_data_keys(
 ) -> list[CheckResult]:
     """The data keys as ``serve`` would load them: through the authenticated key ring, read-only.
 
-    The same code path as the service (``datakeys.open_ring``), so that ``check`` cannot contradict
-    ``serve`` (during a key-pair rotation, say, when ApplicationDatas still holds the old pair's wrap
-    and the new pair's wraps are only in the ring)."""
-    trust = RingTrust(anchor=settings.key_ring_anchor)
+    The same assembly as the service and the operations (``assemble.load_data_keys``), so that
+    ``check`` cannot contradict ``serve`` (during a key-pair rotation, say, when ApplicationDatas
+    still holds the old pair's wrap and the new pair's wraps are only in the ring)."""
     try:
-        opened = await open_ring(repository, provider, trust=trust, adopt=False)
+        opened = await load_data_keys(repository, provider, settings, read_only=True)
     except NotAdopted as exc:
         return [CheckResult("data key", True, str(exc))]
     except RingRefused as exc:
         return [CheckResult("key ring", False, str(exc))]
     ring = opened.ring
-    versions = ", ".join(str(number) for number in sorted(opened.keys))
+    versions = ", ".join(str(number) for number in sorted(opened.keys.keys))
     keys = CheckResult(
         "data key",
         True,

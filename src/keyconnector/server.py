@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from keyconnector.datakeys import RingRefused, RingTrust, load_key_set
+from keyconnector.assemble import open_core
+from keyconnector.datakeys import RingRefused
 from keyconnector.errors import UnavailableError, UsageError
 from keyconnector.http.drain import DRAIN_DIR_ENV, FLAG, idle_marker
-from keyconnector.keys import open_key_provider
 from keyconnector.permissions import warn_loose_permissions
 from keyconnector.settings import CONFIG_FILE_ENV, Settings, identity_server_uri
-from keyconnector.storage import migrate, open_repository, warn_insecure_transport
+from keyconnector.storage import migrate, warn_insecure_transport
 from keyconnector.telemetry import tracing
 from keyconnector.tls import Trust
 
@@ -81,22 +81,14 @@ def migrate_with_retries(settings: Settings, attempts: int = MIGRATION_ATTEMPTS)
 
 
 async def _prepare_data_key(settings: Settings) -> None:
-    repository = await open_repository(settings.database, trust=Trust.from_settings(settings))
-    try:
-        provider = await open_key_provider(settings)
-        try:
-            # Creates data key version 1 and its authenticated ring if there are none, or adopts
-            # what an earlier version or upstream left.
-            await load_key_set(
-                repository,
-                provider,
-                RingTrust(anchor=settings.key_ring_anchor),
-                accept_legacy_when_new=settings.compat.write_legacy_format,
-            )
-        finally:
-            await provider.aclose()
-    finally:
-        await repository.aclose()
+    """Adopt what an earlier version or upstream left, or make data key version 1 and its
+    authenticated ring: once, here, so that the workers start on a prepared database.
+
+    The schema is already migrated (``migrate_with_retries``, which waits for a database still
+    coming up); ``create`` migrates again, a no-op by then, so that this is the same assembly the
+    operations use (``assemble.open_core``)."""
+    core = await open_core(settings, create=True)
+    await core.aclose()
 
 
 def preflight(settings: Settings) -> None:

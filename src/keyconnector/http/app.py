@@ -20,6 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from keyconnector import logs
+from keyconnector.assemble import open_core
 from keyconnector.audit import open_audit
 from keyconnector.audit.chain import KEY_PURPOSE
 from keyconnector.auth import TokenValidator
@@ -29,10 +30,10 @@ from keyconnector.http.drain import DrainLayer
 from keyconnector.http.middleware import RequestMiddleware
 from keyconnector.http.responses import message
 from keyconnector.http.state import Services
-from keyconnector.keys import open_key_provider
+from keyconnector.keys import KeyProvider
 from keyconnector.service import KeyService
 from keyconnector.settings import Settings, identity_server_uri, load_settings
-from keyconnector.storage import open_repository
+from keyconnector.storage import Repository
 from keyconnector.telemetry import metrics, tracing
 from keyconnector.tls import Trust
 
@@ -42,21 +43,24 @@ log = logging.getLogger("keyconnector")
 async def build_services(settings: Settings) -> Services:
     uri = identity_server_uri(settings)
     audit = open_audit(settings)
-    trust = Trust.from_settings(settings)
-    repository = await open_repository(settings.database, trust=trust)
     try:
-        provider = await open_key_provider(settings, tolerate_outage=True)
+        # The assembly every command uses, with what a worker differs in: the schema was migrated by
+        # the pre-flight (no ``create``); a key provider outage must not stop the worker
+        # (``tolerate_outage``), so the data keys are not loaded here but by KeyService, lazily and
+        # again until the provider is back, answering 503 meanwhile.
+        core = await open_core(settings, tolerate_outage=True)
     except BaseException:
-        await repository.aclose()
         await audit.aclose()
         raise
+    repository: Repository = core.repository
+    provider: KeyProvider = core.provider
     # The same wrappers time the calls for metrics and open the child spans of a trace.
     if settings.metrics.enabled or settings.tracing.enabled:
         repository = metrics.InstrumentedRepository(repository, settings.database.provider)
         provider = metrics.InstrumentedKeyProvider(
             provider, settings.rsa_key.provider if settings.rsa_key else "unknown"
         )
-    validator = TokenValidator(uri, verify=trust)
+    validator = TokenValidator(uri, verify=Trust.from_settings(settings))
     keys = KeyService(
         repository,
         provider,

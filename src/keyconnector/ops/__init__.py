@@ -2,8 +2,9 @@
 
 One module per command family, each exposing ``add_commands(commands)`` to register its
 sub-commands on the ``keyconnector`` parser (``OPERATIONS`` lists them). What they share lives
-here: opening one side of an operation (a database with its key pair and data keys), loading the
-settings of a second deployment, and the error that lists the records that failed.
+here: opening one side of an operation (a database with its key pair and data keys, through
+``assemble.open_core`` like ``serve`` and ``check``), loading the settings of a second deployment,
+and the error that lists the records that failed.
 
 Every operation is safe to interrupt and run again: each batch is one transaction, writes are
 upserts or compare-and-swaps, and the final state is verified, not assumed.
@@ -13,24 +14,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from keyconnector.crypto import DataKeys
-from keyconnector.datakeys import (
-    KeyRing,
-    NotAdopted,
-    RingTrust,
-    accept_unbound_records,
-    load_key_set,
-    open_ring,
-)
-from keyconnector.errors import ConfigurationError, KeyConnectorError, StorageError
-from keyconnector.keys import KeyProvider, open_key_provider
-from keyconnector.settings import DatabaseSettings, LoadedSettings, Settings, load_with_env_file
-from keyconnector.storage import Repository, migrate, open_repository
-from keyconnector.tls import Trust
+from keyconnector.assemble import Side, open_core
+from keyconnector.errors import KeyConnectorError
+from keyconnector.settings import LoadedSettings, Settings, load_with_env_file
+
+__all__ = [
+    "OPERATIONS",
+    "OperationFailed",
+    "Side",
+    "Subcommands",
+    "add_commands",
+    "add_settings_arguments",
+    "load_settings_from",
+    "load_target_settings",
+    "open_side",
+]
 
 OPERATIONS: list[str] = [
     "keyconnector.ops.transfer",
@@ -78,82 +79,18 @@ def load_target_settings(args: argparse.Namespace) -> Settings | None:
     return load_with_env_file(env_file, config, isolated=True).settings
 
 
-@dataclass
-class Side:
-    """One deployment's data as an operation sees it: database, key pair, data keys."""
-
-    name: str
-    """``source`` or ``target``: used in messages."""
-    database: DatabaseSettings
-    database_prefix: str
-    repository: Repository
-    provider: KeyProvider
-    keys: DataKeys
-    ring: KeyRing
-    adopted: str | None = None
-    """Without ``create``: set when the database holds no authenticated ring yet (what ``serve`` would
-    adopt); ``ring`` is then only that proposal, and its authentication key exists nowhere else."""
-
-    @property
-    def trust(self) -> RingTrust:
-        """What this side trusted when it opened: a later ring must carry the same authentication."""
-        return RingTrust(self.ring.auth_key, self.ring.revision)
-
-    async def aclose(self) -> None:
-        try:
-            await self.provider.aclose()
-        finally:
-            await self.repository.aclose()
-
-
 async def open_side(
     settings: Settings, *, transfer: bool = False, name: str = "source", create: bool = True
 ) -> Side:
     """Open ``settings``' database and key pair (``transferTo`` ones with ``transfer``).
 
-    The key pair is opened and checked (a real round trip) before the database is touched, so a
-    wrong target key provider fails before anything is written. With ``create``, the schema is
-    migrated and data key version 1 made if absent, as ``serve`` would; without it, nothing is
-    written and a database without a data key is an error.
+    ``assemble.open_core``, the one assembly ``serve`` and ``check`` use too: the key pair is
+    opened and checked before the database is touched, so a wrong target key provider fails before
+    anything is written. With ``create``, the schema is migrated and data key version 1 made if
+    absent, as ``serve`` would; without it, nothing is written and a database without a data key is
+    an error.
     """
-    database = settings.transfer_to.database if transfer else settings.database
-    prefix = "transferTo.database" if transfer else "database"
-    if database is None:
-        raise ConfigurationError(f"{prefix}.provider", "is not set")
-    provider = await open_key_provider(settings, transfer=transfer)
-    try:
-        await provider.check()
-        if create:
-            migrate(database, prefix, trust=Trust.from_settings(settings))
-        repository = await open_repository(database, prefix, trust=Trust.from_settings(settings))
-    except BaseException:
-        await provider.aclose()
-        raise
-    write_legacy = settings.compat.write_legacy_format
-    adopted: str | None = None
-    try:
-        if create:
-            # Makes data key version 1 and the authenticated ring if there are none (as serve would).
-            keys, ring = await load_key_set(repository, provider, accept_legacy_when_new=write_legacy)
-            if write_legacy and not ring.accept_legacy:
-                ring = await accept_unbound_records(repository, provider, ring)
-                keys = DataKeys(keys.keys, keys.current, accept_legacy=True)
-        else:
-            # The pinned anchor is the deployment's own, not the transfer target's.
-            trust = RingTrust(anchor=None if transfer else settings.key_ring_anchor)
-            try:
-                opened = await open_ring(repository, provider, trust=trust, adopt=False)
-            except NotAdopted:
-                raise StorageError(
-                    f"the {name} database has no data key yet (`keyconnector serve` makes one)"
-                ) from None
-            keys, ring, adopted = opened.key_set(), opened.ring, opened.adopted
-        keys = keys.with_legacy_format(write_legacy)
-    except BaseException:
-        await repository.aclose()
-        await provider.aclose()
-        raise
-    return Side(name, database, prefix, repository, provider, keys, ring, adopted)
+    return await open_core(settings, transfer=transfer, name=name, create=create, read_only=not create)
 
 
 class OperationFailed(KeyConnectorError):
