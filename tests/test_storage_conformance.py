@@ -336,7 +336,7 @@ def test_failed_access_time_writes_never_fail_reads(server_backend: Backend) -> 
             assert await service.get(user) == b"k" * 32
             await service.flush_access()
         assert service.access_write_failures == 3
-        assert user.int in service._pending  # kept for the next try
+        assert user.int in service.access.pending  # kept for the next try
 
     with_repository(server_backend.settings, body)
 

@@ -1,10 +1,10 @@
 """The key service: what the HTTP layer asks for, independent of HTTP.
 
 It owns the unwrapped data keys (unwrapped once per process, then cached; reloaded when the key
-ring changes, e.g. during a data-key rotation) and the access-time batch. Reading a key never
-writes to the database: upstream's read-then-write made every login fail whenever the
-``LastAccessDate`` write failed. Here the times are collected in memory and
-written in one batch every few seconds; a failed batch is logged, counted, kept and retried.
+ring changes, e.g. during a data-key rotation). Reads note their time in an ``AccessTimes`` batch
+(``keyconnector.access``): reading a key never writes to the database. One background task runs
+the periodic work: flushing that batch, retrying the data key while it is unavailable, and looking
+for key-ring changes.
 
 New records are bound to their user (format 2, see ``keyconnector.crypto``) unless
 ``compat.writeLegacyFormat`` asks for upstream's format. A stored record that does not open for the
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from uuid import UUID
 
+from keyconnector.access import AccessTimes
 from keyconnector.crypto import LEGACY_VERSION, DataKeys, LegacyRefusedError, UnknownVersionError
 from keyconnector.datakeys import (
     KeyRing,
@@ -102,12 +103,8 @@ class KeyService:
         self._last_attempt = 0.0
         self._last_error: str | None = None
         self._bootstrap_lock = asyncio.Lock()
-        # user id as an int -> time.time() of the last read. Plain ints and floats, not UUID and
-        # datetime objects: up to a flush interval of logins sits here, and the garbage collector
-        # would otherwise walk all of it in every full collection.
-        self._pending: dict[int, float] = {}
-        self._flusher: asyncio.Task[None] | None = None
-        self.access_write_failures = 0
+        self.access = AccessTimes(repository)
+        self._background: asyncio.Task[None] | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -117,13 +114,13 @@ class KeyService:
             await self._load_data_key()
         except KeyConnectorError as exc:
             log.error("the data key is not available yet: %s", exc)
-        self._flusher = asyncio.create_task(self._flush_loop(), name="keyconnector-access-flush")
+        self._background = asyncio.create_task(self._periodic(), name="keyconnector-key-service")
 
     async def aclose(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-        await self.flush_access()
+        if self._background is not None:
+            self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
+        await self.access.flush()
 
     @property
     def ready(self) -> bool:
@@ -293,7 +290,7 @@ class KeyService:
             plaintext = await self._open(data_key, record, user_id)
         except IntegrityFailure as exc:
             raise RecordIntegrityFailure(user_id, str(exc)) from None
-        self._pending[user_id.int] = time.time()
+        self.access.note(user_id)
         return plaintext
 
     async def create(self, user_id: UUID, key: bytes) -> bool:
@@ -306,26 +303,16 @@ class KeyService:
         data_key = self._sealing_keys(self._data_key or await self.data_key())
         return await self.repository.put_key(user_id, data_key.seal(key, user_id), utcnow())
 
-    # -- access times -------------------------------------------------------------------------
+    # -- the periodic work --------------------------------------------------------------------
+
+    @property
+    def access_write_failures(self) -> int:
+        return self.access.failures
 
     async def flush_access(self) -> None:
-        if not self._pending:
-            return
-        batch, self._pending = self._pending, {}
-        accesses = {
-            UUID(int=user): datetime.fromtimestamp(when, UTC).replace(tzinfo=None)
-            for user, when in batch.items()
-        }
-        try:
-            await self.repository.record_access(accesses)
-        except Exception as exc:
-            # Keep the times for the next round; a newer access wins over the failed one.
-            self.access_write_failures += 1
-            for user, when in batch.items():
-                self._pending.setdefault(user, when)
-            log.warning("could not record %d access times, will retry: %s", len(batch), exc)
+        await self.access.flush()
 
-    async def _flush_loop(self) -> None:
+    async def _periodic(self) -> None:
         """Flush access times and look for key-ring changes, each on its own interval."""
         last_flush = time.monotonic()
         while True:

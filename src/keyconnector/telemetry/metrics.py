@@ -449,8 +449,11 @@ class _TokenCounts(Protocol):
 
 
 class _KeyCounts(Protocol):
-    access_write_failures: int
-    ring_refusals: int
+    @property
+    def access_write_failures(self) -> int: ...
+
+    @property
+    def ring_refusals(self) -> int: ...
 
 
 class _SinkCounts(Protocol):
