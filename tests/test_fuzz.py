@@ -22,7 +22,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.http.openapi import openapi_document
+from keyconnector.http.endpoints import openapi_document
 from tests.conftest import Pfx, Service, base_env
 
 EXAMPLES = int(os.environ.get("KC_FUZZ_EXAMPLES", "60"))

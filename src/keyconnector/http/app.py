@@ -16,7 +16,6 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from keyconnector import logs
@@ -24,7 +23,7 @@ from keyconnector.assemble import open_core
 from keyconnector.audit import open_audit
 from keyconnector.audit.chain import KEY_PURPOSE
 from keyconnector.auth import TokenValidator
-from keyconnector.http import openapi, routes
+from keyconnector.http import endpoints
 from keyconnector.http.cors import CORSMiddleware, allowed_origin
 from keyconnector.http.drain import DrainLayer
 from keyconnector.http.middleware import RequestMiddleware
@@ -135,16 +134,7 @@ def create_app(settings: Settings) -> ASGIApp:
                 await mirror.aclose()  # after the close, so failures of the last flushes count too
 
     app = Starlette(
-        routes=[
-            Route("/user-keys", routes.user_keys, methods=["GET", "POST", "PUT"]),
-            Route("/alive", routes.alive, methods=["GET"]),
-            Route("/now", routes.alive, methods=["GET"]),
-            Route("/health", routes.health, methods=["GET"]),
-            Route("/health/live", routes.health_live, methods=["GET"]),
-            Route("/health/ready", routes.health_ready, methods=["GET"]),
-            Route("/openapi.json", openapi.openapi_endpoint, methods=["GET"]),
-            Route("/metrics", metrics.endpoint(settings), methods=["GET"]),
-        ],
+        routes=endpoints.routes_for(settings),
         exception_handlers={404: _not_found, 405: _method_not_allowed},
         lifespan=lifespan,
     )
@@ -152,7 +142,7 @@ def create_app(settings: Settings) -> ASGIApp:
     # that refused requests are logged with their request id like any other.
     inner: ASGIApp = CORSMiddleware(DrainLayer(app), allowed_origin(settings.web_vault_uri))
     if settings.tracing.enabled:
-        inner = tracing.TracingLayer(inner)
+        inner = tracing.TracingLayer(inner, endpoints.ROUTED_PATHS)
     return RequestMiddleware(inner, rate_limits=settings.rate_limit, metrics=settings.metrics.enabled)
 
 

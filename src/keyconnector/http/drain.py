@@ -11,9 +11,10 @@ marker, or ``shutdown.drainSeconds``, and only then stops the workers.
 
 The folder is the whole protocol (no signals to workers, no shared memory): a worker that is still
 starting, or has just been respawned, cannot be killed by a signal it has no handler for yet, and a
-stat every ``POLL_SECONDS`` costs nothing. ``/health/live`` keeps answering during the drain (the
-process is alive: restarting it now would cut the requests it is finishing); ``/health/ready``
-answers 503 so that the instance leaves the load balancer.
+stat every ``POLL_SECONDS`` costs nothing. Which paths answer during the drain is the endpoint
+table's (``endpoints.Draining``): ``/health/live`` keeps answering (the process is alive: restarting it
+now would cut the requests it is finishing); ``/health/ready`` answers 503 so that the instance leaves
+the load balancer.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from keyconnector.http.endpoints import ANSWERS_WHILE_DRAINING, UNREADY_WHILE_DRAINING
+
 DRAIN_DIR_ENV = "KEYCONNECTOR_DRAIN_DIR"
 """Set by ``server.run`` for its workers: the folder holding the drain flag and the markers."""
 FLAG = "draining"
 POLL_SECONDS = 0.1
-STILL_ALIVE_PATHS = frozenset({"/health/live", "/alive", "/now"})
 
 log = logging.getLogger("keyconnector.http")
 _REFUSAL = json.dumps(
@@ -69,9 +71,9 @@ class DrainLayer:
             await self.app(scope, receive, send)
             return
         if self.draining:
-            if scope["path"] in STILL_ALIVE_PATHS:
+            if scope["path"] in ANSWERS_WHILE_DRAINING:
                 await self.app(scope, receive, send)
-            elif scope["path"] == "/health/ready":
+            elif scope["path"] in UNREADY_WHILE_DRAINING:
                 await self._respond(send, _NOT_READY)
             else:
                 await self._respond(send, _REFUSAL, (b"retry-after", b"1"), (b"connection", b"close"))

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keyconnector import logs
+from keyconnector.http.endpoints import LIMITED_PATHS, ROUTED_PATHS
 from keyconnector.http.ratelimit import RateLimiter, Refusal, client_address
 from keyconnector.logs import access_log
 from keyconnector.settings import RateLimitSettings
@@ -22,8 +23,6 @@ error_log = logging.getLogger("keyconnector.http")
 _SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _SLASHES = re.compile(r"/{2,}")
 _JSON = b"application/json; charset=utf-8"
-LIMITED_PATH = "/user-keys"
-"""The only path with limits: health, alive and now must answer whatever a client does."""
 
 
 def _find_services(app: Any) -> Any | None:
@@ -61,7 +60,7 @@ async def _send_refusal(send: Send, refusal: Refusal, request_id: bytes) -> None
 class RequestMiddleware:
     def __init__(self, app: ASGIApp, rate_limits: RateLimitSettings, *, metrics: bool = True) -> None:
         self.app = app
-        self._metrics = RequestMetrics() if metrics else None
+        self._metrics = RequestMetrics(ROUTED_PATHS) if metrics else None
         limiter = RateLimiter(rate_limits)
         self._limiter = limiter if limiter.enabled or limiter.trusted is not None else None
         self._services: Any | None = None
@@ -100,7 +99,7 @@ class RequestMiddleware:
         scope["keyconnector.client_address"] = address
         status = 500
         started_response = False
-        if limiter is not None and path == LIMITED_PATH and scope["method"] != "OPTIONS":
+        if limiter is not None and path in LIMITED_PATHS and scope["method"] != "OPTIONS":
             refusal = limiter.before_auth(address)
             if refusal is not None:
                 status = 429

@@ -3,13 +3,15 @@
 Why it exists: the fuzzing tests (``tests/test_fuzz.py``, ``make fuzz``) generate requests from it and
 check every answer against it, so it lists every status a client can see and nothing else: a status
 or a body shape the service sends but this document does not name is a failure, and a 500 is never
-documented. Operators can also serve it (``openapi_endpoint``) for API tooling; it holds nothing
-deployment-specific.
+documented. Operators can also fetch it (``GET /openapi.json``) for API tooling; it holds nothing
+deployment-specific. Which paths it describes is the endpoint table's business (``endpoints.py``):
+this module holds what each path item says.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -75,7 +77,11 @@ _WRITE_ERRORS: dict[str, Any] = {
 }
 
 
-def _clock() -> dict[str, Any]:
+# -- the path items, one function per path: the endpoint table (``endpoints.ENDPOINTS``) names them --
+
+
+def clock() -> dict[str, Any]:
+    """``/alive`` and ``/now``."""
     return {
         "get": {
             "summary": "the current UTC time (liveness, the admin console's test button)",
@@ -89,77 +95,90 @@ def _clock() -> dict[str, Any]:
     }
 
 
-def openapi_document() -> dict[str, Any]:
-    """The document, built fresh (callers may change their copy)."""
+def health() -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "whether the key pair works",
+            "responses": {
+                "200": {
+                    "description": "Healthy",
+                    "content": {"text/plain": {"schema": {"type": "string", "enum": ["Healthy"]}}},
+                },
+                "503": {
+                    "description": "Unhealthy",
+                    "content": {"text/plain": {"schema": {"type": "string", "enum": ["Unhealthy"]}}},
+                },
+            },
+        }
+    }
+
+
+def health_live() -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "the process answers (ours)",
+            "responses": {"200": _status_body("alive")},
+        }
+    }
+
+
+def health_ready() -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "every part works (ours)",
+            "responses": {"200": _readiness("ready or degraded"), "503": _readiness("unready")},
+        }
+    }
+
+
+def user_keys() -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "the caller's key",
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": {
+                    "description": "the key",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["key"],
+                                "properties": {"key": {"type": "string", "format": "byte"}},
+                                "additionalProperties": False,
+                            }
+                        }
+                    },
+                },
+                "404": _error("this user has no key"),
+                **_USER_KEY_ERRORS,
+            },
+        },
+        "post": {
+            "summary": "create the caller's key",
+            "security": [{"bearer": []}],
+            "requestBody": _KEY_BODY,
+            "responses": {"200": {"description": "created (empty body)"}, **_WRITE_ERRORS},
+        },
+        "put": {
+            "summary": "create or replace the caller's key",
+            "security": [{"bearer": []}],
+            "requestBody": _KEY_BODY,
+            "responses": {"200": {"description": "stored (empty body)"}, **_WRITE_ERRORS},
+        },
+    }
+
+
+def document(paths: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The document around ``paths`` (path to path item), built fresh (callers may change their copy).
+
+    The paths come from the endpoint table (``endpoints.openapi_document``): a route without a path
+    item there (``/openapi.json``, ``/metrics``) is not part of the described API.
+    """
     return {
         "openapi": "3.0.3",
         "info": {"title": "Key Connector", "version": "1", "description": "Bitwarden Key Connector API"},
-        "paths": {
-            "/alive": _clock(),
-            "/now": _clock(),
-            "/health": {
-                "get": {
-                    "summary": "whether the key pair works",
-                    "responses": {
-                        "200": {
-                            "description": "Healthy",
-                            "content": {"text/plain": {"schema": {"type": "string", "enum": ["Healthy"]}}},
-                        },
-                        "503": {
-                            "description": "Unhealthy",
-                            "content": {"text/plain": {"schema": {"type": "string", "enum": ["Unhealthy"]}}},
-                        },
-                    },
-                }
-            },
-            "/health/live": {
-                "get": {
-                    "summary": "the process answers (ours)",
-                    "responses": {"200": _status_body("alive")},
-                }
-            },
-            "/health/ready": {
-                "get": {
-                    "summary": "every part works (ours)",
-                    "responses": {"200": _readiness("ready or degraded"), "503": _readiness("unready")},
-                }
-            },
-            "/user-keys": {
-                "get": {
-                    "summary": "the caller's key",
-                    "security": [{"bearer": []}],
-                    "responses": {
-                        "200": {
-                            "description": "the key",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "required": ["key"],
-                                        "properties": {"key": {"type": "string", "format": "byte"}},
-                                        "additionalProperties": False,
-                                    }
-                                }
-                            },
-                        },
-                        "404": _error("this user has no key"),
-                        **_USER_KEY_ERRORS,
-                    },
-                },
-                "post": {
-                    "summary": "create the caller's key",
-                    "security": [{"bearer": []}],
-                    "requestBody": _KEY_BODY,
-                    "responses": {"200": {"description": "created (empty body)"}, **_WRITE_ERRORS},
-                },
-                "put": {
-                    "summary": "create or replace the caller's key",
-                    "security": [{"bearer": []}],
-                    "requestBody": _KEY_BODY,
-                    "responses": {"200": {"description": "stored (empty body)"}, **_WRITE_ERRORS},
-                },
-            },
-        },
+        "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
             "schemas": {
@@ -206,9 +225,11 @@ def _readiness(description: str) -> dict[str, Any]:
     }
 
 
-_BODY = json.dumps(openapi_document(), separators=(",", ":")).encode()
+def serve(described: dict[str, Any]) -> Callable[[Request], Awaitable[Response]]:
+    """The ``GET /openapi.json`` handler answering with ``described``, serialised once."""
+    body = json.dumps(described, separators=(",", ":")).encode()
 
+    async def openapi_endpoint(request: Request) -> Response:
+        return Response(body, media_type=JSON)
 
-async def openapi_endpoint(request: Request) -> Response:
-    """``GET /openapi.json`` (optional: add ``Route("/openapi.json", openapi.openapi_endpoint)``)."""
-    return Response(_BODY, media_type=JSON)
+    return openapi_endpoint

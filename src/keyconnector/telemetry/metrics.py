@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import time
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence, Set
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -237,14 +237,16 @@ class RequestMetrics:
     with made-up URLs.
     """
 
-    __slots__ = ("_children", "_durations")
+    __slots__ = ("_children", "_durations", "_routes")
 
-    def __init__(self) -> None:
+    def __init__(self, routes: Set[str]) -> None:
+        """``routes``: the paths that are their own label (the endpoint table's); others are unmatched."""
+        self._routes = routes
         self._children: dict[tuple[str, str, int], tuple[DeferredCounter, DeferredHistogram]] = {}
         self._durations: dict[tuple[str, str], DeferredHistogram] = {}
 
     def record(self, path: str, method: str, status: int, seconds: float) -> None:
-        path, method = route_and_method(path, method)
+        path, method = route_and_method(path, method, self._routes)
         key = (path, method, status)
         children = self._children.get(key)
         if children is None:

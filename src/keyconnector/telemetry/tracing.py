@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Set
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -79,8 +80,10 @@ def tracer() -> Any | None:
 class TracingLayer:
     """One SERVER span per HTTP request, continuing the caller's trace when it sent one."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, routes: Set[str]) -> None:
+        """``routes``: the paths that name their spans (the endpoint table's); others are unmatched."""
         self.app = app
+        self._routes = routes
         trace = _sdk("opentelemetry.trace")
         propagate = _sdk("opentelemetry.propagate")
         self._kind = trace.SpanKind.SERVER
@@ -98,7 +101,7 @@ class TracingLayer:
         if scope["type"] != "http" or current is None:
             await self.app(scope, receive, send)
             return
-        route, method = route_and_method(scope["path"], scope["method"])
+        route, method = route_and_method(scope["path"], scope["method"], self._routes)
         carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
         request_id = scope.get("keyconnector.request_id", b"")
         attributes = {
