@@ -81,7 +81,7 @@ def test_an_endpoint_has_a_handler_or_a_build() -> None:
     async def handler(request: Any) -> Any:
         raise AssertionError
 
-    with pytest.raises(ValueError, match="/x"):
+    with pytest.raises(TypeError, match="/x"):
         Endpoint("/x", ("GET",))
-    with pytest.raises(ValueError, match="/x"):
+    with pytest.raises(TypeError, match="/x"):
         Endpoint("/x", ("GET",), handler, build=lambda settings: handler)

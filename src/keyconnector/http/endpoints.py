@@ -64,13 +64,14 @@ class Endpoint:
 
     def __post_init__(self) -> None:
         if (self.handler is None) == (self.build is None):
-            raise ValueError(f"endpoint {self.path}: give a handler or a build, not both or neither")
+            # A developer's mistake in the table, caught by the tests: TypeError, not an operator message.
+            raise TypeError(f"endpoint {self.path}: give a handler or a build, not both or neither")
 
     def route(self, settings: Settings) -> Route:
         handler = self.handler
         if handler is None:
             if self.build is None:  # refused by __post_init__; for the type checker
-                raise ValueError(f"endpoint {self.path} has no handler")
+                raise TypeError(f"endpoint {self.path} has no handler")
             handler = self.build(settings)
         return Route(self.path, handler, methods=list(self.methods))
 
