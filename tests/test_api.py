@@ -1,4 +1,4 @@
-"""PROTOCOL section 1, row by row, against a running service."""
+"""docs/compatibility.md section 1, row by row, against a running service."""
 
 from __future__ import annotations
 

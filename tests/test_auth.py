@@ -1,8 +1,8 @@
 """Token validation against a real (development) identity server over HTTP.
 
-Every case maps to a line of the compatibility contract (PROTOCOL.md section 2): 401 for anything that
-is not a valid token of this identity server, 403 for a valid token that fails the "Application"
-policy, 503 (UnavailableError) while the keys cannot be had.
+Every case maps to a line of the compatibility contract (docs/compatibility.md section 2): 401 for
+anything that is not a valid token of this identity server, 403 for a valid token that fails the
+"Application" policy, 503 (UnavailableError) while the keys cannot be had.
 """
 
 from __future__ import annotations

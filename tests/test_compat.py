@@ -1,6 +1,6 @@
 """Taking over an upstream deployment: its data reads here, and what we write reads in upstream.
 
-The upstream side is written out independently in this file from PROTOCOL section 3 (plain SQL,
+The upstream side is written out independently in this file from docs/compatibility.md section 3 (plain SQL,
 plain JSON, the cryptography library): none of it goes through the product's own storage or
 crypto code, so a shared mistake cannot hide.
 """

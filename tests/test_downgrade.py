@@ -1,6 +1,6 @@
 """`keyconnector downgrade-records`: moving back to upstream, proven with upstream's own algorithm.
 
-What upstream reads is checked by a reader written here from PROTOCOL.md section 3 and nothing else:
+What upstream reads is checked by a reader written here from docs/compatibility.md section 3 and nothing else:
 ``ApplicationDatas`` unwrapped with the PFX's private key (RSA-OAEP, SHA-1), then each record opened
 as ``base64(ciphertext || tag || nonce)`` with AES-256-GCM and no associated data. It does not use
 the product's crypto or its key ring, so a downgrade that only satisfied our own reader would fail.
@@ -39,7 +39,7 @@ SETTLE = "1.5"
 """Services reload the ring every 0.5 s (on a 0.2 s tick): 1.5 s of settling is plenty."""
 
 
-# -- upstream's reader, from PROTOCOL.md section 3 ---------------------------------------------------------
+# -- upstream's reader, from docs/compatibility.md section 3 -------------------------------------------------
 
 
 def upstream_data_key(backend: Backend, pfx: Pfx) -> bytes:

@@ -162,7 +162,8 @@ def test_no_secret_in_any_log_audit_entry_or_response(
                 label + " (PUT)", "PUT", headers=bearer(label + " (PUT)", token), json=body(refused_key)
             )
             assert put in (401, 403), label
-        # Upstream does not check the audience (PROTOCOL section 2): accepted, and still never logged.
+        # Upstream does not check the audience (docs/compatibility.md section 2): accepted, and still
+        # never logged.
         audience = bearer("token with another audience", issuer.mint(user, extra_claims={"aud": "elsewhere"}))
         assert (
             call("token with another audience", "GET", headers=audience, allowed=frozenset({second_key}))

@@ -130,8 +130,8 @@ def test_upstream_format_is_not_bound_and_upgrade_records_closes_it(
             assert not records[user].startswith("kc:")
             assert upstream_open(data_key(backend, pfx), records[user]) == key
 
-        # Upstream's weakness (PROTOCOL section 5), kept on purpose to document it: the record has no
-        # associated data, so a copy in Bob's row decrypts there and Bob gets ALICE's key.
+        # Upstream's weakness (docs/compatibility.md section 5), kept on purpose to document it: the
+        # record has no associated data, so a copy in Bob's row decrypts there and Bob gets ALICE's key.
         # `upgrade-records` (below) is what closes it.
         overwrite(backend, bob, records[alice])
         assert get(client, issuer, bob).json() == {"key": b64(keys[alice])}

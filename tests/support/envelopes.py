@@ -1,4 +1,4 @@
-"""The record and wrapping formats written out from PROTOCOL section 3, independently of
+"""The record and wrapping formats written out from docs/compatibility.md section 3, independently of
 ``keyconnector.crypto``: if the product's idea of the formats drifted, tests that read and write them
 with the product's own code would drift with it and still pass.
 """
@@ -23,7 +23,7 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-# -- upstream's algorithm, written out from PROTOCOL section 3 -------------------------------------
+# -- upstream's algorithm, written out from docs/compatibility.md section 3 ----------------------------------
 
 
 def upstream_keys(pfx: Pfx) -> tuple[object, object]:

@@ -16,7 +16,8 @@ from typing import Any
 SQLITE_MIGRATION_ID = "20210820155938_InitialCreate"
 PRODUCT_VERSION = "5.0.9"
 
-# What Entity Framework's SQLite provider writes for upstream's first migration (PROTOCOL section 3).
+# What Entity Framework's SQLite provider writes for upstream's first migration
+# (docs/compatibility.md section 3.3).
 SQLITE_DDL: dict[str, str] = {
     "__EFMigrationsHistory": (
         'CREATE TABLE "__EFMigrationsHistory" (\n'

@@ -1,4 +1,5 @@
-"""An OpenAPI 3 description of the API as upstream defines it (PROTOCOL section 1), plus our additions.
+"""An OpenAPI 3 description of the API as upstream defines it (docs/compatibility.md section 1),
+plus our additions.
 
 Why it exists: the fuzzing tests (``tests/test_fuzz.py``, ``make fuzz``) generate requests from it and
 check every answer against it, so it lists every status a client can see and nothing else: a status

@@ -1,4 +1,4 @@
-"""The endpoints of PROTOCOL section 1.
+"""The endpoints of docs/compatibility.md section 1.
 
 ``GET /user-keys`` is the hot path of a login storm: one token check, one indexed read, one
 AES-GCM open, no database write. Bodies are small and read with a hard cap.

@@ -1,7 +1,7 @@
 """``keyconnector upgrade-records``: bind every upstream-format record to its user, online.
 
 Upstream's records carry no associated data, so a record copied into another user's row decrypts
-there (PROTOCOL section 5). Format 2 binds the user id and the data-key version. This command
+there (docs/compatibility.md section 5). Format 2 binds the user id and the data-key version. This command
 rewrites every upstream-format record into format 2 under the same data-key version (version 1:
 the key does not change, only the envelope), while the service keeps serving: it reads either
 format, so a GET during the upgrade gets the same key whichever envelope it finds.

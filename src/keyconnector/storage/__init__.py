@@ -14,7 +14,7 @@ One module per backend (``sqlite``, ``jsonfile``, ``postgresql``, ``mysql`` (MyS
 ``transferTo.database``. ``trust`` is the deployment's trust store (``caCertificatesDirectory``,
 see :mod:`keyconnector.tls`) for TLS to a database server; file backends ignore it.
 
-The request path is ``get_key``: backends keep it free of ORM layers (see PERFORMANCE-NOTES). The
+The request path is ``get_key``: backends keep it free of ORM layers (see docs/performance.md section 1). The
 access time is not written on that path at all: the service batches it into ``record_access``.
 """
 

@@ -4,7 +4,7 @@ Why it looks the way it does:
 
 - The request path is asyncpg, raw SQL: asyncpg prepares each statement once per connection and
   caches it, so ``get_key`` is one Bind/Execute round trip on a pooled connection. SQLAlchemy's async
-  layer would cost several times the query (PERFORMANCE-NOTES.md); it is used only for migrations and
+  layer would cost several times the query (docs/performance.md section 1); it is used only for migrations and
   ``inspect``, synchronously, with psycopg 3.
 - Every write is a single statement that is atomic on its own (``INSERT ... ON CONFLICT``, an
   ``UPDATE ... FROM unnest(...)``), so concurrent writers in any number of processes need no explicit

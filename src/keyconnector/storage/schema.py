@@ -2,8 +2,8 @@
 
 An operator must be able to point keyconnector at the database the .NET service created, and to go
 back to the .NET service later. So the tables are not "ours": they are exactly what upstream's first
-Entity Framework migration makes on each database (PROTOCOL.md section 3), down to the column types,
-the primary-key constraint names and the ``__EFMigrationsHistory`` row that stops Entity Framework from
+Entity Framework migration makes on each database (docs/compatibility.md section 3.3), down to the column
+types, the primary-key constraint names and the ``__EFMigrationsHistory`` row that stops Entity Framework from
 trying to create the tables a second time. One ``MetaData`` serves SQLite, PostgreSQL, MySQL/MariaDB and
 SQL Server; per-dialect types pick what Entity Framework's provider for that database would have used.
 

@@ -8,7 +8,7 @@
   bounded number of times with jittered exponential backoff inside a small time budget, then surface as
   ``UnavailableError`` (503 with ``Retry-After``). Nothing is retried forever and nothing hangs.
 - Migrations and ``inspect`` run through SQLAlchemy with a synchronous driver; the request path never
-  does (PERFORMANCE-NOTES: its async layer costs several times the query).
+  does (docs/performance.md section 4: its async layer costs several times the query).
 
 Pool size: ``database__poolSize`` (default 10) is the size of each worker process's pool. When the
 connection string itself says ``Maximum Pool Size``, that wins: it is the more specific setting, the

@@ -1,6 +1,6 @@
 """SQLite backend: upstream's database file, shared by several worker processes.
 
-Why it looks the way it does (PERFORMANCE-NOTES.md):
+Why it looks the way it does (docs/performance.md sections 1 and 4):
 
 - ``get_key`` runs one ``SELECT`` with the standard ``sqlite3`` module straight on the event loop. In
   WAL mode a reader never waits for a writer, so the call costs microseconds; handing it to a thread

@@ -6,7 +6,7 @@ Why it looks the way it does:
   is all an operator needs (no ODBC driver manager, no Microsoft ODBC driver). SQLAlchemy supports it
   (``mssql+pymssql``) for migrations and ``inspect``. It is a blocking driver, so the repository runs
   each operation on a thread of its own pool, one connection per thread at most: the ~100 us of a
-  thread hop is paid on this backend only (PERFORMANCE-NOTES.md).
+  thread hop is paid on this backend only (docs/performance.md section 1).
 - Writes are single statements, atomic on their own, as on MySQL: "create unless a key exists" is an
   ``INSERT`` that succeeds or hits the primary key, then an ``UPDATE ... WHERE Key IS NULL``. The data
   key is one T-SQL batch that takes an application lock (``sp_getapplock``) owned by its transaction.
