@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import secrets
 import signal
 import socket
@@ -212,13 +213,28 @@ class Load:
             await asyncio.gather(*(worker(client) for _ in range(CLIENTS)))
 
 
+def _wait_until_group_gone(group: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.005)
+
+
 async def load_and_kill(load: Load, victim: Service) -> float:
     """Run the load, SIGKILL ``victim`` once ``KILL_AFTER`` requests completed; returns when it was dead."""
     killed_at: list[float] = []
 
     async def killer() -> None:
         await load.kill_due.wait()
+        assert victim.process is not None
+        group = victim.process.pid
         await asyncio.to_thread(victim.stop, signal.SIGKILL)
+        # The kernel completes TCP handshakes on a listening socket until the last process holding
+        # it is gone: the workers of the group may outlive the reaped main process by a moment.
+        await asyncio.to_thread(_wait_until_group_gone, group)
         killed_at.append(time.monotonic())
 
     kill_task = asyncio.create_task(killer())

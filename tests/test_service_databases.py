@@ -97,7 +97,15 @@ def test_serve_waits_for_a_database_that_is_still_coming_up(
 
         thread = threading.Thread(target=start)
         thread.start()
-        time.sleep(3)
+        # Start the database only once the service has found it missing (a loaded machine can take
+        # seconds just to import and reach the first attempt).
+        deadline = time.monotonic() + 60
+        log = tmp_path / "service-0.log"
+        while time.monotonic() < deadline and "database not reachable" not in (
+            log.read_text(errors="replace") if log.exists() else ""
+        ):
+            assert thread.is_alive(), outcome
+            time.sleep(0.2)
         assert thread.is_alive(), outcome
         server.start()
         thread.join(timeout=60)

@@ -193,7 +193,7 @@ def test_upgrade_records_under_load_killed_and_resumed(
     try:
         load.wait_for(20)
         kill_midway(
-            [*UPGRADE, "--batch-size", "100", "--max-rate", "2000"],
+            [*UPGRADE, "--batch-size", "100", "--max-rate", "800"],
             site.env,
             lambda: count_version(backend, 1) >= 400,
             "a fifth of the records were done",
