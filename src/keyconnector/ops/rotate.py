@@ -35,6 +35,7 @@ from datetime import datetime
 from typing import TextIO
 from uuid import UUID
 
+from keyconnector.assemble import open_key_pair
 from keyconnector.crypto import DataKeys, record_version
 from keyconnector.datakeys import (
     KeyRing,
@@ -163,13 +164,7 @@ async def open_new_key_pair(settings: Settings, target: Settings | None) -> KeyP
             "is not set: name the new key pair with --target-env-file, --target-config or the "
             "transferTo__rsaKey__* and transferTo__certificate__* settings",
         )
-    provider = await open_key_provider(target or settings, transfer=target is None)
-    try:
-        await provider.check()
-    except BaseException:
-        await provider.aclose()
-        raise
-    return provider
+    return await open_key_pair(target or settings, transfer=target is None)
 
 
 async def rotate_key_pair(settings: Settings, target: Settings | None, out: TextIO) -> list[int]:
