@@ -84,10 +84,10 @@ async def _prepare_data_key(settings: Settings) -> None:
     """Adopt what an earlier version or upstream left, or make data key version 1 and its
     authenticated ring: once, here, so that the workers start on a prepared database.
 
-    The schema is already migrated (``migrate_with_retries``, which waits for a database still
-    coming up); ``create`` migrates again, a no-op by then, so that this is the same assembly the
-    operations use (``assemble.open_core``)."""
-    core = await open_core(settings, create=True)
+    The same assembly the operations use (``assemble.open_core``), without its ``create``: the
+    schema was migrated just before, by ``migrate_with_retries`` (which waits for a database still
+    coming up), and a second Alembic run at every start would only repeat it."""
+    core = await open_core(settings)
     await core.aclose()
 
 
