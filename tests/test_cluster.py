@@ -25,8 +25,8 @@ import sqlite3
 import struct
 import threading
 import time
-import warnings
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
