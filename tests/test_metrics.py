@@ -72,12 +72,31 @@ def per_worker(folder: Path, tmp: Path) -> dict[str, Samples]:
     for file in folder.glob("counter_*.db"):
         pid = file.stem.removeprefix("counter_")
         alone = tmp / f"worker-{pid}"
-        alone.mkdir()
+        alone.mkdir(parents=True)
         shutil.copy(file, alone / file.name)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
         found[pid] = [(s.name, dict(s.labels), s.value) for m in registry.collect() for s in m.samples]
     return found
+
+
+def both_workers_listening(service: Service, folder: Path, tmp: Path, seconds: float = 20) -> None:
+    """Wait until each of two workers has answered a request: the service is ready once one is, and a
+    worker still starting would leave the kernel only the other to give connections to."""
+    deadline = time.monotonic() + seconds
+    seen: set[str] = set()
+    attempt = 0
+    while len(seen) < 2 and time.monotonic() < deadline:
+        for _ in range(8):  # fresh connections, which the kernel spreads over the listening workers
+            assert httpx.get(service.url + "/health/live", timeout=10).status_code == 200
+        attempt += 1
+        seen = {
+            pid
+            for pid, own in per_worker(folder, tmp / f"probe-{attempt}").items()
+            if value(own, "keyconnector_http_requests_total", route="/health/live")
+        }
+        time.sleep(0.1)
+    assert len(seen) == 2, f"the second worker never answered: {seen}"
 
 
 def test_two_workers_add_up(start_service: StartService, issuer: DevIssuer, pfx: Pfx, tmp_path: Path) -> None:
@@ -92,6 +111,7 @@ def test_two_workers_add_up(start_service: StartService, issuer: DevIssuer, pfx:
         "keyConnectorSettings__rateLimit__perUserBurst": "2",
     }
     service = start_service(env, workers=2)
+    both_workers_listening(service, folder, tmp_path)
     users = [uuid.uuid4() for _ in range(12)]
     tokens = {user: issuer.mint(user) for user in users}
 
