@@ -43,7 +43,7 @@ from lib import (
 from tests.support.databases import MariaDbServer, PostgresServer
 
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.keygen import self_signed_pfx
+from keyconnector.keypairs.generate import self_signed_pfx
 
 TARGET_SHARE = 0.70
 

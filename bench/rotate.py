@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.databases import PostgresServer, running
 
-from keyconnector.keygen import self_signed_pfx
+from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.ops.rotate import rotate_data_key
-from keyconnector.settings import Settings, load_settings
-from keyconnector.storage import UserKeyRecord
+from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.storage.base import UserKeyRecord
 
 TARGET = 20_000
 

@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.databases import PostgresServer, running
 
-from keyconnector.crypto import DataKey
-from keyconnector.keygen import self_signed_pfx
-from keyconnector.keys import open_key_provider
+from keyconnector.core.envelope import DataKey
+from keyconnector.keypairs import open_key_provider
+from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops.transfer import TransferResult, transfer
-from keyconnector.settings import Settings, load_settings
-from keyconnector.storage import UserKeyRecord, migrate, open_repository
+from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.storage.base import UserKeyRecord, migrate, open_repository
 
 TARGET = 20_000
 SETTINGS = "keyConnectorSettings__"

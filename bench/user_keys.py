@@ -48,7 +48,7 @@ from lib import (
 )
 
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.keygen import self_signed_pfx
+from keyconnector.keypairs.generate import self_signed_pfx
 
 STORM_SHARE_TARGET = 0.20
 STORM_RPS_TARGET = 5_000  # with 2 workers
@@ -421,7 +421,7 @@ def warnings_in_logs(folder: Path) -> list[str]:
     lines = []
     for path in sorted(folder.glob("service-w*.log")):
         for line in path.read_text(errors="replace").splitlines():
-            if "keyconnector.access:" not in line and (" WARNING " in line or " ERROR " in line):
+            if "keyconnector.core.access:" not in line and (" WARNING " in line or " ERROR " in line):
                 lines.append(f"{path.name}: {line}")
     return lines
 

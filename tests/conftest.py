@@ -21,7 +21,7 @@ import pytest
 
 from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.keygen import self_signed_pfx
+from keyconnector.keypairs.generate import self_signed_pfx
 
 pytest_plugins = [
     "tests.support.databases",

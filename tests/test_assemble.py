@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from keyconnector.assemble import Core, Side, open_core
 from keyconnector.errors import ConfigurationError, StorageError
-from keyconnector.settings import Settings, load_settings
+from keyconnector.runtime.assemble import Core, Side, open_core
+from keyconnector.runtime.settings import Settings, load_settings
 from tests.conftest import Pfx
 
 

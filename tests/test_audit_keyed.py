@@ -27,8 +27,8 @@ import pytest
 
 from keyconnector.audit import AuditTrail
 from keyconnector.audit.chain import FORMAT, canonical
-from keyconnector.audit.filesink import LineSink
 from keyconnector.audit.sink import HOLD
+from keyconnector.audit.sinks.file import LineSink
 from keyconnector.devtools.issuer import DevIssuer
 from tests.conftest import Pfx, Service, base_env
 from tests.support.backends import Backend, make_backend

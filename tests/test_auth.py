@@ -24,7 +24,7 @@ from keyconnector.auth import AuthError, Principal, TokenValidator
 from keyconnector.auth.jwks import KeySetSource, parse_key_set
 from keyconnector.devtools import DevIssuer
 from keyconnector.errors import ConfigurationError, UnavailableError
-from keyconnector.tls import Trust
+from keyconnector.runtime.trust import Trust
 
 pytestmark = pytest.mark.anyio
 

@@ -39,14 +39,14 @@ import pytest
 from pyrage import x25519
 
 from keyconnector.cli import main
-from keyconnector.crypto import DataKey, generate_data_key
-from keyconnector.datakeys import ACTIVE, KeyRing, RingVersion, load_ring, now_text, save_ring
+from keyconnector.core.envelope import DataKey, generate_data_key
+from keyconnector.core.keyring import ACTIVE, KeyRing, RingVersion, load_ring, now_text, save_ring
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.keygen import self_signed_pfx
+from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.ops.backup import MAC_PURPOSE, PASSPHRASE_ENV
-from keyconnector.settings import load_settings
-from keyconnector.storage import UserKeyRecord, inspect, open_repository
+from keyconnector.runtime.settings import load_settings
+from keyconnector.storage.base import UserKeyRecord, inspect, open_repository
 from tests.conftest import Pfx, Service, base_env
 from tests.support.backends import Backend, make_backend, run
 

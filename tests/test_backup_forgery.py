@@ -38,11 +38,11 @@ from cryptography.hazmat.primitives import serialization
 from pyrage import passphrase as age_passphrase
 from pyrage import x25519
 
-from keyconnector.crypto import DataKey
-from keyconnector.datakeys import ACTIVE, KeyRing, RingVersion
+from keyconnector.core.envelope import DataKey
+from keyconnector.core.keyring import ACTIVE, KeyRing, RingVersion
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.ops.backup import PASSPHRASE_ENV
-from keyconnector.storage import UserKeyRecord, inspect, migrate, open_repository
+from keyconnector.storage.base import UserKeyRecord, inspect, migrate, open_repository
 from tests.conftest import Pfx
 from tests.support.backends import Backend, run
 from tests.support.envelopes import upstream_keys, upstream_seal, upstream_wrap

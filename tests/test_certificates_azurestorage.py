@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from keyconnector.certificates import LoadedCertificate, load_certificate
 from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, KeyConnectorError, UnavailableError
-from keyconnector.keygen import self_signed_pfx
-from keyconnector.settings import Settings, load_settings
+from keyconnector.keypairs.generate import self_signed_pfx
+from keyconnector.runtime.settings import Settings, load_settings
 from tests.support.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, azurestorage_env, fresh_name
 from tests.support.providers import assert_certificate_unwraps
 

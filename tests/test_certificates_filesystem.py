@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.serialization import BestAvailableEncryption
 
 from keyconnector.certificates import from_pkcs12
 from keyconnector.errors import ConfigurationError
-from keyconnector.keygen import self_signed_certificate
-from keyconnector.keys import open_key_provider
-from keyconnector.settings import load_settings
+from keyconnector.keypairs import open_key_provider
+from keyconnector.keypairs.generate import self_signed_certificate
+from keyconnector.runtime.settings import load_settings
 
 
 @pytest.fixture(scope="module")

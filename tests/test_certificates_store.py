@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from keyconnector.certificates import LoadedCertificate, load_certificate
 from keyconnector.certificates.store import DOTNET_MY_STORE, normalize_thumbprint
 from keyconnector.errors import ConfigurationError
-from keyconnector.keygen import self_signed_certificate
-from keyconnector.settings import Settings, load_settings
+from keyconnector.keypairs.generate import self_signed_certificate
+from keyconnector.runtime.settings import Settings, load_settings
 from tests.support.certstore import StoreEntry, new_entry, pfx_bytes, thumbprint, write_dotnet_pfx
 from tests.support.providers import assert_certificate_unwraps
 

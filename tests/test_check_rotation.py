@@ -17,7 +17,7 @@ import pytest
 
 from keyconnector.cli import main
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.keygen import self_signed_pfx
+from keyconnector.keypairs.generate import self_signed_pfx
 from tests.conftest import Pfx, Service
 from tests.support.backends import make_backend
 from tests.test_rotate import Deployment, check_through_service, deployment, new_pair_settings, run, seed

@@ -340,7 +340,7 @@ def test_init_output_serves_as_is_through_env_file(tmp_path: Path, issuer: DevIs
 
 def test_env_files_are_read_like_docker_reads_them(tmp_path: Path) -> None:
     from keyconnector.errors import ConfigurationError
-    from keyconnector.settings import read_env_file
+    from keyconnector.runtime.settings import read_env_file
 
     path = tmp_path / "kc.env"
     path.write_text(

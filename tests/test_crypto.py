@@ -10,7 +10,13 @@ import uuid
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keyconnector.crypto import DataKey, DataKeys, UnknownVersionError, generate_data_key, record_version
+from keyconnector.core.envelope import (
+    DataKey,
+    DataKeys,
+    UnknownVersionError,
+    generate_data_key,
+    record_version,
+)
 from keyconnector.errors import IntegrityFailure
 
 

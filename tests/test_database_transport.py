@@ -26,13 +26,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from keyconnector import server as server_module
-from keyconnector.checks import _check_transport
 from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.settings import load_settings
-from keyconnector.storage import server_target, warn_insecure_transport
-from keyconnector.storage.sqlcommon import is_local_host, transport_summary, transport_warning
+from keyconnector.ops.check import _check_transport
+from keyconnector.runtime import server as server_module
+from keyconnector.runtime.settings import load_settings
+from keyconnector.storage.base import server_target, warn_insecure_transport
+from keyconnector.storage.sql.common import is_local_host, transport_summary, transport_warning
 from tests.conftest import SERVICE_LOGS, Pfx, Service, base_env
 from tests.support.databases import MariaDbServer, PostgresServer, ado_quote
 from tests.support.tcpproxy import TcpProxy

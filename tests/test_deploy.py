@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.devtools.tls import local_tls_files
-from keyconnector.keys.pkcs11 import default_library_candidates
-from keyconnector.settings import load_settings, read_env_file
+from keyconnector.keypairs.pkcs11 import default_library_candidates
+from keyconnector.runtime.settings import load_settings, read_env_file
 from tests.conftest import Pfx, base_env
 
 REPO = Path(__file__).resolve().parents[1]

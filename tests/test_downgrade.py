@@ -21,11 +21,11 @@ import httpx
 import pytest
 
 from keyconnector.cli import main
-from keyconnector.datakeys import RETIRED, start_data_key_version
+from keyconnector.core.keyring import RETIRED, start_data_key_version
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.ops import open_side
-from keyconnector.settings import Settings
-from keyconnector.storage import UserKeyRecord
+from keyconnector.runtime.settings import Settings
+from keyconnector.storage.base import UserKeyRecord
 from tests.conftest import Pfx, Service
 from tests.support.backends import Backend, make_backend
 from tests.support.envelopes import b64, upstream_open, upstream_unwrap

@@ -13,8 +13,8 @@ from starlette.routing import Route
 from keyconnector.http import endpoints
 from keyconnector.http.app import create_app
 from keyconnector.http.endpoints import ENDPOINTS, Draining, Endpoint, openapi_document
-from keyconnector.http.middleware import RequestMiddleware
-from keyconnector.settings import Settings, load_settings
+from keyconnector.http.layers.middleware import RequestMiddleware
+from keyconnector.runtime.settings import Settings, load_settings
 from keyconnector.telemetry.labels import UNMATCHED, route_and_method
 
 

@@ -22,10 +22,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyconnector.cli import main
-from keyconnector.crypto import DataKey
-from keyconnector.datakeys import KeyRing, RingVersion
+from keyconnector.core.envelope import DataKey
+from keyconnector.core.keyring import KeyRing, RingVersion
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.storage import StoredKeyRing
+from keyconnector.storage.base import StoredKeyRing
 from tests.conftest import Pfx, Service
 from tests.support.backends import Backend, make_backend
 from tests.support.envelopes import b64, upstream_seal, upstream_wrap

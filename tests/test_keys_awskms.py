@@ -29,8 +29,8 @@ import pytest
 from keyconnector.devtools import free_port
 from keyconnector.devtools.tls import local_tls_files
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
-from keyconnector.keys import KeyProvider, awskms
-from keyconnector.settings import load_settings
+from keyconnector.keypairs import KeyProvider, awskms
+from keyconnector.runtime.settings import load_settings
 from tests.support.moto_kms import (
     REGION,
     TEST_ACCESS_KEY_ID,

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 
 from keyconnector.certificates import load_certificate
-from keyconnector.crypto import OAEP_SHA1, OAEP_SHA256
+from keyconnector.core.envelope import OAEP_SHA1, OAEP_SHA256
 from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
-from keyconnector.keys import azurekv
-from keyconnector.keys import certificate as certificate_provider
-from keyconnector.settings import Settings, load_settings
+from keyconnector.keypairs import azurekv
+from keyconnector.keypairs import certificate as certificate_provider
+from keyconnector.runtime.settings import Settings, load_settings
 from tests.support.azure_keyvault import ALL_PERMISSIONS, KeyVaultStandIn, b64url, unb64url
 from tests.support.providers import ProviderEnv, assert_certificate_unwraps, run_and_close
 

@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11.util.rsa import decode_rsa_private_key
 
-from keyconnector.crypto import OAEP_SHA1
+from keyconnector.core.envelope import OAEP_SHA1
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
-from keyconnector.keys import open_key_provider
-from keyconnector.keys import pkcs11 as provider_module
-from keyconnector.settings import RsaKeySettings, load_settings
+from keyconnector.keypairs import open_key_provider
+from keyconnector.keypairs import pkcs11 as provider_module
+from keyconnector.runtime.settings import RsaKeySettings, load_settings
 from tests.support.providers import ProviderEnv
 from tests.support.softhsm import PREFIX, SOFTHSM_LIBRARY, HsmKey, SoftHsmSession, certificate_pfx
 
@@ -488,7 +488,7 @@ def test_session_recovers_after_all_sessions_were_closed(
             assert await provider.unwrap(wrapped) == data_key
             await provider.check()
 
-    with caplog.at_level("WARNING", logger="keyconnector.keys.pkcs11"):
+    with caplog.at_level("WARNING", logger="keyconnector.keypairs.pkcs11"):
         asyncio.run(main())
     assert "SessionHandleInvalid" in caplog.text, "the session should really have been lost"
 
@@ -510,7 +510,7 @@ def test_session_recovers_after_the_library_was_reinitialised(
             library.finalize()  # and not even initialised again
             assert await provider.unwrap(wrapped) == data_key
 
-    with caplog.at_level("WARNING", logger="keyconnector.keys.pkcs11"):
+    with caplog.at_level("WARNING", logger="keyconnector.keypairs.pkcs11"):
         asyncio.run(main())
     assert caplog.text.count("opening a new session") == 2, caplog.text
 

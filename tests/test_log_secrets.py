@@ -23,7 +23,7 @@ from urllib.parse import quote
 import httpx
 
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.keygen import self_signed_pfx
+from keyconnector.keypairs.generate import self_signed_pfx
 from tests.conftest import Pfx, Service, base_env
 from tests.support.databases import PostgresServer
 

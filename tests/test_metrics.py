@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.errors import ConfigurationError
-from keyconnector.settings import Settings
+from keyconnector.runtime.settings import Settings
 from keyconnector.telemetry.metrics import LATENCY_BUCKETS, DeferredHistogram, start_parent_side
 from tests.conftest import Pfx, Service, base_env
 from tests.support.moto_kms import isolated_aws_files, kms_provider_env

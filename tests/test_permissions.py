@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.permissions import loose_files, secret_files
-from keyconnector.settings import load_settings
+from keyconnector.runtime.permissions import loose_files, secret_files
+from keyconnector.runtime.settings import load_settings
 from tests.conftest import Pfx, Service, base_env
 
 PREFIX = "keyConnectorSettings__"

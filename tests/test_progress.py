@@ -7,7 +7,7 @@ import os
 import pty
 import select
 
-from keyconnector.progress import Progress
+from keyconnector.ops.progress import Progress
 
 
 def test_plain_lines_carry_counts_rate_and_the_final_summary() -> None:

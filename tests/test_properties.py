@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from keyconnector.crypto import FORMAT_2, DataKey, generate_data_key, record_version
+from keyconnector.core.envelope import FORMAT_2, DataKey, generate_data_key, record_version
 from keyconnector.errors import ConfigurationError, IntegrityFailure
 from keyconnector.storage.connstr import normalize_key, parse_connection_string, resolve
 
@@ -31,7 +31,7 @@ versions = st.integers(min_value=1, max_value=999_999_999)
 
 
 def upstream_seal(key: bytes, plaintext: bytes) -> str:
-    """Upstream's layout written out independently of keyconnector.crypto."""
+    """Upstream's layout written out independently of keyconnector.core.envelope."""
     nonce = os.urandom(12)
     return base64.b64encode(AESGCM(key).encrypt(nonce, plaintext, None) + nonce).decode()
 

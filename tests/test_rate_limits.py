@@ -17,8 +17,13 @@ import httpx
 import pytest
 
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.http.ratelimit import BucketStore, RateLimiter, TrustedProxies, client_address
-from keyconnector.settings import RateLimitSettings
+from keyconnector.http.layers.ratelimit import (
+    BucketStore,
+    RateLimiter,
+    TrustedProxies,
+    client_address,
+)
+from keyconnector.runtime.settings import RateLimitSettings
 from tests.conftest import Pfx, Service, base_env
 
 PREFIX = "keyConnectorSettings__rateLimit__"

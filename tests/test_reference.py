@@ -8,6 +8,7 @@ guide must not mention a command or setting that does not exist.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -17,13 +18,19 @@ from typing import Any
 import pytest
 from pydantic import Field, SecretStr
 
-from keyconnector import reference
 from keyconnector.certificates import SOURCES
 from keyconnector.cli import build_parser
-from keyconnector.keys import PROVIDERS
-from keyconnector.reference import Entry, IncompleteModelError
-from keyconnector.settings import CertificateSettings, RsaKeySettings, Settings, _meta, load_settings
-from keyconnector.storage import BACKENDS, REMOVED
+from keyconnector.keypairs import PROVIDERS
+from keyconnector.ops import reference
+from keyconnector.ops.reference import Entry, IncompleteModelError
+from keyconnector.runtime.settings import (
+    CertificateSettings,
+    RsaKeySettings,
+    Settings,
+    _meta,
+    load_settings,
+)
+from keyconnector.storage.base import BACKENDS, REMOVED
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGURATION = ROOT / "docs" / "configuration.md"
@@ -188,10 +195,11 @@ def test_every_field_of_the_model_has_metadata() -> None:
 
 def test_environment_variables_are_read_where_the_page_says() -> None:
     for variable in reference.ENVIRONMENT:
-        module = ROOT / "src" / (variable.module.replace(".", "/") + ".py")
-        source = module.read_text(encoding="utf-8")
+        spec = importlib.util.find_spec(variable.module)
+        assert spec is not None and spec.origin is not None, variable.module
+        source = Path(spec.origin).read_text(encoding="utf-8")
         name = variable.name.rstrip("*")
-        if name == variable.name and variable.module != "keyconnector.settings":
+        if name == variable.name and variable.module != "keyconnector.runtime.settings":
             assert f'"{name}"' in source, f"{variable.name} is not read in {variable.module}"
         else:
             assert name in source, f"{variable.name} is not mentioned in {variable.module}"

@@ -30,14 +30,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from keyconnector.cli import main
-from keyconnector.crypto import NONCE_SIZE, OAEP_SHA1, DataKey, DataKeys
-from keyconnector.datakeys import RETIRED, KeyRing, read_ring
+from keyconnector.core.envelope import NONCE_SIZE, OAEP_SHA1, DataKey, DataKeys
+from keyconnector.core.keyring import RETIRED, KeyRing, read_ring
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.keygen import self_signed_pfx
-from keyconnector.keys import open_key_provider
+from keyconnector.keypairs import open_key_provider
+from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
-from keyconnector.settings import Settings, load_settings
-from keyconnector.storage import UserKeyRecord, migrate, open_repository
+from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.storage.base import UserKeyRecord, migrate, open_repository
 from tests.conftest import Pfx, Service, base_env
 from tests.support.backends import Backend, make_backend
 from tests.support.envelopes import b64

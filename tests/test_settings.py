@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from keyconnector.errors import ConfigurationError
-from keyconnector.settings import load_settings
+from keyconnector.runtime.settings import load_settings
 
 
 def test_upstream_names_case_insensitively_with_either_separator() -> None:

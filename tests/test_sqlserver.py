@@ -20,10 +20,16 @@ from sqlalchemy.dialects import mssql
 from sqlalchemy.schema import CreateTable
 
 from keyconnector.errors import ConfigurationError
-from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import migrate, open_repository, sqlserver
-from keyconnector.storage.schema import application_datas, history_row, migrations_history, user_keys
-from keyconnector.storage.sqlcommon import Failure
+from keyconnector.runtime.settings import DatabaseSettings
+from keyconnector.storage.backends import sqlserver
+from keyconnector.storage.base import migrate, open_repository
+from keyconnector.storage.sql.common import Failure
+from keyconnector.storage.sql.schema import (
+    application_datas,
+    history_row,
+    migrations_history,
+    user_keys,
+)
 
 NOW = datetime(2026, 11, 24, 1, 26, 0, 123456)
 

@@ -21,11 +21,11 @@ import pytest
 from pydantic import SecretStr
 
 from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
-from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import Repository, UserKeyRecord, migrate, open_repository
+from keyconnector.runtime.settings import DatabaseSettings
+from keyconnector.storage.backends.jsonfile import format_iso_time, parse_iso_time
+from keyconnector.storage.base import Repository, UserKeyRecord, migrate, open_repository
 from keyconnector.storage.connstr import parse_connection_string, resolve
-from keyconnector.storage.jsonfile import format_iso_time, parse_iso_time
-from keyconnector.storage.schema import format_sqlite_time, parse_sqlite_time
+from keyconnector.storage.sql.schema import format_sqlite_time, parse_sqlite_time
 from tests.support import upstream
 from tests.support.race import race
 

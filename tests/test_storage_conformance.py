@@ -21,9 +21,9 @@ from pydantic import SecretStr
 
 from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, UnavailableError
-from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import Repository, UserKeyRecord, migrate
-from keyconnector.storage import inspect as inspect_database
+from keyconnector.runtime.settings import DatabaseSettings
+from keyconnector.storage.base import Repository, UserKeyRecord, migrate
+from keyconnector.storage.base import inspect as inspect_database
 from tests.support.backends import NOW, Backend, collect, make_backend, records, with_repository
 from tests.support.databases import MariaDbServer, PostgresServer, ado_quote
 from tests.support.race import race
@@ -304,7 +304,7 @@ def test_migrate_and_open_while_the_server_is_down(tmp_path: Path, request: pyte
 
 def test_failed_access_time_writes_never_fail_reads(server_backend: Backend) -> None:
     """The service batches LastAccessDate; when the database refuses that write, GET still answers."""
-    from keyconnector.service import KeyService
+    from keyconnector.core.service import KeyService
 
     migrate(server_backend.settings)
     if server_backend.name == "postgresql":
@@ -326,7 +326,7 @@ def test_failed_access_time_writes_never_fail_reads(server_backend: Backend) -> 
         description = "test"
 
     async def body(repository: Repository) -> None:
-        from keyconnector.crypto import DataKey, generate_data_key
+        from keyconnector.core.envelope import DataKey, generate_data_key
 
         service = KeyService(repository, Provider(), flush_interval=3600)  # type: ignore[arg-type]
         service._data_key = DataKey(generate_data_key())
@@ -665,7 +665,7 @@ def test_connection_string_errors_name_the_key_never_the_password(
 
 
 def test_pool_size_comes_from_the_connection_string_or_the_setting() -> None:
-    from keyconnector.storage import mysql, postgresql
+    from keyconnector.storage.backends import mysql, postgresql
 
     text = "Host=db;Database=kc;Username=u;Password=p"
     settings = DatabaseSettings(provider="postgresql", postgreSqlConnectionString=SecretStr(text), poolSize=4)  # type: ignore[call-arg]

@@ -27,16 +27,16 @@ from pydantic import SecretStr
 from sqlalchemy import Engine
 
 from keyconnector.errors import KeyConnectorError
-from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import (
+from keyconnector.runtime.settings import DatabaseSettings
+from keyconnector.storage.backends import sqlserver
+from keyconnector.storage.base import (
     RecordUpdate,
     Repository,
     StoredKeyRing,
     UserKeyRecord,
     migrate,
-    sqlserver,
 )
-from keyconnector.storage import inspect as inspect_database
+from keyconnector.storage.base import inspect as inspect_database
 from tests.support.backends import NOW, Backend, make_backend, records, with_repository
 from tests.support.databases import PostgresServer
 from tests.support.race import race
@@ -235,8 +235,8 @@ def test_upsert_is_all_or_nothing_when_one_row_fails(backend: Backend) -> None:
 KILLED_UPSERT = r"""
 import asyncio, json, sys, uuid
 from datetime import datetime
-from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import UserKeyRecord, open_repository
+from keyconnector.runtime.settings import DatabaseSettings
+from keyconnector.storage.base import UserKeyRecord, open_repository
 
 spec = json.loads(sys.argv[1])
 
@@ -454,8 +454,8 @@ def test_set_wrapped_data_key_on_an_empty_and_a_filled_table(backend: Backend) -
 
 
 def migration_engine(backend: Backend) -> Engine:
-    from keyconnector.storage import mysql, postgresql
-    from keyconnector.storage.alembic_runner import sqlite_migration_engine
+    from keyconnector.storage.backends import mysql, postgresql
+    from keyconnector.storage.sql.migrate import sqlite_migration_engine
 
     if backend.name == "sqlite":
         return sqlite_migration_engine(str(backend.folder / "kc.db"), 30)
@@ -469,7 +469,7 @@ def test_a_revision_0001_database_migrates_to_the_latest_and_keeps_its_data(
 ) -> None:
     from alembic import command
 
-    from keyconnector.storage.alembic_runner import alembic_config
+    from keyconnector.storage.sql.migrate import alembic_config
 
     for name in SQL:
         backend = make_backend(name, tmp_path / name, request)

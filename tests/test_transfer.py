@@ -27,16 +27,16 @@ from typing import Any
 
 import pytest
 
-from keyconnector.crypto import DataKey
-from keyconnector.datakeys import KeyRing, RingVersion, save_ring
+from keyconnector.core.envelope import DataKey
+from keyconnector.core.keyring import KeyRing, RingVersion, save_ring
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.errors import ConfigurationError
-from keyconnector.keygen import self_signed_pfx
-from keyconnector.keys import open_key_provider
+from keyconnector.keypairs import open_key_provider
+from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.ops.transfer import TransferResult, run_startup_transfer, transfer, verify_copy
-from keyconnector.settings import load_settings
-from keyconnector.storage import Repository, UserKeyRecord, migrate, open_repository
+from keyconnector.runtime.settings import load_settings
+from keyconnector.storage.base import Repository, UserKeyRecord, migrate, open_repository
 from tests.conftest import Pfx, base_env
 from tests.support.backends import Backend, make_backend, run, with_repository
 from tests.support.envelopes import format2_open, upstream_open, upstream_seal, upstream_unwrap, upstream_wrap

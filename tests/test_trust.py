@@ -4,7 +4,7 @@ Issue 13: database TLS ignored ``caCertificatesDirectory`` (the folder was hard-
 was built four ways that disagreed on the system store. These tests hold both down: a PostgreSQL
 behind a private CA is reached with ``SSL Mode=VerifyFull`` and the CA only in the folder (through
 libpq for migrations and asyncpg for the pool), and every client's configuration (identity server,
-database, AWS, Vault, Azure, Google) is made from one :class:`~keyconnector.tls.Trust` that holds
+database, AWS, Vault, Azure, Google) is made from one :class:`~keyconnector.runtime.trust.Trust` that holds
 the private CA and the system store and certifi alike.
 """
 
@@ -27,8 +27,8 @@ from keyconnector.auth import TokenValidator
 from keyconnector.devtools import DevIssuer
 from keyconnector.devtools.tls import TlsFiles, local_tls_files
 from keyconnector.errors import ConfigurationError, KeyConnectorError
-from keyconnector.settings import Settings, load_settings
-from keyconnector.tls import Trust
+from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.trust import Trust
 from tests.support.databases import PostgresServer
 
 ENV = "keyConnectorSettings__"
@@ -99,7 +99,7 @@ def _folder_with(tmp_path: Path, *certificates: Path) -> Path:
 
 def test_database_migration_honours_the_ca_folder(tls_postgresql: TlsPostgresServer, tmp_path: Path) -> None:
     """libpq (migrations, ``check``): the folder's CA is trusted, as for every other connection."""
-    from keyconnector.server import migrate_with_retries
+    from keyconnector.runtime.server import migrate_with_retries
 
     settings = _database_settings(tls_postgresql, _folder_with(tmp_path, tls_postgresql.tls.ca))
     migrate_with_retries(settings, attempts=1)  # fails before issue 13: the folder was ignored
@@ -108,7 +108,7 @@ def test_database_migration_honours_the_ca_folder(tls_postgresql: TlsPostgresSer
 def test_database_without_the_ca_is_a_certificate_error(
     tls_postgresql: TlsPostgresServer, tmp_path: Path
 ) -> None:
-    from keyconnector.server import migrate_with_retries
+    from keyconnector.runtime.server import migrate_with_retries
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -120,7 +120,7 @@ def test_database_without_the_ca_is_a_certificate_error(
 
 async def test_database_pool_honours_the_ca_folder(tls_postgresql: TlsPostgresServer, tmp_path: Path) -> None:
     """asyncpg (the request path) gets the same trust, from the settings that name the folder."""
-    from keyconnector.storage import migrate, open_repository
+    from keyconnector.storage.base import migrate, open_repository
 
     settings = _database_settings(tls_postgresql, _folder_with(tmp_path, tls_postgresql.tls.ca))
     trust = Trust.from_settings(settings)
@@ -176,9 +176,9 @@ def _settings(folder: Path, **extra: str) -> Settings:
 
 def test_every_client_gets_the_same_trust(company_ca: tuple[TlsFiles, Path]) -> None:
     from keyconnector._azure import Vault
-    from keyconnector.keys import awskms, gcpkms, vaulttransit
-    from keyconnector.storage import server_target
-    from keyconnector.storage.sqlcommon import client_ssl_context
+    from keyconnector.keypairs import awskms, gcpkms, vaulttransit
+    from keyconnector.storage.base import server_target
+    from keyconnector.storage.sql.common import client_ssl_context
 
     tls, folder = company_ca
     settings = _settings(

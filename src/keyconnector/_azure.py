@@ -32,8 +32,8 @@ from keyconnector.errors import (
     UnavailableError,
     setting_name,
 )
-from keyconnector.settings import CertificateSettings, RsaKeySettings, secret
-from keyconnector.tls import Trust
+from keyconnector.runtime.settings import CertificateSettings, RsaKeySettings, secret
+from keyconnector.runtime.trust import Trust
 
 if TYPE_CHECKING:
     from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from keyconnector.devtools.tls import local_tls_files
-from keyconnector.keygen import self_signed_certificate
+from keyconnector.keypairs.generate import self_signed_certificate
 from tests.support.providers import ProviderEnv
 
 ALL_PERMISSIONS = frozenset(

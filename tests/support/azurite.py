@@ -25,7 +25,7 @@ import pytest
 
 from keyconnector.devtools import free_port
 from keyconnector.devtools.tls import local_tls_files
-from keyconnector.keygen import self_signed_pfx
+from keyconnector.keypairs.generate import self_signed_pfx
 from tests.support.processes import read_log, started, stop_process, wait_for_port
 from tests.support.providers import ProviderEnv
 

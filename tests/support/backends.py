@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import Repository, UserKeyRecord, open_repository
+from keyconnector.runtime.settings import DatabaseSettings
+from keyconnector.storage.base import Repository, UserKeyRecord, open_repository
 from tests.support.databases import MariaDbServer, PostgresServer
 
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from keyconnector.keygen import self_signed_certificate
+from keyconnector.keypairs.generate import self_signed_certificate
 from tests.support.providers import ProviderEnv
 
 

@@ -1,5 +1,5 @@
 """The record and wrapping formats written out from docs/compatibility.md section 3, independently of
-``keyconnector.crypto``: if the product's idea of the formats drifted, tests that read and write them
+``keyconnector.core.envelope``: if the product's idea of the formats drifted, tests that read and write them
 with the product's own code would drift with it and still pass.
 """
 
@@ -58,7 +58,7 @@ def upstream_open(data_key: bytes, record: str) -> bytes:
 
 def format2_open(data_key: bytes, user: uuid.UUID, record: str) -> bytes:
     """Our format 2 (``kc:2:<version>:base64(nonce || ciphertext || tag)``, associated data binding the
-    user id and the version), written out here independently of keyconnector.crypto."""
+    user id and the version), written out here independently of keyconnector.core.envelope."""
     _, marker, version_text, body = record.split(":", 3)
     version = int(version_text)
     assert marker == "2", record[:10]

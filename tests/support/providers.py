@@ -20,10 +20,10 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keyconnector.crypto import OAEP_SHA1
-from keyconnector.keys import KeyProvider
-from keyconnector.keys import certificate as certificate_provider
-from keyconnector.settings import Settings
+from keyconnector.core.envelope import OAEP_SHA1
+from keyconnector.keypairs import KeyProvider
+from keyconnector.keypairs import certificate as certificate_provider
+from keyconnector.runtime.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from typing import Any
 WORKER = r"""
 import asyncio, json, os, sys, time, uuid
 from datetime import datetime
-from keyconnector.settings import DatabaseSettings
-from keyconnector.storage import migrate, open_repository
+from keyconnector.runtime.settings import DatabaseSettings
+from keyconnector.storage.base import migrate, open_repository
 
 spec = json.loads(sys.argv[1])
 settings = DatabaseSettings(**spec["settings"])

@@ -32,7 +32,7 @@ from starlette.types import Scope
 from keyconnector.audit.chain import CHECKPOINT, Checkpoint, Mac, new_chain_id, utc_now
 from keyconnector.audit.sink import KeyedSink
 from keyconnector.errors import ConfigurationError
-from keyconnector.settings import Settings
+from keyconnector.runtime.settings import Settings
 
 log = logging.getLogger("keyconnector.audit")
 
@@ -42,7 +42,7 @@ MAX_CLIENT_NAME = 100
 
 def client_address(scope: Scope) -> str | None:
     """The client's address: the one the request middleware resolved (trusted proxies and
-    ``X-Forwarded-For``, see ``keyconnector.http.ratelimit``), else the connection's peer."""
+    ``X-Forwarded-For``, see ``keyconnector.http.layers.ratelimit``), else the connection's peer."""
     resolved = scope.get("keyconnector.client_address")
     if resolved:
         return str(resolved)
@@ -250,15 +250,15 @@ def open_audit(settings: Settings) -> AuditTrail:
     chain_id = new_chain_id()
     sinks: list[KeyedSink] = []
     if config.file:
-        from keyconnector.audit.filesink import LineSink
+        from keyconnector.audit.sinks.file import LineSink
 
         sinks.append(LineSink("file", chain_id, path=config.file))
     if config.stdout:
-        from keyconnector.audit.filesink import LineSink
+        from keyconnector.audit.sinks.file import LineSink
 
         sinks.append(LineSink("stdout", chain_id, fd=1))
     if config.database:
-        from keyconnector.audit.dbsink import DatabaseSink, audit_engine
+        from keyconnector.audit.sinks.database import DatabaseSink, audit_engine
 
         audit_engine(settings.database).dispose()  # configuration errors now, not in the background
         database = settings.database

@@ -40,7 +40,7 @@ from joserfc.jwk import ECKey, RSAKey
 from joserfc.jws import JWSRegistry
 
 from keyconnector.errors import ConfigurationError, UnavailableError
-from keyconnector.tls import Trust
+from keyconnector.runtime.trust import Trust
 
 __all__ = ["KeySetSource", "SigningKeys", "VerificationKey", "parse_key_set"]
 

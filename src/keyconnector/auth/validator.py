@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import httpx
 
 from keyconnector.auth.jwks import KeySetSource, SigningKeys, VerificationKey
-from keyconnector.tls import Trust
+from keyconnector.runtime.trust import Trust
 
 __all__ = ["AuthError", "Principal", "TokenValidator"]
 
@@ -117,8 +117,9 @@ class TokenValidator:
 
     ``identity_server_uri`` is ``identityServerUri`` as configured (a trailing slash is fine); the
     issuer tokens are checked against comes from its discovery document. ``verify`` is handed to
-    httpx for TLS: the deployment's :class:`~keyconnector.tls.Trust` (what the service passes, so the
-    identity server is trusted as every other outgoing connection is), an ``SSLContext``, or a bool.
+    httpx for TLS: the deployment's :class:`~keyconnector.runtime.trust.Trust` (what the service
+    passes, so the identity server is trusted as every other outgoing connection is), an
+    ``SSLContext``, or a bool.
     ``clock`` exists so that tests can move time without sleeping.
     """
 

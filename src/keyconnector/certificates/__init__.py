@@ -6,8 +6,8 @@ picks the module by name. Adding a source means adding one module and one line t
 
 ``prefix`` is ``certificate`` or ``transferTo.certificate`` (so errors name the right setting);
 ``ca_directory`` is ``caCertificatesDirectory``, for sources that fetch over TLS (see
-``keyconnector.tls.Trust``, built from it). A source that cannot reach its server raises ``UnavailableError``;
-a wrong setting raises ``ConfigurationError``.
+``keyconnector.runtime.trust.Trust``, built from it). A source that cannot reach its server raises
+``UnavailableError``; a wrong setting raises ``ConfigurationError``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyconnector.errors import ConfigurationError
-from keyconnector.settings import CertificateSettings
+from keyconnector.runtime.settings import CertificateSettings
 
 MIN_RSA_BITS = 2048
 

@@ -23,7 +23,7 @@ from keyconnector._azure import Vault, object_name
 from keyconnector._optional import require
 from keyconnector.certificates import LoadedCertificate, from_pkcs12
 from keyconnector.errors import ConfigurationError
-from keyconnector.settings import CertificateSettings
+from keyconnector.runtime.settings import CertificateSettings
 
 PKCS12 = "application/x-pkcs12"
 PEM = "application/x-pem-file"

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 from keyconnector._optional import require
 from keyconnector.certificates import LoadedCertificate, from_pkcs12
 from keyconnector.errors import ConfigurationError, KeyConnectorError, UnavailableError, setting_name
-from keyconnector.settings import CertificateSettings, secret
-from keyconnector.tls import Trust
+from keyconnector.runtime.settings import CertificateSettings, secret
+from keyconnector.runtime.trust import Trust
 
 CONNECT_TIMEOUT = 5
 READ_TIMEOUT = 10

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from keyconnector.certificates import LoadedCertificate, from_pkcs12
 from keyconnector.errors import ConfigurationError
-from keyconnector.settings import CertificateSettings, secret
+from keyconnector.runtime.settings import CertificateSettings, secret
 
 
 async def load(settings: CertificateSettings, prefix: str, ca_directory: str) -> LoadedCertificate:

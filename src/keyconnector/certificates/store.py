@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from keyconnector.certificates import LoadedCertificate
 from keyconnector.errors import ConfigurationError
-from keyconnector.settings import CertificateSettings, secret
+from keyconnector.runtime.settings import CertificateSettings, secret
 
 DOTNET_MY_STORE = Path(".dotnet", "corefx", "cryptography", "x509stores", "my")
 """Where .NET keeps CurrentUser\\My on Linux, relative to the home directory."""

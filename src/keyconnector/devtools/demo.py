@@ -21,7 +21,7 @@ import httpx
 
 from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.settings import read_env_file
+from keyconnector.runtime.settings import read_env_file
 
 
 def step(text: str) -> None:

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from keyconnector.devtools.tls import TlsFiles, local_tls_files
-from keyconnector.keygen import self_signed_certificate
+from keyconnector.keypairs.generate import self_signed_certificate
 
 __all__ = ["DevIssuer"]
 

@@ -4,7 +4,7 @@ The dev issuer, and the test stand-ins and emulators (Key Vault, Cloud KMS, Azur
 HTTPS or gRPC on loopback under a CA made here, so that a client must be given that CA (a CA bundle
 setting, or ``caCertificatesDirectory``) to connect, as with a company's own CA.
 
-Development tooling only: the product's own key pairs come from :mod:`keyconnector.keygen`.
+Development tooling only: the product's own key pairs come from :mod:`keyconnector.keypairs.generate`.
 """
 
 from __future__ import annotations

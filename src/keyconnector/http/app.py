@@ -18,23 +18,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from keyconnector import logs
-from keyconnector.assemble import open_core
 from keyconnector.audit import open_audit
 from keyconnector.audit.chain import KEY_PURPOSE
 from keyconnector.auth import TokenValidator
+from keyconnector.core.service import KeyService
 from keyconnector.http import endpoints
-from keyconnector.http.cors import CORSMiddleware, allowed_origin
-from keyconnector.http.drain import DrainLayer
-from keyconnector.http.middleware import RequestMiddleware
+from keyconnector.http.context import Services
+from keyconnector.http.layers.cors import CORSMiddleware, allowed_origin
+from keyconnector.http.layers.drain import DrainLayer
+from keyconnector.http.layers.middleware import RequestMiddleware
 from keyconnector.http.responses import message
-from keyconnector.http.state import Services
-from keyconnector.keys import KeyProvider
-from keyconnector.service import KeyService
-from keyconnector.settings import Settings, identity_server_uri, load_settings
-from keyconnector.storage import Repository
+from keyconnector.keypairs.base import KeyProvider
+from keyconnector.runtime import logs
+from keyconnector.runtime.assemble import open_core
+from keyconnector.runtime.settings import Settings, identity_server_uri, load_settings
+from keyconnector.runtime.trust import Trust
+from keyconnector.storage.base import Repository
 from keyconnector.telemetry import metrics, tracing
-from keyconnector.tls import Trust
 
 log = logging.getLogger("keyconnector")
 

@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from keyconnector.http import openapi, routes
-from keyconnector.settings import Settings
+from keyconnector.http import handlers, openapi
+from keyconnector.runtime.settings import Settings
 from keyconnector.telemetry import metrics
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -82,18 +82,22 @@ def _serve_openapi(settings: Settings) -> Handler:
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
-        "/user-keys", ("GET", "POST", "PUT"), routes.user_keys, user_keys=True, describe=openapi.user_keys
+        "/user-keys", ("GET", "POST", "PUT"), handlers.user_keys, user_keys=True, describe=openapi.user_keys
     ),
-    Endpoint("/alive", ("GET",), routes.alive, draining=Draining.ANSWERS, describe=openapi.clock),
-    Endpoint("/now", ("GET",), routes.alive, draining=Draining.ANSWERS, describe=openapi.clock),
-    Endpoint("/health", ("GET",), routes.health, describe=openapi.health),
+    Endpoint("/alive", ("GET",), handlers.alive, draining=Draining.ANSWERS, describe=openapi.clock),
+    Endpoint("/now", ("GET",), handlers.alive, draining=Draining.ANSWERS, describe=openapi.clock),
+    Endpoint("/health", ("GET",), handlers.health, describe=openapi.health),
     Endpoint(
-        "/health/live", ("GET",), routes.health_live, draining=Draining.ANSWERS, describe=openapi.health_live
+        "/health/live",
+        ("GET",),
+        handlers.health_live,
+        draining=Draining.ANSWERS,
+        describe=openapi.health_live,
     ),
     Endpoint(
         "/health/ready",
         ("GET",),
-        routes.health_ready,
+        handlers.health_ready,
         draining=Draining.UNREADY,
         describe=openapi.health_ready,
     ),

@@ -17,9 +17,9 @@ import importlib
 from typing import Any
 from uuid import UUID
 
-from keyconnector.assemble import Side, open_core
 from keyconnector.errors import KeyConnectorError
-from keyconnector.settings import LoadedSettings, Settings, load_with_env_file
+from keyconnector.runtime.assemble import Side, open_core
+from keyconnector.runtime.settings import LoadedSettings, Settings, load_with_env_file
 
 __all__ = [
     "OPERATIONS",

@@ -26,7 +26,7 @@ from keyconnector.audit.chain import KEY_PURPOSE, Checkpoint, Mac
 from keyconnector.audit.verify import Expectation, Report, checkpoints_in, verify
 from keyconnector.errors import ConfigurationError, KeyConnectorError, StorageError, UsageError
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from, open_side
-from keyconnector.settings import DatabaseSettings, Settings
+from keyconnector.runtime.settings import DatabaseSettings, Settings
 
 TABLE = "the table keyconnector_audit"
 
@@ -46,8 +46,8 @@ def _file_items(path: str) -> Iterator[tuple[str, str]]:
 def _database_items(database: DatabaseSettings) -> Iterator[tuple[str, str]]:
     """Rows in insertion order; a row whose columns disagree with its sealed entry is reported as
     changed (its entry text is altered so that its hash no longer matches)."""
-    from keyconnector.audit.dbsink import audit_engine
-    from keyconnector.storage.schema import audit
+    from keyconnector.audit.sinks.database import audit_engine
+    from keyconnector.storage.sql.schema import audit
 
     engine = audit_engine(database)
     try:

@@ -44,7 +44,7 @@ def add_commands(commands: Subcommands) -> None:
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    from keyconnector.reference import render
+    from keyconnector.ops.reference import render
 
     text = render()
     if args.check is not None:

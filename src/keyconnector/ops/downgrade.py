@@ -64,8 +64,8 @@ from datetime import datetime
 from typing import TextIO
 from uuid import UUID
 
-from keyconnector.crypto import LEGACY_VERSION, DataKey, is_legacy
-from keyconnector.datakeys import (
+from keyconnector.core.envelope import LEGACY_VERSION, DataKey, is_legacy
+from keyconnector.core.keyring import (
     ACTIVE,
     KeyRing,
     RingVersion,
@@ -79,7 +79,7 @@ from keyconnector.datakeys import (
     wrap_checked,
 )
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError
-from keyconnector.keys import KeyProvider
+from keyconnector.keypairs.base import KeyProvider
 from keyconnector.ops import (
     OperationFailed,
     Side,
@@ -88,6 +88,7 @@ from keyconnector.ops import (
     load_settings_from,
     open_side,
 )
+from keyconnector.ops.progress import Progress
 from keyconnector.ops.rotate import (
     MAX_PASSES,
     _non_negative_float,
@@ -97,9 +98,8 @@ from keyconnector.ops.rotate import (
     _say,
     settle_time,
 )
-from keyconnector.progress import Progress
-from keyconnector.settings import Settings
-from keyconnector.storage import Repository
+from keyconnector.runtime.settings import Settings
+from keyconnector.storage.base import Repository
 
 WRITE_LEGACY = "compat.writeLegacyFormat"
 

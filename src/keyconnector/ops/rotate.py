@@ -2,7 +2,7 @@
 
 Key pair: the data keys do not change, only who can unwrap them. Every active data-key version
 gets a second wrap, made by the new key pair, in one compare-and-swap of the key ring (see
-``keyconnector.datakeys``), so the time does not depend on the number of users. Instances still
+``keyconnector.core.keyring``), so the time does not depend on the number of users. Instances still
 running with the old settings keep using their own wraps; instances restarted with the new
 settings find theirs by the key pair's fingerprint. Once every instance runs with the new settings,
 ``--retire-old`` (run with the new settings) removes the old pair's wraps and puts the new pair's
@@ -35,9 +35,8 @@ from datetime import datetime
 from typing import TextIO
 from uuid import UUID
 
-from keyconnector.assemble import open_key_pair
-from keyconnector.crypto import DataKeys, record_version
-from keyconnector.datakeys import (
+from keyconnector.core.envelope import DataKeys, record_version
+from keyconnector.core.keyring import (
     KeyRing,
     add_key_pair,
     load_key_set,
@@ -46,7 +45,7 @@ from keyconnector.datakeys import (
     start_data_key_version,
 )
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UsageError
-from keyconnector.keys import KeyProvider, open_key_provider
+from keyconnector.keypairs import KeyProvider, open_key_provider
 from keyconnector.ops import (
     OperationFailed,
     Side,
@@ -56,10 +55,11 @@ from keyconnector.ops import (
     load_target_settings,
     open_side,
 )
-from keyconnector.progress import Progress
-from keyconnector.settings import Settings
-from keyconnector.storage import RecordUpdate, Repository, migrate, open_repository
-from keyconnector.tls import Trust
+from keyconnector.ops.progress import Progress
+from keyconnector.runtime.assemble import open_key_pair
+from keyconnector.runtime.settings import Settings
+from keyconnector.runtime.trust import Trust
+from keyconnector.storage.base import RecordUpdate, Repository, migrate, open_repository
 
 SETTLE_MARGIN = 5.0
 """Seconds added to the services' ring refresh delay before a new version is relied on."""

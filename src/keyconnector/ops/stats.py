@@ -18,14 +18,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from keyconnector.crypto import LEGACY_VERSION, is_legacy, record_version
-from keyconnector.datakeys import KeyRing, NotAdopted, RingTrust, open_ring, read_ring
+from keyconnector.core.envelope import LEGACY_VERSION, is_legacy, record_version
+from keyconnector.core.keyring import KeyRing, NotAdopted, RingTrust, open_ring, read_ring
 from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError
-from keyconnector.keys import open_key_provider
+from keyconnector.keypairs import open_key_provider
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
-from keyconnector.settings import DatabaseSettings, Settings
-from keyconnector.storage import Repository, inspect, open_repository
-from keyconnector.tls import Trust
+from keyconnector.runtime.settings import DatabaseSettings, Settings
+from keyconnector.runtime.trust import Trust
+from keyconnector.storage.base import Repository, inspect, open_repository
 
 UNKNOWN = "unknown"
 

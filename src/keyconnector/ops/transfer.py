@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import TypeVar
 from uuid import UUID
 
-from keyconnector import logs
-from keyconnector.crypto import DataKeys
+from keyconnector.core.envelope import DataKeys
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UsageError
-from keyconnector.keys import open_key_provider
+from keyconnector.keypairs import open_key_provider
 from keyconnector.ops import (
     OperationFailed,
     Side,
@@ -36,10 +35,11 @@ from keyconnector.ops import (
     load_target_settings,
     open_side,
 )
-from keyconnector.progress import Progress
-from keyconnector.settings import DatabaseSettings, Settings
-from keyconnector.storage import UserKeyRecord, inspect, open_repository
-from keyconnector.tls import Trust
+from keyconnector.ops.progress import Progress
+from keyconnector.runtime import logs
+from keyconnector.runtime.settings import DatabaseSettings, Settings
+from keyconnector.runtime.trust import Trust
+from keyconnector.storage.base import UserKeyRecord, inspect, open_repository
 
 log = logging.getLogger("keyconnector.transfer")
 

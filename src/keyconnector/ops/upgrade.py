@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import TextIO
 from uuid import UUID
 
-from keyconnector.crypto import LEGACY_VERSION, is_legacy
-from keyconnector.datakeys import refuse_unbound_records
+from keyconnector.core.envelope import LEGACY_VERSION, is_legacy
+from keyconnector.core.keyring import refuse_unbound_records
 from keyconnector.errors import ConfigurationError, KeyConnectorError
 from keyconnector.ops import (
     OperationFailed,
@@ -41,7 +41,7 @@ from keyconnector.ops import (
     open_side,
 )
 from keyconnector.ops.rotate import MAX_PASSES, _pass, _positive_float, _positive_int, _say
-from keyconnector.settings import Settings
+from keyconnector.runtime.settings import Settings
 
 
 def add_commands(commands: Subcommands) -> None:

@@ -1,6 +1,6 @@
 """Prometheus metrics: what the service did, for dashboards and alerts, at ``/metrics``.
 
-The server runs several worker processes (spawned, see ``keyconnector.server``), and a scrape lands
+The server runs several worker processes (spawned, see ``keyconnector.runtime.server``), and a scrape lands
 on one of them; its figures alone would be meaningless. So the parent process sets up
 prometheus_client's multiprocess mode before any worker starts (:func:`start_parent_side`): every
 worker writes its values to memory-mapped files in a private directory, and whoever answers a
@@ -57,15 +57,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from keyconnector import logs
 from keyconnector.errors import ConfigurationError, setting_name
-from keyconnector.settings import Settings
+from keyconnector.runtime import logs
+from keyconnector.runtime.settings import Settings
 from keyconnector.telemetry import tracing
 from keyconnector.telemetry.labels import route_and_method
 
 if TYPE_CHECKING:
-    from keyconnector.keys import KeyProvider
-    from keyconnector.storage import RecordUpdate, Repository, StoredKeyRing, UserKeyRecord
+    from keyconnector.keypairs.base import KeyProvider
+    from keyconnector.storage.base import RecordUpdate, Repository, StoredKeyRing, UserKeyRecord
 
 log = logging.getLogger("keyconnector.metrics")
 
@@ -472,7 +472,7 @@ class _AuditCounts(Protocol):
 
 class MirrorSources(Protocol):
     """What the mirror reads: the token validator, the key service and the audit trail of a worker
-    (``keyconnector.http.state.Services`` fits), described by their counters alone so that telemetry
+    (``keyconnector.http.context.Services`` fits), described by their counters alone so that telemetry
     needs none of those parts."""
 
     @property

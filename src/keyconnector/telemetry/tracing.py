@@ -23,7 +23,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keyconnector._optional import require
-from keyconnector.settings import Settings
+from keyconnector.runtime.settings import Settings
 from keyconnector.telemetry.labels import route_and_method
 
 log = logging.getLogger("keyconnector.tracing")

@@ -1,0 +1,1 @@
+"""Where audit entries go: one module per sink."""

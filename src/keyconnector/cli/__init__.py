@@ -1,0 +1,176 @@
+"""The ``keyconnector`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from keyconnector import __version__
+from keyconnector.errors import ConfigurationError, KeyConnectorError, UsageError, setting_name
+from keyconnector.runtime import logs
+from keyconnector.runtime.settings import LoadedSettings, LoggingSettings, load_with_env_file
+
+log = logging.getLogger("keyconnector")
+
+
+def _load(args: argparse.Namespace) -> LoadedSettings:
+    loaded = load_with_env_file(getattr(args, "env_file", None), getattr(args, "config", None))
+    for name in loaded.unknown:
+        log.warning("ignoring unknown setting %s (a typo?)", name)
+    return loaded
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from keyconnector.runtime import server
+
+    loaded = _load(args)
+    settings = loaded.settings
+    logs.configure(settings.logging)
+    listen = server.listen_address(args.host, args.port)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert", "--tls-cert and --tls-key go together")
+    server.preflight(settings)
+    if settings.transfer_to.lockfile_path:
+        from keyconnector.ops.transfer import run_startup_transfer
+
+        # Upstream's start-up transfer, done safely: a failure stops serve before it listens.
+        log.info("%s is set: checking for the start-up transfer", setting_name("transferTo.lockfilePath"))
+        run_startup_transfer(settings)
+    server.run(
+        settings,
+        listen,
+        workers=args.workers,
+        config_file=args.config,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from keyconnector.keypairs.generate import new_password, self_signed_pfx
+
+    folder = Path(args.directory).resolve()
+    pfx = folder / "key.pfx"
+    password_file = folder / "key.pfx.password"
+    env_file = folder / "keyconnector.env"
+    database = folder / "keyconnector.db"
+    existing = [str(p) for p in (pfx, password_file, env_file) if p.exists()]
+    if existing:
+        print(f"keyconnector init: not overwriting {', '.join(existing)}", file=sys.stderr)
+        return 1
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    password = new_password()
+    print(f"making an RSA-{args.key_bits} key pair (this takes a few seconds) ...", file=sys.stderr)
+    blob = self_signed_pfx(password, bits=args.key_bits)
+    _write_private(password_file, password + "\n")
+    _write_private(pfx, blob)
+    _write_private(
+        env_file,
+        "\n".join(
+            [
+                "# Key Connector settings, upstream names, docker env-file format (values unquoted).",
+                f"# Use: keyconnector serve --env-file {env_file}   or   docker run --env-file ...",
+                f"keyConnectorSettings__webVaultUri={args.web_vault_uri}",
+                f"keyConnectorSettings__identityServerUri={args.identity_server_uri}",
+                "keyConnectorSettings__database__provider=sqlite",
+                f"keyConnectorSettings__database__sqliteConnectionString=Data Source={database}",
+                "keyConnectorSettings__rsaKey__provider=certificate",
+                "keyConnectorSettings__certificate__provider=filesystem",
+                f"keyConnectorSettings__certificate__filesystemPath={pfx}",
+                f"keyConnectorSettings__certificate__filesystemPasswordFile={password_file}",
+                "",
+            ]
+        ),
+    )
+    print(f"wrote {pfx}, {password_file} and {env_file}", file=sys.stderr)
+    return 0
+
+
+def _write_private(path: Path, content: str | bytes) -> None:
+    data = content.encode() if isinstance(content, str) else content
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from keyconnector.ops.check import run_checks
+
+    try:
+        loaded = _load(args)
+    except ConfigurationError as exc:
+        print(f"FAIL settings: {exc}")
+        return 1
+    ok = True
+    for result in asyncio.run(run_checks(loaded)):
+        print(result.line())
+        ok = ok and result.ok
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from keyconnector.devtools.demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keyconnector", description="A drop-in Bitwarden Key Connector.")
+    parser.add_argument("--version", action="version", version=f"keyconnector {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve the Key Connector API")
+    serve.add_argument("--host", help="address to listen on (default: ASPNETCORE_URLS, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: ASPNETCORE_URLS, else 5000)")
+    serve.add_argument("--config", help="an appsettings-style JSON file (section keyConnectorSettings)")
+    serve.add_argument("--env-file", help="a docker-style env file of keyConnectorSettings__... lines")
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.set_defaults(func=cmd_serve)
+
+    init = commands.add_parser("init", help="make a new key pair (PFX) and an env file that uses it")
+    init.add_argument("directory", nargs="?", default=".", help="where to write them (default: .)")
+    init.add_argument("--key-bits", type=int, default=4096, choices=[2048, 3072, 4096])
+    init.add_argument("--identity-server-uri", default="http://localhost:33656")
+    init.add_argument("--web-vault-uri", default="https://localhost:8080")
+    init.set_defaults(func=cmd_init)
+
+    check = commands.add_parser("check", help="check the settings, database, key pair and identity server")
+    check.add_argument("--config", help="an appsettings-style JSON file (section keyConnectorSettings)")
+    check.add_argument("--env-file", help="a docker-style env file of keyConnectorSettings__... lines")
+    check.set_defaults(func=cmd_check)
+
+    demo = commands.add_parser("demo", help="run a development issuer and the service, and show the flow")
+    demo.set_defaults(func=cmd_demo)
+
+    from keyconnector.ops import add_commands
+
+    add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(LoggingSettings())
+    try:
+        code: int = args.func(args)
+    except ConfigurationError as exc:
+        print(f"keyconnector: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyConnectorError as exc:
+        print(f"keyconnector: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

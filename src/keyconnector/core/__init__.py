@@ -1,0 +1,1 @@
+"""The domain core: record formats, the key ring, the key service. It knows no edge."""

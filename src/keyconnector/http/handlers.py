@@ -1,0 +1,238 @@
+"""The endpoints of docs/compatibility.md section 1.
+
+``GET /user-keys`` is the hot path of a login storm: one token check, one indexed read, one
+AES-GCM open, no database write. Bodies are small and read with a hard cap.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from keyconnector.auth import AuthError, Principal
+from keyconnector.errors import IntegrityFailure, UnavailableError
+from keyconnector.http.context import Services
+from keyconnector.http.responses import JSON, message, unauthorized, unavailable
+
+log = logging.getLogger("keyconnector.http")
+
+MAX_BODY = 64 * 1024
+# An oversized body up to this size is read and dropped before the 413 goes out: answering while the
+# client is still sending makes the server close a socket with unread data, the kernel resets the
+# connection, and the client loses the 413 and its reason. Beyond it, the connection is not worth it.
+DRAIN_LIMIT = 1024 * 1024
+MAX_KEY_BYTES = 1024
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def now_string() -> str:
+    """Upstream's clock format: ISO 8601 UTC with seven fractional digits."""
+    now = datetime.now(UTC)
+    return f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond:06d}0Z"
+
+
+async def alive(request: Request) -> Response:
+    return Response(json.dumps(now_string()), media_type=JSON)
+
+
+async def health(request: Request) -> Response:
+    services: Services = request.app.state.services
+    healthy, _ = await services.health.overall()
+    return Response(
+        "Healthy" if healthy else "Unhealthy", status_code=200 if healthy else 503, media_type="text/plain"
+    )
+
+
+async def health_live(request: Request) -> Response:
+    return Response(b'{"status":"alive"}', media_type=JSON)
+
+
+async def health_ready(request: Request) -> Response:
+    services: Services = request.app.state.services
+    healthy, checks = await services.health.overall()
+    if not healthy:
+        status = "unready"
+    elif all(checks.get(name) == "ok" for name in ("database", "keyProvider", "keyRing")):
+        status = "ready"
+    else:
+        status = "degraded"
+    body = json.dumps({"status": status, "checks": checks})
+    return Response(body, status_code=200 if healthy else 503, media_type=JSON)
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        self.status = status
+        self.text = text
+
+
+async def _drain(request: Request) -> None:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > DRAIN_LIMIT:
+            return
+
+
+async def _read_key(request: Request) -> bytes:
+    """The decoded ``key`` of a JSON body, or BadRequest saying exactly what is wrong."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        raise BadRequest(415, "the request needs 'Content-Type: application/json'")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise BadRequest(415, f"the content type '{media[:100]}' is not supported; send application/json")
+    declared = request.headers.get("content-length")
+    too_large = BadRequest(413, f"the body is larger than {MAX_BODY} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        if int(declared) <= DRAIN_LIMIT:
+            await _drain(request)
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > DRAIN_LIMIT:
+            raise too_large
+        if size <= MAX_BODY:
+            chunks.append(chunk)
+    if size > MAX_BODY:
+        raise too_large
+    try:
+        document: Any = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):
+        raise BadRequest(400, "the body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise BadRequest(400, 'the body must be a JSON object like {"key": "<base64>"}')
+    matches = [name for name in document if name.lower() == "key"]
+    if not matches:
+        raise BadRequest(400, 'the body has no "key" property')
+    if len(matches) > 1:
+        raise BadRequest(400, 'the body has more than one "key" property (names are case-insensitive)')
+    value = document[matches[0]]
+    if value is None:
+        raise BadRequest(400, 'the "key" property is null')
+    if not isinstance(value, str):
+        raise BadRequest(400, 'the "key" property must be a base64 string')
+    if not value:
+        raise BadRequest(400, 'the "key" property is empty')
+    if len(value) > (MAX_KEY_BYTES // 3 + 1) * 4:
+        raise BadRequest(400, f"the key is longer than {MAX_KEY_BYTES} bytes")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(
+            400, 'the "key" property is not valid base64 (standard alphabet, with padding)'
+        ) from None
+    if not raw:
+        raise BadRequest(400, 'the "key" property is empty')
+    if len(raw) > MAX_KEY_BYTES:
+        raise BadRequest(400, f"the key is longer than {MAX_KEY_BYTES} bytes")
+    return raw
+
+
+async def _principal(request: Request, services: Services) -> Principal:
+    principal = await services.validator.authenticate(request.headers.get("authorization"))
+    request.scope["keyconnector.user"] = principal.user_id
+    return principal
+
+
+AUDIT_UNAVAILABLE = (
+    "the audit trail is unavailable, so keys are not served (audit.failClosed is on); try again later"
+)
+
+
+def _audit_refused(request: Request) -> Response:
+    log.error("%s %s refused: no audit sink can record it (failClosed)", request.method, request.url.path)
+    return unavailable(AUDIT_UNAVAILABLE, 5)
+
+
+async def user_keys(request: Request) -> Response:
+    """The endpoint, then one audit entry for whatever it answered.
+
+    A key is read first and recorded before it is sent: with ``audit.failClosed`` a read that no
+    sink could record becomes a 503 instead. A write is checked before it is made (a write cannot be
+    taken back after the fact) and recorded after.
+    """
+    services: Services = request.app.state.services
+    audit = services.audit
+    try:
+        response, outcome = await _user_keys(request, services)
+    except Exception:
+        audit.record_scope(request.scope, "error", 500)
+        raise
+    if outcome == "audit_unavailable":
+        return response
+    recorded = audit.record_scope(request.scope, outcome, response.status_code)
+    if not recorded and audit.fail_closed and outcome == "read":
+        return _audit_refused(request)
+    return response
+
+
+async def _user_keys(request: Request, services: Services) -> tuple[Response, str]:
+    """The response and the audit outcome (see keyconnector.audit)."""
+    try:
+        principal = await _principal(request, services)
+        refusal = await _user_rate_limit(request, principal.user_id)
+        if refusal is not None:
+            return refusal, "rate_limited"
+        if request.method == "GET":
+            key = await services.keys.get(principal.user_id)
+            if key is None:
+                return message(404, "this user has no key"), "not_found"
+            body = b'{"key":"' + base64.b64encode(key) + b'"}'
+            return Response(body, media_type=JSON, headers=NO_STORE), "read"
+        raw = await _read_key(request)
+        if services.audit.fail_closed and not services.audit.can_record():
+            return _audit_refused(request), "audit_unavailable"
+        if request.method == "POST":
+            if not await services.keys.create(principal.user_id, raw):
+                return message(400, "this user already has a key; use PUT to replace it"), "already_exists"
+            return Response(b"", headers=NO_STORE), "created"
+        created = await services.keys.put(principal.user_id, raw)
+        return Response(b"", headers=NO_STORE), "created" if created else "replaced"
+    except AuthError as exc:
+        if exc.status == 401:
+            return unauthorized(exc.message), "unauthorized"
+        return message(exc.status, exc.message), "forbidden" if exc.status == 403 else "unauthorized"
+    except BadRequest as exc:
+        return message(exc.status, exc.text), "bad_request"
+    except UnavailableError as exc:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return unavailable(str(exc), exc.retry_after), "unavailable"
+    except IntegrityFailure as exc:
+        # 500, not 4xx: the stored data is damaged or was moved, which the client neither caused nor
+        # can fix (a 409 would invite it to overwrite the evidence).
+        request_id = request.scope["keyconnector.request_id"].decode()
+        log.error("%s %s: %s", request.method, request.url.path, exc)  # the request id is added to the line
+        return (
+            message(
+                500,
+                "the stored key for this user cannot be decrypted (altered, or copied from another user's "
+                f"row) and was not returned; the incident was logged (request {request_id})",
+            ),
+            "integrity",
+        )
+
+
+async def _user_rate_limit(request: Request, user_id: UUID) -> Response | None:
+    """The per-user limit (see keyconnector.http.layers.ratelimit), published by the request middleware.
+
+    Asked as soon as the token names the user, before anything is read or written, so that the 429
+    is this endpoint's answer and its audit entry says ``rate_limited``.
+    """
+    check = request.scope.get("keyconnector.user_limit")
+    refusal = check(user_id) if check is not None else None
+    if refusal is None:
+        return None
+    if request.method != "GET":
+        await _drain(request)  # the 429 must not be lost to a reset over an unread body
+    return message(429, refusal.message, {"Retry-After": str(refusal.retry_after)})

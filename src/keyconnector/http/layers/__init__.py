@@ -1,0 +1,1 @@
+"""Single-purpose ASGI layers around the endpoints."""

@@ -1,0 +1,135 @@
+"""RSA key providers: what wraps and unwraps the data key.
+
+One module per provider, each exposing ``async def open(settings, *, transfer) -> KeyProvider``;
+``rsaKey.provider`` picks the module by name. The provider only ever sees the 32-byte data key,
+never a user's key.
+
+Errors follow one rule across providers: a wrong or missing setting raises ``ConfigurationError``
+naming it; a backend that cannot be reached (network, HSM token gone, KMS throttling) raises
+``UnavailableError``, which the HTTP layer answers with 503 and which never stops the process;
+a wrapped key that the backend refuses to unwrap raises ``IntegrityFailure``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from keyconnector.errors import ConfigurationError, UnavailableError
+from keyconnector.keypairs.base import KeyProvider, rsa_fingerprint
+from keyconnector.runtime.settings import Settings
+
+__all__ = ["PROVIDERS", "KeyProvider", "ReconnectingKeyProvider", "open_key_provider", "rsa_fingerprint"]
+
+log = logging.getLogger("keyconnector.keys")
+
+PROVIDERS: dict[str, str] = {
+    "certificate": "keyconnector.keypairs.certificate",
+    "pkcs11": "keyconnector.keypairs.pkcs11",
+    "awskms": "keyconnector.keypairs.awskms",
+    "azurekv": "keyconnector.keypairs.azurekv",
+    "gcpkms": "keyconnector.keypairs.gcpkms",
+    "vaulttransit": "keyconnector.keypairs.vaulttransit",
+}
+
+
+async def open_key_provider(
+    settings: Settings, *, transfer: bool = False, tolerate_outage: bool = False
+) -> KeyProvider:
+    """The provider named by ``rsaKey.provider`` (or ``transferTo.rsaKey.provider`` when ``transfer``).
+
+    With ``tolerate_outage``, a backend that cannot be reached yet does not fail the call: the
+    result connects on first use and keeps trying (what a server worker wants, so that it starts,
+    answers 503 and recovers by itself). A configuration error always fails at once.
+    """
+    if tolerate_outage:
+        try:
+            return await _open(settings, transfer)
+        except UnavailableError as exc:
+            log.error("%s; will keep trying", exc)
+            return ReconnectingKeyProvider(lambda: _open(settings, transfer), exc)
+    return await _open(settings, transfer)
+
+
+async def _open(settings: Settings, transfer: bool) -> KeyProvider:
+    prefix = "transferTo.rsaKey" if transfer else "rsaKey"
+    rsa_settings = settings.transfer_to.rsa_key if transfer else settings.rsa_key
+    if rsa_settings is None:
+        raise ConfigurationError(f"{prefix}.provider", "is not set")
+    module_name = PROVIDERS.get(rsa_settings.provider)
+    if module_name is None:
+        raise ConfigurationError(
+            f"{prefix}.provider",
+            f"unknown RSA key provider '{rsa_settings.provider}'; "
+            f"choose one of: {', '.join(sorted(PROVIDERS))}",
+        )
+    module = importlib.import_module(module_name)
+    provider: KeyProvider = await module.open(settings, transfer=transfer)
+    return provider
+
+
+class ReconnectingKeyProvider:
+    """A provider whose backend was unreachable when the process started.
+
+    Every call tries to open the real provider, at most once per ``retry_interval``; in between,
+    calls fail fast with the last ``UnavailableError`` so that a login storm during an outage does
+    not become a connection storm against the HSM or KMS.
+    """
+
+    def __init__(
+        self,
+        opener: Callable[[], Awaitable[KeyProvider]],
+        error: UnavailableError,
+        retry_interval: float = 5.0,
+    ) -> None:
+        self._opener = opener
+        self._error = error
+        self._retry_interval = retry_interval
+        self._last_attempt = time.monotonic()
+        self._inner: KeyProvider | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def description(self) -> str:
+        if self._inner is not None:
+            return self._inner.description
+        return f"not connected yet ({self._error})"
+
+    @property
+    def fingerprint(self) -> str:
+        if self._inner is None:
+            raise self._error
+        return self._inner.fingerprint
+
+    async def _provider(self) -> KeyProvider:
+        if self._inner is not None:
+            return self._inner
+        async with self._lock:
+            if self._inner is not None:
+                return self._inner
+            if time.monotonic() - self._last_attempt < self._retry_interval:
+                raise self._error
+            self._last_attempt = time.monotonic()
+            try:
+                self._inner = await self._opener()
+            except UnavailableError as exc:
+                self._error = exc
+                raise
+            log.info("key provider connected: %s", self._inner.description)
+            return self._inner
+
+    async def wrap(self, data_key: bytes) -> bytes:
+        return await (await self._provider()).wrap(data_key)
+
+    async def unwrap(self, wrapped: bytes) -> bytes:
+        return await (await self._provider()).unwrap(wrapped)
+
+    async def check(self) -> None:
+        await (await self._provider()).check()
+
+    async def aclose(self) -> None:
+        if self._inner is not None:
+            await self._inner.aclose()

@@ -1,0 +1,67 @@
+"""The ``certificate`` provider: an RSA key pair held in a PFX (from any certificate source).
+
+Wrapping is upstream's RSA-OAEP with SHA-1 (kept so that data keys wrapped by upstream unwrap
+here). RSA private-key operations are a few milliseconds, and the data key is unwrapped once per
+process, so running them on the event loop is fine.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from keyconnector.certificates import load_certificate
+from keyconnector.core.envelope import OAEP_SHA1
+from keyconnector.errors import ConfigurationError, IntegrityFailure
+from keyconnector.keypairs.base import rsa_fingerprint
+from keyconnector.runtime.settings import Settings
+
+
+class CertificateKeyProvider:
+    def __init__(self, private_key: rsa.RSAPrivateKey, description: str) -> None:
+        self._private_key = private_key
+        self._public_key = private_key.public_key()
+        self._description = description
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @property
+    def fingerprint(self) -> str:
+        return rsa_fingerprint(self._public_key, "rsa-oaep-sha1")
+
+    async def wrap(self, data_key: bytes) -> bytes:
+        return self._public_key.encrypt(data_key, OAEP_SHA1)
+
+    async def unwrap(self, wrapped: bytes) -> bytes:
+        try:
+            return self._private_key.decrypt(wrapped, OAEP_SHA1)
+        except ValueError:
+            raise IntegrityFailure(
+                "the stored data key does not unwrap with this key pair: it was wrapped by another one"
+            ) from None
+
+    async def check(self) -> None:
+        probe = secrets.token_bytes(32)
+        if await self.unwrap(await self.wrap(probe)) != probe:
+            raise IntegrityFailure("the key pair does not round-trip a wrapped key")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def open(settings: Settings, *, transfer: bool = False) -> CertificateKeyProvider:
+    prefix = "transferTo.certificate" if transfer else "certificate"
+    cert_settings = settings.transfer_to.certificate if transfer else settings.certificate
+    if cert_settings is None:
+        raise ConfigurationError(f"{prefix}.provider", "is not set")
+    loaded = await load_certificate(cert_settings, prefix, settings.ca_certificates_directory)
+    if loaded.private_key is None:
+        raise ConfigurationError(
+            f"{prefix}.provider",
+            f"the certificate from {loaded.description} carries no private key; the 'certificate' RSA key "
+            "provider needs the PFX with its key",
+        )
+    return CertificateKeyProvider(loaded.private_key, f"certificate ({loaded.description})")

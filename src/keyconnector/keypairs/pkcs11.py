@@ -1,0 +1,818 @@
+"""The ``pkcs11`` provider: the RSA private key stays on a PKCS#11 token (an HSM, a smart card, SoftHSM).
+
+Upstream's scheme, kept so that data keys move freely between upstream and this service: the data key
+is wrapped locally with the certificate's public key (RSA-OAEP, SHA-1, MGF1-SHA-1, no label) and
+unwrapped on the token with ``CKM_RSA_PKCS_OAEP`` and the same parameters. The certificate comes from
+the certificate settings; it needs no private key, and the token's key never leaves the token.
+
+Settings, under ``rsaKey`` (or ``transferTo.rsaKey``):
+
+- ``pkcs11LibraryPath``: the token's PKCS#11 library. When empty, ``pkcs11Provider`` (``opensc`` or
+  ``yubihsm``) picks the first of the usual Debian, Ubuntu, RHEL and container locations that exists;
+  with an explicit path, ``pkcs11Provider`` is only a name and may hold anything.
+- ``pkcs11SlotTokenSerialNumber``: the token, by the serial number ``pkcs11-tool -L`` or
+  ``softhsm2-util --show-slots`` print (compared without case and leading zeros). May stay empty when
+  the library shows exactly one token.
+- ``pkcs11LoginUserType``: ``user`` (the default), ``so`` or ``context_specific``. PKCS#11 has no
+  stand-alone context-specific login: it re-authenticates one operation on a key marked
+  ``CKA_ALWAYS_AUTHENTICATE``. So ``context_specific`` logs in as the user, and a key that demands it
+  gets the PIN again before every decryption, whatever the user type.
+- ``pkcs11LoginPin``. For a YubiHSM 2 it is the authentication key's id in four hex digits followed by
+  its password (``0001password``); the library finds its connector through ``YUBIHSM_PKCS11_CONF``.
+- ``pkcs11PrivateKeyLabel`` and/or ``pkcs11PrivateKeyId`` (both set: the key must match both). The id
+  is ``CKA_ID`` in hex, as ``pkcs11-tool`` prints it and ``softhsm2-util --id`` takes it: ``0a1b``,
+  ``0x0A1B``, ``0a:1b`` and ``0a 1b`` are the same id. A value that is not hex, or whose bytes match no
+  key, is also tried as its UTF-8 text, for tokens whose ids were written as text.
+
+How the library is used, and why:
+
+- One thread per library. Every call into a library runs on that library's single worker thread. This
+  serialises the use of the shared session (PKCS#11 sessions are not for concurrent use) without
+  parking a thread of the default pool per waiting request, and it honours what python-pkcs11 promises
+  the library with ``C_Initialize(NULL)``: no calls from several threads at once.
+- One login per token. Login state belongs to the application, not to a session: a second ``C_Login``
+  fails with ``CKR_USER_ALREADY_LOGGED_IN``, and closing a logged-in session logs every other session
+  on the token out. So the providers of one process that use the same token and user type (the key
+  provider and a transfer target on the same HSM, repeated opens by ``keyconnector check`` or tests)
+  share one logged-in session, counted, and the last one to close closes it.
+- One library object per process. python-pkcs11 keeps one library object per path; loading the same
+  file under a second name (Debian links ``pkcs11/opensc-pkcs11.so`` to ``opensc-pkcs11.so``) would
+  call ``C_Initialize`` again and fail with ``CKR_CRYPTOKI_ALREADY_INITIALIZED``, so paths are resolved
+  first. The library is never finalised, since other providers of the process may still use it.
+  Server workers are fresh interpreters (spawned, not forked), so each initialises its own copy.
+- Recovery. When an operation fails because the session, the login or the token went away, whatever
+  is left is closed and the session is opened and logged in again once, then the operation is retried;
+  if that fails too, ``UnavailableError`` (503) and the next request tries again. A ciphertext the
+  token refuses is told apart from a sick token by a probe (a fresh ciphertext of our own): if the
+  probe unwraps, the stored data key is the problem (``IntegrityFailure``).
+- PKCS#11 calls have no timeouts of their own, so each call is awaited for a bounded time only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import hmac
+import logging
+import os
+import platform
+import re
+import secrets
+import string
+import sysconfig
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import SecretStr
+
+from keyconnector._optional import require
+from keyconnector.certificates import load_certificate
+from keyconnector.core.envelope import OAEP_SHA1
+from keyconnector.errors import (
+    ConfigurationError,
+    IntegrityFailure,
+    KeyConnectorError,
+    UnavailableError,
+    setting_name,
+)
+from keyconnector.keypairs.base import rsa_fingerprint
+from keyconnector.runtime.settings import RsaKeySettings, Settings
+
+if TYPE_CHECKING:
+    from pkcs11 import DecryptMixin, PrivateKey, Session, Token
+
+log = logging.getLogger("keyconnector.keys.pkcs11")
+
+PROVIDER = "pkcs11"
+OPEN_TIMEOUT = 30.0  # loading a library, finding the token, logging in, proving the key pair
+OPERATION_TIMEOUT = 10.0  # one unwrap, including a re-login and a retry
+CLOSE_TIMEOUT = 5.0
+
+LIBRARY_FILES = {"opensc": "opensc-pkcs11.so", "yubihsm": "yubihsm_pkcs11.so"}
+
+# python-pkcs11 exception class names. Errors that mean "this ciphertext is not for this key" on tokens
+# that say so precisely; SoftHSM answers CKR_GENERAL_ERROR instead, which the probe sorts out.
+_BAD_CIPHERTEXT = frozenset({"EncryptedDataInvalid", "EncryptedDataLenRange", "DataInvalid", "DataLenRange"})
+# Errors that mean the token or the session went away rather than anything about the key.
+_GONE = frozenset(
+    {
+        "SessionHandleInvalid",
+        "SessionClosed",
+        "DeviceRemoved",
+        "DeviceError",
+        "DeviceMemory",
+        "TokenNotPresent",
+        "TokenNotRecognised",
+        "UserNotLoggedIn",
+        "SlotIDInvalid",
+        "HostMemory",
+    }
+)
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True, slots=True)
+class _UserType:
+    name: str  # as the operator wrote it, normalised
+    login: int  # the CKU_* value given to C_Login
+
+
+_USER_TYPES = {
+    "user": _UserType("user", 1),
+    "so": _UserType("so", 0),
+    "context_specific": _UserType("context_specific", 1),
+}
+_USER_TYPE_SPELLINGS = {
+    "": "user",
+    "user": "user",
+    "normal": "user",
+    "so": "so",
+    "security_officer": "so",
+    "securityofficer": "so",
+    "context_specific": "context_specific",
+    "contextspecific": "context_specific",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Config:
+    prefix: str
+    library_path: str  # resolved, see the module docstring
+    library_setting: str  # the setting that chose it
+    serial: str | None
+    user_type: _UserType
+    pin: SecretStr
+    label: str | None
+    key_ids: tuple[bytes, ...]  # candidates for CKA_ID, best first
+    key_id_text: str | None
+
+    def setting(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    @property
+    def key_setting(self) -> str:
+        return self.setting("pkcs11PrivateKeyLabel" if self.label is not None else "pkcs11PrivateKeyId")
+
+    @property
+    def key_selector(self) -> str:
+        parts = []
+        if self.label is not None:
+            parts.append(f"labelled '{self.label}'")
+        if self.key_id_text is not None:
+            parts.append(f"with id {self.key_id_text}")
+        return " and ".join(parts)
+
+
+def _text(value: str | None) -> str | None:
+    stripped = (value or "").strip()
+    return stripped or None
+
+
+def default_library_candidates(provider: str) -> list[str]:
+    """Where the distributions and vendors put ``provider``'s library, most specific first."""
+    filename = LIBRARY_FILES[provider]
+    arches: list[str] = []
+    for arch in (sysconfig.get_config_var("MULTIARCH"), f"{platform.machine()}-linux-gnu"):
+        if isinstance(arch, str) and arch and arch not in arches:
+            arches.append(arch)
+    folders = [folder for arch in arches for folder in (f"/usr/lib/{arch}", f"/usr/lib/{arch}/pkcs11")]
+    folders += ["/usr/lib64", "/usr/lib64/pkcs11", "/usr/lib", "/usr/lib/pkcs11"]
+    folders += ["/usr/local/lib", "/usr/local/lib/pkcs11"]
+    return [f"{folder}/{filename}" for folder in folders]
+
+
+def library_path(rsa_settings: RsaKeySettings, prefix: str = "rsaKey") -> tuple[str, str]:
+    """The library file to load (resolved) and the setting that chose it, or a ``ConfigurationError``."""
+    explicit = _text(rsa_settings.pkcs11_library_path)
+    if explicit is not None:
+        setting = f"{prefix}.pkcs11LibraryPath"
+        if not os.path.exists(explicit):
+            raise ConfigurationError(
+                setting,
+                f"there is no file at {explicit}; install the token's PKCS#11 library or fix the path",
+            )
+        if os.path.isdir(explicit):
+            raise ConfigurationError(setting, f"{explicit} is a directory, not a PKCS#11 library")
+        return os.path.realpath(explicit), setting
+    provider = (_text(rsa_settings.pkcs11_provider) or "").lower()
+    if not provider:
+        raise ConfigurationError(
+            f"{prefix}.pkcs11Provider",
+            "is not set; set it to 'opensc' or 'yubihsm' (each implies the usual library path), or set "
+            f"{setting_name(prefix + '.pkcs11LibraryPath')} to the token's PKCS#11 library",
+        )
+    if provider not in LIBRARY_FILES:
+        raise ConfigurationError(
+            f"{prefix}.pkcs11Provider",
+            f"unknown PKCS#11 provider '{provider}'; choose one of: {', '.join(sorted(LIBRARY_FILES))}, "
+            f"or set {setting_name(prefix + '.pkcs11LibraryPath')} to the token's PKCS#11 library",
+        )
+    candidates = default_library_candidates(provider)
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return os.path.realpath(candidate), f"{prefix}.pkcs11Provider"
+    raise ConfigurationError(
+        f"{prefix}.pkcs11LibraryPath",
+        f"is not set, and the {provider} PKCS#11 library is in none of the usual places "
+        f"({', '.join(candidates)}); install it or set this setting to its path",
+    )
+
+
+def parse_key_id(text: str) -> tuple[bytes, ...]:
+    """``CKA_ID`` candidates for a configured id: its hex reading first, then its UTF-8 text."""
+    value = text.strip()
+    digits = value[2:] if value.lower().startswith("0x") else value
+    digits = re.sub(r"[\s:\-]", "", digits)
+    candidates: list[bytes] = []
+    if digits and all(c in string.hexdigits for c in digits):
+        candidates.append(bytes.fromhex(digits if len(digits) % 2 == 0 else "0" + digits))
+    if value.encode() not in candidates:
+        candidates.append(value.encode())
+    return tuple(candidates)
+
+
+def _user_type(rsa_settings: RsaKeySettings, prefix: str) -> _UserType:
+    raw = (rsa_settings.pkcs11_login_user_type or "").strip().lower().replace("-", "_").replace(" ", "_")
+    raw = raw.removeprefix("cku_")
+    name = _USER_TYPE_SPELLINGS.get(raw)
+    if name is None:
+        raise ConfigurationError(
+            f"{prefix}.pkcs11LoginUserType",
+            f"unknown user type '{rsa_settings.pkcs11_login_user_type}'; choose user, so or context_specific",
+        )
+    return _USER_TYPES[name]
+
+
+def _config(rsa_settings: RsaKeySettings, prefix: str) -> _Config:
+    path, library_setting = library_path(rsa_settings, prefix)
+    pin = rsa_settings.pkcs11_login_pin
+    if pin is None or not pin.get_secret_value():
+        raise ConfigurationError(
+            f"{prefix}.pkcs11LoginPin", "is not set; the token's PIN is needed to use its private key"
+        )
+    label = rsa_settings.pkcs11_private_key_label
+    label = label if label is not None and label.strip() else None
+    key_id_text = _text(rsa_settings.pkcs11_private_key_id)
+    if label is None and key_id_text is None:
+        raise ConfigurationError(
+            f"{prefix}.pkcs11PrivateKeyLabel",
+            f"neither it nor {setting_name(prefix + '.pkcs11PrivateKeyId')} is set; set one of them to "
+            "choose the private key on the token",
+        )
+    return _Config(
+        prefix=prefix,
+        library_path=path,
+        library_setting=library_setting,
+        serial=_text(rsa_settings.pkcs11_slot_token_serial_number),
+        user_type=_user_type(rsa_settings, prefix),
+        pin=pin,
+        label=label,
+        key_ids=parse_key_id(key_id_text) if key_id_text is not None else (),
+        key_id_text=key_id_text,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Library, token and session (everything below runs on the library's own thread)
+
+
+def _describe(exc: BaseException) -> str:
+    """A PKCS#11 error for a message: python-pkcs11's class name, plus its text when there is one."""
+    name, text = type(exc).__name__, str(exc).strip()
+    if name == "PKCS11Error":
+        return text or "an unknown PKCS#11 error"
+    return f"{name} ({text})" if text else name
+
+
+def _serial(token: Token) -> str:
+    return token.serial.decode("ascii", "replace").strip()
+
+
+def _same_serial(actual: str, wanted: str) -> bool:
+    a, w = actual.strip().casefold(), wanted.strip().casefold()
+    return a == w or (a.lstrip("0") == w.lstrip("0") != "")
+
+
+class _Library:
+    """A loaded PKCS#11 library, the one thread that calls it, and the logged-in sessions on its tokens."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
+        self.connections: dict[tuple[str, int], _Connection] = {}  # (token serial, CKU_*) -> session
+        self._checked = False
+
+    def load(self, setting: str) -> Any:
+        """python-pkcs11's library object; it initialises the library again if someone finalised it."""
+        import pkcs11
+
+        if not self._checked:
+            # python-pkcs11 folds "not a loadable file" and "C_Initialize failed" into one exception;
+            # the first is a setting to fix, the second may be a device that is not there yet.
+            try:
+                handle = ctypes.CDLL(self.path)
+            except OSError as exc:
+                raise ConfigurationError(setting, f"cannot load {self.path}: {exc}") from None
+            if not hasattr(handle, "C_GetFunctionList"):
+                raise ConfigurationError(
+                    setting, f"{self.path} is not a PKCS#11 library (it has no C_GetFunctionList)"
+                )
+            self._checked = True
+        try:
+            return pkcs11.lib(self.path)
+        except pkcs11.PKCS11Error as exc:
+            raise UnavailableError(
+                f"the key provider pkcs11 ({setting_name(setting)})",
+                f"the library {self.path} did not initialise: {_describe(exc)}",
+            ) from None
+
+    def find_token(self, config: _Config) -> Token:
+        import pkcs11
+
+        serial_setting = config.setting("pkcs11SlotTokenSerialNumber")
+        try:
+            tokens: list[Token] = [
+                token
+                for token in self.load(config.library_setting).get_tokens()
+                if token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED
+            ]
+        except pkcs11.PKCS11Error as exc:
+            raise _gone(config, f"cannot list the tokens: {_describe(exc)}") from None
+        if not tokens:
+            raise _gone(
+                config,
+                f"the library {self.path} shows no initialised token (is the device connected, its "
+                "reader or connector running, and the library configured?)",
+            )
+        present = ", ".join(f"{_serial(token)} ('{token.label}')" for token in tokens)
+        if config.serial is None:
+            if len(tokens) == 1:
+                return tokens[0]
+            raise ConfigurationError(
+                serial_setting, f"is not set, and the library shows several tokens; choose one of: {present}"
+            )
+        for token in tokens:
+            if _same_serial(_serial(token), config.serial):
+                return token
+        raise ConfigurationError(
+            serial_setting, f"no token has the serial number '{config.serial}'; tokens present: {present}"
+        )
+
+    def attach(self, config: _Config) -> _Connection:
+        """The logged-in session for ``config``'s token and user type, shared if one exists."""
+        token = self.find_token(config)
+        key = (_serial(token), config.user_type.login)
+        connection = self.connections.get(key)
+        if connection is None:
+            connection = _Connection(self, config)
+            connection.open_session(token)
+            self.connections[key] = connection
+        elif not hmac.compare_digest(
+            connection.config.pin.get_secret_value().encode(), config.pin.get_secret_value().encode()
+        ):
+            raise ConfigurationError(
+                config.setting("pkcs11LoginPin"),
+                f"token {key[0]} is already logged in by another key provider of this process with a "
+                "different PIN; give both the same PIN",
+            )
+        connection.users += 1
+        connection.key = key
+        return connection
+
+    def detach(self, connection: _Connection) -> None:
+        connection.users -= 1
+        if connection.users <= 0:
+            if self.connections.get(connection.key) is connection:
+                del self.connections[connection.key]
+            connection.close()
+
+
+class _Connection:
+    """One logged-in session on one token; ``generation`` changes whenever the session is replaced."""
+
+    def __init__(self, library: _Library, config: _Config) -> None:
+        self.library = library
+        self.config = config  # the first provider's; the PIN is the same for every user of the session
+        self.key: tuple[str, int] = ("", 0)
+        self.users = 0
+        self.generation = 0
+        self.token_description = ""
+        self._session: Session | None = None
+
+    def session(self) -> Session:
+        if self._session is None:
+            self.open_session(self.library.find_token(self.config))
+        assert self._session is not None
+        return self._session
+
+    def open_session(self, token: Token) -> None:
+        import pkcs11
+
+        config = self.config
+        pin_setting = config.setting("pkcs11LoginPin")
+        serial = _serial(token)
+        locked = (
+            pkcs11.TokenFlag.USER_PIN_LOCKED
+            if config.user_type.login == 1
+            else pkcs11.TokenFlag.SO_PIN_LOCKED
+        )
+        if token.flags & locked:
+            raise ConfigurationError(pin_setting, _pin_locked(serial))
+        rw = config.user_type.login == 0  # a security officer logs in on read/write sessions only
+        try:
+            session = token.open(
+                rw=rw,
+                user_pin=config.pin.get_secret_value(),
+                user_type=pkcs11.UserType(config.user_type.login),
+            )
+        except pkcs11.exceptions.UserAlreadyLoggedIn:
+            # Something else in this process logged in to this token already; its login serves us.
+            session = token.open(rw=rw)
+        except pkcs11.exceptions.PinIncorrect:
+            raise ConfigurationError(
+                pin_setting,
+                f"token {serial} refused the PIN for user type '{config.user_type.name}'; each wrong "
+                "attempt brings the token closer to locking the PIN",
+            ) from None
+        except pkcs11.exceptions.PinLocked:
+            raise ConfigurationError(pin_setting, _pin_locked(serial)) from None
+        except pkcs11.exceptions.PinExpired:
+            raise ConfigurationError(
+                pin_setting, f"the PIN of token {serial} has expired; set a new one with the token's tools"
+            ) from None
+        except (pkcs11.exceptions.PinInvalid, pkcs11.exceptions.PinLenRange):
+            raise ConfigurationError(
+                pin_setting, f"is not a valid PIN for token {serial} (wrong length or characters)"
+            ) from None
+        except pkcs11.exceptions.UserPinNotInitialized:
+            raise ConfigurationError(
+                pin_setting, f"token {serial} has no user PIN yet; initialise it with the token's tools"
+            ) from None
+        except (
+            pkcs11.exceptions.AnotherUserAlreadyLoggedIn,
+            pkcs11.exceptions.UserTooManyTypes,
+            pkcs11.exceptions.SessionReadOnlyExists,
+            pkcs11.exceptions.SessionReadWriteSOExists,
+        ) as exc:
+            raise ConfigurationError(
+                config.setting("pkcs11LoginUserType"),
+                f"cannot log in to token {serial} as '{config.user_type.name}' while this process holds "
+                f"other sessions on it ({_describe(exc)}); use the same user type for every key provider "
+                "on one token",
+            ) from None
+        except pkcs11.PKCS11Error as exc:
+            raise _gone(config, f"cannot open a session on token {serial}: {_describe(exc)}") from None
+        self._session = session
+        self.generation += 1
+        self.token_description = f"token {serial} ('{token.label}', {token.manufacturer_id} {token.model})"
+
+    def reset(self) -> None:
+        """Close what is left of the session, so that the next use opens and logs in afresh."""
+        self.close()
+        self.generation += 1
+
+    def close(self) -> None:
+        import pkcs11
+
+        session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(pkcs11.PKCS11Error):
+                session.close()
+
+
+def _visible_keys(session: Session, config: _Config) -> str:
+    """What an operator needs to fix a wrong label or id: the private keys the login can see."""
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    try:
+        keys = list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
+    except pkcs11.PKCS11Error as exc:
+        return f"the token did not list its keys ({_describe(exc)})"
+    if not keys:
+        hint = (
+            " (a security officer usually sees none: use the user type 'user')"
+            if config.user_type.login == 0
+            else ""
+        )
+        return f"no private key is visible to this login{hint}"
+    shown = []
+    for key in keys[:20]:
+        label = _attribute(key, Attribute.LABEL)
+        key_id = _attribute(key, Attribute.ID)
+        shown.append(f"'{label or ''}' (id {key_id.hex() if isinstance(key_id, bytes) and key_id else '-'})")
+    more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
+    return f"private keys on it: {', '.join(shown)}{more}"
+
+
+def _attribute(key: Any, attribute: Any) -> Any:
+    import pkcs11
+
+    try:
+        return key[attribute]
+    except pkcs11.PKCS11Error:
+        return None
+
+
+def _pin_locked(serial: str) -> str:
+    return (
+        f"the PIN of token {serial} is locked after too many wrong attempts; the token's security "
+        "officer must unlock or reset it (e.g. pkcs11-tool --init-pin, or the vendor's tool)"
+    )
+
+
+def _gone(config: _Config, problem: str) -> UnavailableError:
+    return UnavailableError(_component(config), problem)
+
+
+def _component(config: _Config) -> str:
+    serial = config.serial or "(the only token)"
+    return (
+        f"the key provider pkcs11 ({setting_name(config.setting('pkcs11SlotTokenSerialNumber'))}={serial}, "
+        f"library {config.library_path})"
+    )
+
+
+_LIBRARIES: dict[str, _Library] = {}
+_LIBRARIES_LOCK = threading.Lock()
+
+
+def _library(path: str) -> _Library:
+    with _LIBRARIES_LOCK:
+        library = _LIBRARIES.get(path)
+        if library is None:
+            library = _LIBRARIES[path] = _Library(path)
+        return library
+
+
+# --------------------------------------------------------------------------------------------------
+# The provider
+
+
+class Pkcs11KeyProvider:
+    """Wraps locally with the certificate's public key; unwraps on the token, on the library's thread."""
+
+    def __init__(
+        self, config: _Config, library: _Library, public_key: rsa.RSAPublicKey, certificate: str
+    ) -> None:
+        self._config = config
+        self._library = library
+        self._public_key = public_key
+        self._ciphertext_size = (public_key.key_size + 7) // 8
+        self._certificate = certificate
+        self._connection: _Connection | None = None
+        self._key: tuple[int, PrivateKey, bool] | None = None  # (session generation, key, always-auth)
+        self._closed = False
+        self._description = f"PKCS#11 via {config.library_path}, private key {config.key_selector}"
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @property
+    def fingerprint(self) -> str:
+        # The same key pair and padding as the certificate provider: either can unwrap the other's wraps.
+        return rsa_fingerprint(self._public_key, "rsa-oaep-sha1")
+
+    async def wrap(self, data_key: bytes) -> bytes:
+        return self._public_key.encrypt(data_key, OAEP_SHA1)
+
+    async def unwrap(self, wrapped: bytes) -> bytes:
+        if len(wrapped) != self._ciphertext_size:
+            raise IntegrityFailure(
+                f"the stored data key is {len(wrapped)} bytes long instead of {self._ciphertext_size}: it "
+                "was wrapped by another key pair"
+            )
+        return await self._run(functools.partial(self._unwrap_blocking, wrapped), OPERATION_TIMEOUT)
+
+    async def check(self) -> None:
+        probe = secrets.token_bytes(32)
+        if await self.unwrap(await self.wrap(probe)) != probe:
+            raise IntegrityFailure("the token's key does not round-trip a wrapped key")
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                await self._run(functools.partial(self._library.detach, connection), CLOSE_TIMEOUT)
+            except UnavailableError as exc:
+                log.warning("closing the PKCS#11 session: %s", exc)
+
+    async def _run(self, call: Callable[[], T], seconds: float) -> T:
+        future = asyncio.get_running_loop().run_in_executor(self._library.executor, call)
+        try:
+            return await asyncio.wait_for(future, seconds)
+        except TimeoutError:
+            raise UnavailableError(
+                _component(self._config), f"the token did not answer within {seconds:g} seconds"
+            ) from None
+
+    # ---- on the library's thread
+
+    def open_blocking(self) -> None:
+        config = self._config
+        self._library.load(config.library_setting)
+        self._connection = self._library.attach(config)
+        try:
+            key, _ = self._current_key()
+            self._prove_pair(key)
+        except BaseException:
+            self._library.detach(self._connection)
+            self._connection = None
+            raise
+        self._description = (
+            f"PKCS#11 {self._connection.token_description} via {config.library_path}, private key "
+            f"{config.key_selector}, certificate from {self._certificate}"
+        )
+        if self._closed:  # closed while this was still running (the open timed out)
+            self._library.detach(self._connection)
+            self._connection = None
+
+    def _current_key(self) -> tuple[PrivateKey, bool]:
+        """The private key on the live session, looked up again whenever the session was replaced."""
+        connection = self._connection
+        if connection is None:
+            raise UnavailableError(_component(self._config), "the key provider is closed")
+        session = connection.session()
+        cached = self._key
+        if cached is None or cached[0] != connection.generation:
+            key, always_authenticate = self._find_key(session, connection)
+            cached = self._key = (connection.generation, key, always_authenticate)
+        return cached[1], cached[2]
+
+    def _find_key(self, session: Session, connection: _Connection) -> tuple[PrivateKey, bool]:
+        import pkcs11
+        from pkcs11 import Attribute, KeyType, ObjectClass
+
+        config = self._config
+        base: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+        if config.label is not None:
+            base[Attribute.LABEL] = config.label
+        searches = [{**base, Attribute.ID: key_id} for key_id in config.key_ids] or [base]
+        found: list[Any] = []
+        for search in searches:
+            found = list(session.get_objects(search))
+            if found:
+                break
+        token = connection.token_description
+        if not found:
+            raise ConfigurationError(
+                config.key_setting,
+                f"no private key {config.key_selector} on {token}; {_visible_keys(session, config)}",
+            )
+        if len(found) > 1:
+            hint = "give the keys distinct labels and ids"
+            if config.label is None or config.key_id_text is None:
+                other = "pkcs11PrivateKeyId" if config.key_id_text is None else "pkcs11PrivateKeyLabel"
+                hint = f"set {setting_name(config.setting(other))} as well to choose one"
+            raise ConfigurationError(
+                config.key_setting, f"{len(found)} private keys {config.key_selector} are on {token}; {hint}"
+            )
+        key = found[0]
+        if key.key_type != KeyType.RSA:
+            raise ConfigurationError(
+                config.key_setting, f"the private key {config.key_selector} on {token} is not an RSA key"
+            )
+        try:
+            always_authenticate = bool(key[Attribute.ALWAYS_AUTHENTICATE])
+        except pkcs11.PKCS11Error:
+            always_authenticate = False
+        return key, always_authenticate
+
+    def _decrypt(self, wrapped: bytes) -> bytes:
+        from pkcs11 import MGF, Mechanism
+
+        key, always_authenticate = self._current_key()
+        pin = self._config.pin.get_secret_value() if always_authenticate else None
+        result = cast("DecryptMixin", key).decrypt(
+            wrapped,
+            mechanism=Mechanism.RSA_PKCS_OAEP,
+            mechanism_param=(Mechanism.SHA_1, MGF.SHA1, None),
+            pin=pin,
+        )
+        assert isinstance(result, bytes)
+        return result
+
+    def _prove_pair(self, key: PrivateKey) -> None:
+        """At open: the token's key and the certificate must be the two halves of one key pair."""
+        import pkcs11
+        from pkcs11 import Attribute
+
+        config = self._config
+        assert self._connection is not None
+        token = self._connection.token_description
+        not_a_pair = ConfigurationError(
+            config.key_setting,
+            f"the certificate from {self._certificate} and the private key {config.key_selector} on "
+            f"{token} are not a key pair; point the certificate settings at this key's certificate, or "
+            "choose the key that belongs to the certificate",
+        )
+        modulus: int | None
+        try:
+            modulus = int.from_bytes(key[Attribute.MODULUS], "big")
+        except pkcs11.PKCS11Error:
+            modulus = None  # some tokens hide it; the probe below decides alone
+        if modulus is not None and modulus != self._public_key.public_numbers().n:
+            raise not_a_pair
+        probe = secrets.token_bytes(32)
+        try:
+            answer = self._decrypt(self._public_key.encrypt(probe, OAEP_SHA1))
+        except pkcs11.PKCS11Error as exc:
+            name = type(exc).__name__
+            if name in _GONE:
+                raise _gone(
+                    config, f"the token failed while proving the key pair: {_describe(exc)}"
+                ) from None
+            if modulus is None and (name in _BAD_CIPHERTEXT or name in ("GeneralError", "FunctionFailed")):
+                raise not_a_pair from None
+            raise ConfigurationError(
+                config.key_setting,
+                f"the token refused to decrypt with the private key {config.key_selector} "
+                f"({_describe(exc)}); the key must allow decryption with CKM_RSA_PKCS_OAEP (SHA-1)",
+            ) from None
+        if answer != probe:
+            raise not_a_pair
+
+    def _probe_works(self) -> bool:
+        import pkcs11
+
+        probe = secrets.token_bytes(32)
+        try:
+            return self._decrypt(self._public_key.encrypt(probe, OAEP_SHA1)) == probe
+        except (pkcs11.PKCS11Error, KeyConnectorError):
+            return False
+
+    def _unwrap_blocking(self, wrapped: bytes) -> bytes:
+        import pkcs11
+
+        connection = self._connection
+        if connection is None:
+            raise UnavailableError(_component(self._config), "the key provider is closed")
+        failure = ""
+        for attempt in (1, 2):
+            try:
+                return self._decrypt(wrapped)
+            except pkcs11.PKCS11Error as exc:
+                name = type(exc).__name__
+                if name in _BAD_CIPHERTEXT or (name not in _GONE and self._probe_works()):
+                    raise IntegrityFailure(
+                        "the stored data key does not unwrap with the token's private key: it was wrapped "
+                        "by another key pair"
+                    ) from None
+                failure = _describe(exc)
+            except UnavailableError as exc:
+                failure = exc.problem
+            except ConfigurationError as exc:
+                failure = str(exc)  # e.g. the PIN or the key changed on the token while we were running
+            if attempt == 1:
+                log.warning(
+                    "the PKCS#11 session on %s failed (%s); opening a new session",
+                    connection.token_description or self._config.library_path,
+                    failure,
+                )
+            connection.reset()
+        raise UnavailableError(
+            _component(self._config), f"{failure} (also after opening a new session and logging in again)"
+        )
+
+
+async def open(settings: Settings, *, transfer: bool = False) -> Pkcs11KeyProvider:
+    """Check the settings, load the certificate, log in to the token and prove the key pair, or fail now.
+
+    Proving the pair at open turns a certificate that belongs to another key into a start-up error
+    naming the setting, instead of an ``IntegrityFailure`` on the first login.
+    """
+    prefix = "transferTo.rsaKey" if transfer else "rsaKey"
+    rsa_settings = settings.transfer_to.rsa_key if transfer else settings.rsa_key
+    if rsa_settings is None:
+        raise ConfigurationError(f"{prefix}.provider", "is not set")
+    cert_prefix = "transferTo.certificate" if transfer else "certificate"
+    cert_settings = settings.transfer_to.certificate if transfer else settings.certificate
+    if cert_settings is None:
+        raise ConfigurationError(
+            f"{cert_prefix}.provider", "is not set; the pkcs11 key provider takes its public key from it"
+        )
+    config = _config(rsa_settings, prefix)
+    require("pkcs11", extra="pkcs11", setting=f"{prefix}.provider", provider=PROVIDER)
+    loaded = await load_certificate(cert_settings, cert_prefix, settings.ca_certificates_directory)
+    provider = Pkcs11KeyProvider(config, _library(config.library_path), loaded.public_key, loaded.description)
+    try:
+        await provider._run(provider.open_blocking, OPEN_TIMEOUT)
+    except BaseException:
+        await provider.aclose()
+        raise
+    return provider

@@ -1,0 +1,161 @@
+"""``keyconnector check``: each part of a deployment tested on its own, one line each.
+
+The checks only read: a check never creates a database, a schema or a data key, so it is safe
+to run against production before switching over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keyconnector.core.keyring import NotAdopted, RingRefused
+from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_name
+from keyconnector.keypairs.base import KeyProvider
+from keyconnector.runtime.assemble import database_of, load_data_keys, open_database, open_key_pair
+from keyconnector.runtime.settings import (
+    DatabaseSettings,
+    LoadedSettings,
+    Settings,
+    identity_server_uri,
+)
+from keyconnector.runtime.trust import Trust
+from keyconnector.storage.base import Repository, inspect
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    warning: bool = False
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok and not self.warning else ("warn" if self.ok else "FAIL")
+        return f"{mark} {self.name}: {self.detail}"
+
+
+async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
+    settings = loaded.settings
+    results = [
+        CheckResult("settings", True, "loaded from " + (", ".join(loaded.sources) or "defaults only")),
+    ]
+    results += [
+        CheckResult("settings", True, f"unknown setting {name} is ignored (a typo?)", warning=True)
+        for name in loaded.unknown
+    ]
+    from keyconnector.runtime.permissions import loose_files
+
+    results += [CheckResult("permissions", True, problem, warning=True) for problem in loose_files(settings)]
+
+    repository: Repository | None = None
+    has_data = False
+    try:
+        state = inspect(settings.database, trust=Trust.from_settings(settings))
+        has_data = state.has_schema
+        results.append(CheckResult("database", True, state.description))
+    except KeyConnectorError as exc:
+        results.append(CheckResult("database", False, str(exc)))
+    transport = _check_transport(settings.database, Trust.from_settings(settings))
+    if transport is not None:
+        results.append(transport)
+
+    provider: KeyProvider | None = None
+    try:
+        # The assembly's steps, one line each (``assemble.open_core`` would stop at the first failure).
+        provider = await open_key_pair(settings, checked=False)
+        await provider.check()
+        results.append(CheckResult("key pair", True, f"{provider.description}; a wrapped key round-trips"))
+    except KeyConnectorError as exc:
+        results.append(CheckResult("key pair", False, str(exc)))
+
+    if provider is not None and has_data:
+        try:
+            repository = await open_database(
+                *database_of(settings), create=False, trust=Trust.from_settings(settings)
+            )
+            results += await _check_data_keys(repository, provider, settings)
+        except KeyConnectorError as exc:
+            results.append(CheckResult("data key", False, str(exc)))
+
+    results.append(await _check_identity(loaded))
+    for closeable in (provider, repository):
+        if closeable is not None:
+            await closeable.aclose()
+    return results
+
+
+def _check_transport(database: DatabaseSettings, trust: Trust | None = None) -> CheckResult | None:
+    """Whether a network attacker could stand in for the database (and so write it), judged from the
+    connection string alone: it is worth saying even when the server cannot be reached right now.
+
+    None for file databases (nothing travels over a network) and for a connection string that does
+    not parse (the ``database`` line already names what is wrong with it). ``trust`` is the
+    deployment's (the warning names its folder); None means the default folder's.
+    """
+    from keyconnector.storage.base import server_target
+    from keyconnector.storage.sql.common import transport_summary, transport_warning
+
+    try:
+        target = server_target(database, trust=trust)
+    except KeyConnectorError:
+        return None
+    if target is None:
+        return None
+    warning = transport_warning(target)
+    if warning is not None:
+        return CheckResult("database transport", True, warning, warning=True)
+    return CheckResult("database transport", True, transport_summary(target))
+
+
+async def _check_identity(loaded: LoadedSettings) -> CheckResult:
+    from keyconnector.auth import TokenValidator
+
+    settings = loaded.settings
+    try:
+        uri = identity_server_uri(settings)
+    except ConfigurationError as exc:
+        return CheckResult("identity server", False, str(exc))
+    validator = TokenValidator(uri, verify=Trust.from_settings(settings))
+    try:
+        await validator.refresh()
+        return CheckResult("identity server", True, validator.status())
+    except KeyConnectorError as exc:
+        return CheckResult("identity server", False, f"{exc} (setting {setting_name('identityServerUri')})")
+    finally:
+        await validator.aclose()
+
+
+async def _check_data_keys(
+    repository: Repository, provider: KeyProvider, settings: Settings
+) -> list[CheckResult]:
+    """The data keys as ``serve`` would load them: through the authenticated key ring, read-only.
+
+    The same assembly as the service and the operations (``assemble.load_data_keys``), so that
+    ``check`` cannot contradict ``serve`` (during a key-pair rotation, say, when ApplicationDatas
+    still holds the old pair's wrap and the new pair's wraps are only in the ring)."""
+    try:
+        opened = await load_data_keys(repository, provider, settings, read_only=True)
+    except NotAdopted as exc:
+        return [CheckResult("data key", True, str(exc))]
+    except RingRefused as exc:
+        return [CheckResult("key ring", False, str(exc))]
+    ring = opened.ring
+    versions = ", ".join(str(number) for number in sorted(opened.keys.keys))
+    keys = CheckResult(
+        "data key",
+        True,
+        f"version(s) {versions} unwrap with this key pair; version {ring.current} seals new records",
+    )
+    if opened.adopted:
+        return [keys, CheckResult("key ring", True, f"{opened.adopted} (anchor {ring.anchor})")]
+    legacy = "accepted" if ring.accept_legacy else "refused (every record is bound to its user)"
+    pinned = " (pinned by keyRingAnchor)" if settings.key_ring_anchor else ""
+    return [
+        keys,
+        CheckResult(
+            "key ring",
+            True,
+            f"revision {ring.revision} authenticates; anchor {ring.anchor}{pinned}; upstream-format "
+            f"records {legacy}",
+        ),
+    ]

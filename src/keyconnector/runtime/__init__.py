@@ -1,0 +1,1 @@
+"""What runs the service: settings, trust, the composition root, the server, logs."""

@@ -1,0 +1,225 @@
+"""One assembly of a deployment's core: database, key pair and data keys, put together in one place.
+
+``serve``'s pre-flight, each server worker, ``keyconnector check`` and the operations (``ops``) all
+need the same parts, and each used to put them together its own way; they drifted (``check`` once
+unwrapped ApplicationDatas itself and contradicted ``serve`` in the middle of a key-pair rotation).
+:func:`open_core` is now the one way, with options for what the callers differ in:
+
+- ``create``: migrate the schema (make it if absent) first (``serve``'s pre-flight, the operations
+  that write);
+- ``read_only``: never write anything, not even an adoption of the key ring (``check``, ``stats``,
+  dry runs, the source of a transfer). Without it, the stored data key (or an earlier
+  keyconnector's ring) is adopted, or data key version 1 made, as ``serve`` does at start;
+- ``tolerate_outage``: a key provider that cannot be reached does not fail the opening (a worker
+  starts, answers 503 and recovers by itself); the data keys are then left to the caller to load
+  when the provider is back (``service.KeyService`` does, lazily);
+- ``transfer``: the ``transferTo`` side of the settings instead of the deployment's own.
+
+The steps are public too (:func:`open_key_pair`, :func:`open_database`, :func:`load_data_keys`),
+for ``check``, which reports each on its own line and goes on after a failure. Whatever the
+caller, the key pair is opened and checked before the database is touched, so that a wrong (target)
+key provider fails before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, overload
+
+from keyconnector.core.envelope import DataKeys
+from keyconnector.core.keyring import (
+    KeyRing,
+    NotAdopted,
+    RingTrust,
+    accept_unbound_records,
+    load_key_set,
+    open_ring,
+)
+from keyconnector.errors import ConfigurationError, StorageError
+from keyconnector.keypairs import KeyProvider, open_key_provider
+from keyconnector.runtime.settings import DatabaseSettings, Settings
+from keyconnector.runtime.trust import Trust
+from keyconnector.storage.base import Repository, migrate, open_repository
+
+
+@dataclass
+class Core:
+    """One side of the settings opened: its database and key pair (the data keys not loaded)."""
+
+    name: str
+    """What messages call this side (``source``, ``target``, ``service's``)."""
+    database: DatabaseSettings
+    database_prefix: str
+    """The settings path of ``database`` (``database`` or ``transferTo.database``), for messages."""
+    repository: Repository
+    provider: KeyProvider
+
+    async def aclose(self) -> None:
+        try:
+            await self.provider.aclose()
+        finally:
+            await self.repository.aclose()
+
+
+@dataclass
+class Side(Core):
+    """One deployment's data as an operation sees it: database, key pair, and the data keys."""
+
+    keys: DataKeys
+    ring: KeyRing
+    adopted: str | None = None
+    """Read-only: set when the database holds no authenticated ring yet (what ``serve`` would
+    adopt); ``ring`` is then only that proposal, and its authentication key exists nowhere else."""
+
+    @property
+    def trust(self) -> RingTrust:
+        """What this side trusted when it opened: a later ring must carry the same authentication."""
+        return RingTrust(self.ring.auth_key, self.ring.revision)
+
+
+@dataclass(frozen=True)
+class LoadedKeys:
+    """The data keys as loaded through the authenticated key ring."""
+
+    keys: DataKeys
+    ring: KeyRing
+    adopted: str | None
+    """What was adopted (``create``) or would be adopted by ``serve`` (read-only), or None."""
+
+
+def database_of(settings: Settings, *, transfer: bool = False) -> tuple[DatabaseSettings, str]:
+    """The side's database settings and their settings path; a ``ConfigurationError`` when unset."""
+    database = settings.transfer_to.database if transfer else settings.database
+    prefix = "transferTo.database" if transfer else "database"
+    if database is None:
+        raise ConfigurationError(f"{prefix}.provider", "is not set")
+    return database, prefix
+
+
+async def open_key_pair(
+    settings: Settings, *, transfer: bool = False, tolerate_outage: bool = False, checked: bool = True
+) -> KeyProvider:
+    """The side's key provider, checked by a real wrap/unwrap round trip unless ``tolerate_outage``
+    (the check would fail during an outage, and the point of tolerating one is to start anyway).
+
+    ``checked=False`` leaves the round trip to the caller: ``check`` reports it on its own line and
+    still tries the data keys when it fails (a wrap that fails while the unwrap of the stored data
+    key works says which half of the key pair is wrong)."""
+    provider = await open_key_provider(settings, transfer=transfer, tolerate_outage=tolerate_outage)
+    if tolerate_outage or not checked:
+        return provider
+    try:
+        await provider.check()
+    except BaseException:
+        await provider.aclose()
+        raise
+    return provider
+
+
+async def open_database(
+    database: DatabaseSettings, prefix: str, *, create: bool, trust: Trust | None = None
+) -> Repository:
+    """The side's repository; with ``create`` the schema is migrated (made if absent) first.
+    ``trust``: the deployment's ``Trust`` (``caCertificatesDirectory``) for database TLS."""
+    if create:
+        migrate(database, prefix, trust=trust)
+    return await open_repository(database, prefix, trust=trust)
+
+
+async def load_data_keys(
+    repository: Repository,
+    provider: KeyProvider,
+    settings: Settings,
+    *,
+    transfer: bool = False,
+    read_only: bool,
+) -> LoadedKeys:
+    """Every active data key this key pair unwraps, through the authenticated key ring.
+
+    Without ``read_only``, as ``serve`` does at start: the stored data key (or an earlier
+    keyconnector's ring) is adopted, or data key version 1 made, and ``compat.writeLegacyFormat``
+    makes the ring accept upstream-format records. With it nothing is written: ``NotAdopted`` when
+    there is no data key at all, and ``adopted`` says what ``serve`` would adopt. ``RingRefused``
+    either way when the stored ring does not authenticate.
+    """
+    write_legacy = settings.compat.write_legacy_format
+    # The pinned anchor is the deployment's own, not the transfer target's.
+    trust = RingTrust(anchor=None if transfer else settings.key_ring_anchor)
+    adopted: str | None = None
+    if not read_only:
+        keys, ring = await load_key_set(repository, provider, trust, accept_legacy_when_new=write_legacy)
+        if write_legacy and not ring.accept_legacy:
+            ring = await accept_unbound_records(repository, provider, ring)
+            keys = DataKeys(keys.keys, keys.current, accept_legacy=True)
+    else:
+        opened = await open_ring(repository, provider, trust=trust, adopt=False)
+        keys, ring, adopted = opened.key_set(), opened.ring, opened.adopted
+    return LoadedKeys(keys.with_legacy_format(write_legacy), ring, adopted)
+
+
+@overload
+async def open_core(
+    settings: Settings,
+    *,
+    transfer: bool = ...,
+    name: str = ...,
+    create: bool = ...,
+    read_only: bool = ...,
+    tolerate_outage: Literal[False] = ...,
+) -> Side: ...
+
+
+@overload
+async def open_core(
+    settings: Settings,
+    *,
+    transfer: bool = ...,
+    name: str = ...,
+    create: bool = ...,
+    read_only: bool = ...,
+    tolerate_outage: Literal[True],
+) -> Core: ...
+
+
+async def open_core(
+    settings: Settings,
+    *,
+    transfer: bool = False,
+    name: str = "source",
+    create: bool = False,
+    read_only: bool = False,
+    tolerate_outage: bool = False,
+) -> Core:
+    """Open one side of ``settings`` (``transferTo`` with ``transfer``); ``aclose()`` it when done.
+
+    The key pair first (checked unless ``tolerate_outage``), then the database (migrated with
+    ``create``), then the data keys (adopted or made as ``serve`` would; never written with
+    ``read_only``, where a database without a data key is a ``StorageError`` naming ``name``).
+    With ``tolerate_outage`` the data keys are not loaded: the result is a :class:`Core`, and
+    loading them is the caller's, retried until the provider answers.
+    """
+    if create and read_only:
+        raise TypeError("open_core: create and read_only exclude each other (a programming error)")
+    database, prefix = database_of(settings, transfer=transfer)
+    provider = await open_key_pair(settings, transfer=transfer, tolerate_outage=tolerate_outage)
+    try:
+        repository = await open_database(database, prefix, create=create, trust=Trust.from_settings(settings))
+    except BaseException:
+        await provider.aclose()
+        raise
+    core = Core(name, database, prefix, repository, provider)
+    if tolerate_outage:
+        return core
+    try:
+        try:
+            loaded = await load_data_keys(
+                repository, provider, settings, transfer=transfer, read_only=read_only
+            )
+        except NotAdopted:
+            raise StorageError(
+                f"the {name} database has no data key yet (`keyconnector serve` makes one)"
+            ) from None
+    except BaseException:
+        await core.aclose()
+        raise
+    return Side(name, database, prefix, repository, provider, loaded.keys, loaded.ring, loaded.adopted)

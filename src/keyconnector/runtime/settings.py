@@ -1,0 +1,719 @@
+"""The configuration model, spelled exactly as upstream operators write it.
+
+Upstream is an ASP.NET service: settings come from the ``keyConnectorSettings`` section of an
+``appsettings.json`` file, overridden by environment variables such as
+``keyConnectorSettings__database__provider``, with names matched case-insensitively. An operator
+taking over an existing deployment keeps their env file, so this module accepts exactly those
+names (and the ``:`` separator that ASP.NET also accepts), and reports anything it does not know
+instead of silently ignoring a typo.
+
+Field names are snake_case for Python; each carries its upstream camelCase name as its alias.
+Secrets are ``SecretStr`` so that a ``repr`` or a log line can never show them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from keyconnector.errors import ENV_PREFIX, ConfigurationError, UsageError
+
+CONFIG_FILE_ENV = "KEYCONNECTOR_CONFIG"
+"""Environment variable naming an appsettings-style JSON file (what ``serve --config`` sets)."""
+
+
+USED_BY = "usedBy"
+"""``json_schema_extra`` key on every setting: the providers that read it (``keyconnector.ops.reference``).
+
+Each entry is ``all``, a provider name of the setting's own section (``awskms`` in ``rsaKey``: the
+setting matters when ``rsaKey.provider`` is ``awskms``), or ``<section>.provider=<name>`` for a
+setting that depends on another section's provider. Kept on the field itself so that a new setting
+cannot reach the configuration reference without saying who uses it (a test enforces it)."""
+
+ORIGIN = "origin"
+"""``json_schema_extra`` key: ``upstream`` (the name upstream's operators already use) or ``ours``."""
+
+CHOICES = "choices"
+"""``json_schema_extra`` key on a ``provider`` field: ``module:NAME`` of the registry of its values
+(the dict the service itself dispatches on, so the reference cannot list a provider that does not exist)."""
+
+REFUSED = "refused"
+"""``json_schema_extra`` key on a ``provider`` field: ``module:NAME`` of values that are recognised
+only to be refused with an explanation (upstream's removed ``mongo``)."""
+
+
+def _meta(
+    *used_by: str, ours: bool = False, choices: str | None = None, refused: str | None = None
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {USED_BY: list(used_by), ORIGIN: "ours" if ours else "upstream"}
+    if choices is not None:
+        extra[CHOICES] = choices
+    if refused is not None:
+        extra[REFUSED] = refused
+    return extra
+
+
+def _alias(name: str, *used_by: str, ours: bool = False) -> Any:
+    return Field(default=None, alias=name, json_schema_extra=_meta(*used_by, ours=ours))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(
+        populate_by_name=True, extra="ignore", frozen=True, use_attribute_docstrings=True
+    )
+
+    @field_validator("provider", mode="before", check_fields=False)
+    @classmethod
+    def _lower_provider(cls, value: Any) -> Any:
+        # Upstream compares provider names case-insensitively; so do we.
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+_SQL = ("sqlite", "postgresql", "mysql", "sqlserver")
+_SERVERS = ("postgresql", "mysql", "sqlserver")
+
+
+class DatabaseSettings(Section):
+    """Where user keys and the wrapped data key are stored. Upstream's tables are used in place."""
+
+    provider: str = Field(
+        default="sqlite",
+        json_schema_extra=_meta(
+            "all", choices="keyconnector.storage.base:BACKENDS", refused="keyconnector.storage.base:REMOVED"
+        ),
+    )
+    """The backend. ``mongo`` is refused with a migration hint (upstream removed it)."""
+    json_file_path: str = Field(
+        default="/etc/bitwarden/data.json", alias="jsonFilePath", json_schema_extra=_meta("json")
+    )
+    """The JSON file database; a lock file next to it serialises writers across processes."""
+    sqlite_connection_string: SecretStr | None = _alias("sqliteConnectionString", "sqlite")
+    """ADO.NET style, e.g. ``Data Source=/etc/bitwarden/kc.db``."""
+    postgresql_connection_string: SecretStr | None = _alias("postgreSqlConnectionString", "postgresql")
+    """ADO.NET style (``Host=db;Port=5432;Database=kc;Username=kc;Password=...``) or a URL."""
+    mysql_connection_string: SecretStr | None = _alias("mySqlConnectionString", "mysql")
+    """ADO.NET style (``Server=db;Port=3306;Database=kc;Uid=kc;Pwd=...``) or a URL; MySQL or MariaDB."""
+    sqlserver_connection_string: SecretStr | None = _alias("sqlServerConnectionString", "sqlserver")
+    """ADO.NET style (``Server=tcp:db,1433;Database=kc;User Id=kc;Password=...``) or a URL."""
+    mongo_connection_string: SecretStr | None = _alias("mongoConnectionString", "mongo")
+    """Accepted so that an old env file still loads; ``mongo`` itself is refused with a migration hint."""
+    mongo_database_name: str | None = _alias("mongoDatabaseName", "mongo")
+    """As ``mongoConnectionString``: read, never used."""
+    pool_size: int = Field(
+        default=10, ge=1, le=1000, alias="poolSize", json_schema_extra=_meta(*_SERVERS, ours=True)
+    )
+    """Connections per worker process; a ``Maximum Pool Size`` in the connection string wins."""
+
+
+class RsaKeySettings(Section):
+    """The RSA key pair that wraps the data key: a PFX, an HSM, or a cloud KMS key."""
+
+    provider: str = Field(
+        default="certificate", json_schema_extra=_meta("all", choices="keyconnector.keypairs:PROVIDERS")
+    )
+    """Where the key pair lives; ``certificate`` and ``pkcs11`` also read the ``certificate`` section."""
+    # azurekv
+    azure_keyvault_uri: str | None = _alias("azureKeyvaultUri", "azurekv")
+    """The vault's URL, e.g. ``https://my-vault.vault.azure.net/``."""
+    azure_keyvault_key_name: str | None = _alias("azureKeyvaultKeyName", "azurekv")
+    """The RSA key's name; older enabled versions are tried too after a rotation in Key Vault."""
+    azure_keyvault_ad_tenant_id: str | None = _alias("azureKeyvaultAdTenantId", "azurekv")
+    """Entra ID tenant of the app registration."""
+    azure_keyvault_ad_app_id: str | None = _alias("azureKeyvaultAdAppId", "azurekv")
+    """The app (client) id; without a secret it picks a user-assigned managed identity."""
+    azure_keyvault_ad_secret: SecretStr | None = _alias("azureKeyvaultAdSecret", "azurekv")
+    """The app's client secret; empty means managed identity."""
+    azure_keyvault_authority_host: str | None = _alias("azureKeyvaultAuthorityHost", "azurekv", ours=True)
+    """Entra ID authority for sovereign clouds (default: the public cloud's)."""
+    azure_keyvault_ca_bundle: str | None = _alias("azureKeyvaultCaBundle", "azurekv", ours=True)
+    """PEM file of CAs to trust for Key Vault and Entra ID instead of the system store."""
+    # gcpkms
+    google_cloud_project_id: str | None = _alias("googleCloudProjectId", "gcpkms")
+    """The Google Cloud project of the key ring."""
+    google_cloud_location_id: str | None = _alias("googleCloudLocationId", "gcpkms")
+    """The key ring's location, e.g. ``europe-west1`` or ``global``."""
+    google_cloud_keyring_id: str | None = _alias("googleCloudKeyringId", "gcpkms")
+    """The key ring."""
+    google_cloud_key_id: str | None = _alias("googleCloudKeyId", "gcpkms")
+    """The asymmetric-decryption key."""
+    google_cloud_key_version_id: str | None = _alias("googleCloudKeyVersionId", "gcpkms")
+    """The key version; its public key wraps, its private half unwraps inside KMS."""
+    google_cloud_endpoint: str | None = _alias("googleCloudEndpoint", "gcpkms", ours=True)
+    """``host:port`` of the KMS API, for a private endpoint (default: Google's)."""
+    google_cloud_ca_bundle: str | None = _alias("googleCloudCaBundle", "gcpkms", ours=True)
+    """PEM file of CAs to trust for the KMS API and the token endpoint."""
+    # awskms
+    aws_access_key_id: str | None = _alias("awsAccessKeyId", "awskms")
+    """Static credentials; leave both empty for boto3's default chain (environment, profile, roles)."""
+    aws_access_key_secret: SecretStr | None = _alias("awsAccessKeySecret", "awskms")
+    """The secret half of ``awsAccessKeyId``."""
+    aws_region: str | None = _alias("awsRegion", "awskms")
+    """The key's region (default: ``AWS_REGION`` or the profile's)."""
+    aws_key_id: str | None = _alias("awsKeyId", "awskms")
+    """Key id, ARN or ``alias/...``."""
+    aws_use_symmetric_encryption: bool = Field(
+        default=False, alias="awsUseSymmetricEncryption", json_schema_extra=_meta("awskms")
+    )
+    """``SYMMETRIC_DEFAULT`` instead of ``RSAES_OAEP_SHA_256``: must match how the stored key was wrapped."""
+    aws_endpoint: str | None = _alias("awsEndpoint", "awskms", ours=True)
+    """A VPC endpoint or another KMS-compatible URL (default: the region's public endpoint)."""
+    aws_ca_bundle: str | None = _alias("awsCaBundle", "awskms", ours=True)
+    """PEM file of CAs to trust for the KMS endpoint."""
+    # pkcs11
+    pkcs11_provider: str | None = _alias("pkcs11Provider", "pkcs11")
+    """``opensc`` or ``yubihsm``: each implies the usual library path, so none has to be written."""
+    pkcs11_library_path: str | None = _alias("pkcs11LibraryPath", "pkcs11")
+    """The PKCS#11 module (``.so``) to load; wins over ``pkcs11Provider``'s default."""
+    pkcs11_slot_token_serial_number: str | None = _alias("pkcs11SlotTokenSerialNumber", "pkcs11")
+    """Picks the token by serial number, stable across reboots unlike slot numbers."""
+    pkcs11_login_user_type: str | None = _alias("pkcs11LoginUserType", "pkcs11")
+    """``user``, ``so`` or ``context_specific``."""
+    pkcs11_login_pin: SecretStr | None = _alias("pkcs11LoginPin", "pkcs11")
+    """The token's PIN."""
+    pkcs11_private_key_label: str | None = _alias("pkcs11PrivateKeyLabel", "pkcs11")
+    """The private key's ``CKA_LABEL``; with ``pkcs11PrivateKeyId``, both must match."""
+    pkcs11_private_key_id: str | None = _alias("pkcs11PrivateKeyId", "pkcs11")
+    """The private key's ``CKA_ID``, in hex."""
+    # vaulttransit (ours: the RSA key never leaves Vault's transit engine)
+    vault_transit_server_uri: str | None = _alias("vaultTransitServerUri", "vaulttransit", ours=True)
+    """Vault's (or OpenBao's) URL."""
+    vault_transit_token: SecretStr | None = _alias("vaultTransitToken", "vaulttransit", ours=True)
+    """A token allowed to encrypt and decrypt with the key; AppRole is preferred (tokens expire)."""
+    vault_transit_role_id: str | None = _alias("vaultTransitRoleId", "vaulttransit", ours=True)
+    """AppRole role id, instead of a token."""
+    vault_transit_secret_id: SecretStr | None = _alias("vaultTransitSecretId", "vaulttransit", ours=True)
+    """AppRole secret id."""
+    vault_transit_app_role_mount_point: str = Field(
+        default="approle",
+        alias="vaultTransitAppRoleMountPoint",
+        json_schema_extra=_meta("vaulttransit", ours=True),
+    )
+    """Where the AppRole auth method is mounted."""
+    vault_transit_mount_point: str = Field(
+        default="transit", alias="vaultTransitMountPoint", json_schema_extra=_meta("vaulttransit", ours=True)
+    )
+    """Where the transit engine is mounted."""
+    vault_transit_key_name: str | None = _alias("vaultTransitKeyName", "vaulttransit", ours=True)
+    """The transit key (an RSA type: ``rsa-2048`` or larger)."""
+    vault_transit_namespace: str | None = _alias("vaultTransitNamespace", "vaulttransit", ours=True)
+    """Vault Enterprise / OpenBao namespace."""
+    vault_transit_ca_bundle: str | None = _alias("vaultTransitCaBundle", "vaulttransit", ours=True)
+    """PEM file of CAs to trust for Vault."""
+
+
+class CertificateSettings(Section):
+    """The PFX holding the key pair, read when ``rsaKey.provider`` is ``certificate`` (the whole key
+    pair) or ``pkcs11`` (only the public key, for wrapping)."""
+
+    provider: str = Field(
+        default="filesystem", json_schema_extra=_meta("all", choices="keyconnector.certificates:SOURCES")
+    )
+    """Where the PFX comes from."""
+    # filesystem
+    filesystem_path: str = Field(
+        default="/etc/bitwarden/key.pfx", alias="filesystemPath", json_schema_extra=_meta("filesystem")
+    )
+    """The PFX file; keep it readable by the service's user only (``serve`` warns otherwise)."""
+    filesystem_password: SecretStr | None = _alias("filesystemPassword", "filesystem")
+    """The PFX's password."""
+    # store
+    store_thumbprint: str | None = _alias("storeThumbprint", "store")
+    """SHA-1 thumbprint as copied from Windows (spaces and invisible marks are ignored)."""
+    store_directory: str | None = _alias("storeDirectory", "store", ours=True)
+    """The folder standing for the store (default: .NET's CurrentUser\\My on Linux)."""
+    store_file_password: SecretStr | None = _alias("storeFilePassword", "store", ours=True)
+    """Password of the PFX files in the store folder."""
+    # azurestorage
+    azure_storage_connection_string: SecretStr | None = _alias("azureStorageConnectionString", "azurestorage")
+    """The storage account's connection string (account key or SAS); ``BlobEndpoint`` overrides the URL."""
+    azure_storage_container: str | None = _alias("azureStorageContainer", "azurestorage")
+    """The blob container."""
+    azure_storage_file_name: str | None = _alias("azureStorageFileName", "azurestorage")
+    """The PFX blob's name."""
+    azure_storage_file_password: SecretStr | None = _alias("azureStorageFilePassword", "azurestorage")
+    """The PFX's password."""
+    azure_storage_ca_bundle: str | None = _alias("azureStorageCaBundle", "azurestorage", ours=True)
+    """PEM file of CAs to trust for the blob endpoint."""
+    # azurekv
+    azure_keyvault_uri: str | None = _alias("azureKeyvaultUri", "azurekv")
+    """The vault's URL."""
+    azure_keyvault_certificate_name: str | None = _alias("azureKeyvaultCertificateName", "azurekv")
+    """The certificate; its PKCS#12 (or PEM) secret holds the private key."""
+    azure_keyvault_ad_tenant_id: str | None = _alias("azureKeyvaultAdTenantId", "azurekv")
+    """Entra ID tenant of the app registration."""
+    azure_keyvault_ad_app_id: str | None = _alias("azureKeyvaultAdAppId", "azurekv")
+    """The app (client) id; without a secret it picks a user-assigned managed identity."""
+    azure_keyvault_ad_secret: SecretStr | None = _alias("azureKeyvaultAdSecret", "azurekv")
+    """The app's client secret; empty means managed identity."""
+    azure_keyvault_authority_host: str | None = _alias("azureKeyvaultAuthorityHost", "azurekv", ours=True)
+    """Entra ID authority for sovereign clouds (default: the public cloud's)."""
+    azure_keyvault_ca_bundle: str | None = _alias("azureKeyvaultCaBundle", "azurekv", ours=True)
+    """PEM file of CAs to trust for Key Vault and Entra ID."""
+    # vault
+    vault_server_uri: str | None = _alias("vaultServerUri", "vault")
+    """Vault's URL (KV version 2)."""
+    vault_token: SecretStr | None = _alias("vaultToken", "vault")
+    """A token that may read the secret."""
+    vault_secret_mount_point: str | None = _alias("vaultSecretMountPoint", "vault")
+    """The KV engine's mount (default ``secret``)."""
+    vault_secret_path: str | None = _alias("vaultSecretPath", "vault")
+    """The secret's path under the mount."""
+    vault_secret_data_key: str | None = _alias("vaultSecretDataKey", "vault")
+    """The key inside the secret whose value is the PFX, base64-encoded."""
+    vault_secret_file_password: SecretStr | None = _alias("vaultSecretFilePassword", "vault")
+    """The PFX's password."""
+    vault_ca_bundle: str | None = _alias("vaultCaBundle", "vault", ours=True)
+    """PEM file of CAs to trust for Vault."""
+
+
+class TransferSettings(Section):
+    """Upstream's start-up transfer: with a lock-file path set and no lock file, ``serve`` first copies
+    every user key to the database and key pair below (which take the same settings as the service's
+    own sections), verifies them, then writes the lock file."""
+
+    lockfile_path: str | None = Field(default=None, alias="lockfilePath", json_schema_extra=_meta("all"))
+    """The lock file marking the transfer done; unset means no start-up transfer."""
+    database: DatabaseSettings | None = None
+    rsa_key: RsaKeySettings | None = Field(default=None, alias="rsaKey")
+    certificate: CertificateSettings | None = None
+
+
+class CompatSettings(Section):
+    """Ours: what to keep writing for operators who may move back to upstream."""
+
+    write_legacy_format: bool = Field(
+        default=False, alias="writeLegacyFormat", json_schema_extra=_meta("all", ours=True)
+    )
+    """Seal new records in upstream's format (not bound to the user) so that upstream can read them."""
+
+
+class AuditSettings(Section):
+    """Ours: the audit trail of every user-key access (see keyconnector.audit)."""
+
+    file: str | None = Field(default=None, json_schema_extra=_meta("all", ours=True))
+    """Append JSON lines to this file."""
+    stdout: bool = Field(default=False, json_schema_extra=_meta("all", ours=True))
+    """Write JSON lines to standard output."""
+    database: bool = Field(
+        default=False, json_schema_extra=_meta(*(f"database.provider={p}" for p in _SQL), ours=True)
+    )
+    """Append to our table ``keyconnector_audit`` in the service's database (SQL backends)."""
+    fail_closed: bool = Field(default=False, alias="failClosed", json_schema_extra=_meta("all", ours=True))
+    """Refuse to serve a key (503) when no sink can record the access."""
+    checkpoint_seconds: float = Field(
+        default=60, gt=0, alias="checkpointSeconds", json_schema_extra=_meta("all", ours=True)
+    )
+    """How often each chain's head is written into the other sinks and logged as an anchor (and at stop)."""
+
+
+class RateLimitSettings(Section):
+    """Ours: token buckets per user and per client address (0 turns a limit off)."""
+
+    per_user_per_minute: float = Field(
+        default=60, ge=0, alias="perUserPerMinute", json_schema_extra=_meta("all", ours=True)
+    )
+    """Sustained requests per user; a real client makes a handful per login."""
+    per_user_burst: int = Field(
+        default=20, ge=1, alias="perUserBurst", json_schema_extra=_meta("all", ours=True)
+    )
+    """Requests a user may make at once before the per-minute rate applies."""
+    per_address_per_minute: float = Field(
+        default=6000, ge=0, alias="perAddressPerMinute", json_schema_extra=_meta("all", ours=True)
+    )
+    """Sustained requests per client address (a NAT carries many users)."""
+    per_address_burst: int = Field(
+        default=600, ge=1, alias="perAddressBurst", json_schema_extra=_meta("all", ours=True)
+    )
+    """Requests an address may make at once."""
+    # Generous: behind one corporate NAT, a few dozen clients with expired tokens must not lock out
+    # the whole office.
+    failed_auth_per_address_per_minute: float = Field(
+        default=300, ge=0, alias="failedAuthPerAddressPerMinute", json_schema_extra=_meta("all", ours=True)
+    )
+    """Refused tokens per address and minute; past it, the address is refused even with a good token."""
+    failed_auth_burst: int = Field(
+        default=100, ge=1, alias="failedAuthBurst", json_schema_extra=_meta("all", ours=True)
+    )
+    """Refused tokens an address may send at once."""
+    trusted_proxies: str = Field(
+        default="", alias="trustedProxies", json_schema_extra=_meta("all", ours=True)
+    )
+    """Comma-separated addresses or CIDR ranges whose ``X-Forwarded-For`` is believed."""
+
+
+class LoggingSettings(Section):
+    """Ours, not upstream's: where request and service logs go and in which shape."""
+
+    format: str = Field(default="text", pattern="^(text|json)$", json_schema_extra=_meta("all", ours=True))
+    """``json`` for one JSON object per line, for log collectors."""
+    file: str | None = Field(default=None, json_schema_extra=_meta("all", ours=True))
+    """Write logs to this file instead of standard error."""
+    level: str = Field(
+        default="info", pattern="^(?i)(debug|info|warning|error)$", json_schema_extra=_meta("all", ours=True)
+    )
+    """The least severe level written; client libraries stay at WARNING (debug lines may hold secrets)."""
+    access_log: bool = Field(default=True, alias="accessLog", json_schema_extra=_meta("all", ours=True))
+    """One line per request (method, path, status, time, request id; never a token)."""
+
+
+class MetricsSettings(Section):
+    """Ours: Prometheus metrics (see keyconnector.telemetry.metrics)."""
+
+    enabled: bool = Field(default=True, json_schema_extra=_meta("all", ours=True))
+    """Serve ``/metrics``. Counters only: no user id, address or key ever becomes a label."""
+    port: int | None = Field(default=None, ge=1, le=65535, json_schema_extra=_meta("all", ours=True))
+    """Serve ``/metrics`` on this port instead of the service's own, so that it can stay inside the
+    cluster while the service port faces clients."""
+    host: str | None = Field(default=None, json_schema_extra=_meta("all", ours=True))
+    """The address for ``port`` (default: the service's own listening address)."""
+
+
+class ShutdownSettings(Section):
+    """Ours: how a stopping service drains (SIGTERM from an orchestrator, systemd or Ctrl-C)."""
+
+    drain_seconds: float = Field(
+        default=20.0, ge=0, le=3600, alias="drainSeconds", json_schema_extra=_meta("all", ours=True)
+    )
+    """How long requests already running may take to finish before the process exits anyway (0: stop
+    at once). The workers then get up to 5 s more to close: keep the sum below the orchestrator's grace
+    period (Kubernetes: 30 s by default)."""
+
+
+class TracingSettings(Section):
+    """Ours: OpenTelemetry traces, exported over OTLP/HTTP (``pip install 'keyconnector[otel]'``).
+
+    The exporter reads the standard ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers,
+    certificate); ``OTEL_SERVICE_NAME`` names the service (default ``keyconnector``)."""
+
+    enabled: bool = Field(default=False, json_schema_extra=_meta("all", ours=True))
+    """Export a span per request, with child spans for the key provider and the database."""
+
+
+class Settings(BaseSettings):
+    """Everything under ``keyConnectorSettings``."""
+
+    model_config = SettingsConfigDict(
+        populate_by_name=True, extra="ignore", frozen=True, use_attribute_docstrings=True
+    )
+
+    web_vault_uri: str | None = Field(
+        default=None,
+        alias="webVaultUri",
+        validation_alias=AliasChoices("webVaultUri", "web_vault_uri"),
+        json_schema_extra=_meta("all"),
+    )
+    """The web vault's URL: the one origin allowed by CORS (the admin console's "test" button)."""
+    identity_server_uri: str | None = Field(
+        default=None,
+        alias="identityServerUri",
+        validation_alias=AliasChoices("identityServerUri", "identity_server_uri"),
+        json_schema_extra=_meta("all"),
+    )
+    """The Bitwarden identity server; required. Tokens are checked against its discovery document."""
+    database: DatabaseSettings = DatabaseSettings()
+    rsa_key: RsaKeySettings = Field(
+        default=RsaKeySettings(), alias="rsaKey", validation_alias=AliasChoices("rsaKey", "rsa_key")
+    )
+    certificate: CertificateSettings = CertificateSettings()
+    transfer_to: TransferSettings = Field(
+        default=TransferSettings(),
+        alias="transferTo",
+        validation_alias=AliasChoices("transferTo", "transfer_to"),
+    )
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    tracing: TracingSettings = TracingSettings()
+    compat: CompatSettings = CompatSettings()
+    audit: AuditSettings = AuditSettings()
+    rate_limit: RateLimitSettings = Field(
+        default=RateLimitSettings(),
+        alias="rateLimit",
+        validation_alias=AliasChoices("rateLimit", "rate_limit"),
+    )
+    ca_certificates_directory: str = Field(
+        default="/etc/bitwarden/ca-certificates",
+        alias="caCertificatesDirectory",
+        validation_alias=AliasChoices("caCertificatesDirectory", "ca_certificates_directory"),
+        json_schema_extra=_meta("all"),
+    )
+    """``*.crt`` files of private CAs trusted for every outgoing TLS connection, as upstream's image does."""
+    last_access_flush_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        alias="lastAccessFlushSeconds",
+        validation_alias=AliasChoices("lastAccessFlushSeconds", "last_access_flush_seconds"),
+        json_schema_extra=_meta("all", ours=True),
+    )
+    """How late ``LastAccessDate`` may be written: batched, so a read never waits on (or fails by) a write."""
+    key_ring_refresh_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        alias="keyRingRefreshSeconds",
+        validation_alias=AliasChoices("keyRingRefreshSeconds", "key_ring_refresh_seconds"),
+        json_schema_extra=_meta("all", ours=True),
+    )
+    """How often a running service looks for a new data-key version (rotations wait this long, plus
+    a margin, before they rely on every instance sealing with the new version)."""
+    key_ring_anchor: str | None = Field(
+        default=None,
+        alias="keyRingAnchor",
+        validation_alias=AliasChoices("keyRingAnchor", "key_ring_anchor"),
+        json_schema_extra=_meta("all", ours=True),
+    )
+    """The key ring's anchor (20 hex digits, from the start-up log, ``check`` or ``stats``). Set, every
+    process refuses a key ring that is not authenticated by that deployment's key, even at a cold start
+    (see the README's threat model): a database writer cannot then swap in a ring of their own."""
+
+    @field_validator("key_ring_anchor")
+    @classmethod
+    def _anchor_form(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        text = value.strip().lower()
+        if len(text) != 20 or any(c not in "0123456789abcdef" for c in text):
+            raise ValueError(
+                "must be the 20 hex digits that `keyconnector check` shows as the key ring's anchor"
+            )
+        return text
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only what ``load_settings`` hands in: it already merged the JSON file and the environment
+        # with upstream's case-insensitive rules, which pydantic-settings' own env source cannot express
+        # (it would not know the appsettings section or the ':' separator).
+        return (init_settings,)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+class LoadedSettings:
+    """The settings plus what the loader noticed on the way (unknown names are typos, usually)."""
+
+    def __init__(self, settings: Settings, unknown: list[str], sources: list[str]) -> None:
+        self.settings = settings
+        self.unknown = unknown
+        self.sources = sources
+
+
+def _field_map(model: type[BaseModel]) -> dict[str, tuple[str, FieldInfo]]:
+    """Lower-cased upstream name -> (python field name, field)."""
+    out: dict[str, tuple[str, FieldInfo]] = {}
+    for name, info in model.model_fields.items():
+        out[name.lower()] = (name, info)
+        out[name.replace("_", "").lower()] = (name, info)
+        if info.alias:
+            out[info.alias.lower()] = (name, info)
+    return out
+
+
+def _section_model(info: FieldInfo) -> type[BaseModel] | None:
+    annotation = info.annotation
+    candidates = getattr(annotation, "__args__", (annotation,))
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _place(
+    model: type[BaseModel], target: dict[str, Any], path: list[str], value: Any, unknown: list[str], raw: str
+) -> None:
+    fields = _field_map(model)
+    head = path[0].lower()
+    if head not in fields and len(path) == 1 and head.endswith("file") and _is_secret(fields.get(head[:-4])):
+        # Container secrets: every secret setting ``x`` also accepts ``xFile``, a path to read it from.
+        head, value = head[:-4], _read_secret_file(raw, value)
+    if head not in fields:
+        unknown.append(raw)
+        return
+    name, info = fields[head]
+    sub = _section_model(info)
+    if len(path) == 1:
+        if sub is not None and isinstance(value, Mapping):
+            for key, inner in value.items():
+                _place(model, target, [head, str(key)], inner, unknown, f"{raw}__{key}")
+            return
+        if sub is not None:
+            unknown.append(raw)
+            return
+        target[name] = value
+        return
+    if sub is None:
+        unknown.append(raw)
+        return
+    child = target.setdefault(name, {})
+    _place(sub, child, path[1:], value, unknown, raw)
+
+
+def _is_secret(entry: tuple[str, FieldInfo] | None) -> bool:
+    return entry is not None and "SecretStr" in str(entry[1].annotation)
+
+
+def _read_secret_file(setting: str, path: Any) -> str:
+    try:
+        return Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigurationError(
+            _dotted(setting), f"cannot read the secret file {path}: {exc.strerror}"
+        ) from None
+
+
+def _dotted(raw: str) -> str:
+    parts = _split_env_name(raw)
+    return ".".join(parts) if parts else raw
+
+
+def _split_env_name(name: str) -> list[str] | None:
+    lowered = name.lower()
+    for prefix in (ENV_PREFIX.lower(), "keyconnectorsettings:"):
+        if lowered.startswith(prefix):
+            rest = name[len(prefix) :]
+            return [part for part in rest.replace(":", "__").split("__") if part]
+    return None
+
+
+def _json_section(path: Path) -> Mapping[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise UsageError("--config", f"the settings file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            "--config", f"the settings file {path} is not valid JSON (line {exc.lineno}: {exc.msg})"
+        ) from None
+    if not isinstance(document, dict):
+        raise UsageError("--config", f"the settings file {path} must hold a JSON object")
+    for key, value in document.items():
+        if key.lower() == "keyconnectorsettings" and isinstance(value, dict):
+            return value
+    return {}
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """A docker-style env file, as upstream deployments keep them: ``NAME=value`` per line.
+
+    Values are taken literally (``Data Source=/x.db`` needs no quoting); a value wrapped in one pair
+    of matching quotes is unwrapped, as docker compose does. Blank lines and ``#`` comments are skipped.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise UsageError("--env-file", f"cannot read the env file {path}: {exc.strerror}") from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            raise UsageError("--env-file", f"{path}, line {number}: expected NAME=value")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[name.strip()] = value
+    return values
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, config_file: str | Path | None = None
+) -> LoadedSettings:
+    """Merge the appsettings JSON file (if any) and the environment, environment winning.
+
+    Raises ``ConfigurationError`` naming the first invalid setting by its upstream name.
+    """
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get(CONFIG_FILE_ENV):
+        config_file = environ[CONFIG_FILE_ENV]
+    nested: dict[str, Any] = {}
+    unknown: list[str] = []
+    sources: list[str] = []
+    if config_file is not None:
+        path = Path(config_file)
+        section = _json_section(path)
+        for key, value in section.items():
+            _place(Settings, nested, [str(key)], value, unknown, f"{ENV_PREFIX}{key}")
+        sources.append(str(path))
+    env_names = sorted((k for k in environ if _split_env_name(k)), key=str.lower)
+    for key in env_names:
+        parts = _split_env_name(key)
+        assert parts is not None
+        if not parts:
+            continue
+        _place(Settings, nested, parts, environ[key], unknown, key)
+    if env_names:
+        sources.append("environment")
+    try:
+        settings = Settings(**nested)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(_upstream_path(Settings, [str(p) for p in first["loc"]]))
+        # Never echo the input: it may be a password.
+        raise ConfigurationError(location, str(first["msg"]).lower()) from None
+    return LoadedSettings(settings, unknown, sources)
+
+
+def load_with_env_file(
+    env_file: str | Path | None, config_file: str | Path | None, *, isolated: bool = False
+) -> LoadedSettings:
+    """Settings as the command line gives them: ``--env-file`` lines under the real environment
+    (the environment wins, as with docker's ``--env-file`` plus ``-e``), over ``--config``.
+
+    The env file's lines are also put into ``os.environ`` (without overriding), because server
+    workers inherit the environment. With ``isolated`` (a second deployment's settings, e.g. the
+    target of a transfer), only the file counts and ``os.environ`` is left alone.
+    """
+    if isolated:
+        return load_settings(read_env_file(env_file) if env_file else {}, config_file)
+    if env_file:
+        for name, value in read_env_file(env_file).items():
+            os.environ.setdefault(name, value)
+    return load_settings(config_file=config_file)
+
+
+def _upstream_path(model: type[BaseModel], loc: list[str]) -> list[str]:
+    out: list[str] = []
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None or part not in current.model_fields:
+            out.append(part)
+            current = None
+            continue
+        info = current.model_fields[part]
+        out.append(info.alias or part)
+        current = _section_model(info)
+    return out
+
+
+def identity_server_uri(settings: Settings) -> str:
+    """The one setting without which nothing can be authorised: required, with a message that says why."""
+    if not settings.identity_server_uri:
+        raise ConfigurationError(
+            "identityServerUri", "is not set; it is the URL of the Bitwarden identity server"
+        )
+    return settings.identity_server_uri
+
+
+def secret(value: SecretStr | None) -> str | None:
+    """Reveal a secret at the last moment, where a library needs it."""
+    return value.get_secret_value() if value is not None else None

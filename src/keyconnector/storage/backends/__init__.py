@@ -1,0 +1,1 @@
+"""One module per database, each found through the registry in ``storage.base``."""

@@ -1,0 +1,824 @@
+"""MySQL and MariaDB backend: upstream's tables through an asyncmy pool.
+
+Why it looks the way it does:
+
+- The request path is asyncmy with its statement cache on, so each query is a server-side prepared
+  statement, prepared once per connection: ``get_key`` is one round trip. SQLAlchemy serves migrations
+  and ``inspect`` only, synchronously, over PyMySQL.
+- Connections run in autocommit mode and every write is one statement that is atomic by itself, so
+  concurrent writers need no transactions and no locks, and never hold InnoDB gap locks that could
+  deadlock them. "Create unless a key exists" is an ``INSERT`` that either succeeds or hits the primary
+  key, then an ``UPDATE ... WHERE Key IS NULL`` that fills a key-less row: exactly one of several
+  concurrent creators sees its statement take effect. Row counts are "rows matched" (the FOUND_ROWS
+  client flag), so a retried write that already took effect still reads as success.
+- The data key is created under a named server lock (``GET_LOCK``), released with the connection if
+  the process dies.
+- The bulk operations (``upsert_records``, ``replace_records``) are the exception to "one statement":
+  a batch is one explicit transaction, sent with ``executemany`` (one bulk round trip on MariaDB), in
+  id order so that two batches never deadlock each other. A failure closes the connection, and the
+  server rolls the whole batch back.
+- GUIDs are written lower-case into ``char(36)`` with upstream's ``ascii_general_ci`` collation (case
+  does not matter when reading), times into ``datetime(6)``.
+
+The connection string is the operator's MySqlConnector one (``Server=db;Port=3306;Database=kc;Uid=kc;
+Pwd=...``) or a ``mysql://`` / ``mariadb://`` URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+from keyconnector._optional import require
+from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
+from keyconnector.runtime.settings import DatabaseSettings
+from keyconnector.runtime.trust import Trust
+from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.sql.common import (
+    PING_TIMEOUT_SECONDS,
+    ConnectionStringSpec,
+    Failure,
+    ServerTarget,
+    client_ssl_context,
+    inspect_database,
+    load_target,
+    log_pool,
+    run_migrations,
+    translate,
+    with_retries,
+)
+from keyconnector.storage.sql.schema import naive_utc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DATA_KEY_LOCK = "keyconnector-data-key"
+DATA_KEY_LOCK_SECONDS = 30
+FOUND_ROWS = 2  # CLIENT_FOUND_ROWS: UPDATE reports rows matched, not rows changed
+STATEMENT_CACHE = 16
+
+_SSL_MODES = {
+    "none": "disable",
+    "disabled": "disable",
+    "disable": "disable",
+    "preferred": "prefer",
+    "prefer": "prefer",
+    "required": "require",
+    "require": "require",
+    "verifyca": "verify-ca",
+    "verify-ca": "verify-ca",
+    "verify_ca": "verify-ca",
+    "verifyfull": "verify-full",
+    "verify-full": "verify-full",
+    "verify_identity": "verify-full",
+}
+
+SPEC = ConnectionStringSpec(
+    provider="mysql",
+    setting_name="mySqlConnectionString",
+    example="Server=db;Port=3306;Database=keyconnector;Uid=keyconnector;Pwd=...",
+    default_port=3306,
+    synonyms={
+        "Server": "host",
+        "Host": "host",
+        "Data Source": "host",
+        "DataSource": "host",
+        "Address": "host",
+        "Addr": "host",
+        "Network Address": "host",
+        "Port": "port",
+        "Database": "database",
+        "Initial Catalog": "database",
+        "User Id": "user",
+        "UserID": "user",
+        "Username": "user",
+        "User Name": "user",
+        "Uid": "user",
+        "User": "user",
+        "Password": "password",
+        "Pwd": "password",
+        "SSL Mode": "ssl mode",
+        "SslMode": "ssl mode",
+        "Ssl-Mode": "ssl mode",
+        "SSL CA": "ssl root cert",
+        "SslCa": "ssl root cert",
+        "Ssl-Ca": "ssl root cert",
+        "CA Certificate File": "ssl root cert",
+        "CACertificateFile": "ssl root cert",
+        "SSL Cert": "ssl cert",
+        "SslCert": "ssl cert",
+        "Ssl-Cert": "ssl cert",
+        "SSL Key": "ssl key",
+        "SslKey": "ssl key",
+        "Ssl-Key": "ssl key",
+        "Connect Timeout": "connect timeout",
+        "Connection Timeout": "connect timeout",
+        "ConnectionTimeout": "connect timeout",
+        "ConnectTimeout": "connect timeout",
+        "Default Command Timeout": "command timeout",
+        "DefaultCommandTimeout": "command timeout",
+        "Command Timeout": "command timeout",
+        "CommandTimeout": "command timeout",
+        "Minimum Pool Size": "min pool size",
+        "MinimumPoolSize": "min pool size",
+        "Min Pool Size": "min pool size",
+        "MinPoolSize": "min pool size",
+        "Maximum Pool Size": "max pool size",
+        "MaximumPoolSize": "max pool size",
+        "Max Pool Size": "max pool size",
+        "MaxPoolSize": "max pool size",
+        "Connection Idle Timeout": "idle lifetime",
+        "ConnectionIdleTimeout": "idle lifetime",
+        "Application Name": "application name",
+        "ApplicationName": "application name",
+        "GUID Format": "guid format",
+        "GuidFormat": "guid format",
+        "Old Guids": "old guids",
+        "OldGuids": "old guids",
+    },
+    ignored=(
+        "Pooling",
+        "Connection Reset",
+        "ConnectionReset",
+        "Connection Lifetime",
+        "ConnectionLifetime",
+        "Load Balance",
+        "LoadBalance",
+        "Allow User Variables",
+        "AllowUserVariables",
+        "Allow Public Key Retrieval",
+        "AllowPublicKeyRetrieval",
+        "Character Set",
+        "CharSet",
+        "Convert Zero Datetime",
+        "ConvertZeroDateTime",
+        "Allow Zero Datetime",
+        "AllowZeroDateTime",
+        "Treat Tiny As Boolean",
+        "TreatTinyAsBoolean",
+        "Persist Security Info",
+        "PersistSecurityInfo",
+        "Keepalive",
+        "Keep Alive",
+        "Use Compression",
+        "UseCompression",
+        "Compress",
+        "Use Affected Rows",
+        "UseAffectedRows",
+        "Ignore Command Transaction",
+        "IgnoreCommandTransaction",
+        "Interactive Session",
+        "Interactive",
+        "No Backslash Escapes",
+        "NoBackslashEscapes",
+        "Cancellation Timeout",
+        "CancellationTimeout",
+        "Auto Enlist",
+        "AutoEnlist",
+        "DNS Check Interval",
+        "DnsCheckInterval",
+        "Server Redirection Mode",
+        "ServerRedirectionMode",
+        "TLS Version",
+        "TlsVersion",
+        "Tls Cipher Suites",
+        "TlsCipherSuites",
+        "Server RSA Public Key File",
+        "ServerRSAPublicKeyFile",
+        "Defer Connection Reset",
+        "DeferConnectionReset",
+        "Connection Idle Ping Time",
+    ),
+    unsupported={
+        "Protocol": "is not supported: keyconnector connects over TCP; remove it",
+        "Connection Protocol": "is not supported: keyconnector connects over TCP; remove it",
+        "Pipe": "is not supported: keyconnector connects over TCP; remove it",
+        "Pipe Name": "is not supported: keyconnector connects over TCP; remove it",
+        "Certificate File": "(a PKCS#12 client certificate) is not supported; give PEM files in SslCert and SslKey",  # noqa: E501
+        "CertificateFile": "(a PKCS#12 client certificate) is not supported; give PEM files in SslCert and SslKey",  # noqa: E501
+        "Certificate Password": "is not supported; give an unencrypted PEM key in SslKey",
+        "CertificatePassword": "is not supported; give an unencrypted PEM key in SslKey",
+    },
+    url_schemes=("mysql", "mariadb", "mysql+pymysql", "mysql+asyncmy", "mysql+aiomysql", "mariadb+pymysql"),
+    url_query={
+        "ssl_mode": "ssl mode",
+        "sslmode": "ssl mode",
+        "ssl_ca": "ssl root cert",
+        "ssl_cert": "ssl cert",
+        "ssl_key": "ssl key",
+        "connect_timeout": "connect timeout",
+        "command_timeout": "command timeout",
+        "charset": "character set",
+    },
+    ssl_modes=_SSL_MODES,
+    default_ssl_mode="prefer",
+    default_connect_timeout=15.0,
+    default_command_timeout=30.0,
+    default_idle_lifetime=180.0,
+)
+
+_SELECT_KEY = "SELECT `Key` FROM `UserKeys` WHERE `Id` = %s"
+_INSERT = (
+    "INSERT INTO `UserKeys` (`Id`, `Key`, `CreationDate`, `RevisionDate`, `LastAccessDate`) "
+    "VALUES (%s, %s, %s, NULL, NULL)"
+)
+_FILL = (
+    "UPDATE `UserKeys` SET `Key` = %s, `CreationDate` = %s, `RevisionDate` = NULL "
+    "WHERE `Id` = %s AND `Key` IS NULL"
+)
+_REPLACE = "UPDATE `UserKeys` SET `Key` = %s, `RevisionDate` = %s WHERE `Id` = %s AND `Key` IS NOT NULL"
+_SELECT_DATA_KEY = "SELECT `Id`, `SymmetricKey` FROM `ApplicationDatas` ORDER BY `Id` LIMIT 1"
+# executemany turns these into one COM_STMT_BULK_EXECUTE round trip on MariaDB, and into multi-row
+# statements (the INSERT) on MySQL. VALUES() rather than MySQL 8's row alias: MariaDB knows only VALUES().
+_UPSERT = (
+    "INSERT INTO `UserKeys` (`Id`, `Key`, `CreationDate`, `RevisionDate`, `LastAccessDate`) "
+    "VALUES (%s, %s, %s, %s, %s) "
+    "ON DUPLICATE KEY UPDATE `Key` = VALUES(`Key`), `CreationDate` = VALUES(`CreationDate`), "
+    "`RevisionDate` = VALUES(`RevisionDate`), `LastAccessDate` = VALUES(`LastAccessDate`)"
+)
+# The column's collation ignores case: compare bytes, or a key differing only in case would match. A row
+# already holding the new value counts (rows matched, FOUND_ROWS): a retried batch's earlier try committed.
+_REPLACE_IF = (
+    "UPDATE `UserKeys` SET `Key` = %s WHERE `Id` = %s "
+    "AND (CAST(`Key` AS BINARY) = CAST(%s AS BINARY) OR CAST(`Key` AS BINARY) = CAST(%s AS BINARY))"
+)
+_SELECT_RING = "SELECT `revision`, `document` FROM `keyconnector_key_ring` WHERE `id` = 1"
+_INSERT_RING = "INSERT INTO `keyconnector_key_ring` (`id`, `revision`, `document`) VALUES (1, 1, %s)"
+_UPDATE_RING = (
+    "UPDATE `keyconnector_key_ring` SET `document` = %s, `revision` = `revision` + 1 "
+    "WHERE `id` = 1 AND `revision` = %s"
+)
+_COLUMNS = "`Id`, `Key`, `CreationDate`, `RevisionDate`, `LastAccessDate`"
+_FIRST_BATCH = f"SELECT {_COLUMNS} FROM `UserKeys` ORDER BY `Id` LIMIT %s"  # noqa: S608
+_NEXT_BATCH = f"SELECT {_COLUMNS} FROM `UserKeys` WHERE `Id` > %s ORDER BY `Id` LIMIT %s"  # noqa: S608
+_CHECK_SCHEMA = (
+    f"SELECT {_COLUMNS} FROM `UserKeys` LIMIT 0",  # noqa: S608
+    "SELECT `Id`, `SymmetricKey` FROM `ApplicationDatas` LIMIT 0",
+)
+ACCESS_CHUNK = 500
+
+# Server error numbers (MySQL and MariaDB agree on these) and client ones (2xxx).
+_TRANSIENT = {
+    1040,  # too many connections
+    1053,  # server shutdown in progress
+    1205,  # lock wait timeout
+    1213,  # deadlock
+    1290,  # --read-only (a failover in progress)
+    1792,  # read-only transaction
+    1927,  # connection killed
+    2002,  # cannot connect (socket)
+    2003,  # cannot connect (TCP)
+    2006,  # server has gone away
+    2013,  # lost connection during query
+    2055,  # lost connection
+    4031,  # disconnected by the server (idle timeout)
+}
+_CONFIGURATION = {1044, 1045, 1049, 1142, 1227, 1251, 2026, 2059, 2061}  # 2026: TLS required, not offered
+_DUPLICATE_KEY = 1062
+_TLS_NOT_OFFERED = 2026
+
+
+def parse_target(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> ServerTarget:
+    raw = settings.mysql_connection_string
+    target = load_target(
+        raw.get_secret_value() if raw is not None else None,
+        f"{prefix}.{SPEC.setting_name}",
+        SPEC,
+        settings.pool_size,
+        trust,
+    )
+    if len(target.hosts) > 1:
+        raise ConfigurationError(
+            target.setting, "names several servers; name one (a proxy or virtual IP in front of a cluster)"
+        )
+    guid_format = target.extra.get("guid format", "").strip().lower()
+    if guid_format not in ("", "default", "char36"):
+        raise ConfigurationError(
+            target.setting,
+            "GuidFormat must be Char36 (or Default): upstream stores user ids as char(36) text",
+        )
+    if target.extra.get("old guids", "").strip().lower() in ("true", "yes", "1"):
+        raise ConfigurationError(
+            target.setting, "OldGuids=true (binary GUIDs) is not upstream's format; remove it"
+        )
+    return target
+
+
+_NO_SUCH_TABLE = 1146
+
+
+def _error_number(exc: BaseException) -> int | None:
+    args = getattr(exc, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0]
+    return None
+
+
+def classify(exc: BaseException) -> Failure | None:
+    """What a driver error (asyncmy or PyMySQL) means: retry, give up for now, or fix the settings."""
+    if isinstance(exc, TimeoutError):
+        return Failure.UNAVAILABLE
+    if isinstance(exc, (OSError, ConnectionError, EOFError, asyncio.IncompleteReadError)):
+        return Failure.TRANSIENT
+    module = type(exc).__module__
+    if not (module.startswith("asyncmy") or module.startswith("pymysql")):
+        return None
+    number = _error_number(exc)
+    if number in _TRANSIENT:
+        return Failure.TRANSIENT
+    if number in _CONFIGURATION:
+        return Failure.CONFIGURATION
+    name = type(exc).__name__
+    if name == "InterfaceError" or (name == "OperationalError" and (number is None or number < 1000)):
+        # "Already closed", a broken pipe, a half-read packet: the connection is gone.
+        return Failure.TRANSIENT
+    return Failure.FATAL
+
+
+def _ssl_argument(target: ServerTarget) -> Any:
+    try:
+        return client_ssl_context(target)
+    except (OSError, ValueError) as exc:
+        raise translate(exc, Failure.CONFIGURATION, target, "loading TLS certificates") from None
+
+
+# -- migrations (PyMySQL, through SQLAlchemy) --------------------------------------------------------------
+
+
+def _pymysql_arguments(target: ServerTarget) -> dict[str, Any]:
+    """PyMySQL's connection arguments, TLS decided (see :func:`_offers_tls`)."""
+    arguments: dict[str, Any] = {
+        "host": target.host,
+        "port": target.port,
+        "database": target.database,
+        "user": target.user or "",
+        "password": target.password or "",
+        "charset": "utf8mb4",
+        "connect_timeout": max(2, int(target.connect_timeout)),
+        "read_timeout": max(30, int(target.command_timeout)),
+        "write_timeout": max(30, int(target.command_timeout)),
+    }
+    ssl_context = _ssl_argument(target)
+    if ssl_context is not None:
+        arguments["ssl"] = ssl_context
+        if target.ssl_mode == "prefer" and not _offers_tls(arguments):
+            del arguments["ssl"]
+    return arguments
+
+
+def _offers_tls(arguments: dict[str, Any]) -> bool:
+    """For SslMode=Preferred: does the server take TLS?
+
+    Given a TLS context, PyMySQL demands TLS and asyncmy starts it blindly; without one, neither tries.
+    So "preferred" is a probe with PyMySQL (which reads the server's capabilities and says "not
+    offered" precisely), then the answer. When the probe cannot tell (the server is down), the answer
+    is "no TLS", which is what "preferred" promises at worst: a worker that guessed TLS against a
+    server without it would fail every connection once the server is back. Use SslMode=Required to
+    insist on TLS.
+    """
+    require("pymysql", extra="mysql", setting="database.mySqlConnectionString", provider="mysql")
+    import pymysql
+
+    try:
+        pymysql.connect(**arguments).close()
+    except pymysql.err.MySQLError as exc:
+        number = _error_number(exc)
+        if number != _TLS_NOT_OFFERED and number not in _CONFIGURATION:
+            log.warning(
+                "could not tell whether the MySQL server offers TLS (it is not reachable): not using TLS"
+            )
+        return False
+    except OSError:
+        return False
+    return True
+
+
+def migration_engine(target: ServerTarget) -> Any:
+    require("pymysql", extra="mysql", setting=target.setting, provider="mysql")
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    return create_engine("mysql+pymysql://", connect_args=_pymysql_arguments(target), poolclass=NullPool)
+
+
+def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
+    """Create upstream's schema on an empty database, or adopt upstream's in place (see sqlcommon)."""
+    target = parse_target(settings, prefix, trust)
+    run_migrations(lambda: migration_engine(target), classify, target)
+
+
+def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
+    target = parse_target(settings, prefix, trust)
+    description, has_schema = inspect_database(lambda: migration_engine(target), classify, target)
+    return DatabaseState(f"{target.description}: {description}", has_schema)
+
+
+# -- the repository ------------------------------------------------------------------------------------------
+
+
+def _guid(user_id: UUID) -> str:
+    """Lower-case text, as upstream's MySQL provider writes it."""
+    return str(user_id)
+
+
+class MySqlRepository:
+    """The :class:`~keyconnector.storage.base.Repository` over an asyncmy pool."""
+
+    def __init__(self, target: ServerTarget, pool: Any) -> None:
+        self._target = target
+        self._pool = pool
+        # Bounds every operation, pool wait included: asyncmy has no per-query timeout of its own
+        # that does not slow every read down.
+        self._deadline = target.connect_timeout + target.command_timeout
+
+    @property
+    def description(self) -> str:
+        return self._target.description
+
+    async def _with_connection(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        pool = self._pool
+        async with asyncio.timeout(self._deadline):
+            connection = await pool.acquire()
+            try:
+                return await work(connection)
+            except BaseException:
+                # Its state is unknown (half a result read, a lock held, a cancelled query): never hand
+                # it back to the pool.
+                connection.close()
+                raise
+            finally:
+                pool.release(connection)
+
+    def _every_attempt(self, work: Callable[[Any], Awaitable[T]]) -> Callable[[int], Awaitable[T]]:
+        """``work`` on a pooled connection, the same on every try."""
+        return lambda _attempt: self._with_connection(work)
+
+    def _stale(self, exc: BaseException) -> None:
+        # A restarted server has closed every idle connection; asyncmy notices a broken one only when
+        # it is taken. Dropping them all now spares each a failed request.
+        for connection in list(self._pool._free):
+            connection.close()
+
+    async def _run(self, action: str, operation: Callable[[int], Awaitable[T]]) -> T:
+        return await with_retries(operation, classify, self._target, action, on_transient=self._stale)
+
+    # -- the request path -------------------------------------------------------------------------------
+
+    async def get_key(self, user_id: UUID) -> str | None:
+        guid = _guid(user_id)
+
+        async def read(connection: Any) -> str | None:
+            async with connection.cursor() as cursor:
+                await cursor.execute(_SELECT_KEY, (guid,))
+                row = await cursor.fetchone()
+            return None if row is None else row[0]
+
+        return await self._run("reading a user key", lambda _attempt: self._with_connection(read))
+
+    # -- writes -------------------------------------------------------------------------------------------
+
+    async def _create(self, connection: Any, guid: str, record: str, stamp: datetime, retried: bool) -> bool:
+        async with connection.cursor() as cursor:
+            try:
+                await cursor.execute(_INSERT, (guid, record, stamp))
+                return True
+            except Exception as exc:
+                if _error_number(exc) != _DUPLICATE_KEY:
+                    raise
+            if await cursor.execute(_FILL, (record, stamp, guid)) == 1:
+                return True
+            if retried:
+                # Our earlier try may have committed before its connection dropped.
+                await cursor.execute(_SELECT_KEY, (guid,))
+                row = await cursor.fetchone()
+                return row is not None and row[0] == record
+            return False
+
+    async def create_key(self, user_id: UUID, record: str, now: datetime) -> bool:
+        guid, stamp = _guid(user_id), naive_utc(now)
+
+        async def attempt(number: int) -> bool:
+            return await self._with_connection(lambda c: self._create(c, guid, record, stamp, number > 1))
+
+        return await self._run("creating a user key", attempt)
+
+    async def put_key(self, user_id: UUID, record: str, now: datetime) -> bool:
+        guid, stamp = _guid(user_id), naive_utc(now)
+
+        async def work(connection: Any) -> bool:
+            # Replace an existing key; else create (or fill a key-less row). A concurrent creator can slip
+            # in between the two; then the replace is tried again and the last writer wins, as for an
+            # upsert.
+            for _ in range(3):
+                async with connection.cursor() as cursor:
+                    if await cursor.execute(_REPLACE, (record, stamp, guid)) == 1:
+                        return False
+                if await self._create(connection, guid, record, stamp, retried=True):
+                    return True
+            raise StorageError(f"{self._target.description}: the key of one user kept changing under PUT")
+
+        return await self._run("storing a user key", lambda _n: self._with_connection(work))
+
+    async def record_access(self, accesses: Mapping[UUID, datetime]) -> None:
+        if not accesses:
+            return
+        items = sorted((_guid(user), naive_utc(when)) for user, when in accesses.items())
+        for start in range(0, len(items), ACCESS_CHUNK):
+            chunk = items[start : start + ACCESS_CHUNK]
+            # One statement per chunk; rows are locked in id order, so overlapping batches from two
+            # workers cannot deadlock. The WHERE clause never moves a time backwards.
+            values = " UNION ALL ".join(["SELECT %s AS id, CAST(%s AS DATETIME(6)) AS t"] * len(chunk))
+            statement = (
+                f"UPDATE `UserKeys` AS u JOIN ({values}) AS v ON u.`Id` = v.id "  # noqa: S608
+                "SET u.`LastAccessDate` = v.t WHERE u.`LastAccessDate` IS NULL OR u.`LastAccessDate` < v.t"
+            )
+            parameters = tuple(value for pair in chunk for value in pair)
+
+            async def work(
+                connection: Any, statement: str = statement, parameters: tuple[Any, ...] = parameters
+            ) -> None:
+                async with connection.cursor() as cursor:
+                    await cursor.execute(statement, parameters)
+
+            await self._run("recording access times", self._every_attempt(work))
+
+    async def get_wrapped_data_key(self) -> str | None:
+        async def read(connection: Any) -> str | None:
+            async with connection.cursor() as cursor:
+                await cursor.execute(_SELECT_DATA_KEY)
+                row = await cursor.fetchone()
+            return None if row is None else row[1]
+
+        return await self._run("reading the data key", lambda _n: self._with_connection(read))
+
+    @contextlib.asynccontextmanager
+    async def _data_key_lock(self, cursor: Any) -> AsyncIterator[None]:
+        """Hold the named server lock that serializes every change of ``ApplicationDatas``."""
+        await cursor.execute("SELECT GET_LOCK(%s, %s)", (DATA_KEY_LOCK, DATA_KEY_LOCK_SECONDS))
+        got = await cursor.fetchone()
+        if got is None or got[0] != 1:
+            raise UnavailableError(
+                "database", f"another process held the data key lock for over {DATA_KEY_LOCK_SECONDS}s"
+            )
+        try:
+            yield
+        finally:
+            await cursor.execute("SELECT RELEASE_LOCK(%s)", (DATA_KEY_LOCK,))
+            await cursor.fetchall()
+
+    async def _write_data_key(self, cursor: Any, row: Any, wrapped: str) -> None:
+        if row is not None:
+            await cursor.execute(
+                "UPDATE `ApplicationDatas` SET `SymmetricKey` = %s WHERE `Id` = %s", (wrapped, row[0])
+            )
+        else:
+            await cursor.execute("INSERT INTO `ApplicationDatas` (`SymmetricKey`) VALUES (%s)", (wrapped,))
+
+    async def store_wrapped_data_key(self, wrapped: str) -> str:
+        async def work(connection: Any) -> str:
+            async with connection.cursor() as cursor, self._data_key_lock(cursor):
+                await cursor.execute(_SELECT_DATA_KEY)
+                row = await cursor.fetchone()
+                if row is not None and row[1] is not None:
+                    stored: str = row[1]
+                    return stored
+                await self._write_data_key(cursor, row, wrapped)
+                return wrapped
+
+        return await self._run("storing the data key", lambda _n: self._with_connection(work))
+
+    async def set_wrapped_data_key(self, wrapped: str) -> None:
+        async def work(connection: Any) -> None:
+            async with connection.cursor() as cursor, self._data_key_lock(cursor):
+                await cursor.execute(_SELECT_DATA_KEY)
+                await self._write_data_key(cursor, await cursor.fetchone(), wrapped)
+
+        await self._run("replacing the data key", lambda _n: self._with_connection(work))
+
+    # -- operations: transfer, rotation, backup -------------------------------------------------------------
+
+    async def _transaction(self, connection: Any, work: Callable[[Any], Awaitable[T]]) -> T:
+        """``work`` in one explicit transaction on this autocommit connection.
+
+        A failure closes the connection (see ``_with_connection``), and the server rolls back with it.
+        """
+        await connection.begin()
+        async with connection.cursor() as cursor:
+            result = await work(cursor)
+        await connection.commit()
+        return result
+
+    async def count_records(self) -> int:
+        async def read(connection: Any) -> int:
+            async with connection.cursor() as cursor:
+                await cursor.execute("SELECT COUNT(*) FROM `UserKeys`")
+                row = await cursor.fetchone()
+            return int(row[0])
+
+        return await self._run("counting user keys", self._every_attempt(read))
+
+    async def upsert_records(self, records: Sequence[UserKeyRecord]) -> None:
+        if not records:
+            return
+        # Sorted by id: concurrent batches lock rows in one order and cannot deadlock each other.
+        rows = sorted(
+            (
+                _guid(record.user_id),
+                record.key,
+                naive_utc(record.creation_date),
+                _naive(record.revision_date),
+                _naive(record.last_access_date),
+            )
+            for record in {record.user_id: record for record in records}.values()
+        )
+
+        async def work(cursor: Any) -> None:
+            await cursor.executemany(_UPSERT, rows)
+
+        await self._run("copying user keys", self._every_attempt(lambda c: self._transaction(c, work)))
+
+    async def replace_records(self, updates: Sequence[RecordUpdate]) -> int:
+        if not updates:
+            return 0
+        rows = sorted(
+            ((update.new, _guid(update.user_id), update.expected, update.new) for update in updates),
+            key=lambda row: row[1],
+        )
+
+        async def work(cursor: Any) -> int:
+            return int(await cursor.executemany(_REPLACE_IF, rows) or 0)
+
+        return await self._run(
+            "re-encrypting user keys", self._every_attempt(lambda c: self._transaction(c, work))
+        )
+
+    async def get_key_ring(self) -> StoredKeyRing | None:
+        async def read(connection: Any) -> StoredKeyRing | None:
+            async with connection.cursor() as cursor:
+                try:
+                    await cursor.execute(_SELECT_RING)
+                except Exception as exc:
+                    if _error_number(exc) == _NO_SUCH_TABLE:  # never migrated, so never rotated
+                        return None
+                    raise
+                row = await cursor.fetchone()
+            return None if row is None else StoredKeyRing(revision=int(row[0]), document=str(row[1]))
+
+        return await self._run("reading the key ring", self._every_attempt(read))
+
+    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
+        async def write(connection: Any, retried: bool) -> bool:
+            async with connection.cursor() as cursor:
+                if expected_revision == 0:
+                    try:
+                        await cursor.execute(_INSERT_RING, (document,))
+                        return True
+                    except Exception as exc:
+                        if _error_number(exc) != _DUPLICATE_KEY:
+                            raise
+                elif await cursor.execute(_UPDATE_RING, (document, expected_revision)) == 1:
+                    return True
+                if not retried:
+                    return False
+                # Our earlier try may have committed before its connection dropped.
+                await cursor.execute(_SELECT_RING)
+                row = await cursor.fetchone()
+                return row is not None and row[0] == expected_revision + 1 and row[1] == document
+
+        return await self._run(
+            "storing the key ring", lambda number: self._with_connection(lambda c: write(c, number > 1))
+        )
+
+    # -- bulk and health ------------------------------------------------------------------------------------
+
+    async def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
+        """Keyset pagination on the primary key: short queries, no snapshot held between batches."""
+        after: str | None = None
+        while True:
+
+            async def read(connection: Any, after: str | None = after) -> list[Any]:
+                async with connection.cursor() as cursor:
+                    if after is None:
+                        await cursor.execute(_FIRST_BATCH, (batch_size,))
+                    else:
+                        await cursor.execute(_NEXT_BATCH, (after, batch_size))
+                    return list(await cursor.fetchall())
+
+            rows = await self._run("listing user keys", self._every_attempt(read))
+            if not rows:
+                return
+            yield [self._record(row) for row in rows]
+            if len(rows) < batch_size:
+                return
+            after = rows[-1][0]
+
+    def _record(self, row: Any) -> UserKeyRecord:
+        guid, key, created, revised, accessed = row
+        try:
+            return UserKeyRecord(UUID(str(guid)), key, created, revised, accessed)
+        except ValueError:
+            raise StorageError(f"{self.description}: the UserKeys row '{guid}' is not a GUID") from None
+
+    async def ping(self) -> None:
+        async def probe(connection: Any) -> None:
+            async with connection.cursor() as cursor:
+                await cursor.execute("SELECT 1")
+                await cursor.fetchall()
+
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+                await self._with_connection(probe)
+        except Exception as exc:
+            failure = classify(exc)
+            if failure is None:
+                raise
+            if failure is Failure.TRANSIENT:
+                self._stale(exc)
+                failure = Failure.UNAVAILABLE
+            raise translate(exc, failure, self._target, "checking the database") from None
+
+    async def aclose(self) -> None:
+        self._pool.close()
+        try:
+            async with asyncio.timeout(5):
+                await self._pool.wait_closed()
+        except (Exception, TimeoutError) as exc:
+            log.debug("closing the pool: %s", self._target.scrub(str(exc)))
+
+
+def _naive(value: datetime | None) -> datetime | None:
+    return None if value is None else naive_utc(value)
+
+
+async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> MySqlRepository:
+    """Make the pool and check upstream's tables are there (a server that is down does not stop the
+    worker from starting: requests answer 503 until it is back)."""
+    asyncmy = require("asyncmy", extra="mysql", setting=f"{prefix}.{SPEC.setting_name}", provider="mysql")
+    target = parse_target(settings, prefix, trust)
+    log_pool(target, settings.pool_size)
+    arguments: dict[str, Any] = {
+        "host": target.host,
+        "port": target.port,
+        "user": target.user or "",
+        "password": target.password or "",
+        "database": target.database,
+        "charset": "utf8mb4",
+        "autocommit": True,
+        "connect_timeout": target.connect_timeout,
+        "client_flag": FOUND_ROWS,
+        "stmt_cache_size": STATEMENT_CACHE,
+        "program_name": target.application_name,
+    }
+    ssl_context = _ssl_argument(target)
+    if ssl_context is not None and (
+        target.ssl_mode != "prefer" or "ssl" in await asyncio.to_thread(_pymysql_arguments, target)
+    ):
+        arguments["ssl"] = ssl_context
+    pool = await asyncmy.create_pool(
+        minsize=0, maxsize=target.max_pool_size, pool_recycle=int(target.idle_lifetime) or -1, **arguments
+    )
+    repository = MySqlRepository(target, pool)
+    try:
+        await repository._run("checking upstream's tables", lambda _n: repository._with_connection(_check))
+    except UnavailableError as exc:
+        log.warning("%s is not reachable yet; requests answer 503 until it is: %s", target.description, exc)
+    except BaseException:
+        await repository.aclose()
+        raise
+    if target.ssl_mode not in ("disable", "allow", "prefer"):
+        with contextlib.suppress(UnavailableError):
+            await repository._run(
+                "checking TLS", lambda _n: repository._with_connection(_require_tls(target))
+            )
+    return repository
+
+
+async def _check(connection: Any) -> None:
+    async with connection.cursor() as cursor:
+        for statement in _CHECK_SCHEMA:
+            await cursor.execute(statement)
+            await cursor.fetchall()
+
+
+def _require_tls(target: ServerTarget) -> Callable[[Any], Awaitable[None]]:
+    async def check(connection: Any) -> None:
+        # The MySQL protocol falls back to plain text when a server offers no TLS; refuse that when the
+        # connection string says TLS is required.
+        async with connection.cursor() as cursor:
+            await cursor.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+            row = await cursor.fetchone()
+        if row is None or not row[1]:
+            raise ConfigurationError(
+                target.setting, f"asks for TLS (SslMode), but {target.description} does not offer it"
+            )
+
+    return check
+
+
+__all__ = ["MySqlRepository", "classify", "inspect", "migrate", "open", "parse_target"]

@@ -1,0 +1,722 @@
+"""PostgreSQL backend: upstream's tables through an asyncpg pool.
+
+Why it looks the way it does:
+
+- The request path is asyncpg, raw SQL: asyncpg prepares each statement once per connection and
+  caches it, so ``get_key`` is one Bind/Execute round trip on a pooled connection. SQLAlchemy's async
+  layer would cost several times the query (docs/performance.md section 1); it is used only for migrations and
+  ``inspect``, synchronously, with psycopg 3.
+- Every write is a single statement that is atomic on its own (``INSERT ... ON CONFLICT``, an
+  ``UPDATE ... FROM unnest(...)``), so concurrent writers in any number of processes need no explicit
+  locking, and a deadlock or a dropped connection can simply be retried. The data key is the one
+  exception: it is a read-then-write under a transaction-scoped advisory lock. The bulk operations
+  pass whole batches as arrays (``INSERT ... SELECT FROM unnest(...) ON CONFLICT``): one statement and
+  one round trip per batch. Measured for 100,000 rows in batches of 2,000 on the 2-core machine: 166k
+  new rows/s, against 96k for ``executemany`` in a transaction and 109k for COPY into a temporary
+  table followed by one ``INSERT ... SELECT``.
+- Columns hold exactly upstream's types (``uuid``, ``timestamp without time zone``, ``text``), so the
+  database stays usable by upstream.
+
+The connection string is the operator's Npgsql one (``Host=db;Port=5432;Database=kc;Username=kc;
+Password=...``) or a ``postgresql://`` URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from keyconnector._optional import require
+from keyconnector.errors import StorageError, UnavailableError
+from keyconnector.runtime.settings import DatabaseSettings
+from keyconnector.runtime.trust import Trust
+from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.coalesce import ReadCoalescer
+from keyconnector.storage.sql.common import (
+    PING_TIMEOUT_SECONDS,
+    ConnectionStringSpec,
+    Failure,
+    ServerTarget,
+    client_ssl_context,
+    inspect_database,
+    load_target,
+    log_pool,
+    run_migrations,
+    translate,
+    with_retries,
+)
+from keyconnector.storage.sql.schema import naive_utc
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = logging.getLogger(__name__)
+
+DATA_KEY_LOCK = 0x4B43_4441_5441  # "KCDATA": serializes data-key creation across processes and hosts
+
+_SSL_MODES = {
+    "disable": "disable",
+    "allow": "allow",
+    "prefer": "prefer",
+    "require": "require",
+    "verifyca": "verify-ca",
+    "verify-ca": "verify-ca",
+    "verifyfull": "verify-full",
+    "verify-full": "verify-full",
+}
+
+SPEC = ConnectionStringSpec(
+    provider="postgresql",
+    setting_name="postgreSqlConnectionString",
+    example="Host=db;Port=5432;Database=keyconnector;Username=keyconnector;Password=...",
+    default_port=5432,
+    synonyms={
+        "Host": "host",
+        "Server": "host",
+        "Data Source": "host",
+        "Address": "host",
+        "Port": "port",
+        "Database": "database",
+        "DB": "database",
+        "Initial Catalog": "database",
+        "Username": "user",
+        "User Name": "user",
+        "UserName": "user",
+        "User Id": "user",
+        "UserId": "user",
+        "User": "user",
+        "Uid": "user",
+        "Password": "password",
+        "Pwd": "password",
+        "Psw": "password",
+        "SSL Mode": "ssl mode",
+        "SslMode": "ssl mode",
+        "Trust Server Certificate": "trust server certificate",
+        "TrustServerCertificate": "trust server certificate",
+        "Root Certificate": "ssl root cert",
+        "RootCertificate": "ssl root cert",
+        "SSL Certificate": "ssl cert",
+        "SslCertificate": "ssl cert",
+        "SSL Key": "ssl key",
+        "SslKey": "ssl key",
+        "SSL Password": "ssl password",
+        "SslPassword": "ssl password",
+        "Timeout": "connect timeout",
+        "Connect Timeout": "connect timeout",
+        "Connection Timeout": "connect timeout",
+        "Command Timeout": "command timeout",
+        "CommandTimeout": "command timeout",
+        "Minimum Pool Size": "min pool size",
+        "MinPoolSize": "min pool size",
+        "Min Pool Size": "min pool size",
+        "Maximum Pool Size": "max pool size",
+        "MaxPoolSize": "max pool size",
+        "Max Pool Size": "max pool size",
+        "Connection Idle Lifetime": "idle lifetime",
+        "ConnectionIdleLifetime": "idle lifetime",
+        "Application Name": "application name",
+        "ApplicationName": "application name",
+        "Search Path": "search path",
+        "SearchPath": "search path",
+        "Target Session Attributes": "target session attributes",
+        "TargetSessionAttributes": "target session attributes",
+    },
+    # Accepted and dropped: driver-internal tuning with no equivalent here, or nothing to do
+    # (keyconnector always pools, prepares its few statements itself and speaks UTF-8).
+    ignored=(
+        "Pooling",
+        "Enlist",
+        "Keepalive",
+        "Tcp Keepalive",
+        "TcpKeepAlive",
+        "Connection Lifetime",
+        "ConnectionLifetime",
+        "Connection Pruning Interval",
+        "ConnectionPruningInterval",
+        "Max Auto Prepare",
+        "MaxAutoPrepare",
+        "Auto Prepare Min Usages",
+        "AutoPrepareMinUsages",
+        "No Reset On Close",
+        "NoResetOnClose",
+        "Include Error Detail",
+        "IncludeErrorDetail",
+        "Log Parameters",
+        "LogParameters",
+        "Client Encoding",
+        "ClientEncoding",
+        "Encoding",
+        "Timezone",
+        "Read Buffer Size",
+        "ReadBufferSize",
+        "Write Buffer Size",
+        "WriteBufferSize",
+        "Socket Receive Buffer Size",
+        "Socket Send Buffer Size",
+        "Internal Command Timeout",
+        "InternalCommandTimeout",
+        "Persist Security Info",
+        "PersistSecurityInfo",
+        "Load Balance Hosts",
+        "LoadBalanceHosts",
+        "Host Recheck Seconds",
+        "HostRecheckSeconds",
+        "Check Certificate Revocation",
+        "CheckCertificateRevocation",
+    ),
+    unsupported={
+        "Integrated Security": (
+            "(Kerberos/GSS login) is not supported by keyconnector; give Username and Password instead"
+        ),
+        "Passfile": "is not supported; put the Password in the connection string (it is a secret setting)",
+        "Multiplexing": "is not supported; remove it (keyconnector pools connections itself)",
+        "Server Compatibility Mode": "is not supported; remove it",
+    },
+    url_schemes=("postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg", "postgresql+psycopg2"),
+    url_query={
+        "sslmode": "ssl mode",
+        "sslrootcert": "ssl root cert",
+        "sslcert": "ssl cert",
+        "sslkey": "ssl key",
+        "sslpassword": "ssl password",
+        "connect_timeout": "connect timeout",
+        "command_timeout": "command timeout",
+        "application_name": "application name",
+        "target_session_attrs": "target session attributes",
+        "search_path": "search path",
+    },
+    ssl_modes=_SSL_MODES,
+    default_ssl_mode="prefer",
+    default_connect_timeout=15.0,
+    default_command_timeout=30.0,
+    default_idle_lifetime=300.0,
+)
+
+_TARGET_SESSION_ATTRIBUTES = {
+    "any": "any",
+    "primary": "primary",
+    "standby": "standby",
+    "preferprimary": "prefer-primary",
+    "prefer-primary": "prefer-primary",
+    "preferstandby": "prefer-standby",
+    "prefer-standby": "prefer-standby",
+    "readwrite": "read-write",
+    "read-write": "read-write",
+    "readonly": "read-only",
+    "read-only": "read-only",
+}
+
+_SELECT_KEY = 'SELECT "Key" FROM "UserKeys" WHERE "Id" = $1'
+_SELECT_KEYS = 'SELECT "Id", "Key" FROM "UserKeys" WHERE "Id" = ANY($1::uuid[])'
+_CREATE = (
+    'INSERT INTO "UserKeys" ("Id", "Key", "CreationDate", "RevisionDate", "LastAccessDate") '
+    "VALUES ($1, $2, $3, NULL, NULL) "
+    'ON CONFLICT ("Id") DO UPDATE SET "Key" = EXCLUDED."Key", "CreationDate" = EXCLUDED."CreationDate", '
+    '"RevisionDate" = NULL WHERE "UserKeys"."Key" IS NULL '
+    "RETURNING 1"
+)
+# SET expressions see the row as it was, so one statement tells all three cases apart: a new row and a
+# filled NULL-key row come back with RevisionDate NULL ("created"), a replaced key with RevisionDate set.
+_PUT = (
+    'INSERT INTO "UserKeys" ("Id", "Key", "CreationDate", "RevisionDate", "LastAccessDate") '
+    "VALUES ($1, $2, $3, NULL, NULL) "
+    'ON CONFLICT ("Id") DO UPDATE SET "Key" = EXCLUDED."Key", '
+    '"CreationDate" = CASE WHEN "UserKeys"."Key" IS NULL THEN EXCLUDED."CreationDate" '
+    'ELSE "UserKeys"."CreationDate" END, '
+    '"RevisionDate" = CASE WHEN "UserKeys"."Key" IS NULL THEN NULL ELSE EXCLUDED."CreationDate" END '
+    'RETURNING "RevisionDate" IS NULL'
+)
+_RECORD_ACCESS = (
+    'UPDATE "UserKeys" AS u SET "LastAccessDate" = v.t '
+    "FROM unnest($1::uuid[], $2::timestamp[]) AS v(id, t) "
+    'WHERE u."Id" = v.id AND (u."LastAccessDate" IS NULL OR u."LastAccessDate" < v.t)'
+)
+_SELECT_DATA_KEY = 'SELECT "Id", "SymmetricKey" FROM "ApplicationDatas" ORDER BY "Id" LIMIT 1'
+# Arrays in, one statement: atomic by itself, one round trip per batch, and safe to retry.
+_UPSERT = (
+    'INSERT INTO "UserKeys" AS u ("Id", "Key", "CreationDate", "RevisionDate", "LastAccessDate") '
+    "SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamp[], $4::timestamp[], $5::timestamp[]) "
+    'ON CONFLICT ("Id") DO UPDATE SET "Key" = EXCLUDED."Key", "CreationDate" = EXCLUDED."CreationDate", '
+    '"RevisionDate" = EXCLUDED."RevisionDate", "LastAccessDate" = EXCLUDED."LastAccessDate"'
+)
+# A row that already holds the new value counts as changed: it can only be ours (the record carries a
+# random nonce), from an earlier try whose commit was acknowledged on a connection that then dropped.
+_REPLACE_IF = (
+    'UPDATE "UserKeys" AS u SET "Key" = v.new '
+    "FROM unnest($1::uuid[], $2::text[], $3::text[]) AS v(id, expected, new) "
+    'WHERE u."Id" = v.id AND (u."Key" = v.expected OR u."Key" = v.new)'
+)
+_SELECT_RING = "SELECT revision, document FROM keyconnector_key_ring WHERE id = 1"
+_INSERT_RING = (
+    "INSERT INTO keyconnector_key_ring (id, revision, document) VALUES (1, 1, $1) ON CONFLICT (id) DO NOTHING"
+)
+_UPDATE_RING = (
+    "UPDATE keyconnector_key_ring SET document = $1, revision = revision + 1 WHERE id = 1 AND revision = $2"
+)
+_COLUMNS = '"Id", "Key", "CreationDate", "RevisionDate", "LastAccessDate"'
+_FIRST_BATCH = f'SELECT {_COLUMNS} FROM "UserKeys" ORDER BY "Id" LIMIT $1'  # noqa: S608
+_NEXT_BATCH = f'SELECT {_COLUMNS} FROM "UserKeys" WHERE "Id" > $1 ORDER BY "Id" LIMIT $2'  # noqa: S608
+_CHECK_SCHEMA = (
+    f'SELECT {_COLUMNS} FROM "UserKeys" LIMIT 0',  # noqa: S608
+    'SELECT "Id", "SymmetricKey" FROM "ApplicationDatas" LIMIT 0',
+)
+ACCESS_CHUNK = 1000
+
+# SQLSTATE classes and codes, from PostgreSQL's errcodes appendix.
+_TRANSIENT_CLASSES = ("08", "53", "57")  # connection exception, insufficient resources, operator intervention
+_TRANSIENT_CODES = {"40001", "40P01", "55P03", "25006"}  # serialization, deadlock, lock wait, read-only
+_CONFIGURATION_CLASSES = ("28", "3D", "42501")  # authorization, unknown database, no privilege
+
+
+def parse_target(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> ServerTarget:
+    raw = settings.postgresql_connection_string
+    target = load_target(
+        raw.get_secret_value() if raw is not None else None,
+        f"{prefix}.{SPEC.setting_name}",
+        SPEC,
+        settings.pool_size,
+        trust,
+    )
+    attributes = target.extra.get("target session attributes")
+    if attributes is not None and attributes.strip().lower() not in _TARGET_SESSION_ATTRIBUTES:
+        from keyconnector.errors import ConfigurationError
+
+        raise ConfigurationError(
+            target.setting,
+            f"Target Session Attributes must be one of: {', '.join(sorted(set(_TARGET_SESSION_ATTRIBUTES.values())))}",  # noqa: E501
+        )
+    return target
+
+
+def classify(exc: BaseException) -> Failure | None:
+    """What a driver error (asyncpg or psycopg) means: retry, give up for now, or fix the settings."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate:
+        if sqlstate in _TRANSIENT_CODES or sqlstate[:2] in _TRANSIENT_CLASSES:
+            return Failure.TRANSIENT
+        if sqlstate[:2] in _CONFIGURATION_CLASSES[:2] or sqlstate == "42501":
+            return Failure.CONFIGURATION
+        if sqlstate == "57014":  # statement timeout
+            return Failure.UNAVAILABLE
+        return Failure.FATAL
+    if isinstance(exc, TimeoutError):
+        return Failure.UNAVAILABLE
+    if isinstance(exc, (OSError, ConnectionError, EOFError)):
+        return Failure.TRANSIENT
+    module = type(exc).__module__
+    name = type(exc).__name__
+    if module.startswith("asyncpg"):
+        if name in ("ConnectionDoesNotExistError", "ConnectionFailureError", "InternalClientError"):
+            return Failure.TRANSIENT
+        if name == "InterfaceError" and "closed" in str(exc).lower():
+            return Failure.TRANSIENT
+        if name in ("ClientConfigurationError", "InvalidAuthorizationSpecificationError"):
+            return Failure.CONFIGURATION
+        return Failure.FATAL
+    if module.startswith("psycopg"):
+        # A failed connection attempt carries no SQLSTATE; libpq's message says why.
+        text = str(exc).lower()
+        if (
+            "password authentication failed" in text
+            or "no password supplied" in text
+            or ("does not exist" in text and ("database" in text or "role" in text))
+        ):
+            return Failure.CONFIGURATION
+        if "certificate" in text or ("ssl" in text and "not support" in text):
+            return Failure.CONFIGURATION
+        if name == "OperationalError":
+            return Failure.TRANSIENT
+        return Failure.FATAL
+    return None
+
+
+# -- migrations (psycopg, through SQLAlchemy) --------------------------------------------------------------
+
+
+def _psycopg_arguments(target: ServerTarget) -> dict[str, Any]:
+    """libpq's keywords for ``target`` (multi-host lists included)."""
+    arguments: dict[str, Any] = {
+        "host": ",".join(host for host, _ in target.hosts),
+        "port": ",".join(str(port) for _, port in target.hosts),
+        "dbname": target.database,
+        "connect_timeout": max(2, int(target.connect_timeout)),
+        "application_name": target.application_name,
+        "sslmode": target.ssl_mode,
+    }
+    if target.user:
+        arguments["user"] = target.user
+    if target.password is not None:
+        arguments["password"] = target.password
+    if target.ssl_mode in ("verify-ca", "verify-full"):
+        arguments["sslrootcert"] = target.ssl_root_cert or target.trust.bundle_file()
+    elif target.ssl_root_cert:
+        arguments["sslrootcert"] = target.ssl_root_cert
+    if target.ssl_cert:
+        arguments["sslcert"] = target.ssl_cert
+    if target.ssl_key:
+        arguments["sslkey"] = target.ssl_key
+    if target.ssl_key_password:
+        arguments["sslpassword"] = target.ssl_key_password
+    attributes = target.extra.get("target session attributes")
+    if attributes:
+        arguments["target_session_attrs"] = _TARGET_SESSION_ATTRIBUTES[attributes.strip().lower()]
+    search_path = target.extra.get("search path")
+    if search_path:
+        arguments["options"] = "-c search_path=" + search_path.replace(" ", "\\ ")
+    return arguments
+
+
+def migration_engine(target: ServerTarget) -> Any:
+    """A short-lived SQLAlchemy engine over psycopg 3 for migrations and ``inspect``."""
+    require("psycopg", extra="postgres", setting=target.setting, provider="postgresql")
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    return create_engine("postgresql+psycopg://", connect_args=_psycopg_arguments(target), poolclass=NullPool)
+
+
+def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
+    """Create upstream's schema on an empty database, or adopt upstream's in place (see sqlcommon)."""
+    target = parse_target(settings, prefix, trust)
+    run_migrations(lambda: migration_engine(target), classify, target)
+
+
+def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
+    target = parse_target(settings, prefix, trust)
+    description, has_schema = inspect_database(lambda: migration_engine(target), classify, target)
+    return DatabaseState(f"{target.description}: {description}", has_schema)
+
+
+# -- the repository ------------------------------------------------------------------------------------------
+
+
+class PostgresRepository:
+    """The :class:`~keyconnector.storage.base.Repository` over an asyncpg pool."""
+
+    def __init__(self, target: ServerTarget, pool: asyncpg.Pool) -> None:
+        self._target = target
+        self._pool = pool
+        self._background: set[asyncio.Future[None]] = set()
+        self._reads = ReadCoalescer(self._fetch_keys)
+
+    @property
+    def description(self) -> str:
+        return self._target.description
+
+    def _stale(self, exc: BaseException) -> None:
+        # After a restart or failover every idle connection is dead: replace them all rather than let
+        # each one fail a request in turn.
+        task = asyncio.ensure_future(self._pool.expire_connections())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _run(self, action: str, operation: Any) -> Any:
+        return await with_retries(operation, classify, self._target, action, on_transient=self._stale)
+
+    # -- the request path -------------------------------------------------------------------------------
+
+    async def get_key(self, user_id: UUID) -> str | None:
+        return await self._reads.get(user_id)
+
+    async def _fetch_keys(self, user_ids: list[UUID]) -> dict[UUID, str | None]:
+        """One round trip for every read that queued up behind the last one (see coalesce.py)."""
+        pool = self._pool
+        try:
+            rows = await pool.fetch(_SELECT_KEYS, user_ids)
+        except Exception as exc:  # the slow path: classify, maybe retry
+            if classify(exc) is None:
+                raise
+            rows = await self._run("reading user keys", lambda _attempt: pool.fetch(_SELECT_KEYS, user_ids))
+        return {row[0]: row[1] for row in rows}
+
+    # -- writes -------------------------------------------------------------------------------------------
+
+    async def create_key(self, user_id: UUID, record: str, now: datetime) -> bool:
+        stamp = naive_utc(now)
+
+        async def attempt(number: int) -> bool:
+            async with self._pool.acquire() as connection:
+                if await connection.fetchval(_CREATE, user_id, record, stamp) is not None:
+                    return True
+                # A retry after a dropped connection may find its own earlier, committed insert: the
+                # record (random nonce inside) identifies it, and the answer must still be "created".
+                return number > 1 and await connection.fetchval(_SELECT_KEY, user_id) == record
+
+        return bool(await self._run("creating a user key", attempt))
+
+    async def put_key(self, user_id: UUID, record: str, now: datetime) -> bool:
+        stamp = naive_utc(now)
+
+        async def attempt(_number: int) -> bool:
+            return bool(await self._pool.fetchval(_PUT, user_id, record, stamp))
+
+        return bool(await self._run("storing a user key", attempt))
+
+    async def record_access(self, accesses: Mapping[UUID, datetime]) -> None:
+        if not accesses:
+            return
+        # Sorted, so that two workers flushing overlapping batches lock rows in the same order and
+        # cannot deadlock each other; the WHERE clause never moves a time backwards.
+        items = sorted(accesses.items())
+        for start in range(0, len(items), ACCESS_CHUNK):
+            chunk = items[start : start + ACCESS_CHUNK]
+            ids = [user for user, _ in chunk]
+            times = [naive_utc(when) for _, when in chunk]
+
+            async def attempt(_number: int, ids: list[UUID] = ids, times: list[datetime] = times) -> None:
+                await self._pool.execute(_RECORD_ACCESS, ids, times)
+
+            await self._run("recording access times", attempt)
+
+    async def get_wrapped_data_key(self) -> str | None:
+        async def attempt(_number: int) -> str | None:
+            row = await self._pool.fetchrow(_SELECT_DATA_KEY)
+            return None if row is None else row[1]
+
+        result: str | None = await self._run("reading the data key", attempt)
+        return result
+
+    async def store_wrapped_data_key(self, wrapped: str) -> str:
+        async def attempt(_number: int) -> str:
+            async with self._pool.acquire() as connection, connection.transaction():
+                # Held until commit: a second process waits here, then finds the first one's key.
+                await connection.execute("SELECT pg_advisory_xact_lock($1)", DATA_KEY_LOCK)
+                row = await connection.fetchrow(_SELECT_DATA_KEY)
+                if row is not None and row[1] is not None:
+                    stored: str = row[1]
+                    return stored
+                await _write_data_key(connection, row, wrapped)
+                return wrapped
+
+        result: str = await self._run("storing the data key", attempt)
+        return result
+
+    async def set_wrapped_data_key(self, wrapped: str) -> None:
+        async def attempt(_number: int) -> None:
+            async with self._pool.acquire() as connection, connection.transaction():
+                # The same lock as store_wrapped_data_key: a bootstrap never sees a half-made choice.
+                await connection.execute("SELECT pg_advisory_xact_lock($1)", DATA_KEY_LOCK)
+                await _write_data_key(connection, await connection.fetchrow(_SELECT_DATA_KEY), wrapped)
+
+        await self._run("replacing the data key", attempt)
+
+    # -- operations: transfer, rotation, backup -------------------------------------------------------------
+
+    async def count_records(self) -> int:
+        async def attempt(_number: int) -> int:
+            return int(await self._pool.fetchval('SELECT count(*) FROM "UserKeys"'))
+
+        result: int = await self._run("counting user keys", attempt)
+        return result
+
+    async def upsert_records(self, records: Sequence[UserKeyRecord]) -> None:
+        if not records:
+            return
+        # One row per user (ON CONFLICT may not touch a row twice), in key order so that concurrent
+        # batches lock rows in the same order and cannot deadlock each other.
+        unique = sorted({record.user_id: record for record in records}.values(), key=lambda r: r.user_id)
+        columns = (
+            [record.user_id for record in unique],
+            [record.key for record in unique],
+            [naive_utc(record.creation_date) for record in unique],
+            [_naive(record.revision_date) for record in unique],
+            [_naive(record.last_access_date) for record in unique],
+        )
+
+        async def attempt(_number: int) -> None:
+            await self._pool.execute(_UPSERT, *columns)
+
+        await self._run("copying user keys", attempt)
+
+    async def replace_records(self, updates: Sequence[RecordUpdate]) -> int:
+        if not updates:
+            return 0
+        ordered = sorted(updates, key=lambda update: update.user_id)
+        columns = (
+            [update.user_id for update in ordered],
+            [update.expected for update in ordered],
+            [update.new for update in ordered],
+        )
+
+        async def attempt(_number: int) -> int:
+            return _row_count(await self._pool.execute(_REPLACE_IF, *columns))
+
+        result: int = await self._run("re-encrypting user keys", attempt)
+        return result
+
+    async def get_key_ring(self) -> StoredKeyRing | None:
+        async def attempt(_number: int) -> StoredKeyRing | None:
+            try:
+                row = await self._pool.fetchrow(_SELECT_RING)
+            except Exception as exc:
+                if (
+                    getattr(exc, "sqlstate", None) == "42P01"
+                ):  # undefined_table: never migrated, never rotated
+                    return None
+                raise
+            return None if row is None else StoredKeyRing(revision=row[0], document=row[1])
+
+        result: StoredKeyRing | None = await self._run("reading the key ring", attempt)
+        return result
+
+    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
+        async def attempt(number: int) -> bool:
+            async with self._pool.acquire() as connection:
+                if expected_revision == 0:
+                    status = await connection.execute(_INSERT_RING, document)
+                else:
+                    status = await connection.execute(_UPDATE_RING, document, expected_revision)
+                if _row_count(status) == 1:
+                    return True
+                # A retry may find its own earlier write, committed before the connection dropped.
+                row = await connection.fetchrow(_SELECT_RING) if number > 1 else None
+                return row is not None and row[0] == expected_revision + 1 and row[1] == document
+
+        return bool(await self._run("storing the key ring", attempt))
+
+    # -- bulk and health ------------------------------------------------------------------------------------
+
+    async def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
+        """Keyset pagination on the primary key: short queries, no snapshot held between batches."""
+        after: UUID | None = None
+        while True:
+
+            async def attempt(_number: int, after: UUID | None = after) -> list[Any]:
+                if after is None:
+                    return list(await self._pool.fetch(_FIRST_BATCH, batch_size))
+                return list(await self._pool.fetch(_NEXT_BATCH, after, batch_size))
+
+            rows: list[Any] = await self._run("listing user keys", attempt)
+            if not rows:
+                return
+            yield [UserKeyRecord(row[0], row[1], row[2], row[3], row[4]) for row in rows]
+            if len(rows) < batch_size:
+                return
+            after = rows[-1][0]
+
+    async def ping(self) -> None:
+        try:
+            await self._pool.fetchval("SELECT 1", timeout=PING_TIMEOUT_SECONDS)
+        except Exception as exc:
+            failure = classify(exc)
+            if failure is None:
+                raise
+            if failure is Failure.TRANSIENT:
+                self._stale(exc)
+                failure = Failure.UNAVAILABLE
+            raise translate(exc, failure, self._target, "checking the database") from None
+
+    async def aclose(self) -> None:
+        try:
+            await self._pool.close()
+        except Exception as exc:  # a dead server cannot be told goodbye; do not fail shutdown for it
+            log.debug("closing the pool: %s", self._target.scrub(str(exc)))
+            self._pool.terminate()
+
+
+def _naive(value: datetime | None) -> datetime | None:
+    return None if value is None else naive_utc(value)
+
+
+def _row_count(status: str) -> int:
+    """The row count of a command tag such as ``UPDATE 12`` or ``INSERT 0 1``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _connect_arguments(target: ServerTarget) -> dict[str, Any]:
+    arguments: dict[str, Any] = {
+        "host": [host for host, _ in target.hosts],
+        "port": [port for _, port in target.hosts],
+        "database": target.database,
+        "user": target.user,
+        "password": target.password,
+        "timeout": target.connect_timeout,
+        "command_timeout": target.command_timeout,
+        "server_settings": {"application_name": target.application_name},
+    }
+    if target.ssl_mode in ("disable", "allow", "prefer") and not target.ssl_cert:
+        arguments["ssl"] = target.ssl_mode
+    else:
+        arguments["ssl"] = client_ssl_context(target)
+    search_path = target.extra.get("search path")
+    if search_path:
+        arguments["server_settings"]["search_path"] = search_path
+    attributes = target.extra.get("target session attributes")
+    if attributes:
+        arguments["target_session_attrs"] = _TARGET_SESSION_ATTRIBUTES[attributes.strip().lower()]
+    return arguments
+
+
+async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> PostgresRepository:
+    """Make the pool and check upstream's tables are there.
+
+    A server that is down right now does not stop a worker from starting: the pool connects on first
+    use, and requests answer 503 until the database is back.
+    """
+    asyncpg_module = require(
+        "asyncpg", extra="postgres", setting=f"{prefix}.{SPEC.setting_name}", provider="postgresql"
+    )
+    target = parse_target(settings, prefix, trust)
+    log_pool(target, settings.pool_size)
+    try:
+        ssl_context = _connect_arguments(target)
+    except (OSError, ValueError) as exc:
+        raise translate(exc, Failure.CONFIGURATION, target, "loading TLS certificates") from None
+    # min_size=0: creating the pool must not need the server; warm-up below is best effort.
+    pool = asyncpg_module.create_pool(
+        min_size=0,
+        max_size=target.max_pool_size,
+        max_inactive_connection_lifetime=target.idle_lifetime or 300.0,
+        reset=_keep_session,
+        **ssl_context,
+    )
+    await pool
+    repository = PostgresRepository(target, pool)
+    try:
+        await repository._run(
+            "checking upstream's tables", lambda _n: _check_schema(pool, target.min_pool_size)
+        )
+    except UnavailableError as exc:
+        log.warning("%s is not reachable yet; requests answer 503 until it is: %s", target.description, exc)
+    except StorageError:
+        await repository.aclose()
+        raise
+    except BaseException:
+        await repository.aclose()
+        raise
+    return repository
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Skip asyncpg's per-release ``RESET ALL; UNLISTEN *; ...``: a second round trip per request.
+
+    Nothing here changes session state: no SET, LISTEN, cursors or session-level locks (the only lock,
+    the data key's, is transaction-scoped). asyncpg still rolls back a transaction left open.
+    """
+
+
+async def _check_schema(pool: asyncpg.Pool, warm: int) -> None:
+    connections = [await pool.acquire() for _ in range(max(1, warm))]
+    try:
+        for statement in _CHECK_SCHEMA:
+            await connections[0].fetch(statement)
+    finally:
+        for connection in connections:
+            await pool.release(connection)
+
+
+__all__ = ["PostgresRepository", "classify", "inspect", "migrate", "open", "parse_target"]
+
+
+async def _write_data_key(connection: Any, first_row: Any, wrapped: str) -> None:
+    """Set ``SymmetricKey`` of the first ``ApplicationDatas`` row, or insert that row."""
+    if first_row is not None:
+        await connection.execute(
+            'UPDATE "ApplicationDatas" SET "SymmetricKey" = $1 WHERE "Id" = $2', wrapped, first_row[0]
+        )
+    else:
+        await connection.execute('INSERT INTO "ApplicationDatas" ("SymmetricKey") VALUES ($1)', wrapped)

@@ -1,4 +1,0 @@
-"""Alembic environment of keyconnector's own schema changes (run from code, no alembic.ini).
-
-See :mod:`keyconnector.storage.alembic_runner` for how it is driven.
-"""

@@ -1,0 +1,1 @@
+"""What the SQL databases share: schema, migrations, transport and the common SQL."""
