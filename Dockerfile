@@ -2,6 +2,9 @@
 #
 # Same port (5000), same volume (/etc/bitwarden) and same default paths (key.pfx, kc.db, data.json,
 # ca-certificates/), so an existing env file and volume work unchanged; see deploy/README.md.
+# Like upstream's image it starts as root only to honour bitwarden.sh's uid.env: the entrypoint gives
+# /etc/bitwarden to LOCAL_UID/LOCAL_GID (65534 when 0 or unset) and runs the service as them, never
+# as root. Run it as a user (--user, runAsUser) and it starts as that user instead.
 #
 #   docker build -t keyconnector .
 #   docker run --env-file keyconnector.env -v /srv/bitwarden:/etc/bitwarden -p 5000:5000 keyconnector
@@ -51,11 +54,15 @@ LABEL org.opencontainers.image.title="keyconnector" \
 # opensc-pkcs11: the library the `opensc` PKCS#11 provider loads from its Debian multiarch path
 # (/usr/lib/<arch>-linux-gnu/opensc-pkcs11.so on amd64 and arm64 alike).
 # ca-certificates: the system bundle that the entrypoint extends with the mounted CAs.
+# setpriv (util-linux, part of every Debian image; checked here so a base change cannot drop it): how
+# the entrypoint steps down from root.
+# The keyconnector user (KC_UID) is the one the compose file and the chart run the image as.
 # Versions unpinned for the reason given in the builder stage.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini opensc-pkcs11 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
+    && setpriv --version \
     && groupadd --gid "${KC_GID}" keyconnector \
     && useradd --uid "${KC_UID}" --gid "${KC_GID}" --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin keyconnector \
@@ -74,7 +81,7 @@ ENV PATH=/opt/keyconnector/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-USER ${KC_UID}:${KC_GID}
+# No USER: the entrypoint decides (see the top of this file and deploy/docker/entrypoint.sh).
 WORKDIR /etc/bitwarden
 VOLUME /etc/bitwarden
 EXPOSE 5000

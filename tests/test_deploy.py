@@ -2,7 +2,8 @@
 
 No container engine or cluster runs here, so each artefact is checked by the strongest thing that
 does run: the entrypoint script is executed for real (it builds the CA bundle, starts ``keyconnector
-serve``, passes arguments through, is replaced by the server so SIGTERM reaches it); the Dockerfile
+serve``, passes arguments through, is replaced by the server so SIGTERM reaches it; its step-down from
+root for Bitwarden's installer is in test_entrypoint.py); the Dockerfile
 goes through hadolint; the chart is linted, rendered with helm and every document validated against
 the Kubernetes schemas offline; the unit goes through ``systemd-analyze verify`` when there is one;
 and the example env files are read by keyconnector's own settings loader.
@@ -109,14 +110,14 @@ def test_dockerfile_has_the_upstream_layout_and_a_hardened_runtime() -> None:
     for package in ("tini", "opensc-pkcs11", "ca-certificates"):
         assert package in runtime_run
 
-    # Non-root with a fixed numeric id, set after the last RUN (nothing after it runs as root).
-    user = by_name["USER"][-1]
-    assert re.fullmatch(r"\$\{KC_UID\}:\$\{KC_GID\}", user)
+    # No USER: the image starts as root only for the entrypoint to step down to bitwarden.sh's
+    # LOCAL_UID/LOCAL_GID as upstream's does (test_entrypoint.py runs that), with setpriv, which the
+    # build checks is there. The fixed-id user the compose file and the chart run it as exists.
+    assert "USER" not in by_name
+    assert "setpriv --version" in " ".join(by_name["RUN"])
     args = dict(rest.split("=", 1) for name, rest in instructions if name == "ARG" and "=" in rest)
     assert args["KC_UID"].isdigit() and int(args["KC_UID"]) > 0
-    last_run = max(i for i, (name, _) in enumerate(instructions) if name == "RUN")
-    first_user = min(i for i, (name, _) in enumerate(instructions) if name == "USER")
-    assert first_user > last_run
+    assert any('useradd --uid "${KC_UID}"' in rest for rest in by_name["RUN"])
 
     assert by_name["EXPOSE"] == ["5000"]
     assert by_name["VOLUME"] == ["/etc/bitwarden"]
@@ -175,11 +176,30 @@ def _entrypoint_env(base: dict[str, str], tmp_path: Path, ca_dir: Path) -> dict[
     return env
 
 
+# The image run as a user, as the compose file and the chart run it (user: / runAsUser: 1000), so the
+# entrypoint steps down from nothing (that path, from root, is in test_entrypoint.py). The two
+# capabilities only let that user reach what is root's on this machine and not in an image: the
+# interpreter under /root and pytest's root-only temporary folders.
+AS_IMAGE_USER = [
+    "setpriv",
+    "--reuid=1000",
+    "--regid=1000",
+    "--clear-groups",
+    "--inh-caps=+dac_override,+dac_read_search",
+    "--ambient-caps=+dac_override,+dac_read_search",
+    "--",
+]
+
+
 def _run_entrypoint(
     args: list[str], env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=timeout
+        [*AS_IMAGE_USER, "bash", str(ENTRYPOINT), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -333,7 +353,11 @@ def test_entrypoint_execs_the_server_which_stops_on_sigterm(
     with open(log, "wb") as out:
         # No arguments: the image's CMD is `serve`, and so is the script's default.
         process = subprocess.Popen(
-            ["bash", str(ENTRYPOINT)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [*AS_IMAGE_USER, "bash", str(ENTRYPOINT)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     entrypoint_process.append(process)
 
@@ -631,6 +655,9 @@ def test_compose_file_runs_keyconnector_after_a_healthy_postgres(tmp_path: Path)
     assert "5000:5000" in kc["ports"]
     assert any(v.endswith(":/etc/bitwarden") for v in kc["volumes"])
     assert kc["read_only"] is True and "/tmp" in kc["tmpfs"] and kc["cap_drop"] == ["ALL"]
+    # Without capabilities a root start could not step down (the entrypoint refuses it): run as the
+    # image's user from the start.
+    assert kc["user"] == "1000:1000"
     assert kc["environment"]["keyConnectorSettings__logging__format"] == "json"
 
     # No password inline: secret-looking variables are ...File / _FILE paths to compose secrets.
