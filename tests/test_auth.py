@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyconnector.auth import AuthError, Principal, TokenValidator
-from keyconnector.auth.jwks import KeySetSource, parse_key_set
+from keyconnector.auth.jwks import MAX_KEYS_WITHOUT_KID, KeySetSource, parse_key_set
 from keyconnector.devtools import DevIssuer
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.runtime.trust import Trust
@@ -289,8 +289,14 @@ async def test_alg_must_fit_the_key(fresh_issuer: DevIssuer, foreign_key: rsa.RS
         await refused(
             v, bearer(fresh_issuer.mint(alg="RS256", kid=ec_kid, key=foreign_key)), 401, "algorithm"
         )
-        # two keys published: a token without kid cannot pick one
-        await refused(v, bearer(fresh_issuer.mint(header_overrides={"kid": None})), 401, "kid")
+        # two keys published, one per key type: a token without kid is tried against the one that
+        # accepts its algorithm, and an algorithm neither accepts finds no key
+        kidless = {"kid": None}
+        await v.authenticate(bearer(fresh_issuer.mint(header_overrides=kidless)))
+        await v.authenticate(bearer(fresh_issuer.mint(alg="ES256", kid=ec_kid, header_overrides=kidless)))
+        await refused(
+            v, bearer(fresh_issuer.mint(alg="PS256", header_overrides=kidless)), 401, "signing algorithm"
+        )
     finally:
         await v.aclose()
 
@@ -318,12 +324,93 @@ def test_key_set_parsing_follows_key_types() -> None:
     key_set = parse_key_set(document, issuer="i", jwks_uri="u")
     assert list(key_set.keys) == ["r"]
     assert set(key_set.keys["r"].verifiers) == {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
-    assert key_set.only_key is key_set.keys["r"]
+    assert key_set.count == 1
+    assert key_set.without_kid["RS256"] == (key_set.keys["r"].verifiers["RS256"],)
     assert len(key_set.skipped) == 5
     with pytest.raises(ValueError, match="no usable signing key"):
         parse_key_set({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}, issuer="i", jwks_uri="u")
     with pytest.raises(ValueError, match="no usable signing key"):
         parse_key_set({"keys": []}, issuer="i", jwks_uri="u")
+
+
+def test_a_key_published_twice_is_tried_once_without_kid() -> None:
+    """Two kids for one key (an identity server that lists its signing certificate twice) must not
+    count twice towards the limit of keys tried for a token without kid."""
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_numbers()
+    jwk = {"kty": "RSA", "n": _b64_uint(numbers.n), "e": _b64_uint(numbers.e)}
+    copies = [{**jwk, "kid": str(i)} for i in range(MAX_KEYS_WITHOUT_KID + 2)] + [jwk]
+    key_set = parse_key_set({"keys": copies}, issuer="i", jwks_uri="u")
+    assert key_set.count == 1 and len(key_set.keys) == MAX_KEYS_WITHOUT_KID + 2
+    assert len(key_set.without_kid["RS256"]) == 1
+    assert key_set.kidless_overflow() is None
+
+
+def _b64_uint(n: int) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+
+
+async def test_forged_kidless_tokens_refetch_at_most_once_per_interval() -> None:
+    """Without kid a bad signature may mean a replaced key, so it may fetch again, but no more often
+    than a made-up kid may: a flood of forged kid-less tokens cannot hammer the identity server."""
+    interval = 0.6
+    with DevIssuer(flavour="vaultwarden") as vaultwarden:
+        v = TokenValidator(vaultwarden.url, refetch_interval=interval)
+        try:
+            await v.refresh()
+            await asyncio.sleep(interval + 0.05)
+            before = vaultwarden.jwks_fetches
+            forged = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            tokens = [vaultwarden.mint(key=forged) for _ in range(40)]
+            results = await asyncio.gather(
+                *(v.authenticate(bearer(t)) for t in tokens), return_exceptions=True
+            )
+            assert all(isinstance(r, AuthError) and r.status == 401 for r in results), results
+            assert all("signature does not match its only key" in r.message for r in results)  # type: ignore[union-attr]
+            assert vaultwarden.jwks_fetches - before == 1
+            assert (await v.authenticate(bearer(vaultwarden.mint()))).expires_at > time.time()
+        finally:
+            await v.aclose()
+
+
+async def test_more_kidless_keys_than_are_tried_fail_closed_but_kid_tokens_still_work(
+    fresh_issuer: DevIssuer,
+) -> None:
+    """The limit concerns tokens without kid only: Bitwarden's own tokens name their key."""
+    for _ in range(MAX_KEYS_WITHOUT_KID):
+        fresh_issuer.rotate()
+    v = TokenValidator(fresh_issuer.url)
+    try:
+        await v.refresh()
+        await v.authenticate(bearer(fresh_issuer.mint()))
+        err = await refused(
+            v,
+            bearer(fresh_issuer.mint(header_overrides={"kid": None})),
+            401,
+            f"at most {MAX_KEYS_WITHOUT_KID}",
+        )
+        assert err.reason == "unknown_key"
+        # every key has a kid: nothing to warn the operator about
+        assert "without a 'kid'" not in v.status()
+    finally:
+        await v.aclose()
+
+
+async def test_a_replaced_kidless_key_drops_the_tokens_it_vouched_for() -> None:
+    with DevIssuer(flavour="vaultwarden") as vaultwarden:
+        v = TokenValidator(vaultwarden.url, refetch_interval=0.05)
+        try:
+            await v.refresh()
+            old = bearer(vaultwarden.mint())
+            await v.authenticate(old)
+            vaultwarden.rotate(keep_old=False)
+            await asyncio.sleep(0.06)
+            await v.authenticate(bearer(vaultwarden.mint()))  # fetches the new key set
+            assert v.status().startswith(f"issuer {vaultwarden.issuer}, 1 key,")
+            await refused(v, old, 401, "signature")
+        finally:
+            await v.aclose()
 
 
 # -- 403: valid token, policy says no ------------------------------------------------------------

@@ -10,6 +10,14 @@ Why it looks the way it does:
 * Which algorithms a key accepts follows from the key itself (RSA: RS*/PS*; EC: the ES* of its curve;
   narrowed to the JWK's ``alg`` when it has one). Symmetric (``oct``) keys are never accepted, so
   neither ``none`` nor an HMAC forged with the public key can ever find a verifier.
+* A token without ``kid`` (Vaultwarden's, docs/compatibility.md section 6.7) cannot look its key up,
+  so the keys that can verify its algorithm are listed per algorithm once per fetch and tried in turn,
+  at most :data:`MAX_KEYS_WITHOUT_KID` of them: that bounds what a forged kid-less token costs (each
+  try is a public-key operation) and a key set with more such keys refuses these tokens rather than
+  trying them all. Tokens with a ``kid`` never pay for this.
+* Keys are also identified by their RFC 7638 thumbprint, because a kid-less key set has no other name
+  for a key: it is how a withdrawn key is noticed (and the tokens it vouched for dropped from the
+  validator's cache) whether or not keys carry a ``kid``.
 * Fetches are shared and rate-limited: every caller that needs fresh keys while a fetch is running
   waits for that fetch, and a new one starts at most once per ``refetch_interval``, so a flood of
   tokens with made-up ``kid`` values cannot hammer the identity server.
@@ -42,13 +50,16 @@ from joserfc.jws import JWSRegistry
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.runtime.trust import Trust
 
-__all__ = ["KeySetSource", "SigningKeys", "VerificationKey", "parse_key_set"]
+__all__ = ["MAX_KEYS_WITHOUT_KID", "KeySetSource", "SigningKeys", "VerificationKey", "parse_key_set"]
 
 log = logging.getLogger("keyconnector.auth")
 
 COMPONENT = "identity server"
 DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
 MIN_RSA_BITS = 1024  # what upstream's token handler accepts for verification; refusing more breaks installs
+MAX_KEYS_WITHOUT_KID = 4
+"""How many keys a token without ``kid`` is tried against. Vaultwarden publishes one; a few more cover
+a replaced key still published next to its successor. More than this and such tokens are refused."""
 
 #: verify(signing_input, signature) -> valid?
 Verifier = Callable[[bytes, bytes], bool]
@@ -101,6 +112,8 @@ class VerificationKey:
     kid: str | None
     kty: str
     verifiers: Mapping[str, Verifier]
+    thumbprint: str = ""
+    """RFC 7638: the key's name when it has no ``kid``, and how a changed key set is recognised."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +123,25 @@ class SigningKeys:
     issuer: str
     jwks_uri: str
     keys: Mapping[str, VerificationKey]
-    #: the key used for tokens without ``kid``: set only when the set has exactly one key
-    only_key: VerificationKey | None
+    #: for tokens without ``kid``: per algorithm, the verifiers of every usable key that accepts it
+    without_kid: Mapping[str, tuple[Verifier, ...]]
+    #: RFC 7638 thumbprints of every usable key (with or without ``kid``)
+    thumbprints: frozenset[str] = frozenset()
     fetched_at: float = field(default_factory=time.time)
     skipped: tuple[str, ...] = ()
+
+    @property
+    def count(self) -> int:
+        """Usable keys, with or without ``kid``."""
+        return len(self.thumbprints)
+
+    def kidless_overflow(self) -> tuple[str, int] | None:
+        """``(alg, keys)`` when tokens without ``kid`` are refused because too many keys could have
+        signed them; ``None`` when each algorithm has at most :data:`MAX_KEYS_WITHOUT_KID` keys."""
+        worst = max(self.without_kid.items(), key=lambda item: len(item[1]), default=None)
+        if worst is None or len(worst[1]) <= MAX_KEYS_WITHOUT_KID:
+            return None
+        return worst[0], len(worst[1])
 
 
 def _import_key(jwk: Mapping[str, Any]) -> VerificationKey:
@@ -134,12 +162,14 @@ def _import_key(jwk: Mapping[str, Any]) -> VerificationKey:
                 raise ValueError(f"its {public.key_size}-bit modulus is too short")
             for alg in _RSA_ALGS:
                 verifiers[alg] = _rsa_verifier(public, alg)
+            thumbprint = rsa_key.thumbprint()
         elif kty == "EC":
             ec_key = ECKey.import_key(dict(jwk))
             alg = _EC_ALGS.get(ec_key.curve_name, "")
             if not alg:
                 raise ValueError(f"its curve {ec_key.curve_name!r} is not supported")
             verifiers[alg] = _joserfc_verifier(ec_key, alg)
+            thumbprint = ec_key.thumbprint()
         else:
             raise ValueError(f"its key type {kty!r} is not accepted (only RSA and EC)")
     except (JoseError, TypeError, KeyError) as exc:
@@ -151,7 +181,7 @@ def _import_key(jwk: Mapping[str, Any]) -> VerificationKey:
             raise ValueError(f"its alg {declared!r} does not fit its key type")
         verifiers = {declared: verifiers[declared]}
     kid = jwk.get("kid")
-    return VerificationKey(kid if isinstance(kid, str) else None, str(kty), verifiers)
+    return VerificationKey(kid if isinstance(kid, str) else None, str(kty), verifiers, thumbprint)
 
 
 def parse_key_set(document: Any, *, issuer: str, jwks_uri: str) -> SigningKeys:
@@ -177,11 +207,20 @@ def parse_key_set(document: Any, *, issuer: str, jwks_uri: str) -> SigningKeys:
     if not usable:
         detail = "; ".join(skipped) if skipped else "it is empty"
         raise ValueError(f"the key set has no usable signing key ({detail})")
+    without_kid: dict[str, list[Verifier]] = {}
+    seen: set[str] = set()
+    for key in usable:
+        if key.thumbprint in seen:
+            continue  # the same key published twice (under two kids) is one try, not two
+        seen.add(key.thumbprint)
+        for alg, verifier in key.verifiers.items():
+            without_kid.setdefault(alg, []).append(verifier)
     return SigningKeys(
         issuer=issuer,
         jwks_uri=jwks_uri,
         keys=keys,
-        only_key=usable[0] if len(usable) == 1 else None,
+        without_kid={alg: tuple(verifiers) for alg, verifiers in without_kid.items()},
+        thumbprints=frozenset(seen),
         skipped=tuple(skipped),
     )
 
@@ -340,16 +379,30 @@ class KeySetSource:
         self._backoff = self._initial_backoff
         if (
             previous is None
-            or previous.keys.keys() != key_set.keys.keys()
+            or previous.thumbprints != key_set.thumbprints
             or previous.issuer != key_set.issuer
         ):
             log.info(
                 "identity server: issuer %s, %d key(s) %s%s",
                 key_set.issuer,
-                len(key_set.keys) or 1,
+                key_set.count,
                 ", ".join(key_set.keys) or "(no kid)",
                 "; skipped " + "; ".join(key_set.skipped) if key_set.skipped else "",
             )
+            overflow = key_set.kidless_overflow()
+            if overflow is not None and len(key_set.keys) < key_set.count:
+                # Only worth a warning when some key has no kid: then its tokens have none either.
+                alg, count = overflow
+                log.warning(
+                    "identity server: %s publishes %d keys for %s, some without a 'kid', and a token "
+                    "without a 'kid' is tried against at most %d: such tokens are refused. Check that "
+                    "identityServerUri names the server that signs the tokens, and have it publish "
+                    "fewer keys or give each a 'kid'",
+                    redact_url(key_set.jwks_uri),
+                    count,
+                    alg,
+                    MAX_KEYS_WITHOUT_KID,
+                )
         for listener in self._listeners:
             listener(previous, key_set)
         return None
@@ -410,10 +463,16 @@ class KeySetSource:
         key_set = self.current
         if key_set is None:
             return "not ready: " + (self.last_error or "the key set has not been fetched yet")
-        kids = len(key_set.keys) if key_set.keys else 1
-        text = f"issuer {key_set.issuer}, {kids} key{'s' if kids != 1 else ''}"
+        count = key_set.count
+        text = f"issuer {key_set.issuer}, {count} key{'s' if count != 1 else ''}"
         age = time.time() - key_set.fetched_at
         text += f", fetched {age:.0f}s ago"
+        overflow = key_set.kidless_overflow()
+        if overflow is not None and len(key_set.keys) < count:
+            text += (
+                f"; tokens without a 'kid' are refused ({overflow[1]} keys for {overflow[0]}, "
+                f"at most {MAX_KEYS_WITHOUT_KID} are tried)"
+            )
         if self.last_error:
             text += f" (last refresh failed: {self.last_error})"
         return text

@@ -7,6 +7,8 @@ work per token is kept to what cannot be avoided:
   one) and selects a verifier prepared when the key set was fetched (one dict lookup by ``kid``, one
   by ``alg``); joserfc imports the keys, the RSA check itself calls cryptography with prebuilt
   padding and hash objects;
+* a token without ``kid`` (Vaultwarden's) is tried against the keys that accept its ``alg``, at most
+  ``MAX_KEYS_WITHOUT_KID``, in a branch of its own: the ``kid`` path does not get any slower;
 * claims are checked by hand on the decoded dict (no claims-registry machinery);
 * tokens that passed everything are cached (SHA-256 of the token -> the principal as plain values,
   until ``exp``, at most ``cache_size`` entries, oldest evicted first), so a client that reuses its
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from keyconnector.auth.jwks import KeySetSource, SigningKeys, VerificationKey
+from keyconnector.auth.jwks import MAX_KEYS_WITHOUT_KID, KeySetSource, SigningKeys, Verifier
 from keyconnector.runtime.trust import Trust
 
 __all__ = ["AuthError", "Principal", "TokenValidator"]
@@ -96,7 +98,12 @@ class AuthError(Exception):
 
 
 class _UnknownKey(Exception):
-    """The token names a ``kid`` the current key set does not have: worth one (throttled) refetch."""
+    """No key of the current set signed the token, and a newer set might have: worth one (throttled)
+    refetch. ``refusal`` is the 401 to give if the refetch changes nothing (``None``: an unknown ``kid``)."""
+
+    def __init__(self, refusal: AuthError | None = None) -> None:
+        super().__init__()
+        self.refusal = refusal
 
 
 def _unauthorized(message: str, reason: str = "malformed") -> AuthError:
@@ -180,7 +187,8 @@ class TokenValidator:
     def _key_set_changed(self, old: SigningKeys | None, new: SigningKeys) -> None:
         # A cached principal vouches for a signature checked with the old keys: when a key is
         # withdrawn (or the issuer changes) those vouchers must go too.
-        if old is not None and (old.issuer != new.issuer or not old.keys.keys() <= new.keys.keys()):
+        # Keys are compared by thumbprint: kid-less key sets (Vaultwarden's) have no other name for them.
+        if old is not None and (old.issuer != new.issuer or not old.thumbprints <= new.thumbprints):
             self._cache.clear()
 
     # -- the hot path ----------------------------------------------------------------------------
@@ -226,19 +234,8 @@ class TokenValidator:
                 raise source.unavailable()
         try:
             principal = self._verify(raw, key_set)
-        except _UnknownKey:
-            await source.fetch_if_allowed()
-            refreshed = source.current
-            try:
-                if refreshed is None or refreshed is key_set:
-                    raise _UnknownKey from None
-                principal = self._verify(raw, refreshed)
-            except _UnknownKey:
-                if source.last_error is not None:
-                    # We cannot tell a rotated key from a made-up one while the identity server is
-                    # down, and clients log the user out on 401: answer 503 so that they retry.
-                    raise source.unavailable() from None
-                raise _unauthorized(_UNKNOWN_KEY, "unknown_key") from None
+        except _UnknownKey as unknown:
+            principal = await self._verify_after_refetch(raw, key_set, unknown.refusal)
 
         if self._cache_size:
             cache = self._cache
@@ -246,6 +243,24 @@ class TokenValidator:
                 cache.popitem(last=False)
             cache[digest] = (principal.user_id.int, principal.client_id, principal.expires_at)
         return principal
+
+    async def _verify_after_refetch(
+        self, raw: bytes, stale: SigningKeys, refusal: AuthError | None
+    ) -> Principal:
+        """Fetch the key set again (throttled) and verify once more; refuse if nothing changed."""
+        source = self._source
+        await source.fetch_if_allowed()
+        refreshed = source.current
+        if refreshed is not None and refreshed is not stale:
+            try:
+                return self._verify(raw, refreshed)
+            except _UnknownKey as again:
+                refusal = again.refusal
+        if source.last_error is not None:
+            # We cannot tell a rotated key from a made-up one while the identity server is down,
+            # and clients log the user out on 401: answer 503 so that they retry.
+            raise source.unavailable()
+        raise refusal if refusal is not None else _unauthorized(_UNKNOWN_KEY, "unknown_key")
 
     def _verify(self, raw: bytes, key_set: SigningKeys) -> Principal:
         """Check one token completely; 401 problems are checked before policy (403) problems."""
@@ -262,31 +277,28 @@ class TokenValidator:
             headers[header_segment] = header
 
         kid = header.get("kid")
-        key: VerificationKey | None
-        if kid is None:
-            key = key_set.only_key
-            if key is None:
-                raise _unauthorized(
-                    "the token has no key id ('kid') and the identity server has several keys",
-                    "unknown_key",
-                )
-        elif type(kid) is str:
+        alg = header.get("alg")
+        signed = raw[: len(header_segment) + 1 + len(payload_segment)]
+        if type(kid) is str:
             key = key_set.keys.get(kid)
             if key is None:
                 raise _UnknownKey
+            verifier = key.verifiers.get(alg) if type(alg) is str else None
+            if verifier is None:
+                raise _unauthorized(
+                    "the token's signing algorithm is not accepted for its key", "bad_algorithm"
+                )
+            try:
+                signature = _b64(signature_segment)
+            except _DECODE_ERRORS:
+                raise _unauthorized(_MALFORMED + " (its signature does not decode)") from None
+            if not verifier(signed, signature):
+                raise _unauthorized("the token's signature is invalid", "bad_signature")
+        elif kid is None:
+            candidates = key_set.without_kid.get(alg) if type(alg) is str else None
+            _verify_without_kid(candidates, alg, signed, signature_segment)
         else:
             raise _unauthorized(_MALFORMED + " (its 'kid' is not a string)")
-
-        alg = header.get("alg")
-        verifier = key.verifiers.get(alg) if type(alg) is str else None
-        if verifier is None:
-            raise _unauthorized("the token's signing algorithm is not accepted for its key", "bad_algorithm")
-        try:
-            signature = _b64(signature_segment)
-        except _DECODE_ERRORS:
-            raise _unauthorized(_MALFORMED + " (its signature does not decode)") from None
-        if not verifier(raw[: len(header_segment) + 1 + len(payload_segment)], signature):
-            raise _unauthorized("the token's signature is invalid", "bad_signature")
 
         try:
             claims = _loads(_b64(payload_segment).decode())
@@ -326,6 +338,42 @@ class TokenValidator:
             raise _forbidden("the token's subject ('sub') is not a user id (GUID)") from None
         client_id = claims.get("client_id")
         return Principal(user_id, client_id if type(client_id) is str else None, float(exp))
+
+
+def _verify_without_kid(
+    candidates: tuple[Verifier, ...] | None, alg: object, signed: bytes, signature_segment: bytes
+) -> None:
+    """A token without ``kid``: try each key that accepts its algorithm, at most a few.
+
+    The bound is what keeps a flood of forged kid-less tokens from costing more than a few public-key
+    operations each; a key set with more candidates fails closed rather than trying them all.
+    """
+    if not candidates:
+        raise _unauthorized(
+            "the token has no key id ('kid') and no key of the identity server accepts its signing algorithm",
+            "bad_algorithm",
+        )
+    count = len(candidates)
+    if count > MAX_KEYS_WITHOUT_KID:
+        raise _unauthorized(
+            f"the token has no key id ('kid') and the identity server publishes {count} keys for {alg}; "
+            f"a token without one is tried against at most {MAX_KEYS_WITHOUT_KID}",
+            "unknown_key",
+        )
+    try:
+        signature = _b64(signature_segment)
+    except _DECODE_ERRORS:
+        raise _unauthorized(_MALFORMED + " (its signature does not decode)") from None
+    for verifier in candidates:
+        if verifier(signed, signature):
+            return
+    keys = "its only key" if count == 1 else f"any of its {count} keys for {alg}"
+    raise _UnknownKey(
+        _unauthorized(
+            f"the token has no key id ('kid') and its signature does not match {keys}",
+            "bad_signature",
+        )
+    )
 
 
 def _decode_header(segment: bytes) -> dict[str, object]:

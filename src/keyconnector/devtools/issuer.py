@@ -4,6 +4,11 @@ It is a real HTTP server on loopback (not a mock) so that the token validator is
 same discovery + key set fetch path it uses against a real identity server, including outages
 (:meth:`DevIssuer.set_available`) and signing-key rotation (:meth:`DevIssuer.rotate`).
 
+It speaks two dialects (``flavour``): Bitwarden's identity server (Duende: ``typ: at+jwt``, a ``kid``
+in every token and key, issuer = base URL) and Vaultwarden's (docs/compatibility.md section 6.7:
+discovery under ``<origin>/identity``, issuer ``"<origin>|login"``, ``typ: JWT``, no ``kid`` anywhere,
+no ``iat``), because the validator must accept both without being told which one it talks to.
+
 It is development tooling only: nothing in ``keyconnector serve`` starts it, and it signs whatever it
 is asked to sign, including deliberately broken tokens (``alg: none``, HMAC with the public key, a
 foreign key under a published ``kid``), because the tests need exactly those.
@@ -29,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing import get_context
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -39,10 +44,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from keyconnector.devtools.tls import TlsFiles, local_tls_files
 from keyconnector.keypairs.generate import self_signed_certificate
 
-__all__ = ["DevIssuer"]
+__all__ = ["DevIssuer", "Flavour"]
+
+Flavour = Literal["bitwarden", "vaultwarden"]
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 JWKS_PATH = DISCOVERY_PATH + "/jwks"
+VAULTWARDEN_PREFIX = "/identity"
+"""Vaultwarden serves its identity endpoints under its own origin, so ``identityServerUri`` ends here."""
+VAULTWARDEN_JWKS_PATH = "/.well-known/jwks"
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "256": hashes.SHA256,
@@ -162,7 +172,10 @@ class DevIssuer:
 
     ``issuer`` defaults to the server's own base URL; pass another value to mimic a self-hosted
     Bitwarden, whose identity server is reached at ``http://identity:5000`` but issues
-    ``http://identity``.
+    ``http://identity``. With ``flavour="vaultwarden"`` the default issuer is ``"<origin>|login"``,
+    :attr:`url` is ``<origin>/identity`` and neither keys nor tokens carry a ``kid``; :meth:`rotate`
+    then adds a second kid-less key, as an operator replacing Vaultwarden's ``rsa_key.pem`` behind a
+    cached key set would produce.
     """
 
     def __init__(
@@ -173,7 +186,14 @@ class DevIssuer:
         issuer: str | None = None,
         key_bits: int = 2048,
         tls: bool = False,
+        flavour: Flavour = "bitwarden",
     ) -> None:
+        if flavour not in ("bitwarden", "vaultwarden"):
+            raise ValueError(f"flavour must be 'bitwarden' or 'vaultwarden', not {flavour!r}")
+        self.flavour: Flavour = flavour
+        self._prefix = VAULTWARDEN_PREFIX if flavour == "vaultwarden" else ""
+        self._discovery_path = self._prefix + DISCOVERY_PATH
+        self._jwks_path = self._prefix + (VAULTWARDEN_JWKS_PATH if flavour == "vaultwarden" else JWKS_PATH)
         self._host = host
         self._tls = tls
         self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
@@ -252,8 +272,8 @@ class DevIssuer:
     # -- what a validator is configured with -----------------------------------------------------
 
     @property
-    def url(self) -> str:
-        """Base URL, what ``identityServerUri`` is set to."""
+    def origin(self) -> str:
+        """``scheme://host:port`` of the server (Vaultwarden's ``DOMAIN``)."""
         if self._server is None:
             raise RuntimeError("the dev issuer is not started; call start() first")
         host, port = self._server.server_address[:2]
@@ -263,9 +283,16 @@ class DevIssuer:
         return f"{'https' if self._tls else 'http'}://{host_text}:{port}"
 
     @property
+    def url(self) -> str:
+        """What ``identityServerUri`` is set to: the origin, or ``<origin>/identity`` for Vaultwarden."""
+        return self.origin + self._prefix
+
+    @property
     def issuer(self) -> str:
         """The ``iss`` of minted tokens and the discovery document's ``issuer``."""
-        return self._issuer if self._issuer is not None else self.url
+        if self._issuer is not None:
+            return self._issuer
+        return self.origin + "|login" if self.flavour == "vaultwarden" else self.url
 
     @property
     def current_kid(self) -> str:
@@ -339,10 +366,30 @@ class DevIssuer:
 
     def _publish(self) -> None:
         with self._lock:
-            body = {"keys": [k.jwk for k in self._keys.values()]}
+            body = {"keys": [self._published(k.jwk) for k in self._keys.values()]}
             self._jwks_body = json.dumps(body, separators=(",", ":")).encode()
 
+    def _published(self, jwk: dict[str, Any]) -> dict[str, Any]:
+        if self.flavour == "bitwarden":
+            return jwk
+        # Vaultwarden publishes its one RSA key bare: no kid, no certificate.
+        return {k: v for k, v in jwk.items() if k not in ("kid", "x5c", "x5t")}
+
     def _discovery_body(self) -> bytes:
+        if self.flavour == "vaultwarden":
+            base = self.url
+            return json.dumps(
+                {
+                    "issuer": self.issuer,
+                    "jwks_uri": self.origin + self._jwks_path,
+                    "authorization_endpoint": base + "/connect/authorize",
+                    "token_endpoint": base + "/connect/token",
+                    "response_types_supported": ["code"],
+                    "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["RS256"],
+                },
+                separators=(",", ":"),
+            ).encode()
         base = self.url
         doc = {
             "issuer": self.issuer,
@@ -398,11 +445,11 @@ class DevIssuer:
                     available, delay = owner._available, owner._delay
                 if delay:
                     time.sleep(delay)
-                if path not in (DISCOVERY_PATH, JWKS_PATH):
+                if path not in (owner._discovery_path, owner._jwks_path):
                     self._reply(404, b'{"error":"not found"}')
                 elif not available:
                     self._reply(503, b"Service Unavailable", "text/plain")
-                elif path == DISCOVERY_PATH:
+                elif path == owner._discovery_path:
                     with owner._lock:
                         owner._discovery_fetches += 1
                     self._reply(200, owner._discovery_body())
@@ -439,24 +486,41 @@ class DevIssuer:
         extra_claims: Mapping[str, Any] | None,
     ) -> dict[str, Any]:
         iat = int(time.time()) if issued_at is None else issued_at
-        claims: dict[str, Any] = {
-            "nbf": iat if not_before is None else not_before,
-            "exp": iat + lifetime,
-            "iss": self.issuer if issuer is None else issuer,
-            "client_id": "web",
-            "sub": str(uuid.uuid4() if sub is None else sub),
-            "auth_time": iat,
-            "idp": "bitwarden",
-            "premium": False,
-            "email": "user@example.com",
-            "email_verified": True,
-            "sstamp": str(uuid.uuid4()),
-            "name": "Dev User",
-            "device": str(uuid.uuid4()),
-            "devicetype": "9",
-            "jti": secrets.token_hex(16).upper(),
-            "iat": iat,
-        }
+        if self.flavour == "vaultwarden":
+            # Vaultwarden's LoginJwtClaims: no iat, auth_time, idp or jti.
+            claims: dict[str, Any] = {
+                "nbf": iat if not_before is None else not_before,
+                "exp": iat + lifetime,
+                "iss": self.issuer if issuer is None else issuer,
+                "sub": str(uuid.uuid4() if sub is None else sub),
+                "premium": True,
+                "name": "Dev User",
+                "email": "user@example.com",
+                "email_verified": True,
+                "sstamp": str(uuid.uuid4()),
+                "device": str(uuid.uuid4()),
+                "devicetype": "ChromeBrowser",
+                "client_id": "web",
+            }
+        else:
+            claims = {
+                "nbf": iat if not_before is None else not_before,
+                "exp": iat + lifetime,
+                "iss": self.issuer if issuer is None else issuer,
+                "client_id": "web",
+                "sub": str(uuid.uuid4() if sub is None else sub),
+                "auth_time": iat,
+                "idp": "bitwarden",
+                "premium": False,
+                "email": "user@example.com",
+                "email_verified": True,
+                "sstamp": str(uuid.uuid4()),
+                "name": "Dev User",
+                "device": str(uuid.uuid4()),
+                "devicetype": "9",
+                "jti": secrets.token_hex(16).upper(),
+                "iat": iat,
+            }
         if scope is not None:
             claims["scope"] = scope if isinstance(scope, str) else list(scope)
         if amr is not None:
@@ -471,7 +535,11 @@ class DevIssuer:
     def _header(
         self, alg: str, kid: str | None, header_overrides: Mapping[str, Any] | None
     ) -> dict[str, Any]:
-        header: dict[str, Any] = {"alg": alg, "kid": kid, "typ": "at+jwt"}
+        header: dict[str, Any] = (
+            {"typ": "JWT", "alg": alg}
+            if self.flavour == "vaultwarden"
+            else {"alg": alg, "kid": kid, "typ": "at+jwt"}
+        )
         for name, value in (header_overrides or {}).items():
             if value is None:
                 header.pop(name, None)
@@ -504,7 +572,8 @@ class DevIssuer:
         header_overrides: Mapping[str, Any] | None = None,
         key: PrivateKeyTypes | bytes | None = None,
     ) -> str:
-        """One token shaped like Bitwarden's (``typ: at+jwt``, ``kid``, client_id, sstamp, device...).
+        """One token shaped like the flavour's: Bitwarden's (``typ: at+jwt``, ``kid``, ``iat``, ``jti``,
+        client_id, sstamp, device...) or Vaultwarden's (``typ: JWT``, no ``kid``, no ``iat``).
 
         ``scope``/``amr`` given as a string produce the shapes upstream answers 403 to; ``None`` omits
         the claim. ``extra_claims`` and ``header_overrides`` add or replace members; a ``None`` value
@@ -542,13 +611,13 @@ class DevIssuer:
         # Everything but the per-user values is serialised once; the per-token part is spliced in.
         fixed = {k: v for k, v in template.items() if k not in ("sub", "sstamp", "device", "jti")}
         fixed_json = json.dumps(fixed, separators=(",", ":"))[1:-1]
+        with_jti = "jti" in template  # Vaultwarden's tokens have none
         users = [uuid.uuid4() for _ in range(n)]
         inputs: list[bytes] = []
         for user in users:
-            stamp, device, jti = uuid.uuid4(), uuid.uuid4(), uuid.uuid4().hex.upper()
-            claims_json = (
-                f'{{"sub":"{user}","sstamp":"{stamp}","device":"{device}","jti":"{jti}",{fixed_json}}}'
-            )
+            stamp, device = uuid.uuid4(), uuid.uuid4()
+            jti = f'"jti":"{uuid.uuid4().hex.upper()}",' if with_jti else ""
+            claims_json = f'{{"sub":"{user}","sstamp":"{stamp}","device":"{device}",{jti}{fixed_json}}}'
             payload_segment = _b64url(claims_json.encode())
             inputs.append((header_segment + "." + payload_segment).encode("ascii"))
         signatures = self._sign_all(signing_key, alg, inputs, workers)
