@@ -28,6 +28,7 @@ import pkcs11
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
 from pkcs11.util.rsa import decode_rsa_private_key
 
 from keyconnector.core.envelope import OAEP_SHA1
@@ -611,6 +612,40 @@ def upstream_env(softhsm: SoftHsmSession, keys: UpstreamKeys, key_id: str) -> di
     return changed(softhsm.env(keys.key), pkcs11PrivateKeyLabel=keys.decoy.label, pkcs11PrivateKeyId=key_id)
 
 
+def certificate_file(key: HsmKey, folder: Path, encoding: str) -> Path:
+    """The key pair's certificate alone, as PEM (what Bitwarden's help tells HSM users to give) or DER."""
+    bundle = pkcs12.load_pkcs12(key.certificate_pfx.read_bytes(), key.pfx_password.encode())
+    entry = bundle.cert or bundle.additional_certs[0]
+    form = serialization.Encoding.PEM if encoding == "PEM" else serialization.Encoding.DER
+    path = folder / f"{key.label}.{encoding.lower()}"
+    path.write_bytes(entry.certificate.public_bytes(form))
+    return path
+
+
+def with_certificate_file(env: dict[str, str], path: Path) -> dict[str, str]:
+    out = {k: v for k, v in env.items() if not k.startswith("keyConnectorSettings__certificate__")}
+    out["keyConnectorSettings__certificate__provider"] = "filesystem"
+    out["keyConnectorSettings__certificate__filesystemPath"] = str(path)
+    return out
+
+
+@pytest.mark.parametrize("encoding", ["PEM", "DER"])
+def test_the_certificate_may_be_pem_or_der(
+    softhsm: SoftHsmSession, main_env: dict[str, str], tmp_path: Path, encoding: str
+) -> None:
+    env = with_certificate_file(main_env, certificate_file(softhsm.main_key, tmp_path, encoding))
+    data_key = secrets.token_bytes(32)
+
+    async def main() -> None:
+        async with opened(env) as provider:
+            assert f"({encoding} certificate)" in provider.description
+            wrapped = await provider.wrap(data_key)
+            assert softhsm.main_key.private_key.decrypt(wrapped, OAEP_SHA1) == data_key
+            assert await provider.unwrap(wrapped) == data_key
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("key_id", ["1", "0x1", "0X0000000000000001", " 1 ", "0001", "+1"])
 def test_upstream_id_is_a_little_endian_number_and_the_label_is_ignored(
     softhsm: SoftHsmSession, upstream_keys: UpstreamKeys, key_id: str
@@ -720,12 +755,13 @@ def test_serve_and_check_take_over_an_upstream_hsm_deployment(
     tmp_path: Path,
     start_service,  # type: ignore[no-untyped-def]
 ) -> None:
-    """Upstream's env file as its docs write it (id 1, a stale label) against a real ``serve``,
-    then ``keyconnector check`` on the same deployment names the reading that matched."""
+    """Upstream's env file as its docs write it (id 1, a stale label, the certificate as PEM) against
+    a real ``serve``, then ``keyconnector check`` on the same deployment names the reading that matched."""
     env = base_env(issuer, pfx, tmp_path / "kc.db")
     for name in [n for n in env if n.startswith(("keyConnectorSettings__certificate__", PREFIX))]:
         del env[name]
     env.update(upstream_env(softhsm, upstream_keys, "1"))
+    env = with_certificate_file(env, certificate_file(upstream_keys.key, tmp_path, "PEM"))
     user = uuid.uuid4()
     key = base64.b64encode(secrets.token_bytes(32)).decode()
     headers = {"Authorization": f"Bearer {issuer.mint(user)}"}
@@ -752,4 +788,5 @@ def test_serve_and_check_take_over_an_upstream_hsm_deployment(
     assert "upstream's number 1" in key_id[0] and "01 00 00 00 00 00 00 00" in key_id[0]
     label = [line for line in lines if line.startswith("warn key id:")]
     assert len(label) == 1 and "'stale-label'" in label[0] and "ignored" in label[0], result.stdout
+    assert "(PEM certificate)" in result.stdout
     assert softhsm.primary.pin not in result.stdout + result.stderr
