@@ -9,27 +9,41 @@ loaded too, for the ``opensc`` default path; this machine has no smart card, so 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import os
 import secrets
+import sqlite3
 import subprocess
+import sys
 import sysconfig
 import traceback
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pkcs11
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
 from pkcs11.util.rsa import decode_rsa_private_key
 
 from keyconnector.core.envelope import OAEP_SHA1
-from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
+from keyconnector.devtools.issuer import DevIssuer
+from keyconnector.errors import (
+    ConfigurationError,
+    IntegrityFailure,
+    KeyConnectorError,
+    UnavailableError,
+    setting_name,
+)
 from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs import pkcs11 as provider_module
 from keyconnector.runtime.settings import RsaKeySettings, load_settings
+from tests.conftest import Pfx, base_env
 from tests.support.providers import ProviderEnv
 from tests.support.softhsm import PREFIX, SOFTHSM_LIBRARY, HsmKey, SoftHsmSession, certificate_pfx
 
@@ -169,8 +183,10 @@ def test_provider_is_chosen_by_rsa_key_provider(main_env: dict[str, str]) -> Non
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("key_id", ["0a1b", "0x0A1B", "0a:1b", " 0A 1B "])
-def test_key_by_id(softhsm: SoftHsmSession, main_env: dict[str, str], key_id: str) -> None:
+@pytest.mark.parametrize("key_id", ["0a1b", "0a:1b", " 0A 1B ", "hex:0A1B", "0a-1b"])
+def test_key_by_id_in_hex_bytes_as_pkcs11_tool_prints_it(
+    softhsm: SoftHsmSession, main_env: dict[str, str], key_id: str
+) -> None:
     env = changed(main_env, pkcs11PrivateKeyLabel=None, pkcs11PrivateKeyId=key_id)
     data_key = secrets.token_bytes(32)
 
@@ -184,9 +200,12 @@ def test_key_by_id(softhsm: SoftHsmSession, main_env: dict[str, str], key_id: st
 
 
 def test_key_by_label_and_id(main_env: dict[str, str]) -> None:
+    """Both set and both right: the id chooses; the label agreeing draws no warning."""
+
     async def main() -> None:
         async with opened(changed(main_env, pkcs11PrivateKeyId="0a1b")) as provider:
             await provider.check()
+            assert provider.label_warning is None
 
     asyncio.run(main())
 
@@ -347,7 +366,7 @@ def test_same_token_twice_in_one_process(
     spare_env = changed(
         softhsm.env(softhsm.spare_key),
         pkcs11PrivateKeyLabel=None,
-        pkcs11PrivateKeyId="02",
+        pkcs11PrivateKeyId="hex:02",
         pkcs11LibraryPath=str(link),
     )
 
@@ -435,12 +454,6 @@ def test_yubihsm_default_path_lists_where_it_looked() -> None:
         provider_module.library_path(RsaKeySettings(pkcs11Provider="YubiHSM"))
     assert caught.value.setting == "rsaKey.pkcs11LibraryPath"
     assert "pkcs11/yubihsm_pkcs11.so" in str(caught.value) and "/usr/lib64/" in str(caught.value)
-
-
-def test_key_id_spellings() -> None:
-    assert provider_module.parse_key_id("0x0A:1b")[0] == b"\x0a\x1b"
-    assert provider_module.parse_key_id("abc")[0] == b"\x0a\xbc"
-    assert provider_module.parse_key_id("my-key") == (b"my-key",)
 
 
 # -- concurrency, integrity and recovery ------------------------------------------------------------------
@@ -570,3 +583,210 @@ def test_closed_provider(main_env: dict[str, str]) -> None:
             await provider.unwrap(b"\x00" * 256)
 
     asyncio.run(main())
+
+
+# -- pkcs11PrivateKeyId as upstream's release reads it ---------------------------------------------------
+
+
+UPSTREAM_ID = "0100000000000000"  # CKA_ID 01 00 00 00 00 00 00 00: upstream's pkcs11PrivateKeyId=1
+
+
+@dataclass(frozen=True)
+class UpstreamKeys:
+    key: HsmKey  # CKA_ID 01 00 00 00 00 00 00 00, as upstream's docs make it
+    decoy: HsmKey  # CKA_ID 01 (one byte), labelled as the operator's stale label says
+
+
+@pytest.fixture(scope="module")
+def upstream_keys(softhsm: SoftHsmSession, tmp_path_factory: pytest.TempPathFactory) -> UpstreamKeys:
+    """An upstream deployment's key, and a decoy that the old hex reading of ``1`` (CKA_ID ``01``) and
+    the stale label would both have chosen instead."""
+    folder = tmp_path_factory.mktemp("upstream-keys")
+    key = softhsm.hsm.import_key(softhsm.primary, "upstream-kc", UPSTREAM_ID, folder)
+    decoy = softhsm.hsm.import_key(softhsm.primary, "stale-label", "01", folder)
+    return UpstreamKeys(key, decoy)
+
+
+def upstream_env(softhsm: SoftHsmSession, keys: UpstreamKeys, key_id: str) -> dict[str, str]:
+    """Upstream's env for an HSM: the key by id, and a label left over that names another key."""
+    return changed(softhsm.env(keys.key), pkcs11PrivateKeyLabel=keys.decoy.label, pkcs11PrivateKeyId=key_id)
+
+
+def certificate_file(key: HsmKey, folder: Path, encoding: str) -> Path:
+    """The key pair's certificate alone, as PEM (what Bitwarden's help tells HSM users to give) or DER."""
+    bundle = pkcs12.load_pkcs12(key.certificate_pfx.read_bytes(), key.pfx_password.encode())
+    entry = bundle.cert or bundle.additional_certs[0]
+    form = serialization.Encoding.PEM if encoding == "PEM" else serialization.Encoding.DER
+    path = folder / f"{key.label}.{encoding.lower()}"
+    path.write_bytes(entry.certificate.public_bytes(form))
+    return path
+
+
+def with_certificate_file(env: dict[str, str], path: Path) -> dict[str, str]:
+    out = {k: v for k, v in env.items() if not k.startswith("keyConnectorSettings__certificate__")}
+    out["keyConnectorSettings__certificate__provider"] = "filesystem"
+    out["keyConnectorSettings__certificate__filesystemPath"] = str(path)
+    return out
+
+
+@pytest.mark.parametrize("encoding", ["PEM", "DER"])
+def test_the_certificate_may_be_pem_or_der(
+    softhsm: SoftHsmSession, main_env: dict[str, str], tmp_path: Path, encoding: str
+) -> None:
+    env = with_certificate_file(main_env, certificate_file(softhsm.main_key, tmp_path, encoding))
+    data_key = secrets.token_bytes(32)
+
+    async def main() -> None:
+        async with opened(env) as provider:
+            assert f"({encoding} certificate)" in provider.description
+            wrapped = await provider.wrap(data_key)
+            assert softhsm.main_key.private_key.decrypt(wrapped, OAEP_SHA1) == data_key
+            assert await provider.unwrap(wrapped) == data_key
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("key_id", ["1", "0x1", "0X0000000000000001", " 1 ", "0001", "+1"])
+def test_upstream_id_is_a_little_endian_number_and_the_label_is_ignored(
+    softhsm: SoftHsmSession, upstream_keys: UpstreamKeys, key_id: str
+) -> None:
+    data_key = secrets.token_bytes(32)
+
+    async def main() -> None:
+        async with opened(upstream_env(softhsm, upstream_keys, key_id)) as provider:
+            wrapped = public_key(upstream_keys.key).encrypt(data_key, OAEP_SHA1)
+            assert await provider.unwrap(wrapped) == data_key
+            assert provider.key_id_match is not None
+            assert "upstream's number 1" in provider.key_id_match
+            assert "01 00 00 00 00 00 00 00" in provider.key_id_match
+            assert provider.label_warning is not None
+            assert "'stale-label'" in provider.label_warning and "'upstream-kc'" in provider.label_warning
+            assert "keyConnectorSettings__rsaKey__pkcs11PrivateKeyLabel" in provider.label_warning
+            assert "01 00 00 00 00 00 00 00" in provider.description
+
+    asyncio.run(main())
+
+
+def test_hex_bytes_are_read_only_where_upstream_cannot_read_a_number(
+    softhsm: SoftHsmSession, main_env: dict[str, str]
+) -> None:
+    """``0a1b`` was hex bytes here and is no number upstream: still hex bytes, and ``check`` says so."""
+
+    async def main() -> None:
+        async with opened(changed(main_env, pkcs11PrivateKeyLabel=None, pkcs11PrivateKeyId="0a1b")) as p:
+            assert p.key_id_match is not None
+            assert "hex bytes" in p.key_id_match and "0a 1b" in p.key_id_match
+            assert p.label_warning is None
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("key_id", "number", "cka_id", "hint"),
+    [
+        ("0x0A1B", "2587", "1b 0a 00 00 00 00 00 00", "hex:0a1b"),  # 0x was hex bytes here once
+        ("02", "2", "02 00 00 00 00 00 00 00", "hex:02"),  # so were bare digits
+    ],
+)
+def test_when_both_readings_are_possible_upstreams_wins_and_the_error_says_how_to_write_ours(
+    softhsm: SoftHsmSession,
+    main_env: dict[str, str],
+    all_secrets: tuple[str, ...],
+    key_id: str,
+    number: str,
+    cka_id: str,
+    hint: str,
+) -> None:
+    error = open_error(changed(main_env, pkcs11PrivateKeyLabel=None, pkcs11PrivateKeyId=key_id))
+    assert isinstance(error, ConfigurationError), error
+    assert error.setting == "rsaKey.pkcs11PrivateKeyId"
+    message = str(error)
+    assert f"upstream's number {number}" in message and cka_id in message
+    assert f"{setting_name('rsaKey.pkcs11PrivateKeyId')}={hint}" in message
+    assert_no_secret(error, *all_secrets)
+
+    async def main() -> None:  # and the spelling the message suggests works
+        env = softhsm.env(softhsm.spare_key if key_id == "02" else softhsm.main_key)
+        async with opened(changed(env, pkcs11PrivateKeyLabel=None, pkcs11PrivateKeyId=hint)) as provider:
+            await provider.check()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("key_id", "words"),
+    [
+        ("18446744073709551616", "larger than upstream's unsigned 64-bit"),
+        ("0x10000000000000000", "larger than upstream's unsigned 64-bit"),
+        ("0x0a:1b", "write hex:0a:1b"),
+        ("0xzz", "not a hexadecimal number"),
+        ("#1a", "decimal or with 0x"),
+        ("&h1a", "decimal or with 0x"),
+        ("hex:", "no hex digits"),
+        ("hex:0g", "not hex bytes"),
+        ("-1", "not an unsigned number"),
+    ],
+)
+def test_key_ids_upstream_would_read_otherwise_or_not_at_all_are_refused(key_id: str, words: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        provider_module.parse_key_id(key_id, "rsaKey.pkcs11PrivateKeyId")
+    assert caught.value.setting == "rsaKey.pkcs11PrivateKeyId"
+    assert words in str(caught.value)
+
+
+def test_key_id_readings() -> None:
+    def readings(text: str) -> list[tuple[str, bytes]]:
+        return [(r.form, r.cka_id) for r in provider_module.parse_key_id(text, "rsaKey.pkcs11PrivateKeyId")]
+
+    number, hex_bytes, text = provider_module.UPSTREAM_NUMBER, provider_module.HEX_BYTES, provider_module.TEXT
+    assert readings("18446744073709551615") == [(number, b"\xff" * 8)]
+    assert readings("0x0102") == [(number, b"\x02\x01" + bytes(6))]
+    assert readings("abc") == [(hex_bytes, b"\x0a\xbc"), (text, b"abc")]
+    assert readings("01 02") == [(hex_bytes, b"\x01\x02"), (text, b"01 02")]
+    assert readings("hex:0102") == [(hex_bytes, b"\x01\x02")]
+    assert readings("my-key") == [(text, b"my-key")]
+
+
+def test_serve_and_check_take_over_an_upstream_hsm_deployment(
+    softhsm: SoftHsmSession,
+    upstream_keys: UpstreamKeys,
+    issuer: DevIssuer,
+    pfx: Pfx,
+    tmp_path: Path,
+    start_service,  # type: ignore[no-untyped-def]
+) -> None:
+    """Upstream's env file as its docs write it (id 1, a stale label, the certificate as PEM) against
+    a real ``serve``, then ``keyconnector check`` on the same deployment names the reading that matched."""
+    env = base_env(issuer, pfx, tmp_path / "kc.db")
+    for name in [n for n in env if n.startswith(("keyConnectorSettings__certificate__", PREFIX))]:
+        del env[name]
+    env.update(upstream_env(softhsm, upstream_keys, "1"))
+    env = with_certificate_file(env, certificate_file(upstream_keys.key, tmp_path, "PEM"))
+    user = uuid.uuid4()
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    headers = {"Authorization": f"Bearer {issuer.mint(user)}"}
+    service = start_service(env)
+    with service.client() as client:
+        assert client.post("/user-keys", json={"key": key}, headers=headers).status_code == 200
+        assert client.get("/user-keys", headers=headers).json() == {"key": key}
+    service.stop()
+    log = service.log_path.read_text()
+    assert "upstream's number 1" in log and "stale-label" in log
+    # The data key was wrapped for the upstream key, not the decoy.
+    with sqlite3.connect(tmp_path / "kc.db") as conn:
+        (wrapped,) = conn.execute('SELECT "SymmetricKey" FROM "ApplicationDatas"').fetchone()
+    upstream_keys.key.private_key.decrypt(base64.b64decode(wrapped), OAEP_SHA1)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "keyconnector", "check"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    key_id = [line for line in lines if line.startswith("ok   key id:")]
+    assert len(key_id) == 1, result.stdout
+    assert "keyConnectorSettings__rsaKey__pkcs11PrivateKeyId=1" in key_id[0]
+    assert "upstream's number 1" in key_id[0] and "01 00 00 00 00 00 00 00" in key_id[0]
+    label = [line for line in lines if line.startswith("warn key id:")]
+    assert len(label) == 1 and "'stale-label'" in label[0] and "ignored" in label[0], result.stdout
+    assert "(PEM certificate)" in result.stdout
+    assert softhsm.primary.pin not in result.stdout + result.stderr

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keyconnector._optional import require
-from keyconnector.certificates import LoadedCertificate, from_pkcs12
+from keyconnector.certificates import LoadedCertificate, read_certificate
 from keyconnector.errors import ConfigurationError, KeyConnectorError, UnavailableError, setting_name
 from keyconnector.runtime.settings import CertificateSettings, secret
 from keyconnector.runtime.trust import Trust
@@ -109,7 +109,13 @@ async def load(settings: CertificateSettings, prefix: str, ca_directory: str) ->
     fetcher = _Fetcher(connection_string, verify, container, blob, names)
     data = await asyncio.to_thread(fetcher.fetch)
     where = f"{container}/{blob}"
-    loaded = from_pkcs12(data, secret(settings.azure_storage_file_password), names.password, where)
+    loaded = read_certificate(
+        data,
+        secret(settings.azure_storage_file_password),
+        where=where,
+        file_setting=names.blob,
+        password_setting=names.password,
+    )
     return dataclasses.replace(loaded, description=f"Azure Storage blob {where} at {fetcher.host}")
 
 

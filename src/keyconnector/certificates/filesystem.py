@@ -1,11 +1,11 @@
-"""A PFX file on disk: upstream's default, ``/etc/bitwarden/key.pfx``."""
+"""A certificate file on disk (PFX, PEM or DER): upstream's default is ``/etc/bitwarden/key.pfx``."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
-from keyconnector.certificates import LoadedCertificate, from_pkcs12
+from keyconnector.certificates import LoadedCertificate, read_certificate
 from keyconnector.errors import ConfigurationError
 from keyconnector.runtime.settings import CertificateSettings, secret
 
@@ -23,4 +23,10 @@ async def load(settings: CertificateSettings, prefix: str, ca_directory: str) ->
         raise ConfigurationError(setting, f"the PFX file {path} is not readable by this user") from None
     except IsADirectoryError:
         raise ConfigurationError(setting, f"{path} is a directory, not a PFX file") from None
-    return from_pkcs12(data, secret(settings.filesystem_password), f"{prefix}.filesystemPassword", str(path))
+    return read_certificate(
+        data,
+        secret(settings.filesystem_password),
+        where=str(path),
+        file_setting=setting,
+        password_setting=f"{prefix}.filesystemPassword",
+    )

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keyconnector._optional import require
-from keyconnector.certificates import LoadedCertificate, from_pkcs12
+from keyconnector.certificates import LoadedCertificate, read_certificate
 from keyconnector.errors import ConfigurationError, KeyConnectorError, UnavailableError, setting_name
 from keyconnector.runtime.settings import CertificateSettings, secret
 from keyconnector.runtime.trust import Trust
@@ -244,7 +244,13 @@ async def load(settings: CertificateSettings, prefix: str, ca_directory: str) ->
             f"the value of '{data_key}' in '{mount}/{path}' is not a base64-encoded PFX "
             f'(store it with: vault kv put -mount={mount} {path} {data_key}="$(base64 -w0 key.pfx)")',
         )
-    return from_pkcs12(blob, password, f"{prefix}.vaultSecretFilePassword", where)
+    return read_certificate(
+        blob,
+        password,
+        where=where,
+        file_setting=f"{prefix}.vaultSecretDataKey",
+        password_setting=f"{prefix}.vaultSecretFilePassword",
+    )
 
 
 def _read_error(

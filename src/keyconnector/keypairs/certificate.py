@@ -1,4 +1,7 @@
-"""The ``certificate`` provider: an RSA key pair held in a PFX (from any certificate source).
+"""The ``certificate`` provider: an RSA key pair held in a PFX or a PEM file (from any certificate source).
+
+A certificate alone (a certificate-only PFX, a PEM or DER certificate, as an HSM deployment keeps) is
+refused with a message saying the key is missing: it can wrap but never unwrap.
 
 Wrapping is upstream's RSA-OAEP with SHA-1 (kept so that data keys wrapped by upstream unwrap
 here). RSA private-key operations are a few milliseconds, and the data key is unwrapped once per
@@ -62,6 +65,7 @@ async def open(settings: Settings, *, transfer: bool = False) -> CertificateKeyP
         raise ConfigurationError(
             f"{prefix}.provider",
             f"the certificate from {loaded.description} carries no private key; the 'certificate' RSA key "
-            "provider needs the PFX with its key",
+            "provider needs the private key too: a PFX holding it, or a PEM file with the certificate and "
+            "its private key (to keep the key on an HSM, use the pkcs11 RSA key provider)",
         )
     return CertificateKeyProvider(loaded.private_key, f"certificate ({loaded.description})")

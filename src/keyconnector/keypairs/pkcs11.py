@@ -19,10 +19,15 @@ Settings, under ``rsaKey`` (or ``transferTo.rsaKey``):
   gets the PIN again before every decryption, whatever the user type.
 - ``pkcs11LoginPin``. For a YubiHSM 2 it is the authentication key's id in four hex digits followed by
   its password (``0001password``); the library finds its connector through ``YUBIHSM_PKCS11_CONF``.
-- ``pkcs11PrivateKeyLabel`` and/or ``pkcs11PrivateKeyId`` (both set: the key must match both). The id
-  is ``CKA_ID`` in hex, as ``pkcs11-tool`` prints it and ``softhsm2-util --id`` takes it: ``0a1b``,
-  ``0x0A1B``, ``0a:1b`` and ``0a 1b`` are the same id. A value that is not hex, or whose bytes match no
-  key, is also tried as its UTF-8 text, for tokens whose ids were written as text.
+- ``pkcs11PrivateKeyId`` or ``pkcs11PrivateKeyLabel``. The id is read as upstream's release reads it:
+  an unsigned 64-bit number, in decimal or with ``0x``, matched as the ``CKA_ID`` made of its 8 bytes
+  in little-endian order (``1`` is ``01 00 00 00 00 00 00 00``); when it is set, the label is ignored
+  (with a warning when it names another key), as upstream does. So an upstream env file chooses the
+  same key here. This service once documented the id as hex bytes, as ``pkcs11-tool`` prints them; that
+  reading is kept only where upstream's cannot apply, so the two can never disagree: ``0a1b``, ``0a:1b``
+  and ``0a 1b`` (hex with a letter or a separator) and ``hex:0102`` (explicit) are hex bytes, and a
+  value that is not hex at all, or whose hex bytes match no key, is its UTF-8 text. Bare digits and
+  ``0x...`` are always upstream's number. The reading that matched is logged and shown by ``check``.
 
 How the library is used, and why:
 
@@ -153,8 +158,8 @@ class _Config:
     serial: str | None
     user_type: _UserType
     pin: SecretStr
-    label: str | None
-    key_ids: tuple[bytes, ...]  # candidates for CKA_ID, best first
+    label: str | None  # ignored for the search when key_id_text is set, as upstream does
+    key_ids: tuple[KeyIdReading, ...]  # the readings of pkcs11PrivateKeyId, tried in this order
     key_id_text: str | None
 
     def setting(self, name: str) -> str:
@@ -162,16 +167,13 @@ class _Config:
 
     @property
     def key_setting(self) -> str:
-        return self.setting("pkcs11PrivateKeyLabel" if self.label is not None else "pkcs11PrivateKeyId")
+        return self.setting("pkcs11PrivateKeyId" if self.key_id_text is not None else "pkcs11PrivateKeyLabel")
 
     @property
     def key_selector(self) -> str:
-        parts = []
-        if self.label is not None:
-            parts.append(f"labelled '{self.label}'")
         if self.key_id_text is not None:
-            parts.append(f"with id {self.key_id_text}")
-        return " and ".join(parts)
+            return f"with id {self.key_id_text}"
+        return f"labelled '{self.label}'"
 
 
 def _text(value: str | None) -> str | None:
@@ -229,17 +231,93 @@ def library_path(rsa_settings: RsaKeySettings, prefix: str = "rsaKey") -> tuple[
     )
 
 
-def parse_key_id(text: str) -> tuple[bytes, ...]:
-    """``CKA_ID`` candidates for a configured id: its hex reading first, then its UTF-8 text."""
+UPSTREAM_NUMBER = "upstream's number"
+HEX_BYTES = "hex bytes"
+TEXT = "UTF-8 text"
+_UINT64_MAX = 2**64 - 1
+_SEPARATORS = re.compile(r"[\s:\-]")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIdReading:
+    """One way of reading ``pkcs11PrivateKeyId``: the ``CKA_ID`` it means and how it was read."""
+
+    form: str  # UPSTREAM_NUMBER, HEX_BYTES or TEXT
+    cka_id: bytes
+    number: int | None = None  # upstream's number, for UPSTREAM_NUMBER
+
+    def describe(self) -> str:
+        """For logs, ``check`` and errors: the reading and the bytes, as ``pkcs11-tool`` lists them."""
+        spaced = " ".join(f"{byte:02x}" for byte in self.cka_id)
+        if self.form == UPSTREAM_NUMBER:
+            return f"upstream's number {self.number} (CKA_ID {spaced}, 8 bytes little-endian)"
+        if self.form == HEX_BYTES:
+            return f"hex bytes (CKA_ID {spaced})"
+        return f"UTF-8 text (CKA_ID {spaced})"
+
+
+def _hex_bytes(digits: str) -> bytes:
+    return bytes.fromhex(digits if len(digits) % 2 == 0 else "0" + digits)
+
+
+def _upstream_number(number: int, text: str, setting: str) -> KeyIdReading:
+    if number > _UINT64_MAX:
+        raise ConfigurationError(
+            setting,
+            f"'{text}' is larger than upstream's unsigned 64-bit key id; a longer CKA_ID is written as hex "
+            f"bytes with {setting_name(setting)}=hex:<bytes> (as pkcs11-tool --list-objects prints it)",
+        )
+    return KeyIdReading(UPSTREAM_NUMBER, number.to_bytes(8, "little"), number)
+
+
+def parse_key_id(text: str, setting: str) -> tuple[KeyIdReading, ...]:
+    """The readings of ``pkcs11PrivateKeyId``, best first; a value no rule accepts is refused.
+
+    Upstream's reading (a .NET ``ulong``: decimal, or hexadecimal after ``0x``) comes first and, where
+    it applies, alone: a value upstream reads as a number must never find another key here. Our older
+    readings (hex bytes, then text) apply only to values upstream cannot read at all. ``#`` and ``&h``
+    are refused rather than guessed: .NET's number converters may read them as hexadecimal too.
+    """
     value = text.strip()
-    digits = value[2:] if value.lower().startswith("0x") else value
-    digits = re.sub(r"[\s:\-]", "", digits)
-    candidates: list[bytes] = []
+    lowered = value.lower()
+    if lowered.startswith("hex:"):
+        digits = _SEPARATORS.sub("", value[4:])
+        if not digits:
+            raise ConfigurationError(setting, f"'{value}' has no hex digits after 'hex:'")
+        if not all(c in string.hexdigits for c in digits):
+            raise ConfigurationError(
+                setting, f"'{value}' is not hex bytes after 'hex:' (write them as pkcs11-tool prints them)"
+            )
+        return (KeyIdReading(HEX_BYTES, _hex_bytes(digits)),)
+    unsigned = value.removeprefix("+")
+    if unsigned.isascii() and unsigned.isdigit():
+        return (_upstream_number(int(unsigned), value, setting),)
+    if lowered.startswith("0x"):
+        digits = value[2:]
+        if digits and all(c in string.hexdigits for c in digits):
+            return (_upstream_number(int(digits, 16), value, setting),)
+        if digits and all(c in string.hexdigits for c in _SEPARATORS.sub("", digits)):
+            raise ConfigurationError(
+                setting,
+                f"'{value}' is neither upstream's 0x number nor hex bytes; for the bytes "
+                f"{_SEPARATORS.sub(' ', digits).strip()} write hex:{digits}",
+            )
+        raise ConfigurationError(setting, f"'{value}' is not a hexadecimal number after '0x'")
+    if lowered.startswith(("#", "&h")):
+        raise ConfigurationError(
+            setting, f"'{value}' is ambiguous; write upstream's key id in decimal or with 0x (such as 0x1a)"
+        )
+    if value.startswith("-") and value[1:].isascii() and value[1:].isdigit():
+        raise ConfigurationError(
+            setting, f"'{value}' is not an unsigned number, as upstream's key id must be"
+        )
+    readings: list[KeyIdReading] = []
+    digits = _SEPARATORS.sub("", value)
     if digits and all(c in string.hexdigits for c in digits):
-        candidates.append(bytes.fromhex(digits if len(digits) % 2 == 0 else "0" + digits))
-    if value.encode() not in candidates:
-        candidates.append(value.encode())
-    return tuple(candidates)
+        readings.append(KeyIdReading(HEX_BYTES, _hex_bytes(digits)))
+    if all(reading.cka_id != value.encode() for reading in readings):
+        readings.append(KeyIdReading(TEXT, value.encode()))
+    return tuple(readings)
 
 
 def _user_type(rsa_settings: RsaKeySettings, prefix: str) -> _UserType:
@@ -278,7 +356,7 @@ def _config(rsa_settings: RsaKeySettings, prefix: str) -> _Config:
         user_type=_user_type(rsa_settings, prefix),
         pin=pin,
         label=label,
-        key_ids=parse_key_id(key_id_text) if key_id_text is not None else (),
+        key_ids=parse_key_id(key_id_text, f"{prefix}.pkcs11PrivateKeyId") if key_id_text is not None else (),
         key_id_text=key_id_text,
     )
 
@@ -511,9 +589,34 @@ def _visible_keys(session: Session, config: _Config) -> str:
     for key in keys[:20]:
         label = _attribute(key, Attribute.LABEL)
         key_id = _attribute(key, Attribute.ID)
-        shown.append(f"'{label or ''}' (id {key_id.hex() if isinstance(key_id, bytes) and key_id else '-'})")
+        shown.append(f"'{label or ''}' (id {_id_for_people(key_id)})")
     more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
     return f"private keys on it: {', '.join(shown)}{more}"
+
+
+def _id_for_people(key_id: object) -> str:
+    """A ``CKA_ID`` as ``pkcs11-tool`` prints it, and as upstream's number when it is one."""
+    if not isinstance(key_id, bytes) or not key_id:
+        return "-"
+    if len(key_id) == 8:
+        return f"{key_id.hex()}, upstream's pkcs11PrivateKeyId {int.from_bytes(key_id, 'little')}"
+    return key_id.hex()
+
+
+def _readings_tried(config: _Config) -> str:
+    """What the id was read as; for a number, how to write the hex bytes our old docs meant by it."""
+    if not config.key_ids:
+        return ""
+    tried = " or ".join(reading.describe() for reading in config.key_ids)
+    first = config.key_ids[0]
+    text = config.key_id_text or ""
+    if first.form == UPSTREAM_NUMBER:
+        digits = text[2:] if text.lower().startswith("0x") else text.lstrip("+")
+        return (
+            f" (read as {tried}; if the hex bytes {_hex_bytes(digits).hex(' ')} were meant, write "
+            f"{setting_name(config.setting('pkcs11PrivateKeyId'))}=hex:{digits.lower()})"
+        )
+    return f" (read as {tried})"
 
 
 def _attribute(key: Any, attribute: Any) -> Any:
@@ -573,12 +676,36 @@ class Pkcs11KeyProvider:
         self._certificate = certificate
         self._connection: _Connection | None = None
         self._key: tuple[int, PrivateKey, bool] | None = None  # (session generation, key, always-auth)
+        self._matched: KeyIdReading | None = None  # the reading of pkcs11PrivateKeyId that found the key
+        self._found_label: str | None = None
         self._closed = False
         self._description = f"PKCS#11 via {config.library_path}, private key {config.key_selector}"
 
     @property
     def description(self) -> str:
         return self._description
+
+    @property
+    def key_id_match(self) -> str | None:
+        """How ``pkcs11PrivateKeyId`` was read to find the key (None when chosen by label), for the log
+        and ``check``: an operator taking over must see whether upstream's reading or ours chose it."""
+        if self._matched is None:
+            return None
+        setting = setting_name(self._config.setting("pkcs11PrivateKeyId"))
+        return f"{setting}={self._config.key_id_text} matched as {self._matched.describe()}"
+
+    @property
+    def label_warning(self) -> str | None:
+        """A label that is set but ignored (the id chose the key) and names something else: the
+        operator believes one key is in use while another is."""
+        config = self._config
+        if config.key_id_text is None or config.label is None or config.label == self._found_label:
+            return None
+        return (
+            f"{setting_name(config.setting('pkcs11PrivateKeyLabel'))}='{config.label}' is ignored because "
+            f"{setting_name(config.setting('pkcs11PrivateKeyId'))} is set (as upstream does); the key it "
+            f"chose is labelled '{self._found_label or ''}': remove the label setting or correct it"
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -634,10 +761,15 @@ class Pkcs11KeyProvider:
             self._library.detach(self._connection)
             self._connection = None
             raise
+        matched = f" = {self._matched.describe()}" if self._matched is not None else ""
         self._description = (
             f"PKCS#11 {self._connection.token_description} via {config.library_path}, private key "
-            f"{config.key_selector}, certificate from {self._certificate}"
+            f"{config.key_selector}{matched}, certificate from {self._certificate}"
         )
+        if self.key_id_match is not None:
+            log.info("the PKCS#11 private key was found by %s", self.key_id_match)
+        if self.label_warning is not None:
+            log.warning("%s", self.label_warning)
         if self._closed:  # closed while this was still running (the open timed out)
             self._library.detach(self._connection)
             self._connection = None
@@ -659,34 +791,38 @@ class Pkcs11KeyProvider:
         from pkcs11 import Attribute, KeyType, ObjectClass
 
         config = self._config
-        base: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
-        if config.label is not None:
-            base[Attribute.LABEL] = config.label
-        searches = [{**base, Attribute.ID: key_id} for key_id in config.key_ids] or [base]
-        found: list[Any] = []
-        for search in searches:
-            found = list(session.get_objects(search))
-            if found:
-                break
         token = connection.token_description
+        private: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+        found: list[Any] = []
+        if config.key_id_text is None:
+            found = list(session.get_objects({**private, Attribute.LABEL: config.label}))
+        else:
+            # By id alone, as upstream: a label left over from another setup must not veto the key.
+            for reading in config.key_ids:
+                found = list(session.get_objects({**private, Attribute.ID: reading.cka_id}))
+                if found:
+                    self._matched = reading
+                    break
         if not found:
             raise ConfigurationError(
                 config.key_setting,
-                f"no private key {config.key_selector} on {token}; {_visible_keys(session, config)}",
+                f"no private key {config.key_selector} on {token}{_readings_tried(config)}; "
+                f"{_visible_keys(session, config)}",
             )
         if len(found) > 1:
-            hint = "give the keys distinct labels and ids"
-            if config.label is None or config.key_id_text is None:
-                other = "pkcs11PrivateKeyId" if config.key_id_text is None else "pkcs11PrivateKeyLabel"
-                hint = f"set {setting_name(config.setting(other))} as well to choose one"
+            what = "CKA_ID" if config.key_id_text is not None else "CKA_LABEL"
             raise ConfigurationError(
-                config.key_setting, f"{len(found)} private keys {config.key_selector} are on {token}; {hint}"
+                config.key_setting,
+                f"{len(found)} private keys {config.key_selector} are on {token}; "
+                f"give each key its own {what}",
             )
         key = found[0]
         if key.key_type != KeyType.RSA:
             raise ConfigurationError(
                 config.key_setting, f"the private key {config.key_selector} on {token} is not an RSA key"
             )
+        label = _attribute(key, Attribute.LABEL)
+        self._found_label = label if isinstance(label, str) else None
         try:
             always_authenticate = bool(key[Attribute.ALWAYS_AUTHENTICATE])
         except pkcs11.PKCS11Error:

@@ -67,6 +67,8 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
         results.append(CheckResult("key pair", True, f"{provider.description}; a wrapped key round-trips"))
     except KeyConnectorError as exc:
         results.append(CheckResult("key pair", False, str(exc)))
+    if provider is not None:
+        results += _key_choice(provider)
 
     if provider is not None and has_data:
         try:
@@ -81,6 +83,21 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     for closeable in (provider, repository):
         if closeable is not None:
             await closeable.aclose()
+    return results
+
+
+def _key_choice(provider: KeyProvider) -> list[CheckResult]:
+    """How a PKCS#11 key was chosen: during a takeover, which reading of ``pkcs11PrivateKeyId``
+    (upstream's number or this service's older hex bytes) found the key, and a label that was ignored."""
+    from keyconnector.keypairs.pkcs11 import Pkcs11KeyProvider
+
+    if not isinstance(provider, Pkcs11KeyProvider):
+        return []
+    results = []
+    if provider.key_id_match is not None:
+        results.append(CheckResult("key id", True, provider.key_id_match))
+    if provider.label_warning is not None:
+        results.append(CheckResult("key id", True, provider.label_warning, warning=True))
     return results
 
 

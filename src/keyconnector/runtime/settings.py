@@ -178,9 +178,14 @@ class RsaKeySettings(Section):
     pkcs11_login_pin: SecretStr | None = _alias("pkcs11LoginPin", "pkcs11")
     """The token's PIN."""
     pkcs11_private_key_label: str | None = _alias("pkcs11PrivateKeyLabel", "pkcs11")
-    """The private key's ``CKA_LABEL``; with ``pkcs11PrivateKeyId``, both must match."""
+    """The private key's ``CKA_LABEL``. Ignored when ``pkcs11PrivateKeyId`` is set, as upstream does
+    (with a warning when it names another key)."""
     pkcs11_private_key_id: str | None = _alias("pkcs11PrivateKeyId", "pkcs11")
-    """The private key's ``CKA_ID``, in hex."""
+    """The private key's id as upstream reads it: an unsigned 64-bit number, in decimal or with ``0x``,
+    matching the ``CKA_ID`` of its 8 bytes in little-endian order (``1`` is ``01 00 00 00 00 00 00 00``).
+    Hex bytes as ``pkcs11-tool`` prints them are accepted where upstream reads no number: with a letter
+    or a separator (``0a1b``, ``0a:1b``), or explicitly (``hex:0102``); other text is the id's UTF-8
+    bytes. ``check`` shows which reading found the key."""
     # vaulttransit (ours: the RSA key never leaves Vault's transit engine)
     vault_transit_server_uri: str | None = _alias("vaultTransitServerUri", "vaulttransit", ours=True)
     """Vault's (or OpenBao's) URL."""
