@@ -22,13 +22,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
-from keyconnector.keypairs.vaulttransit import VaultTransitKeyProvider
 
 from keyconnector.certificates import LoadedCertificate, load_certificate
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
 from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs import vaulttransit as vaulttransit_module
 from keyconnector.keypairs.generate import self_signed_pfx
+from keyconnector.keypairs.vaulttransit import VaultTransitKeyProvider
 from keyconnector.runtime.settings import Settings, load_settings
 from tests.support.openbao import KV_MOUNT, OpenBao
 from tests.support.providers import ProviderEnv
