@@ -32,7 +32,7 @@ from keyconnector.runtime.settings.model import (
     TransferSettings,
     secret,
 )
-from keyconnector.runtime.settings.views import identity_server_uri
+from keyconnector.runtime.settings.views import SideSettings, identity_server_uri, side_of
 
 __all__ = [
     "CHOICES",
@@ -52,6 +52,7 @@ __all__ = [
     "Section",
     "Settings",
     "ShutdownSettings",
+    "SideSettings",
     "TracingSettings",
     "TransferSettings",
     "identity_server_uri",
@@ -59,4 +60,5 @@ __all__ = [
     "load_with_env_file",
     "read_env_file",
     "secret",
+    "side_of",
 ]
