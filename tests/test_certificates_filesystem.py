@@ -13,7 +13,7 @@ from keyconnector.certificates import from_pkcs12
 from keyconnector.errors import ConfigurationError
 from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs.generate import self_signed_certificate
-from keyconnector.runtime.settings import load_settings
+from keyconnector.runtime.settings import load_settings, side_of
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,6 @@ def test_the_certificate_provider_refuses_a_pfx_without_its_key(
         }
     ).settings
     with pytest.raises(ConfigurationError) as caught:
-        asyncio.run(open_key_provider(settings))
+        asyncio.run(open_key_provider(side_of(settings)))
     assert "keyConnectorSettings__certificate__provider" in str(caught.value)
     assert "carries no private key" in str(caught.value)
