@@ -33,7 +33,7 @@ from tests.support.databases import PostgresServer, running
 from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.ops.rotate import rotate_data_key
-from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.settings import Settings, load_settings, side_of
 from keyconnector.storage.base import UserKeyRecord
 
 TARGET = 20_000
@@ -42,7 +42,7 @@ TARGET = 20_000
 async def seed(settings: Settings, count: int, batch: int = 10_000) -> float:
     """``count`` records in upstream's format; returns the seconds it took."""
     started = time.monotonic()
-    side = await open_side(settings)
+    side = await open_side(side_of(settings))
     try:
         legacy = side.keys.keys[1]
         created = datetime(2021, 8, 20, 15, 59, 38)

@@ -37,7 +37,7 @@ from keyconnector.core.envelope import DataKey
 from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops.transfer import TransferResult, transfer
-from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.settings import Settings, load_settings, side_of
 from keyconnector.storage.base import UserKeyRecord, migrate, open_repository
 
 TARGET = 20_000
@@ -72,7 +72,7 @@ async def make_source(settings: Settings, records: int) -> float:
     started = time.monotonic()
     migrate(settings.database)
     repository = await open_repository(settings.database)
-    provider = await open_key_provider(settings)
+    provider = await open_key_provider(side_of(settings))
     try:
         data_key = secrets.token_bytes(32)
         wrapped = await provider.wrap(data_key)

@@ -16,7 +16,7 @@ import pytest
 
 from keyconnector.errors import ConfigurationError, StorageError
 from keyconnector.runtime.assemble import Core, Side, open_core
-from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.settings import Settings, load_settings, side_of
 from tests.conftest import Pfx
 
 
@@ -40,7 +40,7 @@ def ring_rows(database: Path) -> int:
 def test_a_wrong_key_pair_fails_before_the_database_is_touched(tmp_path: Path, pfx: Pfx) -> None:
     database = tmp_path / "kc.db"
     with pytest.raises(ConfigurationError):
-        asyncio.run(open_core(settings_for(database, pfx, "wrong-password"), create=True))
+        asyncio.run(open_core(side_of(settings_for(database, pfx, "wrong-password")), create=True))
     assert not database.exists()
 
 
@@ -51,22 +51,22 @@ def test_read_only_writes_nothing_and_create_prepares(tmp_path: Path, pfx: Pfx) 
     async def body() -> None:
         # create and read_only contradict each other: a programming error, refused at once.
         with pytest.raises(TypeError):
-            await open_core(settings, create=True, read_only=True)
+            await open_core(side_of(settings), create=True, read_only=True)
 
-        created = await open_core(settings, create=True)
+        created = await open_core(side_of(settings), create=True)
         try:
             assert isinstance(created, Side) and created.adopted is None
             assert sorted(created.keys.keys) == [1] and created.ring.revision == 1
         finally:
             await created.aclose()
 
-        opened = await open_core(settings, read_only=True)
+        opened = await open_core(side_of(settings), read_only=True)
         try:
             assert sorted(opened.keys.keys) == [1] and opened.ring.revision == 1
         finally:
             await opened.aclose()
 
-        worker = await open_core(settings, tolerate_outage=True)
+        worker = await open_core(side_of(settings), tolerate_outage=True)
         try:
             assert type(worker) is Core  # no data keys: the worker's KeyService loads them
         finally:
@@ -81,7 +81,7 @@ def test_read_only_on_a_database_without_a_data_key(tmp_path: Path, pfx: Pfx) ->
     settings = settings_for(database, pfx)
 
     async def body() -> None:
-        prepared = await open_core(settings, create=True)
+        prepared = await open_core(side_of(settings), create=True)
         await prepared.aclose()
 
     asyncio.run(body())
@@ -89,5 +89,5 @@ def test_read_only_on_a_database_without_a_data_key(tmp_path: Path, pfx: Pfx) ->
         connection.execute("DELETE FROM keyconnector_key_ring")
         connection.execute('DELETE FROM "ApplicationDatas"')
     with pytest.raises(StorageError, match="the target database has no data key yet"):
-        asyncio.run(open_core(settings, read_only=True, name="target"))
+        asyncio.run(open_core(side_of(settings), read_only=True, name="target"))
     assert ring_rows(database) == 0

@@ -45,7 +45,7 @@ from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.ops.backup import MAC_PURPOSE, PASSPHRASE_ENV
-from keyconnector.runtime.settings import load_settings
+from keyconnector.runtime.settings import load_settings, side_of
 from keyconnector.storage.base import UserKeyRecord, inspect, open_repository
 from tests.conftest import Pfx, Service, base_env
 from tests.support.backends import Backend, make_backend, run
@@ -101,7 +101,7 @@ async def _populate(
     config: Path, count: int
 ) -> tuple[dict[uuid.UUID, str | None], list[uuid.UUID], list[uuid.UUID]]:
     """Data key version 1 as upstream makes it, a key ring with version 2 current, and rows sealed by both."""
-    side = await open_side(load_settings({}, config).settings)
+    side = await open_side(side_of(load_settings({}, config).settings))
     try:
         repository, provider = side.repository, side.provider
         raw = generate_data_key()
@@ -198,7 +198,7 @@ def authenticated_ring(config: Path) -> KeyRing:
     """The deployment's key ring, authenticated with its key pair (``auth_key`` set)."""
 
     async def read() -> KeyRing:
-        side = await open_side(load_settings({}, config).settings, create=False)
+        side = await open_side(side_of(load_settings({}, config).settings), create=False)
         try:
             return side.ring
         finally:
@@ -531,7 +531,7 @@ def test_verify_only_decrypts_every_record_and_writes_nothing(
 
 async def _seal_rows(config: Path, rows: dict[uuid.UUID, bytes]) -> None:
     """Write rows as the service would (sealed with the database's current data key), now."""
-    side = await open_side(load_settings({}, config).settings)
+    side = await open_side(side_of(load_settings({}, config).settings))
     try:
         for user, key in rows.items():
             await side.repository.put_key(user, side.keys.seal(key, user), datetime(2026, 1, 1))
@@ -696,7 +696,7 @@ def test_backup_killed_or_raced_by_a_rotation_leaves_no_backup(
     wait_for_partial(process, folder, 0)
 
     async def rotate() -> None:
-        side = await open_side(load_settings({}, source.config).settings)
+        side = await open_side(side_of(load_settings({}, source.config).settings))
         try:
             ring = await load_ring(side.repository, side.provider)
             ring.current = 1

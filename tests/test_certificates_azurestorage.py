@@ -24,7 +24,7 @@ from keyconnector.certificates import LoadedCertificate, load_certificate
 from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, KeyConnectorError, UnavailableError
 from keyconnector.keypairs.generate import self_signed_pfx
-from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.settings import Settings, load_settings, side_of
 from tests.support.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, azurestorage_env, fresh_name
 from tests.support.providers import assert_certificate_unwraps
 
@@ -61,9 +61,7 @@ def settings_from(env: Mapping[str, str], **extra: str) -> Settings:
 
 
 def load(settings: Settings, prefix: str = "certificate") -> LoadedCertificate:
-    section = settings.transfer_to.certificate if prefix.startswith("transferTo") else settings.certificate
-    assert section is not None
-    return asyncio.run(load_certificate(section, prefix, settings.ca_certificates_directory))
+    return asyncio.run(load_certificate(side_of(settings, transfer=prefix.startswith("transferTo"))))
 
 
 def failure(settings: Settings, expected: type[KeyConnectorError], prefix: str = "certificate") -> str:

@@ -28,7 +28,7 @@ from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.errors import ConfigurationError
 from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs.generate import self_signed_certificate
-from keyconnector.runtime.settings import load_settings
+from keyconnector.runtime.settings import load_settings, side_of
 from tests.conftest import Pfx, base_env
 
 
@@ -64,7 +64,7 @@ def test_the_certificate_provider_refuses_a_pfx_without_its_key(
         }
     ).settings
     with pytest.raises(ConfigurationError) as caught:
-        asyncio.run(open_key_provider(settings))
+        asyncio.run(open_key_provider(side_of(settings)))
     assert "keyConnectorSettings__certificate__provider" in str(caught.value)
     assert "carries no private key" in str(caught.value)
 
@@ -94,7 +94,7 @@ def certificate_env(path: Path, password: str | None = None) -> dict[str, str]:
 
 def open_error(env: dict[str, str]) -> ConfigurationError:
     with pytest.raises(ConfigurationError) as caught:
-        asyncio.run(open_key_provider(load_settings(env).settings))
+        asyncio.run(open_key_provider(side_of(load_settings(env).settings)))
     return caught.value
 
 
@@ -102,7 +102,7 @@ def assert_unwraps_with(env: dict[str, str], key: rsa.RSAPrivateKey) -> None:
     """The provider opened from ``env`` holds ``key``: what it wraps, ``key`` unwraps, and back."""
 
     async def main() -> None:
-        provider = await open_key_provider(load_settings(env).settings)
+        provider = await open_key_provider(side_of(load_settings(env).settings))
         try:
             data_key = secrets.token_bytes(32)
             assert key.decrypt(await provider.wrap(data_key), OAEP_SHA1) == data_key

@@ -22,7 +22,7 @@ from keyconnector.certificates import LoadedCertificate, load_certificate
 from keyconnector.certificates.store import DOTNET_MY_STORE, normalize_thumbprint
 from keyconnector.errors import ConfigurationError
 from keyconnector.keypairs.generate import self_signed_certificate
-from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.settings import Settings, load_settings, side_of
 from tests.support.certstore import StoreEntry, new_entry, pfx_bytes, thumbprint, write_dotnet_pfx
 from tests.support.providers import assert_certificate_unwraps
 
@@ -81,9 +81,7 @@ def store_env(directory: Path | None, thumb: str, password: str | None = None) -
 
 
 def load(settings: Settings, prefix: str = "certificate") -> LoadedCertificate:
-    section = settings.transfer_to.certificate if prefix.startswith("transferTo") else settings.certificate
-    assert section is not None
-    return asyncio.run(load_certificate(section, prefix, settings.ca_certificates_directory))
+    return asyncio.run(load_certificate(side_of(settings, transfer=prefix.startswith("transferTo"))))
 
 
 def failure(settings: Settings, setting: str, prefix: str = "certificate") -> str:

@@ -24,7 +24,7 @@ from keyconnector.cli import main
 from keyconnector.core.keyring import RETIRED, start_data_key_version
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.ops import open_side
-from keyconnector.runtime.settings import Settings
+from keyconnector.runtime.settings import Settings, side_of
 from keyconnector.storage.base import UserKeyRecord
 from tests.conftest import Pfx, Service
 from tests.support.backends import Backend, make_backend
@@ -88,7 +88,7 @@ def enrol_through_service(service: Service, issuer: DevIssuer, count: int) -> di
 
 async def seed_format2(settings: Settings, count: int) -> dict[uuid.UUID, bytes]:
     """``count`` users with format-2 records under the current data key, written by the product."""
-    side = await open_side(settings)
+    side = await open_side(side_of(settings))
     try:
         keys = {uuid.uuid4(): secrets.token_bytes(32) for _ in range(count)}
         await side.repository.upsert_records(
@@ -214,7 +214,7 @@ def test_an_unfinished_rotation_goes_back_to_the_key_upstream_already_has(
     keys = run(seed_format2(site.settings, 30))  # kc:2:1
 
     async def start_version_2() -> None:
-        side = await open_side(site.settings)
+        side = await open_side(side_of(site.settings))
         try:
             await start_data_key_version(side.repository, side.provider)
         finally:

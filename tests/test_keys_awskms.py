@@ -30,7 +30,7 @@ from keyconnector.devtools import free_port
 from keyconnector.devtools.tls import local_tls_files
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
 from keyconnector.keypairs import KeyProvider, awskms
-from keyconnector.runtime.settings import load_settings
+from keyconnector.runtime.settings import load_settings, side_of
 from tests.support.moto_kms import (
     REGION,
     TEST_ACCESS_KEY_ID,
@@ -74,7 +74,7 @@ def open_provider(
             for k, v in settings_env.items()
         }
     settings = load_settings(environ=settings_env).settings
-    return asyncio.run(awskms.open(settings, transfer=transfer))
+    return asyncio.run(awskms.open(side_of(settings, transfer=transfer)))
 
 
 def with_settings(provider: ProviderEnv, **changes: str | None) -> dict[str, str]:
@@ -260,7 +260,7 @@ def test_transfer_settings_are_read_under_transfer_to(
 def test_transfer_without_transfer_settings_is_a_configuration_error() -> None:
     settings = load_settings(environ={}).settings
     with pytest.raises(ConfigurationError) as caught:
-        asyncio.run(awskms.open(settings, transfer=True))
+        asyncio.run(awskms.open(side_of(settings, transfer=True)))
     assert caught.value.setting == "transferTo.rsaKey.provider"
 
 

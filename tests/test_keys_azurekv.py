@@ -26,7 +26,7 @@ from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
 from keyconnector.keypairs import azurekv
 from keyconnector.keypairs import certificate as certificate_provider
-from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.settings import Settings, load_settings, side_of
 from tests.support.azure_keyvault import ALL_PERMISSIONS, KeyVaultStandIn, b64url, unb64url
 from tests.support.providers import ProviderEnv, assert_certificate_unwraps, run_and_close
 
@@ -73,7 +73,7 @@ def settings_of(env: dict[str, str], *, transfer: bool = False, **extra: str) ->
 def open_key(
     env: dict[str, str], *, transfer: bool = False, **extra: str
 ) -> azurekv.AzureKeyVaultKeyProvider:
-    return asyncio.run(azurekv.open(settings_of(env, transfer=transfer, **extra), transfer=transfer))
+    return asyncio.run(azurekv.open(side_of(settings_of(env, transfer=transfer, **extra), transfer=transfer)))
 
 
 def open_error(env: dict[str, str], *, transfer: bool = False, **extra: str) -> KeyConnectorError:
@@ -358,7 +358,7 @@ def test_missing_or_wrong_settings_are_named(
 def test_transfer_target_opens(azurekv_key_provider: ProviderEnv) -> None:
     round_trip(open_key(azurekv_key_provider.env, transfer=True))
     with pytest.raises(ConfigurationError, match="transferTo__rsaKey__provider"):
-        asyncio.run(azurekv.open(load_settings(environ={}).settings, transfer=True))
+        asyncio.run(azurekv.open(side_of(load_settings(environ={}).settings, transfer=True)))
 
 
 def test_missing_permissions_say_which(azure_keyvault: KeyVaultStandIn) -> None:
@@ -448,9 +448,7 @@ def test_certificate_source_yields_certificate_and_private_key(
 ) -> None:
     name, key, cert = azure_keyvault.add_certificate(content_type=content_type)
     settings = settings_of(azurekv_certificate_provider.env, **{CERT + "azureKeyvaultCertificateName": name})
-    loaded = asyncio.run(
-        load_certificate(settings.certificate, "certificate", settings.ca_certificates_directory)
-    )
+    loaded = asyncio.run(load_certificate(side_of(settings)))
     assert loaded.certificate == cert
     assert loaded.private_key is not None
     assert loaded.private_key.private_numbers() == key.private_numbers()
@@ -465,7 +463,7 @@ def test_certificate_fixture_as_the_service_uses_it(azurekv_certificate_provider
     assert settings.rsa_key.provider == "certificate"
 
     async def scenario() -> None:
-        provider = await certificate_provider.open(settings)
+        provider = await certificate_provider.open(side_of(settings))
         assert "Azure Key Vault certificate" in provider.description
         await provider.check()
 
@@ -479,11 +477,8 @@ def test_certificate_source_errors_name_settings(
 
     def error_of(transfer: bool = False, **extra: str) -> KeyConnectorError:
         settings = settings_of(env, transfer=transfer, **extra)
-        section = settings.transfer_to.certificate if transfer else settings.certificate
-        assert section is not None
-        prefix = "transferTo.certificate" if transfer else "certificate"
         with pytest.raises(KeyConnectorError) as caught:
-            asyncio.run(load_certificate(section, prefix, settings.ca_certificates_directory))
+            asyncio.run(load_certificate(side_of(settings, transfer=transfer)))
         assert_no_secret(caught.value, *azurekv_certificate_provider.secrets)
         return caught.value
 
@@ -510,4 +505,4 @@ def test_certificate_source_errors_name_settings(
     env_without_name = {k: v for k, v in env.items() if not k.endswith("CertificateName")}
     settings = settings_of(env_without_name)
     with pytest.raises(ConfigurationError, match="azureKeyvaultCertificateName: is not set"):
-        asyncio.run(load_certificate(settings.certificate, "certificate", settings.ca_certificates_directory))
+        asyncio.run(load_certificate(side_of(settings)))

@@ -28,7 +28,7 @@ from keyconnector.core.envelope import OAEP_SHA256
 from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, IntegrityFailure, UnavailableError
 from keyconnector.keypairs import gcpkms, open_key_provider
-from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.settings import Settings, load_settings, side_of
 from tests.support.gcp_kms import KeyVersion, KmsStandIn, ServiceAccount, crc32c, oaep
 from tests.support.providers import ProviderEnv
 
@@ -91,7 +91,7 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 async def round_trip(settings: Settings, data_key: bytes) -> bytes:
-    provider = await gcpkms.open(settings)
+    provider = await gcpkms.open(side_of(settings))
     try:
         return await provider.unwrap(await provider.wrap(data_key))
     finally:
@@ -112,7 +112,7 @@ def test_round_trip_check_and_authenticated_calls(gcp: Gcp) -> None:
     data_key = secrets.token_bytes(32)
 
     async def main() -> tuple[bytes, str]:
-        provider = await open_key_provider(gcp.settings())
+        provider = await open_key_provider(side_of(gcp.settings()))
         try:
             wrapped = await provider.wrap(data_key)
             await provider.check()
@@ -137,7 +137,7 @@ def test_unwraps_a_key_wrapped_as_upstream_does(gcp: Gcp) -> None:
     upstream_wrapped = gcp.version.private_key.public_key().encrypt(data_key, OAEP_SHA256)
 
     async def main() -> tuple[bytes, bytes]:
-        provider = await gcpkms.open(gcp.settings())
+        provider = await gcpkms.open(side_of(gcp.settings()))
         try:
             return await provider.unwrap(upstream_wrapped), await provider.wrap(data_key)
         finally:
@@ -159,7 +159,7 @@ def test_the_key_algorithm_chooses_the_oaep_hash(gcp: Gcp, algorithm: str, hash_
     data_key = secrets.token_bytes(32)
 
     async def main() -> tuple[bytes, bytes]:
-        provider = await gcpkms.open(gcp.settings())
+        provider = await gcpkms.open(side_of(gcp.settings()))
         try:
             wrapped = await provider.wrap(data_key)
             return wrapped, await provider.unwrap(wrapped)
@@ -176,7 +176,7 @@ def test_concurrent_unwraps(gcp: Gcp) -> None:
     keys = [secrets.token_bytes(32) for _ in range(24)]
 
     async def main() -> list[bytes]:
-        provider = await gcpkms.open(gcp.settings())
+        provider = await gcpkms.open(side_of(gcp.settings()))
         try:
             wrapped = [await provider.wrap(key) for key in keys]
             return list(await asyncio.gather(*(provider.unwrap(item) for item in wrapped)))
@@ -197,7 +197,7 @@ def test_open_and_close_repeatedly_in_one_process(gcp: Gcp) -> None:
     settings = gcp.settings()
 
     async def once() -> bytes:
-        provider = await gcpkms.open(settings)
+        provider = await gcpkms.open(side_of(settings))
         try:
             return await provider.unwrap(wrapped)
         finally:
@@ -210,7 +210,7 @@ def test_open_and_close_repeatedly_in_one_process(gcp: Gcp) -> None:
 
 def test_a_closed_provider_refuses_work(gcp: Gcp) -> None:
     async def main() -> None:
-        provider = await gcpkms.open(gcp.settings())
+        provider = await gcpkms.open(side_of(gcp.settings()))
         wrapped = await provider.wrap(secrets.token_bytes(32))
         await provider.aclose()
         await provider.unwrap(wrapped)
@@ -226,7 +226,7 @@ def test_transfer_settings_are_used_and_named(gcp: Gcp) -> None:
     gcp.monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", gcp.env["GOOGLE_APPLICATION_CREDENTIALS"])
     settings = load_settings(moved).settings
     with pytest.raises(ConfigurationError) as caught:
-        run(gcpkms.open(settings, transfer=True))
+        run(gcpkms.open(side_of(settings, transfer=True)))
     assert caught.value.setting == "transferTo.rsaKey.googleCloudKeyId"
     assert "keyConnectorSettings__transferTo__rsaKey__googleCloudKeyId" in str(caught.value)
 
@@ -234,7 +234,7 @@ def test_transfer_settings_are_used_and_named(gcp: Gcp) -> None:
     data_key = secrets.token_bytes(32)
 
     async def main() -> bytes:
-        provider = await open_key_provider(load_settings(moved).settings, transfer=True)
+        provider = await open_key_provider(side_of(load_settings(moved).settings, transfer=True))
         try:
             return await provider.unwrap(await provider.wrap(data_key))
         finally:
@@ -383,7 +383,7 @@ def test_permission_denied_at_open_names_the_credentials(gcp: Gcp) -> None:
 
 def test_permission_revoked_later_is_an_outage_that_heals(gcp: Gcp) -> None:
     async def main() -> None:
-        provider = await gcpkms.open(gcp.settings())
+        provider = await gcpkms.open(side_of(gcp.settings()))
         try:
             data_key = secrets.token_bytes(32)
             wrapped = await provider.wrap(data_key)
@@ -431,7 +431,7 @@ def test_a_corrupted_wrapped_key_is_an_integrity_error(gcp: Gcp) -> None:
     foreign = other.private_key.public_key().encrypt(secrets.token_bytes(32), OAEP_SHA256)
 
     async def main() -> list[Exception]:
-        provider = await gcpkms.open(gcp.settings())
+        provider = await gcpkms.open(side_of(gcp.settings()))
         errors: list[Exception] = []
         try:
             wrapped = bytearray(await provider.wrap(secrets.token_bytes(32)))
@@ -454,7 +454,7 @@ def test_a_corrupted_wrapped_key_is_an_integrity_error(gcp: Gcp) -> None:
 @pytest.mark.parametrize("fault", ["plaintext_crc32c", "unverified"])
 def test_a_decrypt_response_corrupted_in_transit_is_refused(gcp: Gcp, fault: str) -> None:
     async def main() -> None:
-        provider = await gcpkms.open(gcp.settings())
+        provider = await gcpkms.open(side_of(gcp.settings()))
         try:
             wrapped = await provider.wrap(secrets.token_bytes(32))
             gcp.version.fault = fault
@@ -501,7 +501,7 @@ def test_stand_in_stopped_then_back(gcp: Gcp, private_stand_in: KmsStandIn) -> N
     data_key = secrets.token_bytes(32)
 
     async def main() -> None:
-        provider = await gcpkms.open(settings)
+        provider = await gcpkms.open(side_of(settings))
         try:
             wrapped = await provider.wrap(data_key)
             assert await provider.unwrap(wrapped) == data_key
@@ -512,7 +512,7 @@ def test_stand_in_stopped_then_back(gcp: Gcp, private_stand_in: KmsStandIn) -> N
                 assert "keyConnectorSettings__rsaKey__googleCloudEndpoint" in str(caught.value)
                 assert private_stand_in.endpoint in str(caught.value)
             with pytest.raises(UnavailableError):
-                await gcpkms.open(settings)
+                await gcpkms.open(side_of(settings))
 
             private_stand_in.start()
             deadline = time.monotonic() + 20  # gRPC reconnects within its (5 s) backoff
@@ -537,7 +537,7 @@ def test_unreachable_endpoint_at_start_is_unavailable_not_fatal(gcp: Gcp) -> Non
     assert "keyConnectorSettings__rsaKey__googleCloudEndpoint" in str(error)
 
     async def tolerant() -> str:
-        provider = await open_key_provider(settings, tolerate_outage=True)
+        provider = await open_key_provider(side_of(settings), tolerate_outage=True)
         try:
             return provider.description
         finally:

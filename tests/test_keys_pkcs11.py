@@ -42,7 +42,7 @@ from keyconnector.errors import (
 )
 from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs import pkcs11 as provider_module
-from keyconnector.runtime.settings import RsaKeySettings, load_settings
+from keyconnector.runtime.settings import RsaKeySettings, load_settings, side_of
 from tests.conftest import Pfx, base_env
 from tests.support.providers import ProviderEnv
 from tests.support.softhsm import PREFIX, SOFTHSM_LIBRARY, HsmKey, SoftHsmSession, certificate_pfx
@@ -76,7 +76,7 @@ async def opened(
     env: dict[str, str], *, transfer: bool = False
 ) -> AsyncIterator[provider_module.Pkcs11KeyProvider]:
     settings = load_settings(environ={k: v for k, v in env.items() if k.startswith("keyConnectorSettings")})
-    provider = await provider_module.open(settings.settings, transfer=transfer)
+    provider = await provider_module.open(side_of(settings.settings, transfer=transfer))
     try:
         yield provider
     finally:
@@ -173,7 +173,7 @@ def test_data_key_wrapped_outside_the_token_unwraps_on_it(
 def test_provider_is_chosen_by_rsa_key_provider(main_env: dict[str, str]) -> None:
     async def main() -> None:
         settings = load_settings(environ=main_env).settings
-        provider = await open_key_provider(settings)
+        provider = await open_key_provider(side_of(settings))
         try:
             assert isinstance(provider, provider_module.Pkcs11KeyProvider)
             await provider.check()

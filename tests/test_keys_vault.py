@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import secrets
 import shutil
 import traceback
@@ -29,7 +30,7 @@ from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs import vaulttransit as vaulttransit_module
 from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.keypairs.vaulttransit import VaultTransitKeyProvider
-from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.settings import Settings, load_settings, side_of
 from tests.support.openbao import KV_MOUNT, OpenBao
 from tests.support.providers import ProviderEnv
 
@@ -82,9 +83,7 @@ def cert_env(server: OpenBao, path: str, token: str, **extra: str) -> dict[str, 
 
 
 def load(settings: Settings, prefix: str = "certificate") -> LoadedCertificate:
-    section = settings.transfer_to.certificate if prefix.startswith("transferTo") else settings.certificate
-    assert section is not None
-    return asyncio.run(load_certificate(section, prefix, settings.ca_certificates_directory))
+    return asyncio.run(load_certificate(side_of(settings, transfer=prefix.startswith("transferTo"))))
 
 
 def load_failure(
@@ -120,7 +119,7 @@ def test_certificate_provider_on_vault_unwraps_a_data_key_wrapped_as_upstream_di
     wrapped = public.encrypt(data_key, UPSTREAM_OAEP)
 
     async def scenario() -> tuple[bytes, str]:
-        provider = await open_key_provider(settings)
+        provider = await open_key_provider(side_of(settings))
         try:
             await provider.check()
             return await provider.unwrap(wrapped), provider.description
@@ -310,7 +309,7 @@ def with_provider(settings: Settings, use: Callable[[VaultTransitKeyProvider], A
     """Open, use and close a provider inside one event loop (as the service does)."""
 
     async def scenario() -> T:
-        provider = await vaulttransit_module.open(settings)
+        provider = await vaulttransit_module.open(side_of(settings))
         try:
             return await use(provider)
         finally:
@@ -551,7 +550,7 @@ def test_transit_errors_under_transfer_to_carry_the_prefix(openbao: OpenBao) -> 
     }
 
     async def scenario() -> None:
-        await vaulttransit_module.open(settings_from(env), transfer=True)
+        await vaulttransit_module.open(side_of(settings_from(env), transfer=True))
 
     with pytest.raises(ConfigurationError) as caught:
         asyncio.run(scenario())
@@ -574,7 +573,7 @@ def test_a_sealed_or_stopped_vault_is_unavailable(pfx_bytes: bytes) -> None:
         leaks = (reader, role.secret_id, PASSWORD)
 
         async def scenario() -> list[BaseException]:
-            provider = await vaulttransit_module.open(settings)
+            provider = await vaulttransit_module.open(side_of(settings))
             errors: list[BaseException] = []
 
             async def all_unavailable(*attempts: Awaitable[object]) -> None:
@@ -584,7 +583,9 @@ def test_a_sealed_or_stopped_vault_is_unavailable(pfx_bytes: bytes) -> None:
                     errors.append(caught.value)
 
             def load() -> Awaitable[object]:
-                return load_certificate(cert_settings.certificate, "certificate", "/nonexistent")
+                return load_certificate(
+                    dataclasses.replace(side_of(cert_settings), ca_certificates_directory="/nonexistent")
+                )
 
             try:
                 wrapped = await provider.wrap(secrets.token_bytes(32))
@@ -593,7 +594,10 @@ def test_a_sealed_or_stopped_vault_is_unavailable(pfx_bytes: bytes) -> None:
                 await all_unavailable(provider.check(), provider.unwrap(wrapped), load())
                 await asyncio.to_thread(server.stop)
                 await all_unavailable(
-                    provider.check(), provider.unwrap(wrapped), vaulttransit_module.open(settings), load()
+                    provider.check(),
+                    provider.unwrap(wrapped),
+                    vaulttransit_module.open(side_of(settings)),
+                    load(),
                 )
             finally:
                 await provider.aclose()
@@ -620,7 +624,7 @@ def test_the_provider_fixtures_open_and_round_trip(
     vault_certificate_provider: ProviderEnv, vaulttransit_provider: ProviderEnv
 ) -> None:
     async def description_after_check(settings: Settings) -> str:
-        provider = await open_key_provider(settings)
+        provider = await open_key_provider(side_of(settings))
         try:
             await provider.check()
             return provider.description

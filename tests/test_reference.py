@@ -27,9 +27,9 @@ from keyconnector.runtime.settings import (
     CertificateSettings,
     RsaKeySettings,
     Settings,
-    _meta,
     load_settings,
 )
+from keyconnector.runtime.settings.model import _meta
 from keyconnector.storage.base import BACKENDS, REMOVED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def test_environment_variables_are_read_where_the_page_says() -> None:
         assert spec is not None and spec.origin is not None, variable.module
         source = Path(spec.origin).read_text(encoding="utf-8")
         name = variable.name.rstrip("*")
-        if name == variable.name and variable.module != "keyconnector.runtime.settings":
+        if name == variable.name and variable.module != "keyconnector.runtime.settings.loader":
             assert f'"{name}"' in source, f"{variable.name} is not read in {variable.module}"
         else:
             assert name in source, f"{variable.name} is not mentioned in {variable.module}"

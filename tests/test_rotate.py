@@ -36,7 +36,7 @@ from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
-from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.settings import Settings, load_settings, side_of
 from keyconnector.storage.base import UserKeyRecord, migrate, open_repository
 from tests.conftest import Pfx, Service, base_env
 from tests.support.backends import Backend, make_backend
@@ -103,7 +103,7 @@ async def seed(settings: Settings, count: int) -> dict[uuid.UUID, bytes]:
     users with records in upstream's format under it; no key ring (keyconnector adopts it)."""
     migrate(settings.database)
     repository = await open_repository(settings.database)
-    provider = await open_key_provider(settings)
+    provider = await open_key_provider(side_of(settings))
     try:
         raw = secrets.token_bytes(32)
         assert await repository.get_wrapped_data_key() is None
@@ -129,7 +129,7 @@ class State:
 
 
 async def read_state(settings: Settings) -> State:
-    side = await open_side(settings, create=False)
+    side = await open_side(side_of(settings), create=False)
     try:
         records = {r.user_id: r.key async for batch in side.repository.iter_records() for r in batch}
         wrapped = await side.repository.get_wrapped_data_key()
@@ -141,7 +141,7 @@ async def read_state(settings: Settings) -> State:
 
 def fingerprint(settings: Settings) -> str:
     async def body() -> str:
-        side = await open_side(settings, create=False)
+        side = await open_side(side_of(settings), create=False)
         try:
             return side.provider.fingerprint
         finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from keyconnector.errors import ConfigurationError
-from keyconnector.runtime.settings import load_settings
+from keyconnector.runtime.settings import load_settings, side_of
 
 
 def test_upstream_names_case_insensitively_with_either_separator() -> None:
@@ -96,3 +96,47 @@ def test_a_broken_settings_file_says_so(tmp_path: Path, content: str, reason: st
     path.write_text(content)
     with pytest.raises(ConfigurationError, match=reason):
         load_settings({}, config_file=path)
+
+
+def test_a_side_resolves_its_sections_and_their_names_once() -> None:
+    settings = load_settings(
+        {
+            "keyConnectorSettings__rsaKey__provider": "awskms",
+            "keyConnectorSettings__keyRingAnchor": "0123456789abcdef0123",
+            "keyConnectorSettings__compat__writeLegacyFormat": "true",
+            "keyConnectorSettings__caCertificatesDirectory": "/srv/ca",
+            "keyConnectorSettings__transferTo__database__provider": "postgresql",
+        }
+    ).settings
+    own = side_of(settings)
+    assert not own.transfer
+    assert (own.database, own.rsa_key, own.certificate) == (
+        settings.database,
+        settings.rsa_key,
+        settings.certificate,
+    )
+    assert (own.database_prefix, own.rsa_key_prefix, own.certificate_prefix) == (
+        "database",
+        "rsaKey",
+        "certificate",
+    )
+    assert own.key_ring_anchor == "0123456789abcdef0123"
+
+    target = side_of(settings, transfer=True)
+    assert target.transfer
+    assert target.require_database() is settings.transfer_to.database
+    assert (target.database_prefix, target.rsa_key_prefix, target.certificate_prefix) == (
+        "transferTo.database",
+        "transferTo.rsaKey",
+        "transferTo.certificate",
+    )
+    # Deployment-wide: shared by both sides, except the anchor, which pins the deployment's own ring.
+    assert target.ca_certificates_directory == own.ca_certificates_directory == "/srv/ca"
+    assert target.write_legacy_format and own.write_legacy_format
+    assert target.key_ring_anchor is None
+    # A section the transferTo side lacks is named as the operator would write it.
+    with pytest.raises(ConfigurationError) as caught:
+        target.require_rsa_key()
+    assert caught.value.setting == "transferTo.rsaKey.provider"
+    with pytest.raises(ConfigurationError, match="transferTo__certificate__provider: is not set"):
+        target.require_certificate()

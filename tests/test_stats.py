@@ -14,7 +14,7 @@ import pytest
 from keyconnector.core.envelope import DataKey
 from keyconnector.core.keyring import RETIRED, KeyRing, RingVersion, save_ring
 from keyconnector.keypairs import open_key_provider
-from keyconnector.runtime.settings import load_settings
+from keyconnector.runtime.settings import load_settings, side_of
 from keyconnector.storage.base import UserKeyRecord, migrate, open_repository
 from tests.conftest import Pfx
 from tests.support.backends import run
@@ -60,7 +60,7 @@ def write_deployment(source: Deployment, *, rotated: bool) -> dict[str, Any]:
 
     async def body() -> str:
         repository = await open_repository(settings.database)
-        provider = await open_key_provider(settings)
+        provider = await open_key_provider(side_of(settings))
         try:
             await repository.store_wrapped_data_key(upstream_wrap(source.pfx, version1))
             if rotated:

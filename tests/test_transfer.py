@@ -35,7 +35,7 @@ from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.ops.transfer import TransferResult, run_startup_transfer, transfer, verify_copy
-from keyconnector.runtime.settings import load_settings
+from keyconnector.runtime.settings import load_settings, side_of
 from keyconnector.storage.base import Repository, UserKeyRecord, migrate, open_repository
 from tests.conftest import Pfx, base_env
 from tests.support.backends import Backend, make_backend, run, with_repository
@@ -141,7 +141,7 @@ def populate(
 
     async def body() -> Expected:
         repository = await open_repository(settings.database)
-        provider = await open_key_provider(settings)
+        provider = await open_key_provider(side_of(settings))
         try:
             version1, version2 = secrets.token_bytes(32), secrets.token_bytes(32)
             wrapped1 = upstream_wrap(source.pfx, version1)
@@ -359,8 +359,8 @@ def test_verification_catches_target_records_that_differ_and_a_rerun_repairs_the
     target.backend.sql('DELETE FROM "UserKeys" WHERE "Id" = ?', (deleted,))
 
     async def verify_again() -> TransferResult:
-        source_side = await open_side(settings, name="source", create=False)
-        target_side = await open_side(settings, transfer=True, name="target", create=False)
+        source_side = await open_side(side_of(settings), name="source", create=False)
+        target_side = await open_side(side_of(settings, transfer=True), name="target", create=False)
         try:
             result = TransferResult("source", "target", records=403)
             await verify_copy(source_side, target_side, result, 50)

@@ -27,7 +27,7 @@ from keyconnector.auth import TokenValidator
 from keyconnector.devtools import DevIssuer
 from keyconnector.devtools.tls import TlsFiles, local_tls_files
 from keyconnector.errors import ConfigurationError, KeyConnectorError
-from keyconnector.runtime.settings import Settings, load_settings
+from keyconnector.runtime.settings import Settings, load_settings, side_of
 from keyconnector.runtime.trust import Trust
 from tests.support.databases import PostgresServer
 
@@ -202,16 +202,17 @@ def test_every_client_gets_the_same_trust(company_ca: tuple[TlsFiles, Path]) -> 
     # Each consumer, configured from the settings, gets that Trust.
     rsa = settings.rsa_key
     assert rsa is not None
+    side = side_of(settings)
     bundles = {
-        "aws": awskms.verify_argument(settings, rsa, "rsaKey"),
-        "vault transit": vaulttransit.verify_argument(settings, rsa, "rsaKey"),
+        "aws": awskms.verify_argument(side, rsa),
+        "vault transit": vaulttransit.verify_argument(side, rsa),
         "azure key vault": Vault(rsa, "rsaKey", settings.ca_certificates_directory, "key provider").options[
             "connection_verify"
         ],
     }
     for name, bundle in bundles.items():
         assert _subjects(Path(bundle).read_bytes()) == expected, name
-    assert _subjects(gcpkms.root_certificates(settings, rsa, "rsaKey")) == expected
+    assert _subjects(gcpkms.root_certificates(side, rsa)) == expected
 
     target = server_target(settings.database, trust=trust)
     assert target is not None and target.trust is trust

@@ -105,6 +105,16 @@ IGNORED_CLASSES = {
 }
 """Exception classes defined under src/ that carry no text of their own."""
 
+SIDE_PREFIXES = {
+    "database_prefix": "database",
+    "rsa_key_prefix": "rsaKey",
+    "certificate_prefix": "certificate",
+}
+"""``SideSettings`` properties (keyconnector.runtime.settings.views): a section's settings path on
+either side of the settings, so a message built from one is listed with both spellings."""
+
+TRANSFER_PREFIX = "transferTo."
+
 LOG_METHODS = {"warning", "error", "exception", "critical"}
 LOGGERS = {"log", "logger", "_log", "LOG", "logging"}
 
@@ -352,6 +362,9 @@ def _texts(module: _Module, node: ast.expr, depth: int = 0) -> list[Variant]:
             return table[:16]
     if isinstance(node, ast.IfExp):
         return (_texts(module, node.body, depth + 1) + _texts(module, node.orelse, depth + 1))[:16]
+    if isinstance(node, ast.Attribute) and node.attr in SIDE_PREFIXES:
+        section = SIDE_PREFIXES[node.attr]
+        return [((section,), section), ((TRANSFER_PREFIX + section,), TRANSFER_PREFIX + section)]
     if isinstance(node, ast.Name):
         values = module.assignments(node.id, node)
         if values:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from keyconnector.core.envelope import OAEP_SHA1
 from keyconnector.keypairs import KeyProvider
 from keyconnector.keypairs import certificate as certificate_provider
-from keyconnector.runtime.settings import Settings
+from keyconnector.runtime.settings import Settings, side_of
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def assert_certificate_unwraps(settings: Settings, certificate: x509.Certificate
     wrapped = public_key.encrypt(data_key, OAEP_SHA1)
 
     async def unwrap() -> bytes:
-        provider = await certificate_provider.open(settings)
+        provider = await certificate_provider.open(side_of(settings))
         try:
             await provider.check()
             return await provider.unwrap(wrapped)

@@ -1,6 +1,7 @@
 """Where a certificate (and, for the ``certificate`` key provider, its private key) comes from.
 
-One module per source, each exposing
+:func:`load_certificate` takes the side of the settings (``SideSettings``: the deployment's own or
+the ``transferTo`` target's) and hands one module per source its section and context:
 ``async def load(settings, prefix, ca_directory) -> LoadedCertificate``; ``certificate.provider``
 picks the module by name. Adding a source means adding one module and one line to ``SOURCES``.
 
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyconnector.errors import ConfigurationError
-from keyconnector.runtime.settings import CertificateSettings
+from keyconnector.runtime.settings import SideSettings
 
 MIN_RSA_BITS = 2048
 
@@ -48,12 +49,10 @@ class LoadedCertificate:
     description: str  # where it came from, for logs and `keyconnector check`; never a secret
 
 
-async def load_certificate(
-    settings: CertificateSettings,
-    prefix: str = "certificate",
-    ca_directory: str = "/etc/bitwarden/ca-certificates",
-) -> LoadedCertificate:
-    """Load the certificate the settings name; ``prefix`` is ``certificate`` or ``transferTo.certificate``."""
+async def load_certificate(side: SideSettings) -> LoadedCertificate:
+    """Load the certificate the side's ``certificate`` section names."""
+    settings = side.require_certificate()
+    prefix = side.certificate_prefix
     module_name = SOURCES.get(settings.provider)
     if module_name is None:
         raise ConfigurationError(
@@ -62,7 +61,7 @@ async def load_certificate(
             f"choose one of: {', '.join(sorted(SOURCES))}",
         )
     module = importlib.import_module(module_name)
-    loaded: LoadedCertificate = await module.load(settings, prefix, ca_directory)
+    loaded: LoadedCertificate = await module.load(settings, prefix, side.ca_certificates_directory)
     check_key_size(loaded.public_key, f"{prefix}.provider")
     return loaded
 

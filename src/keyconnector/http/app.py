@@ -31,7 +31,7 @@ from keyconnector.http.responses import message
 from keyconnector.keypairs.base import KeyProvider
 from keyconnector.runtime import logs
 from keyconnector.runtime.assemble import open_core
-from keyconnector.runtime.settings import Settings, identity_server_uri, load_settings
+from keyconnector.runtime.settings import Settings, identity_server_uri, load_settings, side_of
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import Repository
 from keyconnector.telemetry import metrics, tracing
@@ -47,7 +47,7 @@ async def build_services(settings: Settings) -> Services:
         # the pre-flight (no ``create``); a key provider outage must not stop the worker
         # (``tolerate_outage``), so the data keys are not loaded here but by KeyService, lazily and
         # again until the provider is back, answering 503 meanwhile.
-        core = await open_core(settings, tolerate_outage=True)
+        core = await open_core(side_of(settings), tolerate_outage=True)
     except BaseException:
         await audit.aclose()
         raise

@@ -1,6 +1,7 @@
 """RSA key providers: what wraps and unwraps the data key.
 
-One module per provider, each exposing ``async def open(settings, *, transfer) -> KeyProvider``;
+One module per provider, each exposing ``async def open(side: SideSettings) -> KeyProvider``
+(the side of the settings it serves: the deployment's own or the ``transferTo`` target's);
 ``rsaKey.provider`` picks the module by name. The provider only ever sees the 32-byte data key,
 never a user's key.
 
@@ -20,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.keypairs.base import KeyProvider, rsa_fingerprint
-from keyconnector.runtime.settings import Settings
+from keyconnector.runtime.settings import SideSettings
 
 __all__ = ["PROVIDERS", "KeyProvider", "ReconnectingKeyProvider", "open_key_provider", "rsa_fingerprint"]
 
@@ -36,10 +37,8 @@ PROVIDERS: dict[str, str] = {
 }
 
 
-async def open_key_provider(
-    settings: Settings, *, transfer: bool = False, tolerate_outage: bool = False
-) -> KeyProvider:
-    """The provider named by ``rsaKey.provider`` (or ``transferTo.rsaKey.provider`` when ``transfer``).
+async def open_key_provider(side: SideSettings, *, tolerate_outage: bool = False) -> KeyProvider:
+    """The provider named by the side's ``rsaKey.provider`` (``transferTo.rsaKey.provider`` for the target).
 
     With ``tolerate_outage``, a backend that cannot be reached yet does not fail the call: the
     result connects on first use and keeps trying (what a server worker wants, so that it starts,
@@ -47,27 +46,24 @@ async def open_key_provider(
     """
     if tolerate_outage:
         try:
-            return await _open(settings, transfer)
+            return await _open(side)
         except UnavailableError as exc:
             log.error("%s; will keep trying", exc)
-            return ReconnectingKeyProvider(lambda: _open(settings, transfer), exc)
-    return await _open(settings, transfer)
+            return ReconnectingKeyProvider(lambda: _open(side), exc)
+    return await _open(side)
 
 
-async def _open(settings: Settings, transfer: bool) -> KeyProvider:
-    prefix = "transferTo.rsaKey" if transfer else "rsaKey"
-    rsa_settings = settings.transfer_to.rsa_key if transfer else settings.rsa_key
-    if rsa_settings is None:
-        raise ConfigurationError(f"{prefix}.provider", "is not set")
+async def _open(side: SideSettings) -> KeyProvider:
+    rsa_settings = side.require_rsa_key()
     module_name = PROVIDERS.get(rsa_settings.provider)
     if module_name is None:
         raise ConfigurationError(
-            f"{prefix}.provider",
+            f"{side.rsa_key_prefix}.provider",
             f"unknown RSA key provider '{rsa_settings.provider}'; "
             f"choose one of: {', '.join(sorted(PROVIDERS))}",
         )
     module = importlib.import_module(module_name)
-    provider: KeyProvider = await module.open(settings, transfer=transfer)
+    provider: KeyProvider = await module.open(side)
     return provider
 
 

@@ -35,8 +35,7 @@ from keyconnector.errors import (
     UnavailableError,
     setting_name,
 )
-from keyconnector.runtime.settings import RsaKeySettings, Settings, secret
-from keyconnector.runtime.trust import Trust
+from keyconnector.runtime.settings import RsaKeySettings, SideSettings, secret
 
 PROVIDER = "awskms"
 RSA_ALGORITHM = "RSAES_OAEP_SHA_256"
@@ -159,21 +158,19 @@ class AwsKmsKeyProvider:
         return response
 
 
-async def open(settings: Settings, *, transfer: bool = False) -> AwsKmsKeyProvider:
-    prefix = "transferTo.rsaKey" if transfer else "rsaKey"
-    rsa_settings = settings.transfer_to.rsa_key if transfer else settings.rsa_key
-    if rsa_settings is None:
-        raise ConfigurationError(f"{prefix}.provider", "is not set")
+async def open(side: SideSettings) -> AwsKmsKeyProvider:
+    rsa_settings = side.require_rsa_key()
+    prefix = side.rsa_key_prefix
     require("boto3", extra="aws", setting=f"{prefix}.provider", provider=PROVIDER)
     _quiet_botocore()
-    verify = verify_argument(settings, rsa_settings, prefix)
+    verify = verify_argument(side, rsa_settings)
     return await asyncio.to_thread(_connect, rsa_settings, prefix, verify)
 
 
-def verify_argument(settings: Settings, rsa_settings: RsaKeySettings, prefix: str) -> str:
+def verify_argument(side: SideSettings, rsa_settings: RsaKeySettings) -> str:
     """boto3's ``verify``: the deployment's trust as one file, or ``awsCaBundle`` when set (boto3
     alone would trust certifi only, not the system store nor ``caCertificatesDirectory``)."""
-    return Trust.from_settings(settings).bundle_file(rsa_settings.aws_ca_bundle, f"{prefix}.awsCaBundle")
+    return side.trust().bundle_file(rsa_settings.aws_ca_bundle, f"{side.rsa_key_prefix}.awsCaBundle")
 
 
 def _connect(rsa_settings: RsaKeySettings, prefix: str, verify: str | None) -> AwsKmsKeyProvider:

@@ -25,7 +25,7 @@ from keyconnector.certificates import check_key_size
 from keyconnector.core.envelope import OAEP_SHA1
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError
 from keyconnector.keypairs.base import rsa_fingerprint
-from keyconnector.runtime.settings import Settings
+from keyconnector.runtime.settings import SideSettings
 
 if TYPE_CHECKING:
     from azure.keyvault.keys import KeyClient, KeyVaultKey
@@ -156,17 +156,15 @@ def _public_key(key: KeyVaultKey, name: str, setting: str) -> rsa.RSAPublicKey:
     return public
 
 
-async def open(settings: Settings, *, transfer: bool = False) -> AzureKeyVaultKeyProvider:
-    prefix = "transferTo.rsaKey" if transfer else "rsaKey"
-    section = settings.transfer_to.rsa_key if transfer else settings.rsa_key
-    if section is None:
-        raise ConfigurationError(f"{prefix}.provider", "is not set")
+async def open(side: SideSettings) -> AzureKeyVaultKeyProvider:
+    section = side.require_rsa_key()
+    prefix = side.rsa_key_prefix
     require("azure.keyvault.keys", extra="azure", setting=f"{prefix}.provider", provider="azurekv")
     from azure.keyvault.keys import KeyClient
 
     setting = f"{prefix}.azureKeyvaultKeyName"
     name = object_name(section.azure_keyvault_key_name, setting, "key")
-    vault = Vault(section, prefix, settings.ca_certificates_directory, "key provider")
+    vault = Vault(section, prefix, side.ca_certificates_directory, "key provider")
     client = KeyClient(vault.url, vault.credential, **vault.options)
     try:
         key = await vault.call(

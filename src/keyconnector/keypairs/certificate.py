@@ -18,7 +18,7 @@ from keyconnector.certificates import load_certificate
 from keyconnector.core.envelope import OAEP_SHA1
 from keyconnector.errors import ConfigurationError, IntegrityFailure
 from keyconnector.keypairs.base import rsa_fingerprint
-from keyconnector.runtime.settings import Settings
+from keyconnector.runtime.settings import SideSettings
 
 
 class CertificateKeyProvider:
@@ -55,15 +55,11 @@ class CertificateKeyProvider:
         return None
 
 
-async def open(settings: Settings, *, transfer: bool = False) -> CertificateKeyProvider:
-    prefix = "transferTo.certificate" if transfer else "certificate"
-    cert_settings = settings.transfer_to.certificate if transfer else settings.certificate
-    if cert_settings is None:
-        raise ConfigurationError(f"{prefix}.provider", "is not set")
-    loaded = await load_certificate(cert_settings, prefix, settings.ca_certificates_directory)
+async def open(side: SideSettings) -> CertificateKeyProvider:
+    loaded = await load_certificate(side)
     if loaded.private_key is None:
         raise ConfigurationError(
-            f"{prefix}.provider",
+            f"{side.certificate_prefix}.provider",
             f"the certificate from {loaded.description} carries no private key; the 'certificate' RSA key "
             "provider needs the private key too: a PFX holding it, or a PEM file with the certificate and "
             "its private key (to keep the key on an HSM, use the pkcs11 RSA key provider)",

@@ -40,8 +40,7 @@ from keyconnector.errors import (
     setting_name,
 )
 from keyconnector.keypairs.base import rsa_fingerprint
-from keyconnector.runtime.settings import RsaKeySettings, Settings
-from keyconnector.runtime.trust import Trust
+from keyconnector.runtime.settings import RsaKeySettings, SideSettings
 
 DEFAULT_ENDPOINT = "cloudkms.googleapis.com:443"
 SCOPES = ("https://www.googleapis.com/auth/cloudkms",)
@@ -472,20 +471,18 @@ def _open_blocking(libs: _Libraries, target: _Target, roots: bytes | None) -> Gc
         raise
 
 
-async def open(settings: Settings, *, transfer: bool = False) -> GcpKmsKeyProvider:
-    prefix = "transferTo.rsaKey" if transfer else "rsaKey"
-    rsa_settings = settings.transfer_to.rsa_key if transfer else settings.rsa_key
-    if rsa_settings is None:
-        raise ConfigurationError(f"{prefix}.provider", "is not set")
+async def open(side: SideSettings) -> GcpKmsKeyProvider:
+    rsa_settings = side.require_rsa_key()
+    prefix = side.rsa_key_prefix
     target = _target(rsa_settings, prefix)
     libs = _Libraries.load(prefix)
-    roots = root_certificates(settings, rsa_settings, prefix)
+    roots = root_certificates(side, rsa_settings)
     return await asyncio.to_thread(_open_blocking, libs, target, roots)
 
 
-def root_certificates(settings: Settings, rsa_settings: RsaKeySettings, prefix: str) -> bytes:
+def root_certificates(side: SideSettings, rsa_settings: RsaKeySettings) -> bytes:
     """gRPC's ``root_certificates``: the deployment's trust, or ``googleCloudCaBundle`` when set
     (gRPC alone would trust its own bundled roots only)."""
-    return Trust.from_settings(settings).bundle_bytes(
-        rsa_settings.google_cloud_ca_bundle, f"{prefix}.googleCloudCaBundle"
+    return side.trust().bundle_bytes(
+        rsa_settings.google_cloud_ca_bundle, f"{side.rsa_key_prefix}.googleCloudCaBundle"
     )

@@ -87,7 +87,7 @@ from keyconnector.errors import (
     setting_name,
 )
 from keyconnector.keypairs.base import rsa_fingerprint
-from keyconnector.runtime.settings import RsaKeySettings, Settings
+from keyconnector.runtime.settings import RsaKeySettings, SideSettings
 
 if TYPE_CHECKING:
     from pkcs11 import DecryptMixin, PrivateKey, Session, Token
@@ -926,25 +926,22 @@ class Pkcs11KeyProvider:
         )
 
 
-async def open(settings: Settings, *, transfer: bool = False) -> Pkcs11KeyProvider:
+async def open(side: SideSettings) -> Pkcs11KeyProvider:
     """Check the settings, load the certificate, log in to the token and prove the key pair, or fail now.
 
     Proving the pair at open turns a certificate that belongs to another key into a start-up error
     naming the setting, instead of an ``IntegrityFailure`` on the first login.
     """
-    prefix = "transferTo.rsaKey" if transfer else "rsaKey"
-    rsa_settings = settings.transfer_to.rsa_key if transfer else settings.rsa_key
-    if rsa_settings is None:
-        raise ConfigurationError(f"{prefix}.provider", "is not set")
-    cert_prefix = "transferTo.certificate" if transfer else "certificate"
-    cert_settings = settings.transfer_to.certificate if transfer else settings.certificate
-    if cert_settings is None:
+    rsa_settings = side.require_rsa_key()
+    prefix = side.rsa_key_prefix
+    if side.certificate is None:
         raise ConfigurationError(
-            f"{cert_prefix}.provider", "is not set; the pkcs11 key provider takes its public key from it"
+            f"{side.certificate_prefix}.provider",
+            "is not set; the pkcs11 key provider takes its public key from it",
         )
     config = _config(rsa_settings, prefix)
     require("pkcs11", extra="pkcs11", setting=f"{prefix}.provider", provider=PROVIDER)
-    loaded = await load_certificate(cert_settings, cert_prefix, settings.ca_certificates_directory)
+    loaded = await load_certificate(side)
     provider = Pkcs11KeyProvider(config, _library(config.library_path), loaded.public_key, loaded.description)
     try:
         await provider._run(provider.open_blocking, OPEN_TIMEOUT)

@@ -43,8 +43,7 @@ from keyconnector.errors import (
     UnavailableError,
     setting_name,
 )
-from keyconnector.runtime.settings import RsaKeySettings, Settings, secret
-from keyconnector.runtime.trust import Trust
+from keyconnector.runtime.settings import RsaKeySettings, SideSettings, secret
 
 log = logging.getLogger("keyconnector.keys.vaulttransit")
 
@@ -432,22 +431,20 @@ class VaultTransitKeyProvider:
         self._client.adapter.close()
 
 
-def verify_argument(settings: Settings, rsa_settings: RsaKeySettings, prefix: str) -> str:
+def verify_argument(side: SideSettings, rsa_settings: RsaKeySettings) -> str:
     """hvac's ``verify``: the deployment's trust as one file, or ``vaultTransitCaBundle`` when set
     (requests alone would trust certifi only)."""
-    return Trust.from_settings(settings).bundle_file(
-        rsa_settings.vault_transit_ca_bundle, f"{prefix}.vaultTransitCaBundle"
+    return side.trust().bundle_file(
+        rsa_settings.vault_transit_ca_bundle, f"{side.rsa_key_prefix}.vaultTransitCaBundle"
     )
 
 
-async def open(settings: Settings, *, transfer: bool = False) -> VaultTransitKeyProvider:
-    prefix = "transferTo.rsaKey" if transfer else "rsaKey"
-    rsa_settings = settings.transfer_to.rsa_key if transfer else settings.rsa_key
-    if rsa_settings is None:
-        raise ConfigurationError(f"{prefix}.provider", "is not set")
-    target = _target(rsa_settings, prefix, settings.ca_certificates_directory)
+async def open(side: SideSettings) -> VaultTransitKeyProvider:
+    rsa_settings = side.require_rsa_key()
+    prefix = side.rsa_key_prefix
+    target = _target(rsa_settings, prefix, side.ca_certificates_directory)
     api = VaultApi(f"{prefix}.provider", "vaulttransit")
-    verify = verify_argument(settings, rsa_settings, prefix)
+    verify = verify_argument(side, rsa_settings)
     provider = VaultTransitKeyProvider(
         api, api.client(target.url, target.token, verify, target.namespace), target
     )

@@ -19,7 +19,7 @@ from uuid import UUID
 
 from keyconnector.errors import KeyConnectorError
 from keyconnector.runtime.assemble import Side, open_core
-from keyconnector.runtime.settings import LoadedSettings, Settings, load_with_env_file
+from keyconnector.runtime.settings import LoadedSettings, Settings, SideSettings, load_with_env_file
 
 __all__ = [
     "OPERATIONS",
@@ -79,10 +79,9 @@ def load_target_settings(args: argparse.Namespace) -> Settings | None:
     return load_with_env_file(env_file, config, isolated=True).settings
 
 
-async def open_side(
-    settings: Settings, *, transfer: bool = False, name: str = "source", create: bool = True
-) -> Side:
-    """Open ``settings``' database and key pair (``transferTo`` ones with ``transfer``).
+async def open_side(side: SideSettings, *, name: str = "source", create: bool = True) -> Side:
+    """Open the database and key pair of one side of the settings (``side_of(settings)``, or
+    ``side_of(settings, transfer=True)`` for the ``transferTo`` target).
 
     ``assemble.open_core``, the one assembly ``serve`` and ``check`` use too: the key pair is
     opened and checked before the database is touched, so a wrong target key provider fails before
@@ -90,7 +89,7 @@ async def open_side(
     absent, as ``serve`` would; without it, nothing is written and a database without a data key is
     an error.
     """
-    return await open_core(settings, transfer=transfer, name=name, create=create, read_only=not create)
+    return await open_core(side, name=name, create=create, read_only=not create)
 
 
 class OperationFailed(KeyConnectorError):

@@ -26,7 +26,7 @@ from keyconnector.audit.chain import KEY_PURPOSE, Checkpoint, Mac
 from keyconnector.audit.verify import Expectation, Report, checkpoints_in, verify
 from keyconnector.errors import ConfigurationError, KeyConnectorError, StorageError, UsageError
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from, open_side
-from keyconnector.runtime.settings import DatabaseSettings, Settings
+from keyconnector.runtime.settings import DatabaseSettings, Settings, side_of
 
 TABLE = "the table keyconnector_audit"
 
@@ -84,7 +84,7 @@ def _database_items(database: DatabaseSettings) -> Iterator[tuple[str, str]]:
 async def _audit_key(settings: Settings) -> tuple[bytes, str]:
     """The audit key and the key ring's anchor, from the ring read-only (nothing is adopted here)."""
     try:
-        side = await open_side(settings, create=False, name="service's")
+        side = await open_side(side_of(settings), create=False, name="service's")
     except ConfigurationError as exc:
         raise ConfigurationError(
             exc.setting,

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from keyconnector.core.keyring import NotAdopted, RingRefused
 from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_name
 from keyconnector.keypairs.base import KeyProvider
-from keyconnector.runtime.assemble import database_of, load_data_keys, open_database, open_key_pair
+from keyconnector.runtime.assemble import load_data_keys, open_database, open_key_pair
 from keyconnector.runtime.settings import (
     DatabaseSettings,
     LoadedSettings,
-    Settings,
+    SideSettings,
     identity_server_uri,
+    side_of,
 )
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import Repository, inspect
@@ -36,6 +37,7 @@ class CheckResult:
 
 async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     settings = loaded.settings
+    side = side_of(settings)
     results = [
         CheckResult("settings", True, "loaded from " + (", ".join(loaded.sources) or "defaults only")),
     ]
@@ -62,7 +64,7 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     provider: KeyProvider | None = None
     try:
         # The assembly's steps, one line each (``assemble.open_core`` would stop at the first failure).
-        provider = await open_key_pair(settings, checked=False)
+        provider = await open_key_pair(side, checked=False)
         await provider.check()
         results.append(CheckResult("key pair", True, f"{provider.description}; a wrapped key round-trips"))
     except KeyConnectorError as exc:
@@ -72,10 +74,8 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
 
     if provider is not None and has_data:
         try:
-            repository = await open_database(
-                *database_of(settings), create=False, trust=Trust.from_settings(settings)
-            )
-            results += await _check_data_keys(repository, provider, settings)
+            repository = await open_database(side, create=False)
+            results += await _check_data_keys(repository, provider, side)
         except KeyConnectorError as exc:
             results.append(CheckResult("data key", False, str(exc)))
 
@@ -143,7 +143,7 @@ async def _check_identity(loaded: LoadedSettings) -> CheckResult:
 
 
 async def _check_data_keys(
-    repository: Repository, provider: KeyProvider, settings: Settings
+    repository: Repository, provider: KeyProvider, side: SideSettings
 ) -> list[CheckResult]:
     """The data keys as ``serve`` would load them: through the authenticated key ring, read-only.
 
@@ -151,7 +151,7 @@ async def _check_data_keys(
     ``check`` cannot contradict ``serve`` (during a key-pair rotation, say, when ApplicationDatas
     still holds the old pair's wrap and the new pair's wraps are only in the ring)."""
     try:
-        opened = await load_data_keys(repository, provider, settings, read_only=True)
+        opened = await load_data_keys(repository, provider, side, read_only=True)
     except NotAdopted as exc:
         return [CheckResult("data key", True, str(exc))]
     except RingRefused as exc:
@@ -166,7 +166,7 @@ async def _check_data_keys(
     if opened.adopted:
         return [keys, CheckResult("key ring", True, f"{opened.adopted} (anchor {ring.anchor})")]
     legacy = "accepted" if ring.accept_legacy else "refused (every record is bound to its user)"
-    pinned = " (pinned by keyRingAnchor)" if settings.key_ring_anchor else ""
+    pinned = " (pinned by keyRingAnchor)" if side.key_ring_anchor else ""
     return [
         keys,
         CheckResult(

@@ -98,7 +98,7 @@ from keyconnector.ops.rotate import (
     _say,
     settle_time,
 )
-from keyconnector.runtime.settings import Settings
+from keyconnector.runtime.settings import Settings, side_of
 from keyconnector.storage.base import Repository
 
 WRITE_LEGACY = "compat.writeLegacyFormat"
@@ -295,7 +295,7 @@ async def downgrade_records(
             "cannot read, and would undo the downgrade. Set it to true on every running instance (restart "
             "them) and in this command's settings, then run downgrade-records again",
         )
-    side = await open_side(settings)
+    side = await open_side(side_of(settings))
     try:
         result = await _downgrade(side, batch_size, settle_seconds, max_rate, out)
     finally:
@@ -459,7 +459,7 @@ class Plan:
 
 async def plan_downgrade(settings: Settings, *, batch_size: int = 2000, out: TextIO | None = None) -> Plan:
     """What ``downgrade_records`` would do, with nothing written (not even a schema migration)."""
-    side = await open_side(settings, create=False)
+    side = await open_side(side_of(settings), create=False)
     try:
         plan = Plan()
         ring = side.ring

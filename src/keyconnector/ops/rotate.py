@@ -57,7 +57,7 @@ from keyconnector.ops import (
 )
 from keyconnector.ops.progress import Progress
 from keyconnector.runtime.assemble import open_key_pair
-from keyconnector.runtime.settings import Settings
+from keyconnector.runtime.settings import Settings, side_of
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import RecordUpdate, Repository, migrate, open_repository
 
@@ -157,21 +157,23 @@ def cmd_rotate_key_pair(args: argparse.Namespace) -> int:
 
 
 async def open_new_key_pair(settings: Settings, target: Settings | None) -> KeyProvider:
-    """The new key pair, opened and proven by a round trip before anything else happens."""
-    if target is None and settings.transfer_to.rsa_key is None:
+    """The new key pair, opened and proven by a round trip before anything else happens: the
+    target settings' own, or else ``settings``' ``transferTo`` one."""
+    new = side_of(target) if target is not None else side_of(settings, transfer=True)
+    if new.rsa_key is None:
         raise ConfigurationError(
             "transferTo.rsaKey.provider",
             "is not set: name the new key pair with --target-env-file, --target-config or the "
             "transferTo__rsaKey__* and transferTo__certificate__* settings",
         )
-    return await open_key_pair(target or settings, transfer=target is None)
+    return await open_key_pair(new)
 
 
 async def rotate_key_pair(settings: Settings, target: Settings | None, out: TextIO) -> list[int]:
     """Add the new key pair's wraps; returns the versions newly wrapped (none on a re-run)."""
     new = await open_new_key_pair(settings, target)
     try:
-        side = await open_side(settings)
+        side = await open_side(side_of(settings))
         try:
             old = side.provider
             if new.fingerprint == old.fingerprint:
@@ -211,7 +213,7 @@ async def retire_key_pair(settings: Settings, out: TextIO) -> list[str]:
     """Remove the other key pairs' wraps; returns their fingerprints (none on a re-run)."""
     # Not open_side: it would unwrap every version with the configured pair and fail with that
     # pair's own error, where the refusal below says what to run first.
-    provider = await open_key_provider(settings)
+    provider = await open_key_provider(side_of(settings))
     try:
         await provider.check()
         trust = Trust.from_settings(settings)
@@ -313,7 +315,7 @@ async def rotate_data_key(
 ) -> DataKeyRotation:
     """The whole rotation (see the module's docstring); raises ``OperationFailed`` listing the users
     whose records do not decrypt, after doing everything else."""
-    side = await open_side(settings)
+    side = await open_side(side_of(settings))
     try:
         result = await _rotate(side, batch_size, settle_seconds, max_rate, out)
     finally:

@@ -23,7 +23,7 @@ from keyconnector.core.keyring import KeyRing, NotAdopted, RingTrust, open_ring,
 from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError
 from keyconnector.keypairs import open_key_provider
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
-from keyconnector.runtime.settings import DatabaseSettings, Settings
+from keyconnector.runtime.settings import DatabaseSettings, Settings, side_of
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import Repository, inspect, open_repository
 
@@ -176,7 +176,7 @@ async def authenticate_ring(repository: Repository, settings: Settings) -> str:
     if settings.rsa_key is None or not settings.rsa_key.provider:
         return "not checked: no key pair configured"
     try:
-        provider = await open_key_provider(settings)
+        provider = await open_key_provider(side_of(settings))
     except KeyConnectorError as exc:
         return f"not checked: the key pair is not available: {exc}"
     try:

@@ -37,8 +37,7 @@ from keyconnector.ops import (
 )
 from keyconnector.ops.progress import Progress
 from keyconnector.runtime import logs
-from keyconnector.runtime.settings import DatabaseSettings, Settings
-from keyconnector.runtime.trust import Trust
+from keyconnector.runtime.settings import Settings, SideSettings, side_of
 from keyconnector.storage.base import UserKeyRecord, inspect, open_repository
 
 log = logging.getLogger("keyconnector.transfer")
@@ -103,22 +102,24 @@ async def _side(name: str, opening: Awaitable[T]) -> T:
         raise SideError(f"the {name}: {exc}") from None
 
 
-def _target_of(settings: Settings, target_settings: Settings | None) -> tuple[Settings, bool]:
-    """Whose settings describe the target, and whether they are the ``transferTo`` ones."""
+def _target_of(settings: Settings, target_settings: Settings | None) -> SideSettings:
+    """The target: the target settings' own side, or else ``settings``' ``transferTo`` side."""
     if target_settings is not None:
-        return target_settings, False
-    if settings.transfer_to.database is None:
+        return side_of(target_settings)
+    target = side_of(settings, transfer=True)
+    if target.database is None:
         raise ConfigurationError(
             "transferTo.database.provider",
             "is not set: give the target with the transferTo__database__*, transferTo__rsaKey__* and "
             "transferTo__certificate__* settings, or with --target-env-file / --target-config",
         )
-    return settings, True
+    return target
 
 
-async def _stored_state(database: DatabaseSettings, prefix: str, trust: Trust) -> tuple[str, bool]:
-    """Read-only: the database's description, and whether it holds a data key (so opening it with
-    ``create=False`` will not make one)."""
+async def _stored_state(side: SideSettings) -> tuple[str, bool]:
+    """Read-only: the side's database description, and whether it holds a data key (so opening it
+    with ``create=False`` will not make one)."""
+    database, prefix, trust = side.require_database(), side.database_prefix, side.trust()
     state = inspect(database, prefix, trust=trust)
     if not state.has_schema:
         return state.description, False
@@ -131,17 +132,14 @@ async def _stored_state(database: DatabaseSettings, prefix: str, trust: Trust) -
         await repository.aclose()
 
 
-async def _probe_target(owner: Settings, transfer: bool) -> tuple[Side | None, str]:
+async def _probe_target(target: SideSettings) -> tuple[Side | None, str]:
     """For a dry run: the target as it is, and its name. Its key pair is checked, but nothing is
     created: a target without a schema or data key yet yields no side (and a log line saying so)."""
-    database = owner.transfer_to.database if transfer else owner.database
-    assert database is not None
-    prefix = "transferTo.database" if transfer else "database"
-    description, has_data_key = await _stored_state(database, prefix, Trust.from_settings(owner))
+    description, has_data_key = await _stored_state(target)
     if has_data_key:
-        side = await open_side(owner, transfer=transfer, name="target", create=False)
+        side = await open_side(target, name="target", create=False)
         return side, side.repository.description
-    provider = await open_key_provider(owner, transfer=transfer)
+    provider = await open_key_provider(target)
     try:
         await provider.check()
     finally:
@@ -322,27 +320,25 @@ async def transfer(
     """
     if batch_size < 1:
         raise UsageError("--batch-size", "--batch-size must be at least 1")
-    owner, transfer_to = _target_of(settings, target_settings)
+    source_view, target_view = side_of(settings), _target_of(settings, target_settings)
     # The source first, read-only: a missing or empty source must not create the target's schema.
-    source_description, has_data_key = await _side(
-        "source", _stored_state(settings.database, "database", Trust.from_settings(settings))
-    )
+    source_description, has_data_key = await _side("source", _stored_state(source_view))
     if not has_data_key:
         raise SideError(f"the source has no data key, so nothing to transfer ({source_description})")
     # The target before the source's data keys, and its key pair before its database: a wrong target
     # key provider fails before anything is written.
     target: Side | None
     if dry_run:
-        target, target_description = await _side("target", _probe_target(owner, transfer_to))
+        target, target_description = await _side("target", _probe_target(target_view))
     else:
-        target = await _side("target", open_side(owner, transfer=transfer_to, name="target"))
+        target = await _side("target", open_side(target_view, name="target"))
         target_description = target.repository.description
     try:
-        source = await _side("source", open_side(settings, name="source", create=False))
+        source = await _side("source", open_side(source_view, name="source", create=False))
         try:
             if source.repository.description == target_description:
                 raise ConfigurationError(
-                    "transferTo.database" if transfer_to else "database",
+                    target_view.database_prefix,
                     f"the target is the source database ({target_description})",
                 )
             result = TransferResult(source.repository.description, target_description, dry_run=dry_run)

@@ -41,7 +41,7 @@ from keyconnector.ops import (
     open_side,
 )
 from keyconnector.ops.rotate import MAX_PASSES, _pass, _positive_float, _positive_int, _say
-from keyconnector.runtime.settings import Settings
+from keyconnector.runtime.settings import Settings, side_of
 
 
 def add_commands(commands: Subcommands) -> None:
@@ -95,7 +95,7 @@ async def upgrade_records(
             "is set: instances with this setting write upstream's format again, which would undo the "
             "upgrade. Remove it (from every instance) before running upgrade-records",
         )
-    side = await open_side(settings)
+    side = await open_side(side_of(settings))
     try:
         keys = side.keys  # format 2 for every version: open_side ignores writeLegacyFormat
 

@@ -12,8 +12,10 @@ unwrapped ApplicationDatas itself and contradicted ``serve`` in the middle of a 
   keyconnector's ring) is adopted, or data key version 1 made, as ``serve`` does at start;
 - ``tolerate_outage``: a key provider that cannot be reached does not fail the opening (a worker
   starts, answers 503 and recovers by itself); the data keys are then left to the caller to load
-  when the provider is back (``service.KeyService`` does, lazily);
-- ``transfer``: the ``transferTo`` side of the settings instead of the deployment's own.
+  when the provider is back (``service.KeyService`` does, lazily).
+
+Every step takes the side of the settings it opens (``settings.side_of``: the deployment's own, or
+its ``transferTo`` target), resolved once by the caller.
 
 The steps are public too (:func:`open_key_pair`, :func:`open_database`, :func:`load_data_keys`),
 for ``check``, which reports each on its own line and goes on after a failure. Whatever the
@@ -35,10 +37,9 @@ from keyconnector.core.keyring import (
     load_key_set,
     open_ring,
 )
-from keyconnector.errors import ConfigurationError, StorageError
+from keyconnector.errors import StorageError
 from keyconnector.keypairs import KeyProvider, open_key_provider
-from keyconnector.runtime.settings import DatabaseSettings, Settings
-from keyconnector.runtime.trust import Trust
+from keyconnector.runtime.settings import DatabaseSettings, SideSettings
 from keyconnector.storage.base import Repository, migrate, open_repository
 
 
@@ -87,17 +88,8 @@ class LoadedKeys:
     """What was adopted (``create``) or would be adopted by ``serve`` (read-only), or None."""
 
 
-def database_of(settings: Settings, *, transfer: bool = False) -> tuple[DatabaseSettings, str]:
-    """The side's database settings and their settings path; a ``ConfigurationError`` when unset."""
-    database = settings.transfer_to.database if transfer else settings.database
-    prefix = "transferTo.database" if transfer else "database"
-    if database is None:
-        raise ConfigurationError(f"{prefix}.provider", "is not set")
-    return database, prefix
-
-
 async def open_key_pair(
-    settings: Settings, *, transfer: bool = False, tolerate_outage: bool = False, checked: bool = True
+    side: SideSettings, *, tolerate_outage: bool = False, checked: bool = True
 ) -> KeyProvider:
     """The side's key provider, checked by a real wrap/unwrap round trip unless ``tolerate_outage``
     (the check would fail during an outage, and the point of tolerating one is to start anyway).
@@ -105,7 +97,7 @@ async def open_key_pair(
     ``checked=False`` leaves the round trip to the caller: ``check`` reports it on its own line and
     still tries the data keys when it fails (a wrap that fails while the unwrap of the stored data
     key works says which half of the key pair is wrong)."""
-    provider = await open_key_provider(settings, transfer=transfer, tolerate_outage=tolerate_outage)
+    provider = await open_key_provider(side, tolerate_outage=tolerate_outage)
     if tolerate_outage or not checked:
         return provider
     try:
@@ -116,11 +108,10 @@ async def open_key_pair(
     return provider
 
 
-async def open_database(
-    database: DatabaseSettings, prefix: str, *, create: bool, trust: Trust | None = None
-) -> Repository:
+async def open_database(side: SideSettings, *, create: bool) -> Repository:
     """The side's repository; with ``create`` the schema is migrated (made if absent) first.
-    ``trust``: the deployment's ``Trust`` (``caCertificatesDirectory``) for database TLS."""
+    Database TLS trusts the side's ``Trust`` (``caCertificatesDirectory``)."""
+    database, prefix, trust = side.require_database(), side.database_prefix, side.trust()
     if create:
         migrate(database, prefix, trust=trust)
     return await open_repository(database, prefix, trust=trust)
@@ -129,9 +120,8 @@ async def open_database(
 async def load_data_keys(
     repository: Repository,
     provider: KeyProvider,
-    settings: Settings,
+    side: SideSettings,
     *,
-    transfer: bool = False,
     read_only: bool,
 ) -> LoadedKeys:
     """Every active data key this key pair unwraps, through the authenticated key ring.
@@ -142,9 +132,9 @@ async def load_data_keys(
     there is no data key at all, and ``adopted`` says what ``serve`` would adopt. ``RingRefused``
     either way when the stored ring does not authenticate.
     """
-    write_legacy = settings.compat.write_legacy_format
-    # The pinned anchor is the deployment's own, not the transfer target's.
-    trust = RingTrust(anchor=None if transfer else settings.key_ring_anchor)
+    write_legacy = side.write_legacy_format
+    # The pinned anchor is the deployment's own: the transferTo side has none (``side_of``).
+    trust = RingTrust(anchor=side.key_ring_anchor)
     adopted: str | None = None
     if not read_only:
         keys, ring = await load_key_set(repository, provider, trust, accept_legacy_when_new=write_legacy)
@@ -159,9 +149,8 @@ async def load_data_keys(
 
 @overload
 async def open_core(
-    settings: Settings,
+    side: SideSettings,
     *,
-    transfer: bool = ...,
     name: str = ...,
     create: bool = ...,
     read_only: bool = ...,
@@ -171,9 +160,8 @@ async def open_core(
 
 @overload
 async def open_core(
-    settings: Settings,
+    side: SideSettings,
     *,
-    transfer: bool = ...,
     name: str = ...,
     create: bool = ...,
     read_only: bool = ...,
@@ -182,15 +170,14 @@ async def open_core(
 
 
 async def open_core(
-    settings: Settings,
+    side: SideSettings,
     *,
-    transfer: bool = False,
     name: str = "source",
     create: bool = False,
     read_only: bool = False,
     tolerate_outage: bool = False,
 ) -> Core:
-    """Open one side of ``settings`` (``transferTo`` with ``transfer``); ``aclose()`` it when done.
+    """Open one side of the settings; ``aclose()`` it when done.
 
     The key pair first (checked unless ``tolerate_outage``), then the database (migrated with
     ``create``), then the data keys (adopted or made as ``serve`` would; never written with
@@ -200,21 +187,19 @@ async def open_core(
     """
     if create and read_only:
         raise TypeError("open_core: create and read_only exclude each other (a programming error)")
-    database, prefix = database_of(settings, transfer=transfer)
-    provider = await open_key_pair(settings, transfer=transfer, tolerate_outage=tolerate_outage)
+    database = side.require_database()
+    provider = await open_key_pair(side, tolerate_outage=tolerate_outage)
     try:
-        repository = await open_database(database, prefix, create=create, trust=Trust.from_settings(settings))
+        repository = await open_database(side, create=create)
     except BaseException:
         await provider.aclose()
         raise
-    core = Core(name, database, prefix, repository, provider)
+    core = Core(name, database, side.database_prefix, repository, provider)
     if tolerate_outage:
         return core
     try:
         try:
-            loaded = await load_data_keys(
-                repository, provider, settings, transfer=transfer, read_only=read_only
-            )
+            loaded = await load_data_keys(repository, provider, side, read_only=read_only)
         except NotAdopted:
             raise StorageError(
                 f"the {name} database has no data key yet (`keyconnector serve` makes one)"
@@ -222,4 +207,6 @@ async def open_core(
     except BaseException:
         await core.aclose()
         raise
-    return Side(name, database, prefix, repository, provider, loaded.keys, loaded.ring, loaded.adopted)
+    return Side(
+        name, database, side.database_prefix, repository, provider, loaded.keys, loaded.ring, loaded.adopted
+    )

@@ -21,9 +21,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from keyconnector.errors import ConfigurationError, setting_name
-from keyconnector.runtime.settings import (
-    CONFIG_FILE_ENV,
-    Settings,
+from keyconnector.runtime.settings import CONFIG_FILE_ENV, Settings
+from keyconnector.runtime.settings.loader import (
     _field_map,
     _is_secret,
     _json_section,

@@ -26,7 +26,7 @@ from keyconnector.errors import UnavailableError, UsageError
 from keyconnector.http.layers.drain import DRAIN_DIR_ENV, FLAG, idle_marker
 from keyconnector.runtime.assemble import open_core
 from keyconnector.runtime.permissions import warn_loose_permissions
-from keyconnector.runtime.settings import CONFIG_FILE_ENV, Settings, identity_server_uri
+from keyconnector.runtime.settings import CONFIG_FILE_ENV, Settings, identity_server_uri, side_of
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import migrate, warn_insecure_transport
 from keyconnector.telemetry import tracing
@@ -87,7 +87,7 @@ async def _prepare_data_key(settings: Settings) -> None:
     The same assembly the operations use (``assemble.open_core``), without its ``create``: the
     schema was migrated just before, by ``migrate_with_retries`` (which waits for a database still
     coming up), and a second Alembic run at every start would only repeat it."""
-    core = await open_core(settings)
+    core = await open_core(side_of(settings))
     await core.aclose()
 
 
@@ -124,9 +124,9 @@ def warn_database_transport(settings: Settings) -> None:
     but the operator should know that whoever can answer as the database can write it."""
     trust = Trust.from_settings(settings)
     warn_insecure_transport(settings.database, trust=trust)
-    transfer = settings.transfer_to
-    if transfer.lockfile_path and transfer.database is not None and not Path(transfer.lockfile_path).exists():
-        warn_insecure_transport(transfer.database, "transferTo.database", trust=trust)
+    lock, target = settings.transfer_to.lockfile_path, side_of(settings, transfer=True)
+    if lock and target.database is not None and not Path(lock).exists():
+        warn_insecure_transport(target.database, target.database_prefix, trust=trust)
 
 
 def wait_for_drain(folder: Path, seconds: float) -> bool:

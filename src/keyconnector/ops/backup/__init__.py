@@ -115,7 +115,7 @@ from keyconnector.keypairs import KeyProvider, open_key_provider
 from keyconnector.ops import OperationFailed, Subcommands, add_settings_arguments, load_settings_from
 from keyconnector.ops.progress import Progress
 from keyconnector.runtime import logs
-from keyconnector.runtime.settings import Settings
+from keyconnector.runtime.settings import Settings, side_of
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import (
     Repository,
@@ -796,7 +796,7 @@ async def _backup(
     state = inspect(settings.database, "database", trust=Trust.from_settings(settings))
     if not state.has_schema:
         raise BackupError(f"{state.description} has no Key Connector tables: there is nothing to back up")
-    provider = await open_key_provider(settings)
+    provider = await open_key_provider(side_of(settings))
     try:
         await provider.check()
         repository = await open_repository(settings.database, "database", trust=Trust.from_settings(settings))
@@ -1126,7 +1126,7 @@ async def _verify_only(settings: Settings, backup: _BackupFile, options: _Restor
     note = ""
     opened: _BackupKeys | None = None
     try:
-        provider = await open_key_provider(settings)
+        provider = await open_key_provider(side_of(settings))
         await provider.check()
     except KeyConnectorError as exc:
         note = f"; records not decrypted: the configured key pair is not usable ({exc})"
@@ -1168,7 +1168,7 @@ async def _verify_only(settings: Settings, backup: _BackupFile, options: _Restor
 
 async def _restore(settings: Settings, backup: _BackupFile, options: _RestoreOptions) -> str:
     notes = [note for note in [_check_file_format(backup, options)] if note]
-    provider = await open_key_provider(settings)
+    provider = await open_key_provider(side_of(settings))
     try:
         await provider.check()
         try:

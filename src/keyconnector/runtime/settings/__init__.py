@@ -1,0 +1,64 @@
+"""The settings: the model (``model``), how it is read (``loader``) and the views the rest of the
+code takes of it (``views``).
+
+Everything is re-exported here, so that a caller names the settings package and not which of its
+modules holds a name: the split is for readers of the package, not for its users.
+"""
+
+from keyconnector.runtime.settings.loader import (
+    CONFIG_FILE_ENV,
+    LoadedSettings,
+    load_settings,
+    load_with_env_file,
+    read_env_file,
+)
+from keyconnector.runtime.settings.model import (
+    CHOICES,
+    ORIGIN,
+    REFUSED,
+    USED_BY,
+    AuditSettings,
+    CertificateSettings,
+    CompatSettings,
+    DatabaseSettings,
+    LoggingSettings,
+    MetricsSettings,
+    RateLimitSettings,
+    RsaKeySettings,
+    Section,
+    Settings,
+    ShutdownSettings,
+    TracingSettings,
+    TransferSettings,
+    secret,
+)
+from keyconnector.runtime.settings.views import SideSettings, identity_server_uri, side_of
+
+__all__ = [
+    "CHOICES",
+    "CONFIG_FILE_ENV",
+    "ORIGIN",
+    "REFUSED",
+    "USED_BY",
+    "AuditSettings",
+    "CertificateSettings",
+    "CompatSettings",
+    "DatabaseSettings",
+    "LoadedSettings",
+    "LoggingSettings",
+    "MetricsSettings",
+    "RateLimitSettings",
+    "RsaKeySettings",
+    "Section",
+    "Settings",
+    "ShutdownSettings",
+    "SideSettings",
+    "TracingSettings",
+    "TransferSettings",
+    "identity_server_uri",
+    "load_settings",
+    "load_with_env_file",
+    "read_env_file",
+    "secret",
+    "side_of",
+]

@@ -1,0 +1,226 @@
+"""Reading the settings as upstream's operators write them.
+
+Upstream is an ASP.NET service: settings come from the ``keyConnectorSettings`` section of an
+``appsettings.json`` file, overridden by environment variables such as
+``keyConnectorSettings__database__provider``, with names matched case-insensitively. An operator
+taking over an existing deployment keeps their env file, so this module accepts exactly those
+names (and the ``:`` separator that ASP.NET also accepts), and reports anything it does not know
+instead of silently ignoring a typo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+from keyconnector.errors import ENV_PREFIX, ConfigurationError, UsageError
+from keyconnector.runtime.settings.model import Settings
+
+CONFIG_FILE_ENV = "KEYCONNECTOR_CONFIG"
+"""Environment variable naming an appsettings-style JSON file (what ``serve --config`` sets)."""
+
+
+class LoadedSettings:
+    """The settings plus what the loader noticed on the way (unknown names are typos, usually)."""
+
+    def __init__(self, settings: Settings, unknown: list[str], sources: list[str]) -> None:
+        self.settings = settings
+        self.unknown = unknown
+        self.sources = sources
+
+
+def _field_map(model: type[BaseModel]) -> dict[str, tuple[str, FieldInfo]]:
+    """Lower-cased upstream name -> (python field name, field)."""
+    out: dict[str, tuple[str, FieldInfo]] = {}
+    for name, info in model.model_fields.items():
+        out[name.lower()] = (name, info)
+        out[name.replace("_", "").lower()] = (name, info)
+        if info.alias:
+            out[info.alias.lower()] = (name, info)
+    return out
+
+
+def _section_model(info: FieldInfo) -> type[BaseModel] | None:
+    annotation = info.annotation
+    candidates = getattr(annotation, "__args__", (annotation,))
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _place(
+    model: type[BaseModel], target: dict[str, Any], path: list[str], value: Any, unknown: list[str], raw: str
+) -> None:
+    fields = _field_map(model)
+    head = path[0].lower()
+    if head not in fields and len(path) == 1 and head.endswith("file") and _is_secret(fields.get(head[:-4])):
+        # Container secrets: every secret setting ``x`` also accepts ``xFile``, a path to read it from.
+        head, value = head[:-4], _read_secret_file(raw, value)
+    if head not in fields:
+        unknown.append(raw)
+        return
+    name, info = fields[head]
+    sub = _section_model(info)
+    if len(path) == 1:
+        if sub is not None and isinstance(value, Mapping):
+            for key, inner in value.items():
+                _place(model, target, [head, str(key)], inner, unknown, f"{raw}__{key}")
+            return
+        if sub is not None:
+            unknown.append(raw)
+            return
+        target[name] = value
+        return
+    if sub is None:
+        unknown.append(raw)
+        return
+    child = target.setdefault(name, {})
+    _place(sub, child, path[1:], value, unknown, raw)
+
+
+def _is_secret(entry: tuple[str, FieldInfo] | None) -> bool:
+    return entry is not None and "SecretStr" in str(entry[1].annotation)
+
+
+def _read_secret_file(setting: str, path: Any) -> str:
+    try:
+        return Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigurationError(
+            _dotted(setting), f"cannot read the secret file {path}: {exc.strerror}"
+        ) from None
+
+
+def _dotted(raw: str) -> str:
+    parts = _split_env_name(raw)
+    return ".".join(parts) if parts else raw
+
+
+def _split_env_name(name: str) -> list[str] | None:
+    lowered = name.lower()
+    for prefix in (ENV_PREFIX.lower(), "keyconnectorsettings:"):
+        if lowered.startswith(prefix):
+            rest = name[len(prefix) :]
+            return [part for part in rest.replace(":", "__").split("__") if part]
+    return None
+
+
+def _json_section(path: Path) -> Mapping[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise UsageError("--config", f"the settings file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            "--config", f"the settings file {path} is not valid JSON (line {exc.lineno}: {exc.msg})"
+        ) from None
+    if not isinstance(document, dict):
+        raise UsageError("--config", f"the settings file {path} must hold a JSON object")
+    for key, value in document.items():
+        if key.lower() == "keyconnectorsettings" and isinstance(value, dict):
+            return value
+    return {}
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """A docker-style env file, as upstream deployments keep them: ``NAME=value`` per line.
+
+    Values are taken literally (``Data Source=/x.db`` needs no quoting); a value wrapped in one pair
+    of matching quotes is unwrapped, as docker compose does. Blank lines and ``#`` comments are skipped.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise UsageError("--env-file", f"cannot read the env file {path}: {exc.strerror}") from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            raise UsageError("--env-file", f"{path}, line {number}: expected NAME=value")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[name.strip()] = value
+    return values
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, config_file: str | Path | None = None
+) -> LoadedSettings:
+    """Merge the appsettings JSON file (if any) and the environment, environment winning.
+
+    Raises ``ConfigurationError`` naming the first invalid setting by its upstream name.
+    """
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get(CONFIG_FILE_ENV):
+        config_file = environ[CONFIG_FILE_ENV]
+    nested: dict[str, Any] = {}
+    unknown: list[str] = []
+    sources: list[str] = []
+    if config_file is not None:
+        path = Path(config_file)
+        section = _json_section(path)
+        for key, value in section.items():
+            _place(Settings, nested, [str(key)], value, unknown, f"{ENV_PREFIX}{key}")
+        sources.append(str(path))
+    env_names = sorted((k for k in environ if _split_env_name(k)), key=str.lower)
+    for key in env_names:
+        parts = _split_env_name(key)
+        assert parts is not None
+        if not parts:
+            continue
+        _place(Settings, nested, parts, environ[key], unknown, key)
+    if env_names:
+        sources.append("environment")
+    try:
+        settings = Settings(**nested)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(_upstream_path(Settings, [str(p) for p in first["loc"]]))
+        # Never echo the input: it may be a password.
+        raise ConfigurationError(location, str(first["msg"]).lower()) from None
+    return LoadedSettings(settings, unknown, sources)
+
+
+def load_with_env_file(
+    env_file: str | Path | None, config_file: str | Path | None, *, isolated: bool = False
+) -> LoadedSettings:
+    """Settings as the command line gives them: ``--env-file`` lines under the real environment
+    (the environment wins, as with docker's ``--env-file`` plus ``-e``), over ``--config``.
+
+    The env file's lines are also put into ``os.environ`` (without overriding), because server
+    workers inherit the environment. With ``isolated`` (a second deployment's settings, e.g. the
+    target of a transfer), only the file counts and ``os.environ`` is left alone.
+    """
+    if isolated:
+        return load_settings(read_env_file(env_file) if env_file else {}, config_file)
+    if env_file:
+        for name, value in read_env_file(env_file).items():
+            os.environ.setdefault(name, value)
+    return load_settings(config_file=config_file)
+
+
+def _upstream_path(model: type[BaseModel], loc: list[str]) -> list[str]:
+    out: list[str] = []
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None or part not in current.model_fields:
+            out.append(part)
+            current = None
+            continue
+        info = current.model_fields[part]
+        out.append(info.alias or part)
+        current = _section_model(info)
+    return out

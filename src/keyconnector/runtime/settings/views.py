@@ -1,0 +1,128 @@
+"""Checked views of the settings: what the rest of the code reads, resolved once, with the message
+it needs when a setting is missing.
+
+The main one is :class:`SideSettings`. A deployment's settings describe up to two sides: its own
+(``database``, ``rsaKey``, ``certificate``) and the ``transferTo`` target of upstream's start-up
+transfer, of ``transfer`` and of ``rotate-key-pair``, whose sections take the same settings. Every
+factory used to be handed ``(settings, transfer)`` and pick the side itself, spelling the
+``transferTo.`` prefix of its messages on its own; nine copies of one choice. :func:`side_of` makes
+the choice once, and a factory takes the view: its sections, the names its messages give them, and
+the deployment-wide settings both sides share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keyconnector.errors import ConfigurationError
+from keyconnector.runtime.settings.model import (
+    CertificateSettings,
+    DatabaseSettings,
+    RsaKeySettings,
+    Settings,
+)
+from keyconnector.runtime.trust import Trust
+
+TRANSFER_PREFIX = "transferTo."
+"""What every setting path of the ``transferTo`` side starts with."""
+
+
+@dataclass(frozen=True, slots=True)
+class SideSettings:
+    """One side of the settings: the deployment's own, or its ``transferTo`` target.
+
+    The ``..._prefix`` properties are the settings paths of the sections (``rsaKey`` or
+    ``transferTo.rsaKey``), for messages: an error names the setting the operator wrote, on the side
+    they wrote it (``tests/support/messages.py`` knows these names, so that the troubleshooting page
+    lists both spellings).
+    """
+
+    prefix: str
+    """``""`` for the deployment's own settings, ``"transferTo."`` for the target's."""
+    database: DatabaseSettings | None
+    """None only on the ``transferTo`` side, when it names no database (:meth:`require_database`)."""
+    rsa_key: RsaKeySettings | None
+    """None only on the ``transferTo`` side, when it names no key pair (:meth:`require_rsa_key`)."""
+    certificate: CertificateSettings | None
+    """None only on the ``transferTo`` side, when it names no certificate (:meth:`require_certificate`)."""
+    ca_certificates_directory: str
+    """``caCertificatesDirectory``, deployment-wide: one process trusts one set of private CAs,
+    whichever side it connects to."""
+    key_ring_anchor: str | None
+    """``keyRingAnchor`` on the deployment's own side; None on the ``transferTo`` side, because the
+    pinned anchor is the deployment's and the target's ring has its own."""
+    write_legacy_format: bool
+    """``compat.writeLegacyFormat``, deployment-wide: whatever the side, this process seals records so
+    that upstream can read them, or not."""
+
+    @property
+    def transfer(self) -> bool:
+        """Whether this is the ``transferTo`` side."""
+        return self.prefix == TRANSFER_PREFIX
+
+    @property
+    def database_prefix(self) -> str:
+        return f"{self.prefix}database"
+
+    @property
+    def rsa_key_prefix(self) -> str:
+        return f"{self.prefix}rsaKey"
+
+    @property
+    def certificate_prefix(self) -> str:
+        return f"{self.prefix}certificate"
+
+    def require_database(self) -> DatabaseSettings:
+        """The database section, or a ``ConfigurationError`` naming the side's ``database.provider``."""
+        if self.database is None:
+            raise ConfigurationError(f"{self.database_prefix}.provider", "is not set")
+        return self.database
+
+    def require_rsa_key(self) -> RsaKeySettings:
+        """The key-pair section, or a ``ConfigurationError`` naming the side's ``rsaKey.provider``."""
+        if self.rsa_key is None:
+            raise ConfigurationError(f"{self.rsa_key_prefix}.provider", "is not set")
+        return self.rsa_key
+
+    def require_certificate(self) -> CertificateSettings:
+        """The certificate section, or a ``ConfigurationError`` naming the side's ``certificate.provider``."""
+        if self.certificate is None:
+            raise ConfigurationError(f"{self.certificate_prefix}.provider", "is not set")
+        return self.certificate
+
+    def trust(self) -> Trust:
+        """What this side's outgoing TLS trusts (``caCertificatesDirectory``; built once per process)."""
+        return Trust.from_directory(self.ca_certificates_directory)
+
+
+def side_of(settings: Settings, *, transfer: bool = False) -> SideSettings:
+    """The deployment's own side of ``settings``, or with ``transfer`` its ``transferTo`` side."""
+    if transfer:
+        target = settings.transfer_to
+        return SideSettings(
+            prefix=TRANSFER_PREFIX,
+            database=target.database,
+            rsa_key=target.rsa_key,
+            certificate=target.certificate,
+            ca_certificates_directory=settings.ca_certificates_directory,
+            key_ring_anchor=None,
+            write_legacy_format=settings.compat.write_legacy_format,
+        )
+    return SideSettings(
+        prefix="",
+        database=settings.database,
+        rsa_key=settings.rsa_key,
+        certificate=settings.certificate,
+        ca_certificates_directory=settings.ca_certificates_directory,
+        key_ring_anchor=settings.key_ring_anchor,
+        write_legacy_format=settings.compat.write_legacy_format,
+    )
+
+
+def identity_server_uri(settings: Settings) -> str:
+    """The one setting without which nothing can be authorised: required, with a message that says why."""
+    if not settings.identity_server_uri:
+        raise ConfigurationError(
+            "identityServerUri", "is not set; it is the URL of the Bitwarden identity server"
+        )
+    return settings.identity_server_uri
