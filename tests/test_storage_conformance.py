@@ -329,7 +329,7 @@ def test_failed_access_time_writes_never_fail_reads(server_backend: Backend) -> 
         from keyconnector.core.envelope import DataKey, generate_data_key
 
         service = KeyService(repository, Provider(), flush_interval=3600)  # type: ignore[arg-type]
-        service._data_key = DataKey(generate_data_key())
+        service.trusted.loaded = DataKey(generate_data_key())  # type: ignore[assignment]
         user = uuid.uuid4()
         assert await service.create(user, b"k" * 32) is True
         for _ in range(3):

@@ -1,7 +1,50 @@
-"""Exceptions shared across layers.
+"""Exceptions shared across layers, and the map of every exception keyconnector raises on purpose.
 
 Every message here is read by an operator at three in the morning: it names the setting (by its
 upstream environment-variable name) and what is wrong with it, and never contains a secret.
+
+The tree below is every class of the package that derives from ``KeyConnectorError``, with the
+module that defines it and who raises it (``tests/test_errors.py`` checks it against the real
+hierarchy, so a new class or a move shows up here)::
+
+    KeyConnectorError           errors: the base; anything raised on purpose
+    +-- ConfigurationError      errors: a setting is missing or wrong (settings, provider factories)
+    |   +-- UsageError          errors: a command-line option is missing or wrong (cli, ops)
+    |   +-- MissingDependencyError  errors: a provider's optional package is not installed
+    +-- UnavailableError        errors: the database, key provider or identity server is down now
+    +-- StorageError            errors: the database answered, but not as expected (storage backends)
+    +-- IntegrityFailure        errors: stored data does not decrypt or authenticate
+    |   +-- RecordIntegrityFailure  core.service: a user's record does not open for that user
+    |   +-- UnknownVersionError     core.envelope: a record needs a data-key version not loaded
+    |   +-- LegacyRefusedError      core.envelope: an upstream-format record the ring refuses
+    |   +-- RingRefused             core.keyring: the stored key ring fails authentication
+    +-- KeyRingConflict         core.keyring: another process changed the key ring meanwhile
+    +-- RotationRefused         core.keyring: the ring is not in a state where the change is safe
+    +-- NotAdopted              core.keyring: no authenticated ring, and the caller may not write one
+    +-- OperationFailed         ops: some records of an operation failed, the others were done
+    +-- SideError               ops.transfer: the source or the target of a transfer cannot be opened
+    +-- BackupError             ops.backup.format: a backup cannot be written, read or trusted
+
+What the callers do with them:
+
+- HTTP (``keyconnector.http.handlers``): ``UnavailableError`` is 503 with its ``Retry-After``;
+  ``IntegrityFailure`` (in practice ``RecordIntegrityFailure``) is 500, logged with the request id,
+  audited as ``integrity``, the key never returned. Anything else (``StorageError`` above all) is the
+  request middleware's last-resort 500, logged with its traceback. The key service itself absorbs
+  the key-ring branch: ``UnknownVersionError`` and ``LegacyRefusedError`` make it read the ring again
+  and retry once (``core.trusted``); a ``RingRefused`` keeps the keys trusted before serving, counted
+  in /metrics and shown by /health/ready. A ``ConfigurationError`` never reaches a request: the
+  worker does not start.
+- ``serve``'s pre-flight (``runtime.server``): ``UnavailableError`` and ``RingRefused`` are logged and
+  the service starts anyway, answering 503 until the key provider or a good ring is back; a
+  ``ConfigurationError`` stops it, exit 2.
+- Commands (``keyconnector.cli.main``): ``ConfigurationError`` and its subclasses exit 2 (fix the
+  setting or option; ``check`` prints it as a FAIL line and exits 1), every other
+  ``KeyConnectorError`` exits 1 with its message, without a traceback. Operations turn the key-ring
+  branch into their own words first (``backup`` and ``restore`` wrap ``RingRefused``, ``NotAdopted``
+  and ``KeyRingConflict`` into ``BackupError``; ``check`` and ``stats`` report ``NotAdopted`` and
+  ``RingRefused`` as a result line), and a run stopped by ``KeyRingConflict``, ``OperationFailed`` or
+  a changed ring is safe to run again.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ Run ``python -m tests.support.messages`` to list the messages the page does not 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -234,6 +235,7 @@ class _Module:
 
     def __init__(self, path: Path, root: Path = SOURCE) -> None:
         self.path = path
+        self.root = root
         self.rel = path.relative_to(root).as_posix()
         self.tree = ast.parse(path.read_text(), str(path))
         self.constants: dict[str, list[ast.expr]] = {}
@@ -255,6 +257,18 @@ class _Module:
         for parent in ast.walk(self.tree):
             for child in ast.iter_child_nodes(parent):
                 self.parents[child] = parent
+
+    def helpers(self, name: str) -> list[tuple[_Module, ast.FunctionDef | ast.AsyncFunctionDef]]:
+        """The functions called ``name`` of this module, else of its sibling modules: a package split
+        into modules (``ops/backup/``) keeps a text-building helper next door, not in every file."""
+        local = [(self, function) for function in self.functions.get(name, [])]
+        if local:
+            return local
+        return [
+            (sibling, function)
+            for sibling in _siblings(self.path, self.root)
+            for function in sibling.functions.get(name, [])
+        ]
 
     def function_of(self, node: ast.AST) -> ast.AST | None:
         current = self.parents.get(node)
@@ -290,6 +304,12 @@ class _Module:
                 return []
             function = self.function_of(function)
         return self.constants.get(name, [])
+
+
+@functools.cache
+def _siblings(path: Path, root: Path) -> tuple[_Module, ...]:
+    """The other modules of ``path``'s package, parsed once."""
+    return tuple(_Module(other, root) for other in sorted(path.parent.glob("*.py")) if other != path)
 
 
 def _placeholder(node: ast.expr) -> str:
@@ -343,12 +363,12 @@ def _texts(module: _Module, node: ast.expr, depth: int = 0) -> list[Variant]:
     if isinstance(node, ast.Call) and (callee := _callee(node)) is not None:
         # A helper of this module that builds the text (``_summary(...)``): its string returns.
         returned: list[Variant] = []
-        for function in module.functions.get(callee[0], []):
+        for owner, function in module.helpers(callee[0]):
             if function.returns is not None and ast.unparse(function.returns) not in {"str", "str | None"}:
                 continue
             for statement in ast.walk(function):
                 if isinstance(statement, ast.Return) and statement.value is not None:
-                    returned += _texts(module, statement.value, depth + 1)
+                    returned += _texts(owner, statement.value, depth + 1)
         if returned:
             return returned[:16]
     if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):

@@ -272,7 +272,7 @@ ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
     ),
     EnvironmentVariable(
         "KEYCONNECTOR_BACKUP_PASSPHRASE",
-        "keyconnector.ops.backup",
+        "keyconnector.ops.backup.protection",
         "`backup`, `restore` without `--passphrase-file`",
         "The backup's passphrase, for automation that cannot write a file (never a command-line option: "
         "`ps` would show it).",
