@@ -23,11 +23,11 @@ from keyconnector.audit.chain import KEY_PURPOSE
 from keyconnector.auth import TokenValidator
 from keyconnector.core.service import KeyService
 from keyconnector.http import endpoints
-from keyconnector.http.context import Services
 from keyconnector.http.layers.cors import CORSMiddleware, allowed_origin
 from keyconnector.http.layers.drain import DrainLayer
 from keyconnector.http.layers.middleware import RequestMiddleware
 from keyconnector.http.responses import message
+from keyconnector.http.services import Services
 from keyconnector.keypairs.base import KeyProvider
 from keyconnector.runtime import logs
 from keyconnector.runtime.assemble import open_core

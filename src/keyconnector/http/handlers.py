@@ -19,8 +19,8 @@ from starlette.responses import Response
 
 from keyconnector.auth import AuthError, Principal
 from keyconnector.errors import IntegrityFailure, UnavailableError
-from keyconnector.http.context import Services
 from keyconnector.http.responses import JSON, message, unauthorized, unavailable
+from keyconnector.http.services import Services
 
 log = logging.getLogger("keyconnector.http")
 

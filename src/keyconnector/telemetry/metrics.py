@@ -472,7 +472,7 @@ class _AuditCounts(Protocol):
 
 class MirrorSources(Protocol):
     """What the mirror reads: the token validator, the key service and the audit trail of a worker
-    (``keyconnector.http.context.Services`` fits), described by their counters alone so that telemetry
+    (``keyconnector.http.services.Services`` fits), described by their counters alone so that telemetry
     needs none of those parts."""
 
     @property
