@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from keyconnector.auth import AuthError, Principal
 from keyconnector.errors import IntegrityFailure, UnavailableError
+from keyconnector.http.context import record as record_audit
 from keyconnector.http.responses import JSON, message, unauthorized, unavailable
 from keyconnector.http.services import Services
 
@@ -167,11 +168,11 @@ async def user_keys(request: Request) -> Response:
     try:
         response, outcome = await _user_keys(request, services)
     except Exception:
-        audit.record_scope(request.scope, "error", 500)
+        record_audit(audit, request.scope, "error", 500)
         raise
     if outcome == "audit_unavailable":
         return response
-    recorded = audit.record_scope(request.scope, outcome, response.status_code)
+    recorded = record_audit(audit, request.scope, outcome, response.status_code)
     if not recorded and audit.fail_closed and outcome == "read":
         return _audit_refused(request)
     return response

@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keyconnector.http.context import record as record_audit
 from keyconnector.http.endpoints import LIMITED_PATHS, ROUTED_PATHS
 from keyconnector.http.layers.ratelimit import RateLimiter, Refusal, client_address
 from keyconnector.runtime import logs
@@ -71,7 +72,7 @@ class RequestMiddleware:
             self._services = _find_services(self.app)
         audit = getattr(self._services, "audit", None)
         if audit is not None:
-            audit.record_scope(scope, "rate_limited", 429)
+            record_audit(audit, scope, "rate_limited", 429)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
