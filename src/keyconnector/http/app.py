@@ -23,6 +23,7 @@ from keyconnector.audit.chain import KEY_PURPOSE
 from keyconnector.auth import TokenValidator
 from keyconnector.core.service import KeyService
 from keyconnector.http import endpoints
+from keyconnector.http.context import request_id_of
 from keyconnector.http.layers.cors import CORSMiddleware, allowed_origin
 from keyconnector.http.layers.drain import DrainLayer
 from keyconnector.http.layers.middleware import RequestMiddleware
@@ -142,7 +143,7 @@ def create_app(settings: Settings) -> ASGIApp:
     # that refused requests are logged with their request id like any other.
     inner: ASGIApp = CORSMiddleware(DrainLayer(app), allowed_origin(settings.web_vault_uri))
     if settings.tracing.enabled:
-        inner = tracing.TracingLayer(inner, endpoints.ROUTED_PATHS)
+        inner = tracing.TracingLayer(inner, endpoints.ROUTED_PATHS, request_id_of)
     return RequestMiddleware(inner, rate_limits=settings.rate_limit, metrics=settings.metrics.enabled)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keyconnector.http.context import ATTRIBUTE, RequestContext, context_of
 from keyconnector.http.context import record as record_audit
 from keyconnector.http.endpoints import LIMITED_PATHS, ROUTED_PATHS
 from keyconnector.http.layers.ratelimit import RateLimiter, Refusal, client_address
@@ -93,11 +94,14 @@ class RequestMiddleware:
                 break
         if request_id is None:
             request_id = os.urandom(8).hex().encode()
-        scope["keyconnector.request_id"] = request_id
-        request_id_token = logs.request_id.set(request_id.decode())
         limiter = self._limiter
         address = client_address(scope, limiter.trusted if limiter is not None else None)
-        scope["keyconnector.client_address"] = address
+        context = RequestContext(request_id.decode(), address, path, started)
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = state = {}
+        state[ATTRIBUTE] = context
+        request_id_token = logs.request_id.set(context.request_id)
         status = 500
         started_response = False
         if limiter is not None and path in LIMITED_PATHS and scope["method"] != "OPTIONS":
@@ -115,7 +119,7 @@ class RequestMiddleware:
             # The per-user limit needs the user id, which only the endpoint learns (from the token):
             # it asks right after the token check, before reading or writing anything, and answers
             # (and audits) the 429 itself.
-            scope["keyconnector.user_limit"] = limiter.for_user
+            context.limiter = limiter
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started_response
@@ -158,7 +162,7 @@ class RequestMiddleware:
                 path,
                 status,
                 seconds * 1000,
-                scope.get("keyconnector.user"),
+                context_of(scope).user,
                 request_id.decode(),
                 address or None,
             )
