@@ -80,3 +80,17 @@ class Services:
 
     def __post_init__(self) -> None:
         self.health = HealthChecker(self)
+
+
+class ServiceHolder:
+    """Where the lifespan start-up puts the worker's ``Services``, for the layers around the routing.
+
+    Those layers are made with the app, before the services exist (they are built in the worker's
+    lifespan, see ``app.create_app``): ``app.create_app`` gives them this holder, and the lifespan
+    fills it. Requests only arrive after the start-up, so a layer finds it filled.
+    """
+
+    __slots__ = ("services",)
+
+    def __init__(self) -> None:
+        self.services: Services | None = None

@@ -230,7 +230,7 @@ def flush() -> None:
 
 
 class RequestMetrics:
-    """Counts and times requests for the request middleware, deferred (see the module's notes).
+    """Counts and times requests for the HTTP access layer, deferred (see the module's notes).
 
     The accumulators are cached per (route, method, status): ``.labels()`` costs a lock and a few
     lookups, a dict hit one. Keys are label values, never the raw path, so the cache cannot grow
