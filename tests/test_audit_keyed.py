@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from keyconnector.audit import AuditTrail
+from keyconnector.audit import AuditEntry, AuditTrail
 from keyconnector.audit.chain import FORMAT, canonical
 from keyconnector.audit.sink import HOLD
 from keyconnector.audit.sinks.file import LineSink
@@ -646,13 +646,15 @@ def test_entries_recorded_before_the_key_wait_for_it_in_order(tmp_path: Path) ->
         await trail.start()
         for number in range(3):
             assert trail.record(
-                user=None,
-                client="10.0.0.1",
-                client_name=None,
-                method="GET",
-                outcome="unavailable",
-                status=503,
-                request_id=str(number),
+                AuditEntry(
+                    user=None,
+                    client="10.0.0.1",
+                    client_name=None,
+                    method="GET",
+                    outcome="unavailable",
+                    status=503,
+                    request_id=str(number),
+                )
             )
         assert not trail.can_record() and path.read_text() == ""
         trail.set_key(os.urandom(32))
@@ -662,7 +664,15 @@ def test_entries_recorded_before_the_key_wait_for_it_in_order(tmp_path: Path) ->
             await asyncio.sleep(0.01)
         assert trail.can_record()
         trail.record(
-            user=None, client=None, client_name=None, method="GET", outcome="read", status=200, request_id="3"
+            AuditEntry(
+                user=None,
+                client=None,
+                client_name=None,
+                method="GET",
+                outcome="read",
+                status=200,
+                request_id="3",
+            )
         )
         await trail.aclose()
 

@@ -13,7 +13,7 @@ from starlette.routing import Route
 from keyconnector.http import endpoints
 from keyconnector.http.app import create_app
 from keyconnector.http.endpoints import ENDPOINTS, Draining, Endpoint, openapi_document
-from keyconnector.http.layers.middleware import RequestMiddleware
+from keyconnector.http.layers.access import AccessLayer
 from keyconnector.runtime.settings import Settings, load_settings
 from keyconnector.telemetry.labels import UNMATCHED, route_and_method
 
@@ -50,7 +50,8 @@ def test_every_endpoint_is_routed_and_every_route_is_an_endpoint(tmp_path: Path)
 def test_metric_and_span_labels_are_the_table_paths(tmp_path: Path) -> None:
     assert {endpoint.path for endpoint in ENDPOINTS} == endpoints.ROUTED_PATHS
     app = create_app(_settings(tmp_path))
-    assert isinstance(app, RequestMiddleware)
+    while not isinstance(app, AccessLayer):
+        app = app.app
     assert app._metrics is not None
     assert app._metrics._routes == endpoints.ROUTED_PATHS
     for endpoint in ENDPOINTS:
@@ -59,7 +60,7 @@ def test_metric_and_span_labels_are_the_table_paths(tmp_path: Path) -> None:
 
 
 def test_drain_and_rate_limit_sets_come_from_the_table() -> None:
-    # What the drain and the request layer did before the table, now facts of its entries.
+    # What the drain and the rate-limit layer did before the table, now facts of its entries.
     assert {"/user-keys"} == endpoints.LIMITED_PATHS
     assert {"/health/live", "/alive", "/now"} == endpoints.ANSWERS_WHILE_DRAINING
     assert {"/health/ready"} == endpoints.UNREADY_WHILE_DRAINING

@@ -25,9 +25,8 @@ import contextlib
 import hmac
 import logging
 import socket
+from dataclasses import dataclass
 from uuid import UUID
-
-from starlette.types import Scope
 
 from keyconnector.audit.chain import CHECKPOINT, Checkpoint, Mac, new_chain_id, utc_now
 from keyconnector.audit.sink import KeyedSink
@@ -40,14 +39,26 @@ MAX_CLIENT_NAME = 100
 """A client name is the client's to choose: capped, so an entry stays one small atomic write."""
 
 
-def client_address(scope: Scope) -> str | None:
-    """The client's address: the one the request middleware resolved (trusted proxies and
-    ``X-Forwarded-For``, see ``keyconnector.http.layers.ratelimit``), else the connection's peer."""
-    resolved = scope.get("keyconnector.client_address")
-    if resolved:
-        return str(resolved)
-    client = scope.get("client")
-    return str(client[0]) if client else None
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One user-key request as the trail records it, whoever saw it (the endpoint, or the rate-limit
+    layer that refused it first).
+
+    Plain values rather than a request: the trail is an edge and knows no HTTP. The HTTP layer makes
+    the entry from what it learnt about the request (``keyconnector.http.context.audit_entry``), so
+    the one place that reads headers and the request context is there, next to what sets them.
+    """
+
+    user: UUID | None
+    """The user the token named; None when the request was refused before a token was accepted."""
+    client: str | None
+    """The client's address, resolved through the trusted proxies (``rateLimit.trustedProxies``)."""
+    client_name: str | None
+    """The ``Bitwarden-Client-Name`` header as sent (capped at ``MAX_CLIENT_NAME`` when recorded)."""
+    method: str
+    outcome: str
+    status: int
+    request_id: str | None
 
 
 class AuditTrail:
@@ -81,29 +92,20 @@ class AuditTrail:
         """Whether some sink is known to be working: checked before a key is stored under failClosed."""
         return not self.sinks or any(sink.can_record() for sink in self.sinks)
 
-    def record(
-        self,
-        *,
-        user: UUID | None,
-        client: str | None,
-        client_name: str | None,
-        method: str,
-        outcome: str,
-        status: int,
-        request_id: str | None,
-    ) -> bool:
+    def record(self, entry: AuditEntry) -> bool:
         """Write one entry to every sink; True when at least one recorded it (or there is no sink)."""
         if not self.sinks:
             return True
+        client_name = entry.client_name
         fields = {
             "time": utc_now(),
-            "user": str(user) if user is not None else None,
-            "client": client,
+            "user": str(entry.user) if entry.user is not None else None,
+            "client": entry.client,
             "clientName": client_name[:MAX_CLIENT_NAME] if client_name is not None else None,
-            "method": method,
-            "outcome": outcome,
-            "status": status,
-            "requestId": request_id,
+            "method": entry.method,
+            "outcome": entry.outcome,
+            "status": entry.status,
+            "requestId": entry.request_id,
         }
         recorded = False
         for sink in self.sinks:
@@ -115,26 +117,6 @@ class AuditTrail:
         if not recorded:
             self.failures += 1
         return recorded
-
-    def record_scope(self, scope: Scope, outcome: str, status: int) -> bool:
-        """Record a request from its ASGI scope: what the routes and the request middleware know."""
-        if not self.sinks:
-            return True
-        client_name = None
-        for name, value in scope["headers"]:
-            if name == b"bitwarden-client-name":
-                client_name = value.decode("latin-1")
-                break
-        request_id = scope.get("keyconnector.request_id")
-        return self.record(
-            user=scope.get("keyconnector.user"),
-            client=client_address(scope),
-            client_name=client_name,
-            method=scope["method"],
-            outcome=outcome,
-            status=status,
-            request_id=request_id.decode() if isinstance(request_id, bytes) else request_id,
-        )
 
     def set_key(self, key: bytes) -> None:
         """The audit key (``KeyRing.derive(KEY_PURPOSE)``), given with every ring the process trusts.

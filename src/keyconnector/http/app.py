@@ -1,4 +1,4 @@
-"""The ASGI application: Starlette routing inside two thin layers of our own (requests, CORS).
+"""The ASGI application: Starlette routing inside thin single-purpose layers of our own (``_layers``).
 
 Each server worker process calls ``create_app_from_environment`` (a factory, because settings are
 read in the worker) and builds its own database connections, key provider and token cache in
@@ -23,11 +23,15 @@ from keyconnector.audit.chain import KEY_PURPOSE
 from keyconnector.auth import TokenValidator
 from keyconnector.core.service import KeyService
 from keyconnector.http import endpoints
-from keyconnector.http.context import Services
+from keyconnector.http.context import request_id_of
+from keyconnector.http.layers.access import AccessLayer
 from keyconnector.http.layers.cors import CORSMiddleware, allowed_origin
 from keyconnector.http.layers.drain import DrainLayer
-from keyconnector.http.layers.middleware import RequestMiddleware
+from keyconnector.http.layers.errors import ErrorLayer
+from keyconnector.http.layers.ratelimit import RateLimiter, RateLimitLayer
+from keyconnector.http.layers.request_id import RequestIdLayer
 from keyconnector.http.responses import message
+from keyconnector.http.services import ServiceHolder, Services
 from keyconnector.keypairs.base import KeyProvider
 from keyconnector.runtime import logs
 from keyconnector.runtime.assemble import open_core
@@ -108,10 +112,12 @@ async def _method_not_allowed(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings) -> ASGIApp:
+    holder = ServiceHolder()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = await build_services(settings)
-        app.state.services = services
+        app.state.services = holder.services = services
         # Everything built so far (modules, settings, connections) lives as long as the worker: move
         # it out of the collector's sight, so a full collection walks only request-time objects and
         # stays short. Without this, full collections stalled a worker for 50-120 ms under load.
@@ -138,12 +144,31 @@ def create_app(settings: Settings) -> ASGIApp:
         exception_handlers={404: _not_found, 405: _method_not_allowed},
         lifespan=lifespan,
     )
-    # The drain sits inside CORS, so that a browser can read its 503, and inside the request layer, so
-    # that refused requests are logged with their request id like any other.
+    return _layers(app, settings, holder)
+
+
+def _layers(app: ASGIApp, settings: Settings, services: ServiceHolder) -> ASGIApp:
+    """The layers around the routing, composed here and only here. From the outside in:
+
+    1. ``RequestIdLayer`` makes the request's context (id, client address, normalised path) and adds
+       ``X-Request-Id`` to every answer: outermost, so that every layer and log line below has them.
+    2. ``AccessLayer`` writes the access-log line and the request metrics: outside every layer that
+       answers by itself (500, 429, preflights, the drain's 503), so those are logged and counted too.
+    3. ``ErrorLayer`` turns an unhandled exception into a logged 500.
+    4. ``RateLimitLayer`` (when a limit is set) refuses, and audits, before the token is checked:
+       outside tracing, so that a flood costs no span.
+    5. ``TracingLayer`` (when tracing is on) opens the request's span.
+    6. ``CORSMiddleware``, then ``DrainLayer`` inside it, so that a browser can read the drain's 503.
+    """
+    limiter = RateLimiter(settings.rate_limit)
     inner: ASGIApp = CORSMiddleware(DrainLayer(app), allowed_origin(settings.web_vault_uri))
     if settings.tracing.enabled:
-        inner = tracing.TracingLayer(inner, endpoints.ROUTED_PATHS)
-    return RequestMiddleware(inner, rate_limits=settings.rate_limit, metrics=settings.metrics.enabled)
+        inner = tracing.TracingLayer(inner, endpoints.ROUTED_PATHS, request_id_of)
+    if limiter.enabled:
+        inner = RateLimitLayer(inner, limiter, services)
+    inner = ErrorLayer(inner)
+    inner = AccessLayer(inner, metrics=settings.metrics.enabled)
+    return RequestIdLayer(inner, limiter.trusted)
 
 
 def create_app_from_environment() -> ASGIApp:

@@ -1,82 +1,90 @@
-"""What a worker process holds: its settings and the parts built from them."""
+"""What the HTTP layer learns about one request, in one typed object, and the audit entry made from it.
+
+The layers and the endpoint share a few facts about a request: its id, the client's address, the
+user once the token is checked, the per-user limit. They travel in one ``RequestContext``, made by
+the outermost layer (``layers.request_id``) and kept in the ASGI scope's ``state`` (Starlette's
+``request.state``) under one attribute, read with ``context_of``. One object rather than loose scope
+keys: the type checker sees every use, and a request costs one allocation for all of them.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
-from keyconnector.audit import AuditTrail
-from keyconnector.auth import TokenValidator
-from keyconnector.core.service import KeyService
-from keyconnector.errors import KeyConnectorError
-from keyconnector.keypairs.base import KeyProvider
-from keyconnector.runtime.settings import Settings
-from keyconnector.storage.base import Repository
+from starlette.types import Scope
 
+from keyconnector.audit import AuditEntry, AuditTrail
 
-class HealthChecker:
-    """Real checks of the key provider and the database, cached briefly so that a probe storm
-    (every replica's orchestrator, a monitoring system, a curious user) cannot hammer an HSM or KMS."""
+if TYPE_CHECKING:  # the rate-limit layer reads and writes contexts: a type, not an import cycle
+    from keyconnector.http.layers.ratelimit import RateLimiter
 
-    def __init__(self, services: Services, ttl: float = 2.0) -> None:
-        self._services = services
-        self._ttl = ttl
-        self._at = -1e9
-        self._result: tuple[bool, dict[str, str]] = (False, {})
-        self._lock = asyncio.Lock()
-
-    async def overall(self) -> tuple[bool, dict[str, str]]:
-        if time.monotonic() - self._at < self._ttl:
-            return self._result
-        async with self._lock:
-            if time.monotonic() - self._at < self._ttl:
-                return self._result
-            self._result = await self._run()
-            self._at = time.monotonic()
-            return self._result
-
-    async def _run(self) -> tuple[bool, dict[str, str]]:
-        services = self._services
-        checks: dict[str, str] = {}
-        healthy = True
-        for name, probe in (("database", services.repository.ping), ("keyProvider", services.provider.check)):
-            try:
-                await asyncio.wait_for(probe(), timeout=5)
-                checks[name] = "ok"
-            except (KeyConnectorError, TimeoutError, OSError) as exc:
-                checks[name] = str(exc) or type(exc).__name__
-                # The key provider is needed once per process, to unwrap the data key. With the data
-                # key in memory this instance still serves every user, so a KMS or HSM outage is
-                # reported ("degraded") but does not take the instance out of the load balancer:
-                # failing readiness here would turn a provider blip into a full outage of every replica.
-                if name == "database" or not services.keys.ready:
-                    healthy = False
-        # A refused key ring is reported but keeps the instance in the load balancer when it still
-        # holds trusted keys: it serves every record those open, and seals with the last trusted one.
-        problem = services.keys.ring_problem
-        checks["keyRing"] = "ok" if problem is None else f"refused: {problem}"
-        if services.keys.ready:
-            checks["dataKey"] = "ok"
-        else:
-            healthy = False
-            checks["dataKey"] = services.keys.status()
-        # Reported, not required: an identity outage is the identity server's, and user-key
-        # requests already answer 503 with Retry-After while it lasts.
-        checks["identity"] = "ok" if services.validator.ready else services.validator.status()
-        return healthy, checks
+ATTRIBUTE = "keyconnector"
+"""The name of the context in ``scope["state"]`` (``request.state.keyconnector``)."""
 
 
-@dataclass(eq=False)
-class Services:
-    settings: Settings
-    repository: Repository
-    provider: KeyProvider
-    validator: TokenValidator
-    keys: KeyService
-    audit: AuditTrail = field(default_factory=lambda: AuditTrail([]))
-    """Every user-key request is recorded here (no sink configured: records nothing)."""
-    health: HealthChecker = field(init=False)
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    """One request as the layers and the endpoint know it."""
 
-    def __post_init__(self) -> None:
-        self.health = HealthChecker(self)
+    request_id: str
+    """The client's ``X-Request-Id`` when it is safe to echo and log, else a fresh one."""
+    address: str
+    """The client's address, through the trusted proxies (``rateLimit.trustedProxies``); "" unknown."""
+    path: str
+    """The path with doubled and trailing slashes removed: what is routed, limited and logged."""
+    started: float
+    """``time.perf_counter()`` when the request arrived, for the access log and the metrics."""
+    user: UUID | None = None
+    """The user the token named, set by the endpoint once the token is checked."""
+    limiter: RateLimiter | None = None
+    """The per-user limit the endpoint applies once it knows the user; set on the limited paths only."""
+    status: int | None = None
+    """The status sent, once the response has started."""
+
+
+def context_of(request: Mapping[str, Any]) -> RequestContext:
+    """The context of a request: its ASGI scope, or a Starlette ``Request`` (a mapping over it)."""
+    context: RequestContext = request["state"][ATTRIBUTE]
+    return context
+
+
+def request_id_of(scope: Scope) -> str:
+    """The request id, for the layers that must not import this package (tracing)."""
+    return context_of(scope).request_id
+
+
+def audit_entry(scope: Scope, outcome: str, status: int) -> AuditEntry:
+    """The audit entry of a user-key request: what the layers and the endpoint learnt about it."""
+    client_name = None
+    for name, value in scope["headers"]:
+        if name == b"bitwarden-client-name":
+            client_name = value.decode("latin-1")
+            break
+    context = context_of(scope)
+    address: str | None = context.address
+    if not address:  # no address resolved: whatever the connection reports (None on a Unix socket)
+        peer = scope.get("client")
+        address = str(peer[0]) if peer else None
+    return AuditEntry(
+        user=context.user,
+        client=address,
+        client_name=client_name,
+        method=scope["method"],
+        outcome=outcome,
+        status=status,
+        request_id=context.request_id,
+    )
+
+
+def record(audit: AuditTrail, scope: Scope, outcome: str, status: int) -> bool:
+    """Record a user-key request; True when recorded (or nothing is to record it).
+
+    The trail is asked whether it records anything first, so that a service without an audit sink
+    builds no entry on the hot path.
+    """
+    if not audit.enabled:
+        return True
+    return audit.record(audit_entry(scope, outcome, status))

@@ -7,8 +7,8 @@ check refused during a drain). Here each endpoint is one ``Endpoint``, and:
 
 - ``routes_for(settings)`` gives the Starlette routes (``app.create_app``);
 - ``ROUTED_PATHS`` the route labels of metrics and spans (handed to telemetry, which must not import
-  this package, by the composition root and the request layer);
-- ``LIMITED_PATHS`` the paths the request layer rate-limits and whose refusals it audits;
+  this package, by the composition root and the access layer);
+- ``LIMITED_PATHS`` the paths the rate-limit layer limits and whose refusals it audits;
 - ``ANSWERS_WHILE_DRAINING`` and ``UNREADY_WHILE_DRAINING`` what the drain lets through or answers
   itself (every other path gets the drain's 503);
 - ``openapi_document()`` the OpenAPI description (the path items themselves live in ``openapi``).
@@ -48,7 +48,7 @@ class Endpoint:
     """One path: how it is served and what the layers around the routing need to know about it.
 
     ``handler`` is the request handler, or ``build`` makes it from the settings (exactly one of the
-    two). ``user_keys`` marks the key endpoint: rate-limited by the request layer, which also audits
+    two). ``user_keys`` marks the key endpoint: rate-limited by the rate-limit layer, which also audits
     the requests it refuses (the endpoint audits the others); the other endpoints (health, alive,
     now) have no limits, since they must answer whatever a client does. ``describe`` gives its OpenAPI
     path item; None leaves the path out of the description (not part of the API the fuzz tests check).

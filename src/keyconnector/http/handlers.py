@@ -19,8 +19,10 @@ from starlette.responses import Response
 
 from keyconnector.auth import AuthError, Principal
 from keyconnector.errors import IntegrityFailure, UnavailableError
-from keyconnector.http.context import Services
+from keyconnector.http.context import RequestContext, context_of
+from keyconnector.http.context import record as record_audit
 from keyconnector.http.responses import JSON, message, unauthorized, unavailable
+from keyconnector.http.services import Services
 
 log = logging.getLogger("keyconnector.http")
 
@@ -139,9 +141,9 @@ async def _read_key(request: Request) -> bytes:
     return raw
 
 
-async def _principal(request: Request, services: Services) -> Principal:
+async def _principal(request: Request, services: Services, context: RequestContext) -> Principal:
     principal = await services.validator.authenticate(request.headers.get("authorization"))
-    request.scope["keyconnector.user"] = principal.user_id
+    context.user = principal.user_id
     return principal
 
 
@@ -167,11 +169,11 @@ async def user_keys(request: Request) -> Response:
     try:
         response, outcome = await _user_keys(request, services)
     except Exception:
-        audit.record_scope(request.scope, "error", 500)
+        record_audit(audit, request.scope, "error", 500)
         raise
     if outcome == "audit_unavailable":
         return response
-    recorded = audit.record_scope(request.scope, outcome, response.status_code)
+    recorded = record_audit(audit, request.scope, outcome, response.status_code)
     if not recorded and audit.fail_closed and outcome == "read":
         return _audit_refused(request)
     return response
@@ -179,9 +181,10 @@ async def user_keys(request: Request) -> Response:
 
 async def _user_keys(request: Request, services: Services) -> tuple[Response, str]:
     """The response and the audit outcome (see keyconnector.audit)."""
+    context = context_of(request)
     try:
-        principal = await _principal(request, services)
-        refusal = await _user_rate_limit(request, principal.user_id)
+        principal = await _principal(request, services, context)
+        refusal = await _user_rate_limit(request, context, principal.user_id)
         if refusal is not None:
             return refusal, "rate_limited"
         if request.method == "GET":
@@ -211,26 +214,26 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
     except IntegrityFailure as exc:
         # 500, not 4xx: the stored data is damaged or was moved, which the client neither caused nor
         # can fix (a 409 would invite it to overwrite the evidence).
-        request_id = request.scope["keyconnector.request_id"].decode()
         log.error("%s %s: %s", request.method, request.url.path, exc)  # the request id is added to the line
         return (
             message(
                 500,
                 "the stored key for this user cannot be decrypted (altered, or copied from another user's "
-                f"row) and was not returned; the incident was logged (request {request_id})",
+                f"row) and was not returned; the incident was logged (request {context.request_id})",
             ),
             "integrity",
         )
 
 
-async def _user_rate_limit(request: Request, user_id: UUID) -> Response | None:
-    """The per-user limit (see keyconnector.http.layers.ratelimit), published by the request middleware.
+async def _user_rate_limit(request: Request, context: RequestContext, user_id: UUID) -> Response | None:
+    """The per-user limit (see keyconnector.http.layers.ratelimit), put in the context by the
+    rate-limit layer on the limited paths.
 
     Asked as soon as the token names the user, before anything is read or written, so that the 429
     is this endpoint's answer and its audit entry says ``rate_limited``.
     """
-    check = request.scope.get("keyconnector.user_limit")
-    refusal = check(user_id) if check is not None else None
+    limiter = context.limiter
+    refusal = limiter.for_user(user_id) if limiter is not None else None
     if refusal is None:
         return None
     if request.method != "GET":

@@ -230,7 +230,7 @@ def flush() -> None:
 
 
 class RequestMetrics:
-    """Counts and times requests for the request middleware, deferred (see the module's notes).
+    """Counts and times requests for the HTTP access layer, deferred (see the module's notes).
 
     The accumulators are cached per (route, method, status): ``.labels()`` costs a lock and a few
     lookups, a dict hit one. Keys are label values, never the raw path, so the cache cannot grow
@@ -472,7 +472,7 @@ class _AuditCounts(Protocol):
 
 class MirrorSources(Protocol):
     """What the mirror reads: the token validator, the key service and the audit trail of a worker
-    (``keyconnector.http.context.Services`` fits), described by their counters alone so that telemetry
+    (``keyconnector.http.services.Services`` fits), described by their counters alone so that telemetry
     needs none of those parts."""
 
     @property

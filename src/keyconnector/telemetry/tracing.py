@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Set
+from collections.abc import Callable, Set
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -80,10 +80,12 @@ def tracer() -> Any | None:
 class TracingLayer:
     """One SERVER span per HTTP request, continuing the caller's trace when it sent one."""
 
-    def __init__(self, app: ASGIApp, routes: Set[str]) -> None:
-        """``routes``: the paths that name their spans (the endpoint table's); others are unmatched."""
+    def __init__(self, app: ASGIApp, routes: Set[str], request_id: Callable[[Scope], str]) -> None:
+        """``routes``: the paths that name their spans (the endpoint table's); others are unmatched.
+        ``request_id``: the id the HTTP layer gave the request (telemetry must not import it)."""
         self.app = app
         self._routes = routes
+        self._request_id = request_id
         trace = _sdk("opentelemetry.trace")
         propagate = _sdk("opentelemetry.propagate")
         self._kind = trace.SpanKind.SERVER
@@ -103,12 +105,11 @@ class TracingLayer:
             return
         route, method = route_and_method(scope["path"], scope["method"], self._routes)
         carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-        request_id = scope.get("keyconnector.request_id", b"")
         attributes = {
             "http.request.method": method,
             "http.route": route,
             "url.scheme": scope.get("scheme", "http"),
-            "keyconnector.request_id": request_id.decode() if isinstance(request_id, bytes) else "",
+            "keyconnector.request_id": self._request_id(scope),
         }
         status = 500
 

@@ -1,4 +1,5 @@
-"""Token buckets per client address, per user and for failed authentication; who the client is.
+"""Token buckets per client address, per user and for failed authentication; who the client is; the
+layer that applies them.
 
 Why in memory, per worker process: a shared store (a database row, Redis) would cost a network round
 trip or a write per request on the login-storm path, which is exactly what the service must not do.
@@ -16,15 +17,19 @@ a bucket only ever makes a limit more lenient for that key (it comes back full),
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keyconnector.errors import ConfigurationError, setting_name
+from keyconnector.http.context import context_of, record
+from keyconnector.http.endpoints import LIMITED_PATHS
+from keyconnector.http.services import ServiceHolder
 from keyconnector.runtime.settings import RateLimitSettings
 from keyconnector.telemetry import metrics
 
@@ -270,3 +275,60 @@ class RateLimiter:
     def authentication_failed(self, address: str, now: float | None = None) -> None:
         if self.failed_auth is not None:
             self.failed_auth.drain(address, time.monotonic() if now is None else now)
+
+
+_JSON = b"application/json; charset=utf-8"
+
+
+class RateLimitLayer:
+    """Applies the limits on the endpoint table's limited paths (``endpoints.LIMITED_PATHS``).
+
+    Before the token is checked, the address's limits: a refusal is a 429 that costs no token check,
+    no span (this layer sits outside tracing) and no database access, and is audited here, since the
+    endpoint never sees it. The per-user limit needs the user id, which only the endpoint learns
+    (from the token): the limiter goes in the request's context, and the endpoint asks right after
+    the token check, answering (and auditing) that 429 itself. A 401 or 403 answer counts against
+    the address's failed-authentication limit.
+    """
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, services: ServiceHolder) -> None:
+        """``services``: where the lifespan puts the worker's services, whose audit trail records refusals."""
+        self.app = app
+        self._limiter = limiter
+        self._services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in LIMITED_PATHS or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        limiter = self._limiter
+        context = context_of(scope)
+        refusal = limiter.before_auth(context.address)
+        if refusal is not None:
+            services = self._services.services
+            if services is not None:  # requests arrive after the lifespan start-up: always there
+                record(services.audit, scope, "rate_limited", 429)
+            await _send_refusal(send, refusal)
+            return
+        context.limiter = limiter
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if context.status == 401 or context.status == 403:
+                limiter.authentication_failed(context.address)
+
+
+async def _send_refusal(send: Send, refusal: Refusal) -> None:
+    body = json.dumps({"message": refusal.message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 429,
+            "headers": [
+                (b"content-type", _JSON),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(refusal.retry_after).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
