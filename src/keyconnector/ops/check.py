@@ -19,7 +19,8 @@ from keyconnector.runtime.settings import (
     identity_server_uri,
 )
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import Repository, inspect
+from keyconnector.storage.base import Repository
+from keyconnector.storage.registry import inspect
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def _check_transport(database: DatabaseSettings, trust: Trust | None = None) -> 
     not parse (the ``database`` line already names what is wrong with it). ``trust`` is the
     deployment's (the warning names its folder); None means the default folder's.
     """
-    from keyconnector.storage.base import server_target
+    from keyconnector.storage.registry import server_target
     from keyconnector.storage.sql.common import transport_summary, transport_warning
 
     try:

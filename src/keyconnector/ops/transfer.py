@@ -39,7 +39,8 @@ from keyconnector.ops.progress import Progress
 from keyconnector.runtime import logs
 from keyconnector.runtime.settings import DatabaseSettings, Settings
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import UserKeyRecord, inspect, open_repository
+from keyconnector.storage.base import UserKeyRecord
+from keyconnector.storage.registry import inspect, open_repository
 
 log = logging.getLogger("keyconnector.transfer")
 

@@ -39,7 +39,8 @@ from keyconnector.errors import ConfigurationError, StorageError
 from keyconnector.keypairs import KeyProvider, open_key_provider
 from keyconnector.runtime.settings import DatabaseSettings, Settings
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import Repository, migrate, open_repository
+from keyconnector.storage.base import Repository
+from keyconnector.storage.registry import migrate, open_repository
 
 
 @dataclass

@@ -117,14 +117,8 @@ from keyconnector.ops.progress import Progress
 from keyconnector.runtime import logs
 from keyconnector.runtime.settings import Settings
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import (
-    Repository,
-    StoredKeyRing,
-    UserKeyRecord,
-    inspect,
-    migrate,
-    open_repository,
-)
+from keyconnector.storage.base import Repository, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.registry import inspect, migrate, open_repository
 
 if TYPE_CHECKING:
     from pyrage import x25519

@@ -29,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from keyconnector._optional import require
@@ -39,6 +39,7 @@ from keyconnector.errors import ConfigurationError, StorageError, UnavailableErr
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.registry import Backend, Schema
 from keyconnector.storage.sql.common import (
     PING_TIMEOUT_SECONDS,
     ConnectionStringSpec,
@@ -53,6 +54,9 @@ from keyconnector.storage.sql.common import (
     with_retries,
 )
 from keyconnector.storage.sql.schema import naive_utc
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +225,7 @@ SPEC = ConnectionStringSpec(
     default_connect_timeout=15.0,
     default_command_timeout=30.0,
     default_idle_lifetime=180.0,
+    verified_tls=("SslMode=VerifyFull", "ssl_mode=VERIFY_IDENTITY"),
 )
 
 _SELECT_KEY = "SELECT `Key` FROM `UserKeys` WHERE `Id` = %s"
@@ -405,6 +410,27 @@ def migration_engine(target: ServerTarget) -> Any:
     from sqlalchemy.pool import NullPool
 
     return create_engine("mysql+pymysql://", connect_args=_pymysql_arguments(target), poolclass=NullPool)
+
+
+@contextlib.contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """A named server lock, released explicitly: DDL commits implicitly on MySQL, so the migration's
+    transaction cannot be the lock. A crashed process's lock goes with its connection."""
+    from sqlalchemy import text
+
+    from keyconnector.storage.sql.migrate import LOCK_NAME, LOCK_TIMEOUT_SECONDS
+
+    got = connection.execute(
+        text("SELECT GET_LOCK(:name, :timeout)"), {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT_SECONDS}
+    ).scalar()
+    if got != 1:
+        raise UnavailableError(
+            "database", f"another process held the schema migration lock for over {LOCK_TIMEOUT_SECONDS}s"
+        )
+    try:
+        yield
+    finally:
+        connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": LOCK_NAME})
 
 
 def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
@@ -821,4 +847,23 @@ def _require_tls(target: ServerTarget) -> Callable[[Any], Awaitable[None]]:
     return check
 
 
-__all__ = ["MySqlRepository", "classify", "inspect", "migrate", "open", "parse_target"]
+def _sync_engine(settings: DatabaseSettings, prefix: str) -> Any:
+    return migration_engine(parse_target(settings, prefix))
+
+
+BACKEND = Backend(
+    name="mysql",
+    migrate=migrate,
+    open=open,
+    inspect=inspect,
+    parse_target=parse_target,
+    sync_engine=_sync_engine,
+    schema=Schema(
+        sqlalchemy_dialects=("mysql", "mariadb"),
+        upstream_migration_id="20210820155954_InitialCreate",
+        transactional_ddl=False,
+        migration_lock=migration_lock,
+    ),
+)
+
+__all__ = ["BACKEND", "MySqlRepository", "classify", "inspect", "migrate", "open", "parse_target"]

@@ -24,8 +24,9 @@ Password=...``) or a ``postgresql://`` URL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -36,6 +37,7 @@ from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.coalesce import ReadCoalescer
+from keyconnector.storage.registry import Backend, Schema
 from keyconnector.storage.sql.common import (
     PING_TIMEOUT_SECONDS,
     ConnectionStringSpec,
@@ -53,10 +55,12 @@ from keyconnector.storage.sql.schema import naive_utc
 
 if TYPE_CHECKING:
     import asyncpg
+    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
 DATA_KEY_LOCK = 0x4B43_4441_5441  # "KCDATA": serializes data-key creation across processes and hosts
+MIGRATION_LOCK = 0x4B43_4D49_4752  # "KCMIGR": serializes schema migrations across processes and hosts
 
 _SSL_MODES = {
     "disable": "disable",
@@ -194,6 +198,7 @@ SPEC = ConnectionStringSpec(
     default_connect_timeout=15.0,
     default_command_timeout=30.0,
     default_idle_lifetime=300.0,
+    verified_tls=("SSL Mode=VerifyFull", "sslmode=verify-full"),
 )
 
 _TARGET_SESSION_ATTRIBUTES = {
@@ -377,6 +382,15 @@ def migration_engine(target: ServerTarget) -> Any:
     from sqlalchemy.pool import NullPool
 
     return create_engine("postgresql+psycopg://", connect_args=_psycopg_arguments(target), poolclass=NullPool)
+
+
+@contextlib.contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """An advisory lock owned by the migration's transaction: released with it, even by a crash."""
+    from sqlalchemy import text
+
+    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+    yield
 
 
 def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
@@ -709,9 +723,6 @@ async def _check_schema(pool: asyncpg.Pool, warm: int) -> None:
             await pool.release(connection)
 
 
-__all__ = ["PostgresRepository", "classify", "inspect", "migrate", "open", "parse_target"]
-
-
 async def _write_data_key(connection: Any, first_row: Any, wrapped: str) -> None:
     """Set ``SymmetricKey`` of the first ``ApplicationDatas`` row, or insert that row."""
     if first_row is not None:
@@ -720,3 +731,25 @@ async def _write_data_key(connection: Any, first_row: Any, wrapped: str) -> None
         )
     else:
         await connection.execute('INSERT INTO "ApplicationDatas" ("SymmetricKey") VALUES ($1)', wrapped)
+
+
+def _sync_engine(settings: DatabaseSettings, prefix: str) -> Any:
+    return migration_engine(parse_target(settings, prefix))
+
+
+BACKEND = Backend(
+    name="postgresql",
+    migrate=migrate,
+    open=open,
+    inspect=inspect,
+    parse_target=parse_target,
+    sync_engine=_sync_engine,
+    schema=Schema(
+        sqlalchemy_dialects=("postgresql",),
+        upstream_migration_id="20210820160016_InitialCreate",
+        transactional_ddl=True,
+        migration_lock=migration_lock,
+    ),
+)
+
+__all__ = ["BACKEND", "PostgresRepository", "classify", "inspect", "migrate", "open", "parse_target"]

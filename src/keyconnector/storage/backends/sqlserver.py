@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from keyconnector._optional import require
@@ -43,6 +43,7 @@ from keyconnector.errors import ConfigurationError, StorageError, UnavailableErr
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.registry import Backend, Schema
 from keyconnector.storage.sql.common import (
     PING_TIMEOUT_SECONDS,
     ConnectionStringSpec,
@@ -57,6 +58,9 @@ from keyconnector.storage.sql.common import (
     with_retries,
 )
 from keyconnector.storage.sql.schema import naive_utc
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +216,8 @@ SPEC = ConnectionStringSpec(
     default_connect_timeout=15.0,
     default_command_timeout=30.0,
     default_idle_lifetime=300.0,
+    verified_tls=("Encrypt=True;TrustServerCertificate=False", "encrypt=true&trustservercertificate=false"),
+    verified_tls_refuses_trust=True,
     split_host=split_server,
 )
 
@@ -473,6 +479,29 @@ def migration_engine(target: ServerTarget) -> Any:
     arguments = connect_arguments(target)
     arguments.pop("use_datetime2")  # SQLAlchemy binds its own types
     return create_engine("mssql+pymssql://", connect_args=arguments, poolclass=NullPool)
+
+
+@contextlib.contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """An application lock owned by the migration's transaction: released with it."""
+    from sqlalchemy import text
+
+    from keyconnector.storage.sql.migrate import LOCK_NAME, LOCK_TIMEOUT_SECONDS
+
+    status = connection.execute(
+        text(
+            "DECLARE @result int; "
+            "EXEC @result = sp_getapplock @Resource = :name, @LockMode = 'Exclusive', "
+            "@LockOwner = 'Transaction', @LockTimeout = :timeout; "
+            "SELECT @result"
+        ),
+        {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT_SECONDS * 1000},
+    ).scalar()
+    if status is None or int(status) < 0:
+        raise UnavailableError(
+            "database", f"another process held the schema migration lock for over {LOCK_TIMEOUT_SECONDS}s"
+        )
+    yield
 
 
 def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
@@ -824,7 +853,27 @@ async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = No
     return repository
 
 
+def _sync_engine(settings: DatabaseSettings, prefix: str) -> Any:
+    return migration_engine(parse_target(settings, prefix))
+
+
+BACKEND = Backend(
+    name="sqlserver",
+    migrate=migrate,
+    open=open,
+    inspect=inspect,
+    parse_target=parse_target,
+    sync_engine=_sync_engine,
+    schema=Schema(
+        sqlalchemy_dialects=("mssql",),
+        upstream_migration_id="20210820154908_InitialCreate",
+        transactional_ddl=True,
+        migration_lock=migration_lock,
+    ),
+)
+
 __all__ = [
+    "BACKEND",
     "SqlServerRepository",
     "classify",
     "connect_arguments",
