@@ -56,8 +56,10 @@ class DatabaseState:
     has_schema: bool
 
 
-@runtime_checkable
-class Repository(Protocol):
+class UserKeyStore(Protocol):
+    """The request path: what every login and key upload touches. Only this and :class:`KeyRingStore`
+    are timed and counted by the metrics (``telemetry.metrics.InstrumentedRepository``)."""
+
     @property
     def description(self) -> str:
         """What this is, for logs and `keyconnector check` (no password, ever)."""
@@ -82,6 +84,15 @@ class Repository(Protocol):
         """Set ``LastAccessDate`` for many users at once (the service batches reads)."""
         ...
 
+    async def ping(self) -> None:
+        """A real round trip to the database; raises ``UnavailableError`` when it is down."""
+        ...
+
+
+class KeyRingStore(Protocol):
+    """The data key and the key ring: read at start-up and on each ring refresh, written by rotation,
+    restore and the first start."""
+
     async def get_wrapped_data_key(self) -> str | None:
         """``SymmetricKey`` of the first row of ``ApplicationDatas``, or None."""
         ...
@@ -91,11 +102,32 @@ class Repository(Protocol):
         and return the one that is stored now (ours or the winner's)."""
         ...
 
+    async def set_wrapped_data_key(self, wrapped: str) -> None:
+        """Replace ``SymmetricKey`` of the first ``ApplicationDatas`` row (insert it if there is none).
+
+        Only for what upstream must read afterwards: retiring an old key pair (the row then holds the
+        new pair's wrap of data key version 1, so upstream pointed at the new pair reads it), restore,
+        and ``downgrade-records`` (the re-made version 1 that upstream will use)."""
+        ...
+
+    async def get_key_ring(self) -> StoredKeyRing | None:
+        """The key ring document, or None when none was ever stored (a deployment that never rotated)."""
+        ...
+
+    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
+        """Store ``document`` with revision ``expected_revision + 1`` if the stored revision is still
+        ``expected_revision`` (0: nothing stored yet). Atomic across processes and hosts; False when
+        another process changed the ring first (the caller reloads and decides again)."""
+        ...
+
+
+class RecordStore(Protocol):
+    """Every record at once: transfer, rotation, backup, statistics, and the key ring's sample of
+    records. Never on the request path, so never timed."""
+
     def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
         """Every row of ``UserKeys`` in a stable order, in batches."""
         ...
-
-    # -- operations (transfer, rotation, backup): not on the request path ---------------------------
 
     async def count_records(self) -> int:
         """How many rows ``UserKeys`` has (for progress bars and statistics)."""
@@ -115,26 +147,9 @@ class Repository(Protocol):
         each user at most once per call."""
         ...
 
-    async def get_key_ring(self) -> StoredKeyRing | None:
-        """The key ring document, or None when none was ever stored (a deployment that never rotated)."""
-        ...
 
-    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
-        """Store ``document`` with revision ``expected_revision + 1`` if the stored revision is still
-        ``expected_revision`` (0: nothing stored yet). Atomic across processes and hosts; False when
-        another process changed the ring first (the caller reloads and decides again)."""
-        ...
-
-    async def set_wrapped_data_key(self, wrapped: str) -> None:
-        """Replace ``SymmetricKey`` of the first ``ApplicationDatas`` row (insert it if there is none).
-
-        Only for what upstream must read afterwards: retiring an old key pair (the row then holds the
-        new pair's wrap of data key version 1, so upstream pointed at the new pair reads it), restore,
-        and ``downgrade-records`` (the re-made version 1 that upstream will use)."""
-        ...
-
-    async def ping(self) -> None:
-        """A real round trip to the database; raises ``UnavailableError`` when it is down."""
-        ...
+@runtime_checkable
+class Repository(UserKeyStore, KeyRingStore, RecordStore, Protocol):
+    """The whole contract, which every backend implements; consumers ask for the narrowest part."""
 
     async def aclose(self) -> None: ...
