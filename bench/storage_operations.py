@@ -34,13 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.support.databases import MariaDbServer, PostgresServer
 
 from keyconnector.runtime.settings import DatabaseSettings
-from keyconnector.storage.base import (
-    RecordUpdate,
-    Repository,
-    UserKeyRecord,
-    migrate,
-    open_repository,
-)
+from keyconnector.storage.base import RecordUpdate, Repository, UserKeyRecord
+from keyconnector.storage.registry import migrate, open_repository
 
 T = TypeVar("T")
 

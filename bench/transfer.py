@@ -38,7 +38,8 @@ from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops.transfer import TransferResult, transfer
 from keyconnector.runtime.settings import Settings, load_settings, side_of
-from keyconnector.storage.base import UserKeyRecord, migrate, open_repository
+from keyconnector.storage.base import UserKeyRecord
+from keyconnector.storage.registry import migrate, open_repository
 
 TARGET = 20_000
 SETTINGS = "keyConnectorSettings__"

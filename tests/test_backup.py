@@ -46,7 +46,8 @@ from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.ops.backup import MAC_PURPOSE, PASSPHRASE_ENV
 from keyconnector.runtime.settings import load_settings, side_of
-from keyconnector.storage.base import UserKeyRecord, inspect, open_repository
+from keyconnector.storage.base import UserKeyRecord
+from keyconnector.storage.registry import inspect, open_repository
 from tests.conftest import Pfx, Service, base_env
 from tests.support.backends import Backend, make_backend, run
 

@@ -42,7 +42,8 @@ from keyconnector.core.envelope import DataKey
 from keyconnector.core.keyring import ACTIVE, KeyRing, RingVersion
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.ops.backup import PASSPHRASE_ENV
-from keyconnector.storage.base import UserKeyRecord, inspect, migrate, open_repository
+from keyconnector.storage.base import UserKeyRecord
+from keyconnector.storage.registry import inspect, migrate, open_repository
 from tests.conftest import Pfx
 from tests.support.backends import Backend, run
 from tests.support.envelopes import upstream_keys, upstream_seal, upstream_wrap

@@ -31,7 +31,7 @@ from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.ops.check import _check_transport
 from keyconnector.runtime import server as server_module
 from keyconnector.runtime.settings import load_settings
-from keyconnector.storage.base import server_target, warn_insecure_transport
+from keyconnector.storage.registry import server_target, warn_insecure_transport
 from keyconnector.storage.sql.common import is_local_host, transport_summary, transport_warning
 from tests.conftest import SERVICE_LOGS, Pfx, Service, base_env
 from tests.support.databases import MariaDbServer, PostgresServer, ado_quote

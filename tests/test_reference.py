@@ -30,7 +30,7 @@ from keyconnector.runtime.settings import (
     load_settings,
 )
 from keyconnector.runtime.settings.model import _meta
-from keyconnector.storage.base import BACKENDS, REMOVED
+from keyconnector.storage.registry import BACKENDS, REMOVED
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGURATION = ROOT / "docs" / "configuration.md"

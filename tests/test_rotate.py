@@ -37,7 +37,8 @@ from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.runtime.settings import Settings, load_settings, side_of
-from keyconnector.storage.base import UserKeyRecord, migrate, open_repository
+from keyconnector.storage.base import UserKeyRecord
+from keyconnector.storage.registry import migrate, open_repository
 from tests.conftest import Pfx, Service, base_env
 from tests.support.backends import Backend, make_backend
 from tests.support.envelopes import b64

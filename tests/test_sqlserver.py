@@ -22,7 +22,7 @@ from sqlalchemy.schema import CreateTable
 from keyconnector.errors import ConfigurationError
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.storage.backends import sqlserver
-from keyconnector.storage.base import migrate, open_repository
+from keyconnector.storage.registry import migrate, open_repository
 from keyconnector.storage.sql.common import Failure
 from keyconnector.storage.sql.schema import (
     application_datas,

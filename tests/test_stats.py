@@ -15,7 +15,8 @@ from keyconnector.core.envelope import DataKey
 from keyconnector.core.keyring import RETIRED, KeyRing, RingVersion, save_ring
 from keyconnector.keypairs import open_key_provider
 from keyconnector.runtime.settings import load_settings, side_of
-from keyconnector.storage.base import UserKeyRecord, migrate, open_repository
+from keyconnector.storage.base import UserKeyRecord
+from keyconnector.storage.registry import migrate, open_repository
 from tests.conftest import Pfx
 from tests.support.backends import run
 from tests.support.envelopes import upstream_seal, upstream_wrap

@@ -23,8 +23,9 @@ from pydantic import SecretStr
 from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.storage.backends.jsonfile import format_iso_time, parse_iso_time
-from keyconnector.storage.base import Repository, UserKeyRecord, migrate, open_repository
+from keyconnector.storage.base import Repository, UserKeyRecord
 from keyconnector.storage.connstr import parse_connection_string, resolve
+from keyconnector.storage.registry import migrate, open_repository
 from keyconnector.storage.sql.schema import format_sqlite_time, parse_sqlite_time
 from tests.support import upstream
 from tests.support.race import race

@@ -22,8 +22,9 @@ from pydantic import SecretStr
 from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, UnavailableError
 from keyconnector.runtime.settings import DatabaseSettings
-from keyconnector.storage.base import Repository, UserKeyRecord, migrate
-from keyconnector.storage.base import inspect as inspect_database
+from keyconnector.storage.base import Repository, UserKeyRecord
+from keyconnector.storage.registry import inspect as inspect_database
+from keyconnector.storage.registry import migrate
 from tests.support.backends import NOW, Backend, collect, make_backend, records, with_repository
 from tests.support.databases import MariaDbServer, PostgresServer, ado_quote
 from tests.support.race import race

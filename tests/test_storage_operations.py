@@ -29,14 +29,9 @@ from sqlalchemy import Engine
 from keyconnector.errors import KeyConnectorError
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.storage.backends import sqlserver
-from keyconnector.storage.base import (
-    RecordUpdate,
-    Repository,
-    StoredKeyRing,
-    UserKeyRecord,
-    migrate,
-)
-from keyconnector.storage.base import inspect as inspect_database
+from keyconnector.storage.base import RecordUpdate, Repository, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.registry import inspect as inspect_database
+from keyconnector.storage.registry import migrate
 from tests.support.backends import NOW, Backend, make_backend, records, with_repository
 from tests.support.databases import PostgresServer
 from tests.support.race import race
@@ -236,7 +231,8 @@ KILLED_UPSERT = r"""
 import asyncio, json, sys, uuid
 from datetime import datetime
 from keyconnector.runtime.settings import DatabaseSettings
-from keyconnector.storage.base import UserKeyRecord, open_repository
+from keyconnector.storage.base import UserKeyRecord
+from keyconnector.storage.registry import open_repository
 
 spec = json.loads(sys.argv[1])
 

@@ -36,7 +36,8 @@ from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.ops.transfer import TransferResult, run_startup_transfer, transfer, verify_copy
 from keyconnector.runtime.settings import load_settings, side_of
-from keyconnector.storage.base import Repository, UserKeyRecord, migrate, open_repository
+from keyconnector.storage.base import Repository, UserKeyRecord
+from keyconnector.storage.registry import migrate, open_repository
 from tests.conftest import Pfx, base_env
 from tests.support.backends import Backend, make_backend, run, with_repository
 from tests.support.envelopes import format2_open, upstream_open, upstream_seal, upstream_unwrap, upstream_wrap

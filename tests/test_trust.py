@@ -120,7 +120,7 @@ def test_database_without_the_ca_is_a_certificate_error(
 
 async def test_database_pool_honours_the_ca_folder(tls_postgresql: TlsPostgresServer, tmp_path: Path) -> None:
     """asyncpg (the request path) gets the same trust, from the settings that name the folder."""
-    from keyconnector.storage.base import migrate, open_repository
+    from keyconnector.storage.registry import migrate, open_repository
 
     settings = _database_settings(tls_postgresql, _folder_with(tmp_path, tls_postgresql.tls.ca))
     trust = Trust.from_settings(settings)
@@ -177,7 +177,7 @@ def _settings(folder: Path, **extra: str) -> Settings:
 def test_every_client_gets_the_same_trust(company_ca: tuple[TlsFiles, Path]) -> None:
     from keyconnector._azure import Vault
     from keyconnector.keypairs import awskms, gcpkms, vaulttransit
-    from keyconnector.storage.base import server_target
+    from keyconnector.storage.registry import server_target
     from keyconnector.storage.sql.common import client_ssl_context
 
     tls, folder = company_ca

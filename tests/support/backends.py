@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import pytest
 
 from keyconnector.runtime.settings import DatabaseSettings
-from keyconnector.storage.base import Repository, UserKeyRecord, open_repository
+from keyconnector.storage.base import Repository, UserKeyRecord
+from keyconnector.storage.registry import open_repository
 from tests.support.databases import MariaDbServer, PostgresServer
 
 T = TypeVar("T")

@@ -15,7 +15,7 @@ WORKER = r"""
 import asyncio, json, os, sys, time, uuid
 from datetime import datetime
 from keyconnector.runtime.settings import DatabaseSettings
-from keyconnector.storage.base import migrate, open_repository
+from keyconnector.storage.registry import migrate, open_repository
 
 spec = json.loads(sys.argv[1])
 settings = DatabaseSettings(**spec["settings"])

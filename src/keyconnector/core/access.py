@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from uuid import UUID
 
-from keyconnector.storage.base import Repository
+from keyconnector.storage.base import UserKeyStore
 
 log = logging.getLogger("keyconnector.service")
 
@@ -20,7 +20,7 @@ log = logging.getLogger("keyconnector.service")
 class AccessTimes:
     """The reads not yet written, and how many batches the database refused."""
 
-    def __init__(self, repository: Repository) -> None:
+    def __init__(self, repository: UserKeyStore) -> None:
         self._repository = repository
         # user id as an int -> time.time() of the last read. Plain ints and floats, not UUID and
         # datetime objects: up to a flush interval of logins sits here, and the garbage collector

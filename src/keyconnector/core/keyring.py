@@ -61,7 +61,7 @@ from keyconnector.core.envelope import (
 )
 from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError
 from keyconnector.keypairs.base import KeyProvider
-from keyconnector.storage.base import Repository, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.base import KeyRingStore, RecordStore, Repository, StoredKeyRing, UserKeyRecord
 
 log = logging.getLogger("keyconnector.datakeys")
 
@@ -278,13 +278,13 @@ def precise_now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-async def read_ring(repository: Repository) -> KeyRing:
+async def read_ring(repository: KeyRingStore) -> KeyRing:
     """The stored ring as written, unauthenticated: for showing it (``stats``), never for using it."""
     stored = await repository.get_key_ring()
     return KeyRing.implicit() if stored is None else KeyRing.parse(stored)
 
 
-async def save_ring(repository: Repository, ring: KeyRing) -> KeyRing:
+async def save_ring(repository: KeyRingStore, ring: KeyRing) -> KeyRing:
     """Compare-and-swap; raises ``KeyRingConflict`` when someone else changed it first."""
     document = ring.dump(ring.revision + 1)
     if not await repository.put_key_ring(document, ring.revision):
@@ -322,7 +322,7 @@ def wrap_for(ring: KeyRing, version: int, provider: KeyProvider, application_dat
     return wrapped
 
 
-async def stored_wrap(repository: Repository, ring: KeyRing, version: int, provider: KeyProvider) -> str:
+async def stored_wrap(repository: KeyRingStore, ring: KeyRing, version: int, provider: KeyProvider) -> str:
     """``wrap_for`` with ``ApplicationDatas`` read from the database when version 1 needs it."""
     entry = ring.versions.get(version)
     legacy = None
@@ -397,7 +397,7 @@ async def open_ring(
     raise KeyRingConflict("the key ring kept changing while it was being read; try again")
 
 
-async def _application_datas(repository: Repository, ring: KeyRing, provider: KeyProvider) -> str | None:
+async def _application_datas(repository: KeyRingStore, ring: KeyRing, provider: KeyProvider) -> str | None:
     """``ApplicationDatas``, read only when version 1 is active without a wrap for ``provider``."""
     entry = ring.versions.get(LEGACY_VERSION)
     if entry is not None and entry.state == ACTIVE and provider.fingerprint not in entry.wraps:
@@ -478,7 +478,7 @@ def _check_anchor(ring: KeyRing, trust: RingTrust) -> None:
         )
 
 
-async def _sample(repository: Repository) -> list[UserKeyRecord]:
+async def _sample(repository: RecordStore) -> list[UserKeyRecord]:
     async for batch in repository.iter_records(SAMPLE_SIZE):
         return [record for record in batch if record.key]
     return []

@@ -20,7 +20,8 @@ from keyconnector.runtime.settings import (
     side_of,
 )
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import Repository, inspect
+from keyconnector.storage.base import Repository
+from keyconnector.storage.registry import inspect
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def _check_transport(database: DatabaseSettings, trust: Trust | None = None) -> 
     not parse (the ``database`` line already names what is wrong with it). ``trust`` is the
     deployment's (the warning names its folder); None means the default folder's.
     """
-    from keyconnector.storage.base import server_target
+    from keyconnector.storage.registry import server_target
     from keyconnector.storage.sql.common import transport_summary, transport_warning
 
     try:

@@ -59,7 +59,8 @@ from keyconnector.ops.progress import Progress
 from keyconnector.runtime.assemble import open_key_pair
 from keyconnector.runtime.settings import Settings, side_of
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import RecordUpdate, Repository, migrate, open_repository
+from keyconnector.storage.base import RecordUpdate, Repository
+from keyconnector.storage.registry import migrate, open_repository
 
 SETTLE_MARGIN = 5.0
 """Seconds added to the services' ring refresh delay before a new version is relied on."""

@@ -25,7 +25,8 @@ from keyconnector.keypairs import open_key_provider
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
 from keyconnector.runtime.settings import DatabaseSettings, Settings, side_of
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import Repository, inspect, open_repository
+from keyconnector.storage.base import Repository
+from keyconnector.storage.registry import inspect, open_repository
 
 UNKNOWN = "unknown"
 

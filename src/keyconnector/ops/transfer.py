@@ -38,7 +38,8 @@ from keyconnector.ops import (
 from keyconnector.ops.progress import Progress
 from keyconnector.runtime import logs
 from keyconnector.runtime.settings import Settings, SideSettings, side_of
-from keyconnector.storage.base import UserKeyRecord, inspect, open_repository
+from keyconnector.storage.base import UserKeyRecord
+from keyconnector.storage.registry import inspect, open_repository
 
 log = logging.getLogger("keyconnector.transfer")
 

@@ -40,7 +40,8 @@ from keyconnector.core.keyring import (
 from keyconnector.errors import StorageError
 from keyconnector.keypairs import KeyProvider, open_key_provider
 from keyconnector.runtime.settings import DatabaseSettings, SideSettings
-from keyconnector.storage.base import Repository, migrate, open_repository
+from keyconnector.storage.base import Repository
+from keyconnector.storage.registry import migrate, open_repository
 
 
 @dataclass

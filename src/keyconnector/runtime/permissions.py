@@ -104,17 +104,13 @@ def files_to_check(settings: Settings, environ: Mapping[str, str] | None = None)
     files: list[tuple[str, str]] = []
     if settings.rsa_key.provider == "certificate" and settings.certificate.provider == "filesystem":
         files.append(("certificate.filesystemPath", settings.certificate.filesystem_path))
-    provider = settings.database.provider
-    if provider == "json":
-        files.append(("database.jsonFilePath", settings.database.json_file_path))
-    elif provider == "sqlite" and settings.database.sqlite_connection_string is not None:
-        from keyconnector.storage.backends.sqlite import parse_target
+    from keyconnector.storage.registry import backend
 
-        # A bad connection string is reported, with its reason, by the migration that follows.
-        with contextlib.suppress(ConfigurationError):
-            files.append(
-                ("database.sqliteConnectionString", parse_target(settings.database, "database").path)
-            )
+    # A bad provider or connection string is reported, with its reason, by the migration that follows.
+    with contextlib.suppress(ConfigurationError):
+        database_files = backend(settings.database, "database").secret_files
+        if database_files is not None:
+            files += database_files(settings.database, "database")
     files += [(f"{setting}File", path) for setting, path in secret_files(environ)]
     return files
 

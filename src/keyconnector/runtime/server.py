@@ -28,7 +28,7 @@ from keyconnector.runtime.assemble import open_core
 from keyconnector.runtime.permissions import warn_loose_permissions
 from keyconnector.runtime.settings import CONFIG_FILE_ENV, Settings, identity_server_uri, side_of
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import migrate, warn_insecure_transport
+from keyconnector.storage.registry import migrate, warn_insecure_transport
 from keyconnector.telemetry import tracing
 
 log = logging.getLogger("keyconnector.server")

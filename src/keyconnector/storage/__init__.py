@@ -1,2 +1,2 @@
-"""Storage: the repository protocol and the back-end registry (``base``), the shared SQL core
+"""Storage: the repository protocols (``base``), the back-end registry (``registry``), the shared SQL core
 (``sql``) and one module per database (``backends``)."""

@@ -1,18 +1,10 @@
-"""Where user keys and the wrapped data key live.
+"""What the storage offers: the repository protocols and the records they exchange.
 
-One module per backend (``sqlite``, ``jsonfile``, ``postgresql``, ``mysql`` (MySQL and MariaDB),
-``sqlserver``), each exposing:
-
-- ``def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None) -> None``: bring the
-  schema up to date, synchronously, once per start-up and before any worker serves. It creates a
-  new database the way upstream would (migration history row included) and uses an existing
-  upstream one in place. It must be safe when two processes run it at once on the same empty database.
-- ``async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None) -> Repository``.
-- ``def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None) -> DatabaseState``: read-only.
-
-``prefix`` is the settings path the backend's errors should name: ``database`` or
-``transferTo.database``. ``trust`` is the deployment's trust store (``caCertificatesDirectory``,
-see :mod:`keyconnector.runtime.trust`) for TLS to a database server; file backends ignore it.
+This module imports nothing of keyconnector but ``errors``: the core (key service, key ring, access
+times) reaches the storage through it alone, never through the registry that reaches the drivers
+(``.importlinter``, "core-imports-protocols-only"). The registry of back ends, one typed ``Backend``
+entry per database (migrate, open, inspect, connection string, ...), is
+:mod:`keyconnector.storage.registry`.
 
 The request path is ``get_key``: backends keep it free of ORM layers (see docs/performance.md section 1). The
 access time is not written on that path at all: the service batches it into ``record_access``.
@@ -20,39 +12,11 @@ access time is not written on that path at all: the service batches it into ``re
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from types import ModuleType
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 from uuid import UUID
-
-from keyconnector.errors import ConfigurationError
-from keyconnector.runtime.settings import DatabaseSettings
-
-if TYPE_CHECKING:
-    from keyconnector.runtime.trust import Trust
-    from keyconnector.storage.sql.common import ServerTarget
-
-BACKENDS: dict[str, str] = {
-    "sqlite": "keyconnector.storage.backends.sqlite",
-    "json": "keyconnector.storage.backends.jsonfile",
-    "postgresql": "keyconnector.storage.backends.postgresql",
-    "mysql": "keyconnector.storage.backends.mysql",
-    "sqlserver": "keyconnector.storage.backends.sqlserver",
-}
-
-SERVER_PROVIDERS = ("postgresql", "mysql", "sqlserver")
-"""The providers reached over a connection (:mod:`.sqlcommon`); the others are files on this machine."""
-
-REMOVED: dict[str, str] = {
-    "mongo": (
-        "MongoDB support was removed from Key Connector upstream and is not offered here. Move the data "
-        "with upstream's last release that supports MongoDB (its transferTo settings) into PostgreSQL, "
-        "MySQL, SQL Server or SQLite, then point keyconnector at that database"
-    ),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +56,10 @@ class DatabaseState:
     has_schema: bool
 
 
-@runtime_checkable
-class Repository(Protocol):
+class UserKeyStore(Protocol):
+    """The request path: what every login and key upload touches. Only this and :class:`KeyRingStore`
+    are timed and counted by the metrics (``telemetry.metrics.InstrumentedRepository``)."""
+
     @property
     def description(self) -> str:
         """What this is, for logs and `keyconnector check` (no password, ever)."""
@@ -118,6 +84,15 @@ class Repository(Protocol):
         """Set ``LastAccessDate`` for many users at once (the service batches reads)."""
         ...
 
+    async def ping(self) -> None:
+        """A real round trip to the database; raises ``UnavailableError`` when it is down."""
+        ...
+
+
+class KeyRingStore(Protocol):
+    """The data key and the key ring: read at start-up and on each ring refresh, written by rotation,
+    restore and the first start."""
+
     async def get_wrapped_data_key(self) -> str | None:
         """``SymmetricKey`` of the first row of ``ApplicationDatas``, or None."""
         ...
@@ -127,11 +102,32 @@ class Repository(Protocol):
         and return the one that is stored now (ours or the winner's)."""
         ...
 
+    async def set_wrapped_data_key(self, wrapped: str) -> None:
+        """Replace ``SymmetricKey`` of the first ``ApplicationDatas`` row (insert it if there is none).
+
+        Only for what upstream must read afterwards: retiring an old key pair (the row then holds the
+        new pair's wrap of data key version 1, so upstream pointed at the new pair reads it), restore,
+        and ``downgrade-records`` (the re-made version 1 that upstream will use)."""
+        ...
+
+    async def get_key_ring(self) -> StoredKeyRing | None:
+        """The key ring document, or None when none was ever stored (a deployment that never rotated)."""
+        ...
+
+    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
+        """Store ``document`` with revision ``expected_revision + 1`` if the stored revision is still
+        ``expected_revision`` (0: nothing stored yet). Atomic across processes and hosts; False when
+        another process changed the ring first (the caller reloads and decides again)."""
+        ...
+
+
+class RecordStore(Protocol):
+    """Every record at once: transfer, rotation, backup, statistics, and the key ring's sample of
+    records. Never on the request path, so never timed."""
+
     def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
         """Every row of ``UserKeys`` in a stable order, in batches."""
         ...
-
-    # -- operations (transfer, rotation, backup): not on the request path ---------------------------
 
     async def count_records(self) -> int:
         """How many rows ``UserKeys`` has (for progress bars and statistics)."""
@@ -151,92 +147,9 @@ class Repository(Protocol):
         each user at most once per call."""
         ...
 
-    async def get_key_ring(self) -> StoredKeyRing | None:
-        """The key ring document, or None when none was ever stored (a deployment that never rotated)."""
-        ...
 
-    async def put_key_ring(self, document: str, expected_revision: int) -> bool:
-        """Store ``document`` with revision ``expected_revision + 1`` if the stored revision is still
-        ``expected_revision`` (0: nothing stored yet). Atomic across processes and hosts; False when
-        another process changed the ring first (the caller reloads and decides again)."""
-        ...
-
-    async def set_wrapped_data_key(self, wrapped: str) -> None:
-        """Replace ``SymmetricKey`` of the first ``ApplicationDatas`` row (insert it if there is none).
-
-        Only for what upstream must read afterwards: retiring an old key pair (the row then holds the
-        new pair's wrap of data key version 1, so upstream pointed at the new pair reads it), restore,
-        and ``downgrade-records`` (the re-made version 1 that upstream will use)."""
-        ...
-
-    async def ping(self) -> None:
-        """A real round trip to the database; raises ``UnavailableError`` when it is down."""
-        ...
+@runtime_checkable
+class Repository(UserKeyStore, KeyRingStore, RecordStore, Protocol):
+    """The whole contract, which every backend implements; consumers ask for the narrowest part."""
 
     async def aclose(self) -> None: ...
-
-
-def backend_module(settings: DatabaseSettings, prefix: str = "database") -> ModuleType:
-    """The module implementing ``database.provider``, or a ConfigurationError naming the setting."""
-    provider = settings.provider
-    if provider in REMOVED:
-        raise ConfigurationError(f"{prefix}.provider", REMOVED[provider])
-    module_name = BACKENDS.get(provider)
-    if module_name is None:
-        raise ConfigurationError(
-            f"{prefix}.provider",
-            f"unknown database provider '{provider}'; choose one of: {', '.join(sorted(BACKENDS))}",
-        )
-    return importlib.import_module(module_name)
-
-
-def inspect(
-    settings: DatabaseSettings, prefix: str = "database", *, trust: Trust | None = None
-) -> DatabaseState:
-    """Describe the database read-only (``keyconnector check``): never creates a file or a table.
-
-    ``trust`` (here and below) is the deployment's :class:`~keyconnector.runtime.trust.Trust`: a database
-    section does not carry ``caCertificatesDirectory``, so whoever holds the whole settings passes
-    it in; None means the default folder's (tools and tests without settings)."""
-    state: DatabaseState = backend_module(settings, prefix).inspect(settings, prefix, trust)
-    return state
-
-
-def migrate(settings: DatabaseSettings, prefix: str = "database", *, trust: Trust | None = None) -> None:
-    backend_module(settings, prefix).migrate(settings, prefix, trust)
-
-
-async def open_repository(
-    settings: DatabaseSettings, prefix: str = "database", *, trust: Trust | None = None
-) -> Repository:
-    repository: Repository = await backend_module(settings, prefix).open(settings, prefix, trust)
-    return repository
-
-
-def server_target(
-    settings: DatabaseSettings, prefix: str = "database", *, trust: Trust | None = None
-) -> ServerTarget | None:
-    """The parsed connection string of a server database, or None for a file (SQLite, JSON).
-
-    Parsing needs no driver and no connection, so ``check`` and ``serve`` can judge the transport
-    (:func:`~keyconnector.storage.sql.common.transport_warning`) before anything is contacted. A
-    connection string that does not parse raises the same ``ConfigurationError`` the backend would.
-    """
-    if settings.provider not in SERVER_PROVIDERS:
-        return None
-    target: ServerTarget = backend_module(settings, prefix).parse_target(settings, prefix, trust)
-    return target
-
-
-def warn_insecure_transport(
-    settings: DatabaseSettings, prefix: str = "database", *, trust: Trust | None = None
-) -> str | None:
-    """Log, once, the warning for a server database a network attacker could stand in for (see
-    :func:`~keyconnector.storage.sql.common.transport_warning`); returns it, or None when the
-    database is a file, on this machine or reached over verified TLS."""
-    target = server_target(settings, prefix, trust=trust)
-    if target is None:
-        return None
-    from keyconnector.storage.sql.common import log_transport_warning
-
-    return log_transport_warning(target)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ from starlette.responses import Response
 from keyconnector.errors import ConfigurationError, setting_name
 from keyconnector.runtime import logs
 from keyconnector.runtime.settings import Settings
+from keyconnector.storage.base import KeyRingStore, UserKeyStore
 from keyconnector.telemetry import tracing
 from keyconnector.telemetry.labels import route_and_method
 
@@ -353,29 +355,33 @@ class InstrumentedKeyProvider:
         await self.inner.aclose()
 
 
+def _operations(*protocols: type) -> tuple[str, ...]:
+    """The coroutine methods the protocols declare: the operations a server worker performs."""
+    return tuple(
+        name
+        for protocol in protocols
+        for name, member in vars(protocol).items()
+        if inspect.iscoroutinefunction(member)
+    )
+
+
+TIMED_OPERATIONS = _operations(UserKeyStore, KeyRingStore)
+"""What is timed: the request path and the data-key and key-ring loads (their protocols are the one
+source of truth). The bulk :class:`~keyconnector.storage.base.RecordStore` is not: it serves transfer,
+rotation and backup, which do not run in a server worker."""
+
+
 class InstrumentedRepository:
-    """A repository whose operations on the serving path are timed and their failures counted.
+    """A repository whose serving-path operations (:data:`TIMED_OPERATIONS`) are timed and their
+    failures counted; the bulk :class:`~keyconnector.storage.base.RecordStore` passes through.
 
     Operation labels are the method names (``get_key`` is the read of every login, ``record_access``
     the batched access-time write, ``ping`` the health check, ``*key_ring*`` and ``*data_key`` the
-    data-key loads). Bulk operations (transfer, rotation, backup) pass through untimed: they do not
-    run in a server worker.
+    data-key loads).
     """
 
     def __init__(self, inner: Repository, backend: str) -> None:
         self.inner = inner
-        names = (
-            "get_key",
-            "create_key",
-            "put_key",
-            "record_access",
-            "ping",
-            "get_wrapped_data_key",
-            "store_wrapped_data_key",
-            "set_wrapped_data_key",
-            "get_key_ring",
-            "put_key_ring",
-        )
         self._ops = {
             name: _Operation(
                 DATABASE_DURATION.labels(backend, name),
@@ -383,7 +389,7 @@ class InstrumentedRepository:
                 f"database {name}",
                 {"db.system": backend, "db.operation.name": name},
             )
-            for name in names
+            for name in TIMED_OPERATIONS
         }
         self._get_key = self._ops["get_key"]
 

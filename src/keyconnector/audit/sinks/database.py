@@ -27,15 +27,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, func, select
-from sqlalchemy.engine import URL
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Connection, Engine, func, select
 
 from keyconnector.audit.chain import CHECKPOINT, FORMAT, Chain
 from keyconnector.audit.sink import KeyedSink, Survey
 from keyconnector.errors import ConfigurationError
 from keyconnector.runtime.settings import DatabaseSettings
-from keyconnector.storage.base import backend_module
+from keyconnector.storage.registry import backend
 from keyconnector.storage.sql.schema import audit
 
 log = logging.getLogger("keyconnector.audit")
@@ -48,22 +46,14 @@ _KEYED_MARK = f'%"v":{FORMAT},"mac":"%'
 
 def audit_engine(settings: DatabaseSettings, prefix: str = "database") -> Engine:
     """A synchronous engine on the service's database, or a ConfigurationError naming audit.database."""
-    if settings.provider == "json":
+    make_engine = backend(settings, prefix).sync_engine
+    if make_engine is None:  # the JSON file: no table to write
         raise ConfigurationError(
             "audit.database",
             "the audit table needs a SQL database, and database.provider is 'json'; "
             "use audit.file or audit.stdout instead",
         )
-    module = backend_module(settings, prefix)
-    target = module.parse_target(settings, prefix)
-    if settings.provider == "sqlite":
-        return create_engine(
-            URL.create("sqlite+pysqlite", database=target.path),
-            poolclass=NullPool,
-            connect_args={"timeout": target.timeout},
-        )
-    engine: Engine = module.migration_engine(target)
-    return engine
+    return make_engine(settings, prefix)
 
 
 def _keyed(text: str) -> bool:

@@ -57,7 +57,8 @@ from keyconnector.ops.backup.format import (
 )
 from keyconnector.runtime.settings import Settings
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import Repository, StoredKeyRing, inspect, open_repository
+from keyconnector.storage.base import Repository, StoredKeyRing
+from keyconnector.storage.registry import inspect, open_repository
 
 log = logging.getLogger("keyconnector.backup")
 

@@ -52,7 +52,8 @@ from keyconnector.ops.backup.format import (
 from keyconnector.ops.progress import Progress
 from keyconnector.runtime.settings import Settings, side_of
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import Repository, migrate, open_repository
+from keyconnector.storage.base import Repository
+from keyconnector.storage.registry import migrate, open_repository
 
 log = logging.getLogger("keyconnector.backup")
 

@@ -29,7 +29,8 @@ from keyconnector.ops.backup.stream import Encryptor
 from keyconnector.ops.progress import Progress
 from keyconnector.runtime.settings import Settings, side_of
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import Repository, StoredKeyRing, inspect, open_repository
+from keyconnector.storage.base import Repository, StoredKeyRing
+from keyconnector.storage.registry import inspect, open_repository
 
 if TYPE_CHECKING:
     from pyrage import x25519

@@ -70,7 +70,9 @@ class DatabaseSettings(Section):
     provider: str = Field(
         default="sqlite",
         json_schema_extra=_meta(
-            "all", choices="keyconnector.storage.base:BACKENDS", refused="keyconnector.storage.base:REMOVED"
+            "all",
+            choices="keyconnector.storage.registry:BACKENDS",
+            refused="keyconnector.storage.registry:REMOVED",
         ),
     )
     """The backend. ``mongo`` is refused with a migration hint (upstream removed it)."""

@@ -1,1 +1,1 @@
-"""One module per database, each found through the registry in ``storage.base``."""
+"""One module per database, each exposing one ``BACKEND`` entry found through ``storage.registry``."""

@@ -37,6 +37,7 @@ from keyconnector.errors import ConfigurationError, StorageError, UnavailableErr
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.registry import Backend
 
 T = TypeVar("T")
 
@@ -579,4 +580,19 @@ async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = No
     return repository
 
 
-__all__ = ["JsonFileRepository", "format_iso_time", "inspect", "migrate", "open", "parse_iso_time"]
+def _secret_files(settings: DatabaseSettings, prefix: str) -> list[tuple[str, str]]:
+    return [(f"{prefix}.jsonFilePath", settings.json_file_path)]
+
+
+BACKEND = Backend(name="json", migrate=migrate, open=open, inspect=inspect, secret_files=_secret_files)
+"""No SQL: no server target, no engine for the audit table, no schema."""
+
+__all__ = [
+    "BACKEND",
+    "JsonFileRepository",
+    "format_iso_time",
+    "inspect",
+    "migrate",
+    "open",
+    "parse_iso_time",
+]

@@ -29,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from keyconnector._optional import require
@@ -39,6 +39,8 @@ from keyconnector.errors import ConfigurationError, StorageError, UnavailableErr
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.registry import Backend, Schema
+from keyconnector.storage.sql import shared
 from keyconnector.storage.sql.common import (
     PING_TIMEOUT_SECONDS,
     ConnectionStringSpec,
@@ -53,6 +55,10 @@ from keyconnector.storage.sql.common import (
     with_retries,
 )
 from keyconnector.storage.sql.schema import naive_utc
+from keyconnector.storage.sql.shared import Plan, drive
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +227,7 @@ SPEC = ConnectionStringSpec(
     default_connect_timeout=15.0,
     default_command_timeout=30.0,
     default_idle_lifetime=180.0,
+    verified_tls=("SslMode=VerifyFull", "ssl_mode=VERIFY_IDENTITY"),
 )
 
 _SELECT_KEY = "SELECT `Key` FROM `UserKeys` WHERE `Id` = %s"
@@ -311,6 +318,22 @@ def parse_target(settings: DatabaseSettings, prefix: str, trust: Trust | None = 
 
 
 _NO_SUCH_TABLE = 1146
+
+DIALECT = shared.Dialect(
+    guid=lambda user_id: _guid(user_id),
+    select_key=_SELECT_KEY,
+    writes=shared.InsertThenFill(insert=_INSERT, fill=_FILL, replace=_REPLACE),
+    select_ring=_SELECT_RING,
+    insert_ring=_INSERT_RING,
+    update_ring=_UPDATE_RING,
+    first_page=lambda size: (_FIRST_BATCH, (size,)),
+    next_page=lambda after, size: (_NEXT_BATCH, (after, size)),
+    page_key=lambda row: row[0],
+    is_duplicate=lambda exc: _error_number(exc) == _DUPLICATE_KEY,
+    is_missing_table=lambda exc: _error_number(exc) == _NO_SUCH_TABLE,
+)
+"""MySQL's statements for :mod:`..sql.shared`: autocommit, one atomic statement at a time, row counts
+as rows matched (FOUND_ROWS), so a retried write that already took effect still reads as success."""
 
 
 def _error_number(exc: BaseException) -> int | None:
@@ -407,6 +430,27 @@ def migration_engine(target: ServerTarget) -> Any:
     return create_engine("mysql+pymysql://", connect_args=_pymysql_arguments(target), poolclass=NullPool)
 
 
+@contextlib.contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """A named server lock, released explicitly: DDL commits implicitly on MySQL, so the migration's
+    transaction cannot be the lock. A crashed process's lock goes with its connection."""
+    from sqlalchemy import text
+
+    from keyconnector.storage.sql.migrate import LOCK_NAME, LOCK_TIMEOUT_SECONDS
+
+    got = connection.execute(
+        text("SELECT GET_LOCK(:name, :timeout)"), {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT_SECONDS}
+    ).scalar()
+    if got != 1:
+        raise UnavailableError(
+            "database", f"another process held the schema migration lock for over {LOCK_TIMEOUT_SECONDS}s"
+        )
+    try:
+        yield
+    finally:
+        connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": LOCK_NAME})
+
+
 def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
     """Create upstream's schema on an empty database, or adopt upstream's in place (see sqlcommon)."""
     target = parse_target(settings, prefix, trust)
@@ -483,47 +527,24 @@ class MySqlRepository:
 
     # -- writes -------------------------------------------------------------------------------------------
 
-    async def _create(self, connection: Any, guid: str, record: str, stamp: datetime, retried: bool) -> bool:
-        async with connection.cursor() as cursor:
-            try:
-                await cursor.execute(_INSERT, (guid, record, stamp))
-                return True
-            except Exception as exc:
-                if _error_number(exc) != _DUPLICATE_KEY:
-                    raise
-            if await cursor.execute(_FILL, (record, stamp, guid)) == 1:
-                return True
-            if retried:
-                # Our earlier try may have committed before its connection dropped.
-                await cursor.execute(_SELECT_KEY, (guid,))
-                row = await cursor.fetchone()
-                return row is not None and row[0] == record
-            return False
+    async def _perform(self, action: str, plan: Callable[[int], Plan[T]]) -> T:
+        """Run a shared operation (:mod:`..sql.shared`) on one pooled connection, with the retries."""
+
+        async def work(connection: Any, number: int) -> T:
+            async with connection.cursor() as cursor:
+                return await drive(plan(number), lambda step: _step(cursor, step))
+
+        return await self._run(action, lambda number: self._with_connection(lambda c: work(c, number)))
 
     async def create_key(self, user_id: UUID, record: str, now: datetime) -> bool:
-        guid, stamp = _guid(user_id), naive_utc(now)
-
-        async def attempt(number: int) -> bool:
-            return await self._with_connection(lambda c: self._create(c, guid, record, stamp, number > 1))
-
-        return await self._run("creating a user key", attempt)
+        return await self._perform(
+            "creating a user key", lambda number: shared.create_key(DIALECT, user_id, record, now, number > 1)
+        )
 
     async def put_key(self, user_id: UUID, record: str, now: datetime) -> bool:
-        guid, stamp = _guid(user_id), naive_utc(now)
-
-        async def work(connection: Any) -> bool:
-            # Replace an existing key; else create (or fill a key-less row). A concurrent creator can slip
-            # in between the two; then the replace is tried again and the last writer wins, as for an
-            # upsert.
-            for _ in range(3):
-                async with connection.cursor() as cursor:
-                    if await cursor.execute(_REPLACE, (record, stamp, guid)) == 1:
-                        return False
-                if await self._create(connection, guid, record, stamp, retried=True):
-                    return True
-            raise StorageError(f"{self._target.description}: the key of one user kept changing under PUT")
-
-        return await self._run("storing a user key", lambda _n: self._with_connection(work))
+        return await self._perform(
+            "storing a user key", lambda _n: shared.put_key(DIALECT, user_id, record, now, self.description)
+        )
 
     async def record_access(self, accesses: Mapping[UUID, datetime]) -> None:
         if not accesses:
@@ -659,64 +680,23 @@ class MySqlRepository:
         )
 
     async def get_key_ring(self) -> StoredKeyRing | None:
-        async def read(connection: Any) -> StoredKeyRing | None:
-            async with connection.cursor() as cursor:
-                try:
-                    await cursor.execute(_SELECT_RING)
-                except Exception as exc:
-                    if _error_number(exc) == _NO_SUCH_TABLE:  # never migrated, so never rotated
-                        return None
-                    raise
-                row = await cursor.fetchone()
-            return None if row is None else StoredKeyRing(revision=int(row[0]), document=str(row[1]))
-
-        return await self._run("reading the key ring", self._every_attempt(read))
+        return await self._perform("reading the key ring", lambda _n: shared.get_key_ring(DIALECT))
 
     async def put_key_ring(self, document: str, expected_revision: int) -> bool:
-        async def write(connection: Any, retried: bool) -> bool:
-            async with connection.cursor() as cursor:
-                if expected_revision == 0:
-                    try:
-                        await cursor.execute(_INSERT_RING, (document,))
-                        return True
-                    except Exception as exc:
-                        if _error_number(exc) != _DUPLICATE_KEY:
-                            raise
-                elif await cursor.execute(_UPDATE_RING, (document, expected_revision)) == 1:
-                    return True
-                if not retried:
-                    return False
-                # Our earlier try may have committed before its connection dropped.
-                await cursor.execute(_SELECT_RING)
-                row = await cursor.fetchone()
-                return row is not None and row[0] == expected_revision + 1 and row[1] == document
-
-        return await self._run(
-            "storing the key ring", lambda number: self._with_connection(lambda c: write(c, number > 1))
+        return await self._perform(
+            "storing the key ring",
+            lambda number: shared.put_key_ring(DIALECT, document, expected_revision, number > 1),
         )
 
     # -- bulk and health ------------------------------------------------------------------------------------
 
-    async def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
+    def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
         """Keyset pagination on the primary key: short queries, no snapshot held between batches."""
-        after: str | None = None
-        while True:
 
-            async def read(connection: Any, after: str | None = after) -> list[Any]:
-                async with connection.cursor() as cursor:
-                    if after is None:
-                        await cursor.execute(_FIRST_BATCH, (batch_size,))
-                    else:
-                        await cursor.execute(_NEXT_BATCH, (after, batch_size))
-                    return list(await cursor.fetchall())
+        def read_page(after: Any) -> Awaitable[list[Any]]:
+            return self._perform("listing user keys", lambda _n: shared.page(DIALECT, after, batch_size))
 
-            rows = await self._run("listing user keys", self._every_attempt(read))
-            if not rows:
-                return
-            yield [self._record(row) for row in rows]
-            if len(rows) < batch_size:
-                return
-            after = rows[-1][0]
+        return shared.iter_records(DIALECT, read_page, batch_size, self._record)
 
     def _record(self, row: Any) -> UserKeyRecord:
         guid, key, created, revised, accessed = row
@@ -754,6 +734,16 @@ class MySqlRepository:
 
 def _naive(value: datetime | None) -> datetime | None:
     return None if value is None else naive_utc(value)
+
+
+async def _step(cursor: Any, step: shared.Step) -> Any:
+    """One statement of a shared operation on an asyncmy cursor (prepared once per connection)."""
+    result = await cursor.execute(step.sql, step.parameters or None)
+    if isinstance(step, shared.Execute):
+        return result
+    if isinstance(step, shared.FetchOne):
+        return await cursor.fetchone()
+    return list(await cursor.fetchall())
 
 
 async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> MySqlRepository:
@@ -821,4 +811,23 @@ def _require_tls(target: ServerTarget) -> Callable[[Any], Awaitable[None]]:
     return check
 
 
-__all__ = ["MySqlRepository", "classify", "inspect", "migrate", "open", "parse_target"]
+def _sync_engine(settings: DatabaseSettings, prefix: str) -> Any:
+    return migration_engine(parse_target(settings, prefix))
+
+
+BACKEND = Backend(
+    name="mysql",
+    migrate=migrate,
+    open=open,
+    inspect=inspect,
+    parse_target=parse_target,
+    sync_engine=_sync_engine,
+    schema=Schema(
+        sqlalchemy_dialects=("mysql", "mariadb"),
+        upstream_migration_id="20210820155954_InitialCreate",
+        transactional_ddl=False,
+        migration_lock=migration_lock,
+    ),
+)
+
+__all__ = ["BACKEND", "MySqlRepository", "classify", "inspect", "migrate", "open", "parse_target"]

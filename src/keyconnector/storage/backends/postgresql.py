@@ -24,10 +24,11 @@ Password=...``) or a ``postgresql://`` URL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from keyconnector._optional import require
@@ -36,6 +37,8 @@ from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.coalesce import ReadCoalescer
+from keyconnector.storage.registry import Backend, Schema
+from keyconnector.storage.sql import shared
 from keyconnector.storage.sql.common import (
     PING_TIMEOUT_SECONDS,
     ConnectionStringSpec,
@@ -50,13 +53,18 @@ from keyconnector.storage.sql.common import (
     with_retries,
 )
 from keyconnector.storage.sql.schema import naive_utc
+from keyconnector.storage.sql.shared import Plan, drive
 
 if TYPE_CHECKING:
     import asyncpg
+    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 DATA_KEY_LOCK = 0x4B43_4441_5441  # "KCDATA": serializes data-key creation across processes and hosts
+MIGRATION_LOCK = 0x4B43_4D49_4752  # "KCMIGR": serializes schema migrations across processes and hosts
 
 _SSL_MODES = {
     "disable": "disable",
@@ -194,6 +202,7 @@ SPEC = ConnectionStringSpec(
     default_connect_timeout=15.0,
     default_command_timeout=30.0,
     default_idle_lifetime=300.0,
+    verified_tls=("SSL Mode=VerifyFull", "sslmode=verify-full"),
 )
 
 _TARGET_SESSION_ATTRIBUTES = {
@@ -265,6 +274,22 @@ _CHECK_SCHEMA = (
     'SELECT "Id", "SymmetricKey" FROM "ApplicationDatas" LIMIT 0',
 )
 ACCESS_CHUNK = 1000
+
+DIALECT = shared.Dialect(
+    guid=lambda user_id: user_id,
+    select_key=_SELECT_KEY,
+    writes=shared.Upserts(create=_CREATE, put=_PUT),
+    select_ring=_SELECT_RING,
+    insert_ring=_INSERT_RING,
+    update_ring=_UPDATE_RING,
+    first_page=lambda size: (_FIRST_BATCH, (size,)),
+    next_page=lambda after, size: (_NEXT_BATCH, (after, size)),
+    page_key=lambda row: row[0],
+    is_duplicate=lambda exc: getattr(exc, "sqlstate", None) == "23505",  # unique_violation
+    is_missing_table=lambda exc: getattr(exc, "sqlstate", None) == "42P01",  # undefined_table
+)
+"""PostgreSQL's statements for :mod:`..sql.shared`: ``create_key`` and ``put_key`` are one atomic
+``INSERT ... ON CONFLICT`` each, the first ring an ``ON CONFLICT DO NOTHING``."""
 
 # SQLSTATE classes and codes, from PostgreSQL's errcodes appendix.
 _TRANSIENT_CLASSES = ("08", "53", "57")  # connection exception, insufficient resources, operator intervention
@@ -379,6 +404,15 @@ def migration_engine(target: ServerTarget) -> Any:
     return create_engine("postgresql+psycopg://", connect_args=_psycopg_arguments(target), poolclass=NullPool)
 
 
+@contextlib.contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """An advisory lock owned by the migration's transaction: released with it, even by a crash."""
+    from sqlalchemy import text
+
+    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+    yield
+
+
 def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
     """Create upstream's schema on an empty database, or adopt upstream's in place (see sqlcommon)."""
     target = parse_target(settings, prefix, trust)
@@ -435,26 +469,25 @@ class PostgresRepository:
 
     # -- writes -------------------------------------------------------------------------------------------
 
-    async def create_key(self, user_id: UUID, record: str, now: datetime) -> bool:
-        stamp = naive_utc(now)
+    async def _perform(self, action: str, plan: Callable[[int], Plan[T]]) -> T:
+        """Run a shared operation (:mod:`..sql.shared`) on one pooled connection, with the retries."""
 
-        async def attempt(number: int) -> bool:
+        async def attempt(number: int) -> T:
             async with self._pool.acquire() as connection:
-                if await connection.fetchval(_CREATE, user_id, record, stamp) is not None:
-                    return True
-                # A retry after a dropped connection may find its own earlier, committed insert: the
-                # record (random nonce inside) identifies it, and the answer must still be "created".
-                return number > 1 and await connection.fetchval(_SELECT_KEY, user_id) == record
+                return await drive(plan(number), lambda step: _step(connection, step))
 
-        return bool(await self._run("creating a user key", attempt))
+        result: T = await self._run(action, attempt)
+        return result
+
+    async def create_key(self, user_id: UUID, record: str, now: datetime) -> bool:
+        return await self._perform(
+            "creating a user key", lambda number: shared.create_key(DIALECT, user_id, record, now, number > 1)
+        )
 
     async def put_key(self, user_id: UUID, record: str, now: datetime) -> bool:
-        stamp = naive_utc(now)
-
-        async def attempt(_number: int) -> bool:
-            return bool(await self._pool.fetchval(_PUT, user_id, record, stamp))
-
-        return bool(await self._run("storing a user key", attempt))
+        return await self._perform(
+            "storing a user key", lambda _n: shared.put_key(DIALECT, user_id, record, now, self.description)
+        )
 
     async def record_access(self, accesses: Mapping[UUID, datetime]) -> None:
         if not accesses:
@@ -549,54 +582,25 @@ class PostgresRepository:
         return result
 
     async def get_key_ring(self) -> StoredKeyRing | None:
-        async def attempt(_number: int) -> StoredKeyRing | None:
-            try:
-                row = await self._pool.fetchrow(_SELECT_RING)
-            except Exception as exc:
-                if (
-                    getattr(exc, "sqlstate", None) == "42P01"
-                ):  # undefined_table: never migrated, never rotated
-                    return None
-                raise
-            return None if row is None else StoredKeyRing(revision=row[0], document=row[1])
-
-        result: StoredKeyRing | None = await self._run("reading the key ring", attempt)
-        return result
+        return await self._perform("reading the key ring", lambda _n: shared.get_key_ring(DIALECT))
 
     async def put_key_ring(self, document: str, expected_revision: int) -> bool:
-        async def attempt(number: int) -> bool:
-            async with self._pool.acquire() as connection:
-                if expected_revision == 0:
-                    status = await connection.execute(_INSERT_RING, document)
-                else:
-                    status = await connection.execute(_UPDATE_RING, document, expected_revision)
-                if _row_count(status) == 1:
-                    return True
-                # A retry may find its own earlier write, committed before the connection dropped.
-                row = await connection.fetchrow(_SELECT_RING) if number > 1 else None
-                return row is not None and row[0] == expected_revision + 1 and row[1] == document
-
-        return bool(await self._run("storing the key ring", attempt))
+        return await self._perform(
+            "storing the key ring",
+            lambda number: shared.put_key_ring(DIALECT, document, expected_revision, number > 1),
+        )
 
     # -- bulk and health ------------------------------------------------------------------------------------
 
-    async def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
+    def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
         """Keyset pagination on the primary key: short queries, no snapshot held between batches."""
-        after: UUID | None = None
-        while True:
 
-            async def attempt(_number: int, after: UUID | None = after) -> list[Any]:
-                if after is None:
-                    return list(await self._pool.fetch(_FIRST_BATCH, batch_size))
-                return list(await self._pool.fetch(_NEXT_BATCH, after, batch_size))
+        def read_page(after: Any) -> Awaitable[list[Any]]:
+            return self._perform("listing user keys", lambda _n: shared.page(DIALECT, after, batch_size))
 
-            rows: list[Any] = await self._run("listing user keys", attempt)
-            if not rows:
-                return
-            yield [UserKeyRecord(row[0], row[1], row[2], row[3], row[4]) for row in rows]
-            if len(rows) < batch_size:
-                return
-            after = rows[-1][0]
+        return shared.iter_records(
+            DIALECT, read_page, batch_size, lambda row: UserKeyRecord(row[0], row[1], row[2], row[3], row[4])
+        )
 
     async def ping(self) -> None:
         try:
@@ -625,6 +629,15 @@ def _naive(value: datetime | None) -> datetime | None:
 def _row_count(status: str) -> int:
     """The row count of a command tag such as ``UPDATE 12`` or ``INSERT 0 1``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+async def _step(connection: asyncpg.Connection, step: shared.Step) -> Any:
+    """One statement of a shared operation, on asyncpg (prepared and cached per connection)."""
+    if isinstance(step, shared.Execute):
+        return _row_count(await connection.execute(step.sql, *step.parameters))
+    if isinstance(step, shared.FetchOne):
+        return await connection.fetchrow(step.sql, *step.parameters)
+    return list(await connection.fetch(step.sql, *step.parameters))
 
 
 def _connect_arguments(target: ServerTarget) -> dict[str, Any]:
@@ -709,9 +722,6 @@ async def _check_schema(pool: asyncpg.Pool, warm: int) -> None:
             await pool.release(connection)
 
 
-__all__ = ["PostgresRepository", "classify", "inspect", "migrate", "open", "parse_target"]
-
-
 async def _write_data_key(connection: Any, first_row: Any, wrapped: str) -> None:
     """Set ``SymmetricKey`` of the first ``ApplicationDatas`` row, or insert that row."""
     if first_row is not None:
@@ -720,3 +730,25 @@ async def _write_data_key(connection: Any, first_row: Any, wrapped: str) -> None
         )
     else:
         await connection.execute('INSERT INTO "ApplicationDatas" ("SymmetricKey") VALUES ($1)', wrapped)
+
+
+def _sync_engine(settings: DatabaseSettings, prefix: str) -> Any:
+    return migration_engine(parse_target(settings, prefix))
+
+
+BACKEND = Backend(
+    name="postgresql",
+    migrate=migrate,
+    open=open,
+    inspect=inspect,
+    parse_target=parse_target,
+    sync_engine=_sync_engine,
+    schema=Schema(
+        sqlalchemy_dialects=("postgresql",),
+        upstream_migration_id="20210820160016_InitialCreate",
+        transactional_ddl=True,
+        migration_lock=migration_lock,
+    ),
+)
+
+__all__ = ["BACKEND", "PostgresRepository", "classify", "inspect", "migrate", "open", "parse_target"]

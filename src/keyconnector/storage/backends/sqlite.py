@@ -19,15 +19,16 @@ The connection string is the operator's existing ADO.NET one (``Data Source=/etc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 from uuid import UUID
 
@@ -36,7 +37,11 @@ from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.connstr import parse_connection_string, resolve
+from keyconnector.storage.registry import Backend, Schema
 from keyconnector.storage.sql.schema import format_sqlite_time, parse_sqlite_time, sqlite_guid
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine, Table
 
 log = logging.getLogger(__name__)
 
@@ -630,4 +635,51 @@ async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = No
     return repository
 
 
-__all__ = ["SqliteRepository", "SqliteTarget", "migrate", "open", "parse_target"]
+@contextlib.contextmanager
+def _migration_lock(connection: Connection) -> Iterator[None]:
+    # BEGIN EXCLUSIVE already holds it: see keyconnector.storage.sql.migrate.sqlite_migration_engine.
+    yield
+
+
+def _create_table(connection: Connection, table: Table) -> None:
+    """Upstream's ``CREATE TABLE`` text, which SQLite keeps verbatim (see ``sqlite_create_table_sql``)."""
+    from keyconnector.storage.sql.schema import sqlite_create_table_sql
+
+    connection.exec_driver_sql(sqlite_create_table_sql(table))
+
+
+def _sync_engine(settings: DatabaseSettings, prefix: str) -> Engine:
+    from sqlalchemy import URL, create_engine
+    from sqlalchemy.pool import NullPool
+
+    target = parse_target(settings, prefix)
+    return create_engine(
+        URL.create("sqlite+pysqlite", database=target.path),
+        poolclass=NullPool,
+        connect_args={"timeout": target.timeout},
+    )
+
+
+def _secret_files(settings: DatabaseSettings, prefix: str) -> list[tuple[str, str]]:
+    if settings.sqlite_connection_string is None:
+        return []
+    return [(f"{prefix}.sqliteConnectionString", parse_target(settings, prefix).path)]
+
+
+BACKEND = Backend(
+    name="sqlite",
+    migrate=migrate,
+    open=open,
+    inspect=inspect,
+    sync_engine=_sync_engine,
+    secret_files=_secret_files,
+    schema=Schema(
+        sqlalchemy_dialects=("sqlite",),
+        upstream_migration_id="20210820155938_InitialCreate",
+        transactional_ddl=True,
+        migration_lock=_migration_lock,
+        create_table=_create_table,
+    ),
+)
+
+__all__ = ["BACKEND", "SqliteRepository", "SqliteTarget", "migrate", "open", "parse_target"]

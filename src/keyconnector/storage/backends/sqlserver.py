@@ -32,10 +32,10 @@ import os
 import queue
 import re
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from keyconnector._optional import require
@@ -43,6 +43,8 @@ from keyconnector.errors import ConfigurationError, StorageError, UnavailableErr
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.registry import Backend, Schema
+from keyconnector.storage.sql import shared
 from keyconnector.storage.sql.common import (
     PING_TIMEOUT_SECONDS,
     ConnectionStringSpec,
@@ -57,6 +59,10 @@ from keyconnector.storage.sql.common import (
     with_retries,
 )
 from keyconnector.storage.sql.schema import naive_utc
+from keyconnector.storage.sql.shared import Plan, drive_sync
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +218,8 @@ SPEC = ConnectionStringSpec(
     default_connect_timeout=15.0,
     default_command_timeout=30.0,
     default_idle_lifetime=300.0,
+    verified_tls=("Encrypt=True;TrustServerCertificate=False", "encrypt=true&trustservercertificate=false"),
+    verified_tls_refuses_trust=True,
     split_host=split_server,
 )
 
@@ -407,6 +415,36 @@ def is_duplicate_key(exc: BaseException) -> bool:
     return bool(error_numbers(exc) & _DUPLICATE_KEY)
 
 
+DIALECT = shared.Dialect(
+    guid=str,
+    select_key=_SELECT_KEY,
+    writes=shared.InsertThenFill(insert=_INSERT, fill=_FILL, replace=_REPLACE),
+    select_ring=_SELECT_RING,
+    insert_ring=_INSERT_RING,
+    update_ring=_UPDATE_RING,
+    first_page=lambda size: (_FIRST_BATCH, (size,)),
+    next_page=lambda after, size: (_NEXT_BATCH, (size, after)),
+    page_key=lambda row: str(row[0]),
+    is_duplicate=is_duplicate_key,
+    is_missing_table=lambda exc: _INVALID_OBJECT_NAME in error_numbers(exc),
+)
+"""SQL Server's statements for :mod:`..sql.shared`: autocommit, one atomic statement at a time, as on
+MySQL; GUIDs and times cast explicitly, because pymssql substitutes parameters on the client."""
+
+
+def _step(cursor: Any, step: shared.Step) -> Any:
+    """One statement of a shared operation on a pymssql cursor."""
+    if step.parameters:
+        cursor.execute(step.sql, step.parameters)
+    else:
+        cursor.execute(step.sql)
+    if isinstance(step, shared.Execute):
+        return cursor.rowcount
+    if isinstance(step, shared.FetchOne):
+        return cursor.fetchone()
+    return list(cursor.fetchall())
+
+
 # -- TLS through FreeTDS ---------------------------------------------------------------------------------------  # noqa: E501
 
 
@@ -473,6 +511,29 @@ def migration_engine(target: ServerTarget) -> Any:
     arguments = connect_arguments(target)
     arguments.pop("use_datetime2")  # SQLAlchemy binds its own types
     return create_engine("mssql+pymssql://", connect_args=arguments, poolclass=NullPool)
+
+
+@contextlib.contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """An application lock owned by the migration's transaction: released with it."""
+    from sqlalchemy import text
+
+    from keyconnector.storage.sql.migrate import LOCK_NAME, LOCK_TIMEOUT_SECONDS
+
+    status = connection.execute(
+        text(
+            "DECLARE @result int; "
+            "EXEC @result = sp_getapplock @Resource = :name, @LockMode = 'Exclusive', "
+            "@LockOwner = 'Transaction', @LockTimeout = :timeout; "
+            "SELECT @result"
+        ),
+        {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT_SECONDS * 1000},
+    ).scalar()
+    if status is None or int(status) < 0:
+        raise UnavailableError(
+            "database", f"another process held the schema migration lock for over {LOCK_TIMEOUT_SECONDS}s"
+        )
+    yield
 
 
 def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
@@ -567,44 +628,24 @@ class SqlServerRepository:
 
         return await self._run("reading a user key", work)
 
-    @staticmethod
-    def _create(connection: Any, guid: str, record: str, stamp: datetime, retried: bool) -> bool:
-        cursor = connection.cursor()
-        try:
-            cursor.execute(_INSERT, (guid, record, stamp))
-            return True
-        except Exception as exc:
-            if not is_duplicate_key(exc):
-                raise
-        cursor.execute(_FILL, (record, stamp, guid))
-        if cursor.rowcount == 1:
-            return True
-        if retried:
-            cursor.execute(_SELECT_KEY, (guid,))
-            row = cursor.fetchone()
-            return row is not None and row[0] == record
-        return False
+    async def _perform(self, action: str, plan: Callable[[int], Plan[T]]) -> T:
+        """Run a shared operation (:mod:`..sql.shared`) on one connection of the thread pool."""
+
+        def work(connection: Any, number: int) -> T:
+            cursor = connection.cursor()
+            return drive_sync(plan(number), lambda step: _step(cursor, step))
+
+        return await self._run(action, work)
 
     async def create_key(self, user_id: UUID, record: str, now: datetime) -> bool:
-        guid, stamp = str(user_id), naive_utc(now)
-        return await self._run(
-            "creating a user key", lambda c, number: self._create(c, guid, record, stamp, number > 1)
+        return await self._perform(
+            "creating a user key", lambda number: shared.create_key(DIALECT, user_id, record, now, number > 1)
         )
 
     async def put_key(self, user_id: UUID, record: str, now: datetime) -> bool:
-        guid, stamp = str(user_id), naive_utc(now)
-
-        def work(connection: Any, _number: int) -> bool:
-            for _ in range(3):
-                cursor = connection.cursor()
-                cursor.execute(_REPLACE, (record, stamp, guid))
-                if cursor.rowcount == 1:
-                    return False
-                if self._create(connection, guid, record, stamp, retried=True):
-                    return True
-            raise StorageError(f"{self.description}: the key of one user kept changing under PUT")
-
-        return await self._run("storing a user key", work)
+        return await self._perform(
+            "storing a user key", lambda _n: shared.put_key(DIALECT, user_id, record, now, self.description)
+        )
 
     async def record_access(self, accesses: Mapping[UUID, datetime]) -> None:
         if not accesses:
@@ -710,65 +751,28 @@ class SqlServerRepository:
         return await self._run("re-encrypting user keys", lambda c, _n: self._in_transaction(c, statements))
 
     async def get_key_ring(self) -> StoredKeyRing | None:
-        def work(connection: Any, _number: int) -> StoredKeyRing | None:
-            cursor = connection.cursor()
-            try:
-                cursor.execute(_SELECT_RING)
-            except Exception as exc:
-                if _INVALID_OBJECT_NAME in error_numbers(exc):  # never migrated, so never rotated
-                    return None
-                raise
-            row = cursor.fetchone()
-            return None if row is None else StoredKeyRing(revision=int(row[0]), document=str(row[1]))
-
-        return await self._run("reading the key ring", work)
+        return await self._perform("reading the key ring", lambda _n: shared.get_key_ring(DIALECT))
 
     async def put_key_ring(self, document: str, expected_revision: int) -> bool:
-        def work(connection: Any, number: int) -> bool:
-            cursor = connection.cursor()
-            if expected_revision == 0:
-                try:
-                    cursor.execute(_INSERT_RING, (document,))
-                    return True
-                except Exception as exc:
-                    if not is_duplicate_key(exc):
-                        raise
-            else:
-                cursor.execute(_UPDATE_RING, (document, expected_revision))
-                if cursor.rowcount == 1:
-                    return True
-            if number == 1:
-                return False
-            # Our earlier try may have committed before its connection dropped.
-            cursor.execute(_SELECT_RING)
-            row = cursor.fetchone()
-            return row is not None and row[0] == expected_revision + 1 and row[1] == document
+        return await self._perform(
+            "storing the key ring",
+            lambda number: shared.put_key_ring(DIALECT, document, expected_revision, number > 1),
+        )
 
-        return await self._run("storing the key ring", work)
-
-    async def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
+    def iter_records(self, batch_size: int = 1000) -> AsyncIterator[list[UserKeyRecord]]:
         """Keyset pagination on the primary key (in SQL Server's own uniqueidentifier order)."""
-        after: str | None = None
-        while True:
 
-            def work(connection: Any, _number: int, after: str | None = after) -> list[Any]:
-                cursor = connection.cursor()
-                if after is None:
-                    cursor.execute(_FIRST_BATCH, (batch_size,))
-                else:
-                    cursor.execute(_NEXT_BATCH, (batch_size, after))
-                return list(cursor.fetchall())
+        def read_page(after: Any) -> Awaitable[list[Any]]:
+            return self._perform("listing user keys", lambda _n: shared.page(DIALECT, after, batch_size))
 
-            rows = await self._run("listing user keys", work)
-            if not rows:
-                return
-            yield [
-                UserKeyRecord(UUID(str(row[0])), row[1], naive_utc(row[2]), _time(row[3]), _time(row[4]))
-                for row in rows
-            ]
-            if len(rows) < batch_size:
-                return
-            after = str(rows[-1][0])
+        return shared.iter_records(
+            DIALECT,
+            read_page,
+            batch_size,
+            lambda row: UserKeyRecord(
+                UUID(str(row[0])), row[1], naive_utc(row[2]), _time(row[3]), _time(row[4])
+            ),
+        )
 
     async def ping(self) -> None:
         loop = asyncio.get_running_loop()
@@ -800,6 +804,10 @@ def _time(value: datetime | None) -> datetime | None:
     return None if value is None else naive_utc(value)
 
 
+def _record(row: Any) -> UserKeyRecord:
+    return UserKeyRecord(UUID(str(row[0])), row[1], naive_utc(row[2]), _time(row[3]), _time(row[4]))
+
+
 async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> SqlServerRepository:
     """Make the pool and check upstream's tables are there (a server that is down does not stop the
     worker from starting: requests answer 503 until it is back)."""
@@ -824,7 +832,27 @@ async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = No
     return repository
 
 
+def _sync_engine(settings: DatabaseSettings, prefix: str) -> Any:
+    return migration_engine(parse_target(settings, prefix))
+
+
+BACKEND = Backend(
+    name="sqlserver",
+    migrate=migrate,
+    open=open,
+    inspect=inspect,
+    parse_target=parse_target,
+    sync_engine=_sync_engine,
+    schema=Schema(
+        sqlalchemy_dialects=("mssql",),
+        upstream_migration_id="20210820154908_InitialCreate",
+        transactional_ddl=True,
+        migration_lock=migration_lock,
+    ),
+)
+
 __all__ = [
+    "BACKEND",
     "SqlServerRepository",
     "classify",
     "connect_arguments",

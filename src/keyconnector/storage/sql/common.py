@@ -94,6 +94,10 @@ class ServerTarget:
     trusts_server_certificate: bool = False
     """``Trust Server Certificate=true`` was given: TLS without the certificate check, whatever the mode
     said (``ssl_mode`` is then at most ``require``)."""
+    verified_tls: str = "a verify-full SSL mode"
+    """What to write in this connection string for verified TLS (:attr:`ConnectionStringSpec.verified_tls`
+    in the form the operator used)."""
+    verified_tls_refuses_trust: bool = False
     trust: Trust = field(default_factory=Trust.from_directory, repr=False, compare=False)
     """The deployment's trust store (``caCertificatesDirectory``), for the verify modes: the same one
     every other outgoing connection uses. The backends' callers pass it in from the settings; the
@@ -147,6 +151,12 @@ class ConnectionStringSpec:
     default_idle_lifetime: float
     split_host: Callable[[str, str], list[tuple[str, int | None]]] | None = None
     """Provider-specific reading of the host value (SQL Server's ``tcp:host,port``)."""
+    verified_tls: tuple[str, str] = ("a verify-full SSL mode", "a verify-full SSL mode")
+    """What to write for verified TLS, in the ``Key=value`` form and in the URL form (the transport
+    warning's advice, in the spelling the operator used)."""
+    verified_tls_refuses_trust: bool = False
+    """The advice above already turns ``Trust Server Certificate`` off (SQL Server's does), so the
+    warning need not add "remove Trust Server Certificate"."""
 
 
 def _parse_url(text: str, setting: str, spec: ConnectionStringSpec) -> dict[str, str]:
@@ -368,6 +378,8 @@ def load_target(
         extra={key: value for key, value in values.items() if key not in known},
         url_form=url_form,
         trusts_server_certificate=trusting,
+        verified_tls=spec.verified_tls[1 if url_form else 0],
+        verified_tls_refuses_trust=spec.verified_tls_refuses_trust,
         trust=trust or Trust.from_directory(),
     )
 
@@ -417,16 +429,6 @@ _UNVERIFIED: dict[str, str] = {
 }
 """What each unverified mode leaves open, for the warning."""
 
-_VERIFIED_TLS: dict[tuple[str, bool], str] = {
-    ("postgresql", False): "SSL Mode=VerifyFull",
-    ("postgresql", True): "sslmode=verify-full",
-    ("mysql", False): "SslMode=VerifyFull",
-    ("mysql", True): "ssl_mode=VERIFY_IDENTITY",
-    ("sqlserver", False): "Encrypt=True;TrustServerCertificate=False",
-    ("sqlserver", True): "encrypt=true&trustservercertificate=false",
-}
-"""What to write, per provider and per form (``Key=value`` or URL), for verified TLS."""
-
 
 def is_local_host(host: str) -> bool:
     """True when connecting to ``host`` cannot leave this machine: a Unix socket path, a loopback
@@ -470,9 +472,9 @@ def transport_warning(target: ServerTarget) -> str | None:
         return None
     mode = "trusted" if target.trusts_server_certificate else target.ssl_mode
     how = _UNVERIFIED.get(mode, "does not check the server's certificate")
-    advice = [_VERIFIED_TLS.get((target.provider, target.url_form), "a verify-full SSL mode")]
-    if target.trusts_server_certificate and target.provider != "sqlserver":
-        advice.append("remove Trust Server Certificate")  # SQL Server's advice says =False already
+    advice = [target.verified_tls]
+    if target.trusts_server_certificate and not target.verified_tls_refuses_trust:
+        advice.append("remove Trust Server Certificate")
     fix = " and ".join(advice)
     where = _where(remote)
     return (

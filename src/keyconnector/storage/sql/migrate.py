@@ -12,6 +12,9 @@ enforces:
   cannot be the lock);
 - SQL Server: ``sp_getapplock`` owned by the transaction.
 
+Each lock is written in its backend module, as the ``migration_lock`` of the backend's
+:class:`~keyconnector.storage.registry.Schema`; this runner asks the entry for the dialect at hand.
+
 The second process waits on that lock, then finds the version table at head and does nothing.
 Waiting for a database that is down is the caller's job: this module raises and never sleeps.
 
@@ -24,8 +27,6 @@ only once those backends land; SQLite's is covered by tests with concurrent proc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +35,16 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import URL, Connection, Engine, create_engine, event, text
+from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy.pool import NullPool
 
-from keyconnector.errors import StorageError, UnavailableError
+from keyconnector.errors import StorageError
 
 VERSION_TABLE = "keyconnector_schema_version"
 MIGRATIONS_DIRECTORY = Path(__file__).resolve().parent / "migrations"
 
 LOCK_NAME = "keyconnector-schema-migration"
-POSTGRESQL_LOCK_KEY = 0x4B43_4D49_4752  # "KCMIGR": any constant shared by every keyconnector process
+"""The name of the migration lock on databases whose locks are named (MySQL, SQL Server)."""
 LOCK_TIMEOUT_SECONDS = 60
 
 
@@ -92,54 +93,19 @@ def sqlite_migration_engine(path: str, busy_timeout_seconds: float) -> Engine:
     return engine
 
 
-@contextmanager
-def _migration_lock(connection: Connection) -> Iterator[None]:
-    """Hold the database-wide migration lock (inside the caller's open transaction)."""
-    dialect = connection.dialect.name
-    if dialect == "sqlite":
-        # BEGIN EXCLUSIVE already holds it: see sqlite_migration_engine.
-        yield
-    elif dialect == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": POSTGRESQL_LOCK_KEY})
-        yield
-    elif dialect in ("mysql", "mariadb"):
-        got = connection.execute(
-            text("SELECT GET_LOCK(:name, :timeout)"), {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT_SECONDS}
-        ).scalar()
-        if got != 1:
-            raise UnavailableError(
-                "database", f"another process held the schema migration lock for over {LOCK_TIMEOUT_SECONDS}s"
-            )
-        try:
-            yield
-        finally:
-            connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": LOCK_NAME})
-    elif dialect == "mssql":
-        status = connection.execute(
-            text(
-                "DECLARE @result int; "
-                "EXEC @result = sp_getapplock @Resource = :name, @LockMode = 'Exclusive', "
-                "@LockOwner = 'Transaction', @LockTimeout = :timeout; "
-                "SELECT @result"
-            ),
-            {"name": LOCK_NAME, "timeout": LOCK_TIMEOUT_SECONDS * 1000},
-        ).scalar()
-        if status is None or int(status) < 0:
-            raise UnavailableError(
-                "database", f"another process held the schema migration lock for over {LOCK_TIMEOUT_SECONDS}s"
-            )
-        yield
-    else:
-        raise StorageError(f"no migration lock is defined for the '{dialect}' dialect")
-
-
 def upgrade(engine: Engine) -> None:
     """Bring the database to the newest revision, creating or adopting upstream's schema on the way.
 
     Database errors propagate as SQLAlchemy exceptions: each backend knows best how its driver reports
     "unreachable" versus "misconfigured" and turns them into UnavailableError or ConfigurationError.
     """
-    with engine.connect() as connection, connection.begin(), _migration_lock(connection):
+    from keyconnector.storage.registry import schema_for
+
+    with (
+        engine.connect() as connection,
+        connection.begin(),
+        schema_for(connection.dialect.name).migration_lock(connection),
+    ):
         try:
             command.upgrade(alembic_config(connection), "head")
         except CommandError as exc:

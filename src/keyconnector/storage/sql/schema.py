@@ -47,15 +47,6 @@ from keyconnector.errors import StorageError
 PRODUCT_VERSION = "5.0.9"
 """Entity Framework Core version upstream recorded in ``__EFMigrationsHistory.ProductVersion``."""
 
-UPSTREAM_MIGRATION_IDS: dict[str, str] = {
-    "sqlite": "20210820155938_InitialCreate",
-    "postgresql": "20210820160016_InitialCreate",
-    "mysql": "20210820155954_InitialCreate",
-    "mariadb": "20210820155954_InitialCreate",
-    "mssql": "20210820154908_InitialCreate",
-}
-"""Upstream generated one migration per provider, so the id of "the same" migration differs by dialect."""
-
 APPLICATION_DATAS = "ApplicationDatas"
 USER_KEYS = "UserKeys"
 MIGRATIONS_HISTORY = "__EFMigrationsHistory"
@@ -243,10 +234,15 @@ UPSTREAM_TABLES: tuple[Table, ...] = (application_datas, user_keys)
 
 
 def history_row(dialect_name: str, product_version: str = PRODUCT_VERSION) -> dict[str, str]:
-    """The ``__EFMigrationsHistory`` row upstream's first migration leaves on this kind of database."""
+    """The ``__EFMigrationsHistory`` row upstream's first migration leaves on this kind of database.
+
+    Upstream generated one migration per database, so the id of "the same" migration differs: each
+    backend's :class:`~keyconnector.storage.registry.Schema` carries its own."""
+    from keyconnector.storage.registry import schema_for
+
     try:
-        migration_id = UPSTREAM_MIGRATION_IDS[dialect_name]
-    except KeyError:
+        migration_id = schema_for(dialect_name).upstream_migration_id
+    except StorageError:
         raise ValueError(f"upstream has no migration for the '{dialect_name}' dialect") from None
     return {"MigrationId": migration_id, "ProductVersion": product_version}
 
@@ -268,8 +264,11 @@ def sqlite_create_table_sql(table: Table) -> str:
 
 
 def _create_table(connection: Connection, table: Table) -> None:
-    if connection.dialect.name == "sqlite":
-        connection.exec_driver_sql(sqlite_create_table_sql(table))
+    from keyconnector.storage.registry import schema_for
+
+    create = schema_for(connection.dialect.name).create_table
+    if create is not None:
+        create(connection, table)
     else:
         connection.execute(CreateTable(table))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+from keyconnector.storage.registry import schema_for
 from keyconnector.storage.sql.migrate import VERSION_TABLE
 from keyconnector.storage.sql.schema import metadata
 
@@ -24,9 +25,9 @@ context.configure(
     connection=connection,
     target_metadata=metadata,
     version_table=VERSION_TABLE,
-    # SQLite can roll DDL back, and Alembic must not commit on its own: the caller's transaction is the
+    # Where DDL can be rolled back, Alembic must not commit on its own: the caller's transaction is the
     # lock that keeps a second process from migrating at the same time.
-    transactional_ddl=connection.dialect.name in ("sqlite", "postgresql", "mssql"),
+    transactional_ddl=schema_for(connection.dialect.name).transactional_ddl,
 )
 with context.begin_transaction():
     context.run_migrations()
