@@ -28,6 +28,7 @@ from bson import json_util
 from bson.binary import Binary, UuidRepresentation
 from bson.objectid import ObjectId
 
+from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.storage.base import UserKeyRecord
 from keyconnector.storage.mongodump import read_mongo_dump
@@ -456,3 +457,15 @@ def test_a_missing_pymongo_names_the_extra(pfx: Pfx, tmp_path: Path, request: py
     assert command.returncode == 2
     assert "--from-mongo-dump: reading a MongoDB dump needs the Python package 'pymongo'" in command.stderr
     assert "pip install 'keyconnector[mongo]'" in command.stderr
+
+
+def test_serve_on_mongo_names_the_way_out(pfx: Pfx, issuer: DevIssuer, tmp_path: Path) -> None:
+    from tests.conftest import base_env
+
+    env = clean_env()
+    env.update(base_env(issuer, pfx, tmp_path / "kc.db"))
+    env[f"{SETTINGS}database__provider"] = "mongo"
+    command = keyconnector("serve", "--port", str(free_port()), env=env, timeout=60)
+    assert command.returncode == 2
+    assert "keyconnector transfer --from-mongo-dump" in command.stderr
+    assert not (tmp_path / "kc.db").exists()
