@@ -214,6 +214,7 @@ def test_serve_with_the_mongo_provider(
     assert result.returncode == 2
     found = explained(result.stderr, entries, "MongoDB")
     assert any("MongoDB support was removed" in entry for entry in found), found
+    assert "keyconnector transfer --from-mongo-dump" in result.stderr
 
 
 def test_check_with_an_unreachable_identity_server(

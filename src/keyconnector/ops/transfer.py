@@ -24,6 +24,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from keyconnector.core.envelope import DataKeys
+from keyconnector.core.keyring import open_ring
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UsageError
 from keyconnector.keypairs import open_key_provider
 from keyconnector.ops import (
@@ -37,8 +38,10 @@ from keyconnector.ops import (
 )
 from keyconnector.ops.progress import Progress
 from keyconnector.runtime import logs
+from keyconnector.runtime.assemble import open_key_pair
 from keyconnector.runtime.settings import Settings, SideSettings, side_of
 from keyconnector.storage.base import UserKeyRecord
+from keyconnector.storage.mongodump import MongoDump, read_mongo_dump
 from keyconnector.storage.registry import inspect, open_repository
 
 log = logging.getLogger("keyconnector.transfer")
@@ -103,11 +106,25 @@ async def _side(name: str, opening: Awaitable[T]) -> T:
         raise SideError(f"the {name}: {exc}") from None
 
 
-def _target_of(settings: Settings, target_settings: Settings | None) -> SideSettings:
-    """The target: the target settings' own side, or else ``settings``' ``transferTo`` side."""
+def _target_of(
+    settings: Settings, target_settings: Settings | None, *, own_database: bool = False
+) -> SideSettings:
+    """The target: the target settings' own side, or else ``settings``' ``transferTo`` side.
+
+    ``own_database``: the source is not the configured database (a MongoDB dump), so without another
+    target the configured database is the target."""
     if target_settings is not None:
         return side_of(target_settings)
     target = side_of(settings, transfer=True)
+    if own_database and target.database is None:
+        if settings.database.provider == "mongo":
+            raise ConfigurationError(
+                "database.provider",
+                "is mongo, the database being left: set it to the database to transfer the dump into "
+                "(sqlite, postgresql, mysql or sqlserver), or give that one with transferTo__database__* "
+                "or --target-env-file",
+            )
+        return side_of(settings)
     if target.database is None:
         raise ConfigurationError(
             "transferTo.database.provider",
@@ -147,6 +164,25 @@ async def _probe_target(target: SideSettings) -> tuple[Side | None, str]:
         await provider.aclose()
     log.info("dry run: the target (%s) has no data key yet; the transfer would create it", description)
     return None, "the target"
+
+
+# -- a MongoDB dump as the source (upstream's release on mongo) -------------------------------------------
+
+
+async def _open_dump_side(settings: Settings, dump: MongoDump) -> Side:
+    """The dump as a read-only source side: its data key unwrapped by the deployment's key pair,
+    the one upstream wrapped it with. The dump never held a key ring, so none is trusted or pinned
+    (``keyRingAnchor`` is the target database's); opening it checks the key pair against its first
+    records, as for any database."""
+    provider = await open_key_pair(side_of(settings))
+    try:
+        opened = await open_ring(dump, provider, adopt=False)
+    except BaseException:
+        await provider.aclose()
+        raise
+    return Side(
+        "source", settings.database, "database", dump, provider, opened.key_set(), opened.ring, opened.adopted
+    )
 
 
 # -- the copy and the verification ----------------------------------------------------------------------
@@ -312,30 +348,49 @@ async def transfer(
     *,
     dry_run: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    mongo_dump: Path | None = None,
 ) -> TransferResult:
     """Copy every user key of ``settings``' deployment to the target and verify the copy.
 
-    The target is ``target_settings``' deployment, or ``settings``' ``transferTo`` one. Raises
+    The target is ``target_settings``' deployment, or ``settings``' ``transferTo`` one. With
+    ``mongo_dump`` the source is that dump of upstream's MongoDB database (read with ``settings``'
+    key pair) instead of the configured database, which is then the default target. Raises
     ``OperationFailed`` listing the users whose record was not copied and verified (all the others
     were); any other error stops the transfer, which can simply be run again.
     """
     if batch_size < 1:
         raise UsageError("--batch-size", "--batch-size must be at least 1")
-    source_view, target_view = side_of(settings), _target_of(settings, target_settings)
+    source_view = side_of(settings)
+    target_view = _target_of(settings, target_settings, own_database=mongo_dump is not None)
     # The source first, read-only: a missing or empty source must not create the target's schema.
-    source_description, has_data_key = await _side("source", _stored_state(source_view))
+    dump = read_mongo_dump(mongo_dump) if mongo_dump is not None else None
+    if dump is not None:
+        source_description, has_data_key = dump.description, await dump.get_wrapped_data_key() is not None
+    else:
+        source_description, has_data_key = await _side("source", _stored_state(source_view))
     if not has_data_key:
         raise SideError(f"the source has no data key, so nothing to transfer ({source_description})")
+    # A dump's data key is unwrapped before the target is opened: the dump is local and read-only,
+    # and a key pair that cannot open it must not first give the target a data key of its own.
+    dump_side = await _side("source", _open_dump_side(settings, dump)) if dump is not None else None
     # The target before the source's data keys, and its key pair before its database: a wrong target
     # key provider fails before anything is written.
     target: Side | None
-    if dry_run:
-        target, target_description = await _side("target", _probe_target(target_view))
-    else:
-        target = await _side("target", open_side(target_view, name="target"))
-        target_description = target.repository.description
     try:
-        source = await _side("source", open_side(source_view, name="source", create=False))
+        if dry_run:
+            target, target_description = await _side("target", _probe_target(target_view))
+        else:
+            target = await _side("target", open_side(target_view, name="target"))
+            target_description = target.repository.description
+    except BaseException:
+        if dump_side is not None:
+            await dump_side.aclose()
+        raise
+    try:
+        if dump_side is not None:
+            source = dump_side
+        else:
+            source = await _side("source", open_side(source_view, name="source", create=False))
         try:
             if source.repository.description == target_description:
                 raise ConfigurationError(
@@ -418,7 +473,16 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         log.warning("ignoring unknown setting %s (a typo?)", name)
     logs.configure(loaded.settings.logging)
     target_settings = load_target_settings(args)
-    asyncio.run(transfer(loaded.settings, target_settings, dry_run=args.dry_run, batch_size=args.batch_size))
+    mongo_dump = Path(args.from_mongo_dump) if args.from_mongo_dump else None
+    asyncio.run(
+        transfer(
+            loaded.settings,
+            target_settings,
+            dry_run=args.dry_run,
+            batch_size=args.batch_size,
+            mongo_dump=mongo_dump,
+        )
+    )
     return 0
 
 
@@ -431,7 +495,8 @@ def add_commands(commands: Subcommands) -> None:
             "transferTo__* settings, or --target-env-file/--target-config), re-encrypted for the "
             "target, dates unchanged; then decrypt every target record and compare it with the source. "
             "Safe to interrupt and run again. Exit 0 when every record was copied and verified, 1 when "
-            "some failed (their user ids are listed; the others were copied), 2 for a settings error."
+            "some failed (their user ids are listed; the others were copied), 2 for a settings error. "
+            "To leave upstream's MongoDB, the source is a dump of it instead (--from-mongo-dump)."
         ),
     )
     add_settings_arguments(parser, target=True)
@@ -445,5 +510,15 @@ def add_commands(commands: Subcommands) -> None:
         type=int,
         default=DEFAULT_BATCH_SIZE,
         help=f"records per transaction (default {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--from-mongo-dump",
+        metavar="DIR",
+        help=(
+            "the source is this mongodump folder (or folder of mongoexport files) of upstream's "
+            "ApplicationData and UserKey collections, read with the configured key pair; the target is "
+            "then the configured database unless transferTo__* or --target-env-file/--target-config "
+            "give another (needs keyconnector[mongo])"
+        ),
     )
     parser.set_defaults(func=cmd_transfer)

@@ -45,9 +45,10 @@ BACKENDS: dict[str, str] = {
 
 REMOVED: dict[str, str] = {
     "mongo": (
-        "MongoDB support was removed from Key Connector upstream and is not offered here. Move the data "
-        "with upstream's last release that supports MongoDB (its transferTo settings) into PostgreSQL, "
-        "MySQL, SQL Server or SQLite, then point keyconnector at that database"
+        "MongoDB support was removed from Key Connector upstream and is not offered here. To leave it: "
+        "mongodump upstream's database, set database__provider to the new database (sqlite, postgresql, "
+        "mysql or sqlserver), then run `keyconnector transfer --from-mongo-dump <dump folder>` "
+        "(docs/takeover.md, 'Leaving MongoDB')"
     ),
 }
 
