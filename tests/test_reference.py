@@ -253,6 +253,14 @@ def _held(settings: Settings, entry: Entry) -> Any:
     return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
+def _context(entry: Entry) -> dict[str, str]:
+    """What a setting needs beside it: a connection string without ``database__provider`` is refused
+    (unset, the provider is upstream's JSON file), so the database's connection strings get one."""
+    if entry.section == "database" and entry.names[-1].endswith("ConnectionString"):
+        return {"keyConnectorSettings__database__provider": "sqlite"}
+    return {}
+
+
 @pytest.mark.parametrize("spelling", ["odd-case", "colons"])
 def test_every_name_lands_on_its_field(spelling: str) -> None:
     for entry in ENTRIES:
@@ -262,7 +270,7 @@ def test_every_name_lands_on_its_field(spelling: str) -> None:
             else "keyConnectorSettings:" + ":".join(entry.names)
         )
         text, expected = _sample(entry)
-        loaded = load_settings(environ={name: text})
+        loaded = load_settings(environ={**_context(entry), name: text})
         assert loaded.unknown == [], name
         assert _held(loaded.settings, entry) == expected, name
 
@@ -271,7 +279,7 @@ def test_every_secret_takes_a_file(tmp_path: Path) -> None:
     for entry in (e for e in ENTRIES if e.secret):
         path = tmp_path / entry.env
         path.write_text(f"from-file-{entry.env}\n", encoding="utf-8")
-        loaded = load_settings(environ={_odd_case(entry.env) + "File": str(path)})
+        loaded = load_settings(environ={**_context(entry), _odd_case(entry.env) + "File": str(path)})
         assert loaded.unknown == [] and _held(loaded.settings, entry) == f"from-file-{entry.env}"
 
 

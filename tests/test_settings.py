@@ -42,10 +42,10 @@ def test_defaults_are_upstreams() -> None:
 
 def test_unknown_names_are_reported_not_applied() -> None:
     loaded = load_settings(
-        {"keyConnectorSettings__databse__provider": "json", "keyConnectorSettings__nope": "1"}
+        {"keyConnectorSettings__databse__provider": "postgresql", "keyConnectorSettings__nope": "1"}
     )
     assert sorted(loaded.unknown) == ["keyConnectorSettings__databse__provider", "keyConnectorSettings__nope"]
-    assert loaded.settings.database.provider == "sqlite"
+    assert loaded.settings.database.provider == "json"  # upstream's default, not the typo's value
 
 
 def test_an_appsettings_file_with_the_environment_on_top(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keyconnector import __version__
-from keyconnector.errors import ConfigurationError, KeyConnectorError, UsageError, setting_name
+from keyconnector.errors import ConfigurationError, KeyConnectorError, UsageError
 from keyconnector.runtime import logs
 from keyconnector.runtime.settings import LoadedSettings, LoggingSettings, load_with_env_file
 
@@ -31,6 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loaded = _load(args)
     settings = loaded.settings
     logs.configure(settings.logging)
+    notice = loaded.upstream_logging_notice()
+    if notice:
+        log.info("%s", notice)
     listen = server.listen_address(args.host, args.port)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert", "--tls-cert and --tls-key go together")
@@ -39,7 +42,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from keyconnector.ops.transfer import run_startup_transfer
 
         # Upstream's start-up transfer, done safely: a failure stops serve before it listens.
-        log.info("%s is set: checking for the start-up transfer", setting_name("transferTo.lockfilePath"))
         run_startup_transfer(settings)
     server.run(
         settings,

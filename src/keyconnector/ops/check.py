@@ -46,6 +46,9 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
         CheckResult("settings", True, f"unknown setting {name} is ignored (a typo?)", warning=True)
         for name in loaded.unknown
     ]
+    notice = loaded.upstream_logging_notice()
+    if notice:
+        results.append(CheckResult("settings", True, notice, warning=True))
     from keyconnector.runtime.permissions import loose_files
 
     results += [CheckResult("permissions", True, problem, warning=True) for problem in loose_files(settings)]

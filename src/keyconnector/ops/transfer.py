@@ -25,7 +25,13 @@ from uuid import UUID
 
 from keyconnector.core.envelope import DataKeys
 from keyconnector.core.keyring import open_ring
-from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UsageError
+from keyconnector.errors import (
+    ENV_PREFIX,
+    ConfigurationError,
+    IntegrityFailure,
+    KeyConnectorError,
+    UsageError,
+)
 from keyconnector.keypairs import open_key_provider
 from keyconnector.ops import (
     OperationFailed,
@@ -425,6 +431,22 @@ def run_startup_transfer(settings: Settings) -> None:
     """
     lock_setting = settings.transfer_to.lockfile_path
     if not lock_setting:
+        return
+    target = side_of(settings, transfer=True)
+    if target.database is None or target.rsa_key is None:
+        # Upstream runs it only with both sections given; its own appsettings.json sets the lock
+        # path alone, which must not stop (or slow) a start.
+        if target.database is not None or target.rsa_key is not None:
+            given, missing = ("database", "rsaKey") if target.database is not None else ("rsaKey", "database")
+            log.info(
+                "start-up transfer skipped: %stransferTo__%s is set but not %stransferTo__%s (upstream "
+                "runs it only with both); to copy to another database with the same key pair, or to "
+                "another key pair in place, run `keyconnector transfer` or `keyconnector rotate-key-pair`",
+                ENV_PREFIX,
+                given,
+                ENV_PREFIX,
+                missing,
+            )
         return
     lock = Path(lock_setting)
     if lock.exists():

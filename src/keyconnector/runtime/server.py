@@ -125,7 +125,7 @@ def warn_database_transport(settings: Settings) -> None:
     trust = Trust.from_settings(settings)
     warn_insecure_transport(settings.database, trust=trust)
     lock, target = settings.transfer_to.lockfile_path, side_of(settings, transfer=True)
-    if lock and target.database is not None and not Path(lock).exists():
+    if lock and target.database is not None and target.rsa_key is not None and not Path(lock).exists():
         warn_insecure_transport(target.database, target.database_prefix, trust=trust)
 
 

@@ -29,10 +29,30 @@ CONFIG_FILE_ENV = "KEYCONNECTOR_CONFIG"
 class LoadedSettings:
     """The settings plus what the loader noticed on the way (unknown names are typos, usually)."""
 
-    def __init__(self, settings: Settings, unknown: list[str], sources: list[str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        unknown: list[str],
+        sources: list[str],
+        upstream_logging: list[str] | None = None,
+    ) -> None:
         self.settings = settings
         self.unknown = unknown
         self.sources = sources
+        self.upstream_logging = upstream_logging or []
+        """``Serilog__...`` names found: upstream's logging settings, which operators' env files
+        carry; not ours, not typos either, so they get one notice instead of a warning each."""
+
+    def upstream_logging_notice(self) -> str | None:
+        """The one line said about ``upstream_logging`` (by ``serve`` and ``check``), or None."""
+        if not self.upstream_logging:
+            return None
+        names = ", ".join(self.upstream_logging[:3]) + (", ..." if len(self.upstream_logging) > 3 else "")
+        return (
+            f"{names}: upstream's logging settings (Serilog) are not used here; keyconnector logs to "
+            f"stderr, and {ENV_PREFIX}logging__level, {ENV_PREFIX}logging__format and "
+            f"{ENV_PREFIX}logging__file set the level, the form and a log file"
+        )
 
 
 def _field_map(model: type[BaseModel]) -> dict[str, tuple[str, FieldInfo]]:
@@ -112,9 +132,54 @@ def _split_env_name(name: str) -> list[str] | None:
     return None
 
 
+def strip_jsonc(text: str) -> str:
+    """JSON as ASP.NET Core's configuration reads ``appsettings.json``: ``//`` and ``/* */``
+    comments and trailing commas are allowed there, so upstream's own files carry them. They are
+    removed here outside strings (a comment becomes spaces and keeps its newlines, so the line numbers
+    of a later JSON error stay right); anything else stays strict JSON."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    pending_comma: int | None = None  # index in ``out`` of a comma that may turn out to be trailing
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i : j + 1])
+            pending_comma = None
+            i = j + 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i))
+            i = j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            out.append("".join(ch if ch == "\n" else " " for ch in text[i:j]))
+            i = j
+        elif c == ",":
+            pending_comma = len(out)
+            out.append(c)
+            i += 1
+        elif c in "}]":
+            if pending_comma is not None:
+                out[pending_comma] = " "
+            pending_comma = None
+            out.append(c)
+            i += 1
+        else:
+            if not c.isspace():
+                pending_comma = None
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 def _json_section(path: Path) -> Mapping[str, Any]:
     try:
-        document = json.loads(path.read_text(encoding="utf-8-sig"))
+        document = json.loads(strip_jsonc(path.read_text(encoding="utf-8-sig")))
     except FileNotFoundError:
         raise UsageError("--config", f"the settings file {path} does not exist") from None
     except json.JSONDecodeError as exc:
@@ -123,10 +188,44 @@ def _json_section(path: Path) -> Mapping[str, Any]:
         ) from None
     if not isinstance(document, dict):
         raise UsageError("--config", f"the settings file {path} must hold a JSON object")
+    return document
+
+
+def _settings_section(document: Mapping[str, Any]) -> Mapping[str, Any]:
     for key, value in document.items():
         if key.lower() == "keyconnectorsettings" and isinstance(value, dict):
             return value
     return {}
+
+
+_SERILOG_PREFIXES = ("serilog__", "serilog:")
+
+
+def _check_implicit_provider(settings: Settings) -> None:
+    """``database__provider`` unset means upstream's default, the JSON file. An operator who set
+    another database's connection string but not the provider meant that database (a copy of an
+    older keyconnector's settings, whose default was SQLite, or a forgotten line): starting on an
+    empty JSON file instead would be a new database created silently."""
+    database = settings.database
+    if "provider" in database.model_fields_set:
+        return
+    given = [
+        alias
+        for name, alias in (
+            ("sqlite_connection_string", "sqliteConnectionString"),
+            ("postgresql_connection_string", "postgreSqlConnectionString"),
+            ("mysql_connection_string", "mySqlConnectionString"),
+            ("sqlserver_connection_string", "sqlServerConnectionString"),
+        )
+        if getattr(database, name) is not None
+    ]
+    if given:
+        raise ConfigurationError(
+            "database.provider",
+            f"is not set, which means upstream's default 'json' (the file {database.json_file_path}), but "
+            f"{ENV_PREFIX}database__{given[0]} is set; set {ENV_PREFIX}database__provider to the database "
+            "you mean (sqlite, postgresql, mysql, sqlserver), or remove that connection string",
+        )
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:
@@ -169,9 +268,12 @@ def load_settings(
     nested: dict[str, Any] = {}
     unknown: list[str] = []
     sources: list[str] = []
+    upstream_logging: list[str] = []
     if config_file is not None:
         path = Path(config_file)
-        section = _json_section(path)
+        document = _json_section(path)
+        upstream_logging += [f"{key} (in {path.name})" for key in document if key.lower() == "serilog"]
+        section = _settings_section(document)
         for key, value in section.items():
             _place(Settings, nested, [str(key)], value, unknown, f"{ENV_PREFIX}{key}")
         sources.append(str(path))
@@ -184,6 +286,7 @@ def load_settings(
         _place(Settings, nested, parts, environ[key], unknown, key)
     if env_names:
         sources.append("environment")
+    upstream_logging += sorted((k for k in environ if k.lower().startswith(_SERILOG_PREFIXES)), key=str.lower)
     try:
         settings = Settings(**nested)
     except ValidationError as exc:
@@ -191,7 +294,8 @@ def load_settings(
         location = ".".join(_upstream_path(Settings, [str(p) for p in first["loc"]]))
         # Never echo the input: it may be a password.
         raise ConfigurationError(location, str(first["msg"]).lower()) from None
-    return LoadedSettings(settings, unknown, sources)
+    _check_implicit_provider(settings)
+    return LoadedSettings(settings, unknown, sources, upstream_logging)
 
 
 def load_with_env_file(

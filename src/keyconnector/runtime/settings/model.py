@@ -68,14 +68,16 @@ class DatabaseSettings(Section):
     """Where user keys and the wrapped data key are stored. Upstream's tables are used in place."""
 
     provider: str = Field(
-        default="sqlite",
+        default="json",
         json_schema_extra=_meta(
             "all",
             choices="keyconnector.storage.registry:BACKENDS",
             refused="keyconnector.storage.registry:REMOVED",
         ),
     )
-    """The backend. ``mongo`` is refused with a migration hint (upstream removed it)."""
+    """The backend. Unset, it is upstream's default, the JSON file at ``jsonFilePath`` (unless another
+    database's connection string is set: that is refused as ambiguous). ``mongo`` is refused with the
+    way out (``keyconnector transfer`` from a mongodump)."""
     json_file_path: str = Field(
         default="/etc/bitwarden/data.json", alias="jsonFilePath", json_schema_extra=_meta("json")
     )
@@ -265,12 +267,16 @@ class CertificateSettings(Section):
 
 
 class TransferSettings(Section):
-    """Upstream's start-up transfer: with a lock-file path set and no lock file, ``serve`` first copies
-    every user key to the database and key pair below (which take the same settings as the service's
-    own sections), verifies them, then writes the lock file."""
+    """Upstream's start-up transfer: when the lock file is absent and both a target database and a
+    target key pair are given below (they take the same settings as the service's own sections),
+    ``serve`` first copies every user key there, verifies them, then writes the lock file. Otherwise
+    the start-up transfer is skipped, as upstream does."""
 
-    lockfile_path: str | None = Field(default=None, alias="lockfilePath", json_schema_extra=_meta("all"))
-    """The lock file marking the transfer done; unset means no start-up transfer."""
+    lockfile_path: str | None = Field(
+        default="/etc/bitwarden/transfer.lock", alias="lockfilePath", json_schema_extra=_meta("all")
+    )
+    """The lock file marking the start-up transfer done (upstream's default path). Empty: never run
+    the start-up transfer."""
     database: DatabaseSettings | None = None
     rsa_key: RsaKeySettings | None = Field(default=None, alias="rsaKey")
     certificate: CertificateSettings | None = None
