@@ -194,6 +194,22 @@ def test_requests_in_flight_per_user_are_capped_and_other_users_are_served(
     assert again.status_code == 404, again.text
 
 
+def test_a_client_that_gives_up_mid_body_is_no_error(service: Service, issuer: DevIssuer) -> None:
+    """A mobile client losing its network mid-PUT is ordinary: no ERROR, no traceback, nothing written."""
+    user = uuid.uuid4()
+    token = issuer.mint(user)
+    body = _body(secrets.token_bytes(32))
+    with _connect(service) as sock:
+        sock.sendall(_head("PUT", token, len(body)) + body[:5])
+        time.sleep(0.5)  # the endpoint is reading the body
+    deadline = time.monotonic() + SLACK
+    while str(user) not in service.logs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = [line for line in service.logs().splitlines() if str(user) in line or "Traceback" in line]
+    assert lines and all("ERROR" not in line and "Traceback" not in line for line in lines), lines
+    assert _get_key(service, token).status_code == 404
+
+
 def test_only_http_1_1_is_spoken(service: Service) -> None:
     """One request at a time per connection: an HTTP/2 preface (h2c) is not answered with HTTP/2 frames."""
     with _connect(service) as sock:

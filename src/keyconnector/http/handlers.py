@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from keyconnector.auth import AuthError, Principal
@@ -211,6 +211,11 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
         return message(exc.status, exc.message), "forbidden" if exc.status == 403 else "unauthorized"
     except BadRequest as exc:
         return message(exc.status, exc.text), "bad_request"
+    except ClientDisconnect:
+        # Ordinary (a phone losing its network mid-PUT), and a client could cause it at will: an audit
+        # entry and an access-log line, never an ERROR with a traceback. 499 as nginx logs it.
+        gone = message(499, "the client closed the connection before its body arrived; nothing was written")
+        return gone, "disconnected"
     except hold.BodyTimeout:
         seconds = request.app.state.services.settings.http.body_timeout_seconds
         return (
