@@ -217,7 +217,7 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
         gone = message(499, "the client closed the connection before its body arrived; nothing was written")
         return gone, "disconnected"
     except hold.BodyTimeout:
-        seconds = request.app.state.services.settings.http.body_timeout_seconds
+        seconds = services.settings.http.body_timeout_seconds
         return (
             message(
                 408,
