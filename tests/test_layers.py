@@ -22,6 +22,7 @@ from keyconnector.http.layers.access import AccessLayer
 from keyconnector.http.layers.cors import CORSMiddleware
 from keyconnector.http.layers.drain import DrainLayer
 from keyconnector.http.layers.errors import ErrorLayer
+from keyconnector.http.layers.hold import HoldLayer
 from keyconnector.http.layers.ratelimit import RateLimiter, RateLimitLayer
 from keyconnector.http.layers.request_id import RequestIdLayer
 from keyconnector.http.services import ServiceHolder, Services
@@ -82,6 +83,7 @@ def test_the_layers_are_composed_in_their_documented_order(tmp_path: Path) -> No
         RateLimitLayer,
         CORSMiddleware,
         DrainLayer,
+        HoldLayer,
     ]
     # With every limit off there is nothing to refuse: no rate-limit layer on the request path.
     off = _settings(
@@ -206,3 +208,37 @@ def test_a_failed_authentication_counts_against_the_address() -> None:
     assert refused.status_code == 429 and "failedAuthPerAddressPerMinute" in refused.json()["message"]
     assert health.status_code == 200  # only the limited paths are limited
     assert [entry.outcome for entry in trail.entries] == ["rate_limited"]
+
+
+def test_the_body_deadline_ends_with_the_body() -> None:
+    """Once the body is complete, ``receive`` is the server's own: Starlette waits on it for a
+    disconnect for as long as the response takes, which the body deadline must not cut short."""
+    from keyconnector.http.layers.hold import BodyTimeout, _Deadline
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        messages: list[dict[str, Any]] = [
+            {"type": "http.request", "body": b"{", "more_body": True},
+            {"type": "http.request", "body": b"}", "more_body": False},
+        ]
+
+        async def server_receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.3)  # a disconnect, later than the deadline
+            return {"type": "http.disconnect"}
+
+        receive = _Deadline(server_receive, loop.time() + 0.1)
+        assert (await receive())["more_body"] is True
+        assert (await receive())["more_body"] is False
+        assert (await receive())["type"] == "http.disconnect"
+
+        async def never() -> dict[str, Any]:
+            await asyncio.sleep(10)
+            raise AssertionError("unreachable")
+
+        stalled = _Deadline(never, loop.time() + 0.1)
+        with pytest.raises(BodyTimeout):
+            await stalled()
+
+    asyncio.run(scenario())

@@ -103,6 +103,7 @@ IGNORED_CLASSES = {
     "_UnknownKey",  # internal signal, turned into an AuthError with its own text
     "MissingDependencyError",  # builds its whole text itself (found in its __init__)
     "IncompleteModelError",  # a developer's mistake in the settings model, caught by tests/test_reference
+    "BodyTimeout",  # internal signal of layers.hold, answered by the endpoint with its own 408 text
 }
 """Exception classes defined under src/ that carry no text of their own."""
 

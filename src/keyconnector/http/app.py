@@ -28,6 +28,7 @@ from keyconnector.http.layers.access import AccessLayer
 from keyconnector.http.layers.cors import CORSMiddleware, allowed_origin
 from keyconnector.http.layers.drain import DrainLayer
 from keyconnector.http.layers.errors import ErrorLayer
+from keyconnector.http.layers.hold import HoldLayer
 from keyconnector.http.layers.ratelimit import RateLimiter, RateLimitLayer
 from keyconnector.http.layers.request_id import RequestIdLayer
 from keyconnector.http.responses import message
@@ -159,9 +160,13 @@ def _layers(app: ASGIApp, settings: Settings, services: ServiceHolder) -> ASGIAp
        outside tracing, so that a flood costs no span.
     5. ``TracingLayer`` (when tracing is on) opens the request's span.
     6. ``CORSMiddleware``, then ``DrainLayer`` inside it, so that a browser can read the drain's 503.
+    7. ``HoldLayer``, innermost: the body deadline and the per-user cap on requests in flight, which
+       the endpoint applies once the token names the user. Inside the drain, so that a request the
+       drain refuses takes no place; a place is given back when the endpoint returns.
     """
     limiter = RateLimiter(settings.rate_limit)
-    inner: ASGIApp = CORSMiddleware(DrainLayer(app), allowed_origin(settings.web_vault_uri))
+    held = HoldLayer(app, settings.http, endpoints.LIMITED_PATHS)
+    inner: ASGIApp = CORSMiddleware(DrainLayer(held), allowed_origin(settings.web_vault_uri))
     if settings.tracing.enabled:
         inner = tracing.TracingLayer(inner, endpoints.ROUTED_PATHS, request_id_of)
     if limiter.enabled:

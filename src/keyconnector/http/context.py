@@ -19,6 +19,7 @@ from starlette.types import Scope
 from keyconnector.audit import AuditEntry, AuditTrail
 
 if TYPE_CHECKING:  # the rate-limit layer reads and writes contexts: a type, not an import cycle
+    from keyconnector.http.layers.hold import UserSlots
     from keyconnector.http.layers.ratelimit import RateLimiter
 
 ATTRIBUTE = "keyconnector"
@@ -43,6 +44,10 @@ class RequestContext:
     """The per-user limit the endpoint applies once it knows the user; set on the limited paths only."""
     status: int | None = None
     """The status sent, once the response has started."""
+    slots: UserSlots | None = None
+    """The per-user cap on requests in flight (``layers.hold``); set on the capped paths only."""
+    holding: UUID | None = None
+    """The user whose place in ``slots`` this request holds, given back when it ends."""
 
 
 def context_of(request: Mapping[str, Any]) -> RequestContext:

@@ -14,13 +14,14 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from keyconnector.auth import AuthError, Principal
-from keyconnector.errors import IntegrityFailure, UnavailableError
+from keyconnector.errors import IntegrityFailure, UnavailableError, setting_name
 from keyconnector.http.context import RequestContext, context_of
 from keyconnector.http.context import record as record_audit
+from keyconnector.http.layers import hold
 from keyconnector.http.responses import JSON, message, unauthorized, unavailable
 from keyconnector.http.services import Services
 
@@ -185,6 +186,8 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
     try:
         principal = await _principal(request, services, context)
         refusal = await _user_rate_limit(request, context, principal.user_id)
+        if refusal is None:
+            refusal = await _user_in_flight(request, context, principal.user_id)
         if refusal is not None:
             return refusal, "rate_limited"
         if request.method == "GET":
@@ -208,6 +211,22 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
         return message(exc.status, exc.message), "forbidden" if exc.status == 403 else "unauthorized"
     except BadRequest as exc:
         return message(exc.status, exc.text), "bad_request"
+    except ClientDisconnect:
+        # Ordinary (a phone losing its network mid-PUT), and a client could cause it at will: an audit
+        # entry and an access-log line, never an ERROR with a traceback. 499 as nginx logs it.
+        gone = message(499, "the client closed the connection before its body arrived; nothing was written")
+        return gone, "disconnected"
+    except hold.BodyTimeout:
+        seconds = services.settings.http.body_timeout_seconds
+        return (
+            message(
+                408,
+                f"the request body did not arrive within {seconds:g} seconds "
+                f"({setting_name('http.bodyTimeoutSeconds')}); nothing was written",
+                {"Connection": "close"},
+            ),
+            "timeout",
+        )
     except UnavailableError as exc:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         return unavailable(str(exc), exc.retry_after), "unavailable"
@@ -239,3 +258,18 @@ async def _user_rate_limit(request: Request, context: RequestContext, user_id: U
     if request.method != "GET":
         await _drain(request)  # the 429 must not be lost to a reset over an unread body
     return message(429, refusal.message, {"Retry-After": str(refusal.retry_after)})
+
+
+async def _user_in_flight(request: Request, context: RequestContext, user_id: UUID) -> Response | None:
+    """The per-user cap on requests running at once (see keyconnector.http.layers.hold), asked with the
+    rate limit and answered the same way: a 429 that is this endpoint's, audited as ``rate_limited``."""
+    if hold.enter(context, user_id):
+        return None
+    if request.method != "GET":
+        await _drain(request)
+    return message(
+        429,
+        "too many requests running at once for this user; try again when they have finished "
+        f"(limit {setting_name('http.maxRequestsInFlightPerUser')})",
+        {"Retry-After": "1"},
+    )

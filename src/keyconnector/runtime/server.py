@@ -203,6 +203,27 @@ def _draining(server_class: Any, folder: Path, seconds: float) -> Any:
     return DrainingServer
 
 
+def _http_options(settings: Settings) -> dict[str, Any]:
+    """granian's connection limits from the ``http`` settings (the rest is in ``http.layers.hold``).
+
+    HTTP/1.1 only, because granian's automatic HTTP/1-or-2 detection reads a new connection's first
+    bytes with no deadline: a client that connects and says nothing would hold its connection for
+    ever. Every client and reverse proxy speaks HTTP/1.1 (nginx talks to its upstreams in nothing
+    else), and one request at a time per connection is then also the per-connection cap. hyper's
+    header timeout runs from the connection's opening and again after each answer, so it is the idle
+    timeout too.
+    """
+    from granian.constants import HTTPModes
+    from granian.http import HTTP1Settings
+
+    return {
+        "http": HTTPModes.http1,
+        "http1_settings": HTTP1Settings(
+            header_read_timeout=max(1, round(settings.http.header_timeout_seconds * 1000)), keep_alive=True
+        ),
+    }
+
+
 def run(
     settings: Settings,
     listen: Listen,
@@ -239,6 +260,7 @@ def run(
         address=listen.host,
         port=listen.port,
         interface=Interfaces.ASGI,
+        **_http_options(settings),
         workers=workers,
         loop=Loops.uvloop,
         factory=True,

@@ -383,6 +383,31 @@ class ShutdownSettings(Section):
     period (Kubernetes: 30 s by default)."""
 
 
+class HttpSettings(Section):
+    """Ours: how long and how much one client may hold the service (slow and idle clients, floods of
+    parallel requests under one token). The README's security section explains the defaults."""
+
+    header_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=3600, alias="headerTimeoutSeconds", json_schema_extra=_meta("all", ours=True)
+    )
+    """How long a connection may take to send a complete request head, counted from when it opens and
+    again from each answer on a kept-alive connection: it is the idle (keep-alive) timeout as well, since
+    the server has one timer for both. Behind a load balancer that keeps connections to the service
+    open, set it above the balancer's idle timeout (AWS ALB: 60 s), so that the balancer closes first."""
+    body_timeout_seconds: float = Field(
+        default=20.0, gt=0, le=3600, alias="bodyTimeoutSeconds", json_schema_extra=_meta("all", ours=True)
+    )
+    """How long the whole body of a POST or PUT may take to arrive, counted from the request's arrival;
+    a body still arriving then gets 408 and the connection is closed, and nothing is written. A key's
+    body is under 2 KB (at most 64 KB is read), so even a poor mobile link sends it within a second."""
+    max_requests_in_flight_per_user: int = Field(
+        default=8, ge=0, alias="maxRequestsInFlightPerUser", json_schema_extra=_meta("all", ours=True)
+    )
+    """How many ``/user-keys`` requests one user (the token's subject) may have running at once in one
+    worker process (0: no cap); one more gets 429. A client normally has one; HTTP/1.1 already runs one
+    request at a time per connection, so this bounds what many connections under one token can hold."""
+
+
 class TracingSettings(Section):
     """Ours: OpenTelemetry traces, exported over OTLP/HTTP (``pip install 'keyconnector[otel]'``).
 
@@ -427,6 +452,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    http: HttpSettings = HttpSettings()
     tracing: TracingSettings = TracingSettings()
     compat: CompatSettings = CompatSettings()
     audit: AuditSettings = AuditSettings()
