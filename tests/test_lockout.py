@@ -159,6 +159,7 @@ def test_readiness_health_and_check_agree_while_the_identity_server_is_down(
 ) -> None:
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = base_env(issuer, pfx, tmp_path / "kc.db") | {"keyConnectorSettings__identityServerUri": down}
+    del env[PREFIX + "perAddressPerMinute"]  # its default: check then warns about trustedProxies
     service = start_service(env)
     with service.client() as client:
         ready = client.get("/health/ready")
@@ -175,4 +176,5 @@ def test_readiness_health_and_check_agree_while_the_identity_server_is_down(
     )
     identity = [line for line in check.stdout.splitlines() if "identity server" in line]
     assert len(identity) == 1 and "degraded" in identity[0], check.stdout + check.stderr
-    assert "503" in identity[0]
+    assert "503" in identity[0] and identity[0].startswith("FAIL") and check.returncode == 1
+    assert "warn client addresses: keyConnectorSettings__rateLimit__trustedProxies is empty" in check.stdout

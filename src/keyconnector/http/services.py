@@ -39,9 +39,18 @@ class ProxyNotice:
     def saw(self, peer: str) -> None:
         if self.peer is None:
             self.peer = peer
-            log.warning("%s", self.describe())
+            log.warning(
+                "requests from %s carry X-Forwarded-For, but %s is not in "
+                "keyConnectorSettings__rateLimit__trustedProxies: every client behind it shares its "
+                "address (in the logs, the audit trail and one per-address rate-limit bucket); if it is "
+                "your reverse proxy, set keyConnectorSettings__rateLimit__trustedProxies=%s",
+                peer,
+                peer,
+                peer,
+            )
 
     def describe(self) -> str:
+        """What ``/health/ready`` shows under ``clientAddresses``: "ok", or the logged warning's text."""
         if self.peer is None:
             return "ok"
         setting = setting_name("rateLimit.trustedProxies")

@@ -198,17 +198,22 @@ def _check_client_addresses(limits: RateLimitSettings) -> CheckResult:
     reverse proxy is in front (the running service says so in its log and ``/health/ready`` as soon
     as one forwards a request); it says what an empty ``trustedProxies`` means, as a warning when the
     per-address limits are on, since Bitwarden's installer always puts nginx in front."""
-    setting = setting_name("rateLimit.trustedProxies")
     if limits.trusted_proxies.strip():
         return CheckResult(
             "client addresses", True, f"X-Forwarded-For is believed from {limits.trusted_proxies}"
         )
-    on = limits.per_address_per_minute > 0 or limits.failed_auth_per_address_per_minute > 0
+    if limits.per_address_per_minute > 0 or limits.failed_auth_per_address_per_minute > 0:
+        return CheckResult(
+            "client addresses",
+            True,
+            f"{setting_name('rateLimit.trustedProxies')} is empty: behind a reverse proxy every client "
+            "shares the proxy's address and its per-address rate-limit buckets; set it to the proxy's "
+            "address (the service logs it when one forwards a request)",
+            warning=True,
+        )
     return CheckResult(
         "client addresses",
         True,
-        f"{setting} is empty: behind a reverse proxy every client shares the proxy's address"
-        + (" and its per-address rate-limit buckets" if on else "")
-        + f"; set {setting} to the proxy's address (the service logs it when one forwards a request)",
-        warning=on,
+        f"{setting_name('rateLimit.trustedProxies')} is empty: behind a reverse proxy every client has "
+        "the proxy's address",
     )
