@@ -110,6 +110,9 @@ def test_a_cached_valid_token_is_served_while_its_address_is_throttled(
         refused = client.get("/user-keys", headers={"Authorization": f"Bearer {forged(issuer)}"})
         assert refused.status_code == 429 and "Retry-After" in refused.headers
         assert "keyConnectorSettings__rateLimit__" in refused.json()["message"]
+        # A signed token the policy refuses verified too: its 403 is final, never turned into a 429.
+        policy = client.get("/user-keys", headers={"Authorization": f"Bearer {issuer.mint(amr=['pwd'])}"})
+        assert policy.status_code == 403, policy.text
         again = client.get("/user-keys", headers=good)  # cached: verified before
         fresh = client.get("/user-keys", headers={"Authorization": f"Bearer {issuer.mint(user)}"})
     assert again.status_code == 200 and again.json()["key"] == KEY, again.text

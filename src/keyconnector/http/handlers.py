@@ -210,7 +210,7 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
         created = await services.keys.put(principal.user_id, raw)
         return Response(b"", headers=NO_STORE), "created" if created else "replaced"
     except AuthError as exc:
-        throttled = await _failed_auth_limit(request, context)
+        throttled = await _failed_auth_limit(request, context, signed=exc.status == 403)
         if throttled is not None:
             return throttled, "rate_limited"
         if exc.status == 401:
@@ -247,11 +247,13 @@ async def _user_rate_limit(request: Request, context: RequestContext, user_id: U
     return None if refusal is None else await _too_many(request, refusal)
 
 
-async def _failed_auth_limit(request: Request, context: RequestContext) -> Response | None:
-    """A token that did not verify counts against its address; past the address's budgets the answer
-    is 429 instead of 401 or 403 (see keyconnector.http.layers.ratelimit: a verified token never is)."""
+async def _failed_auth_limit(request: Request, context: RequestContext, *, signed: bool) -> Response | None:
+    """A refused token counts against its address; past the address's budgets a token that did not
+    verify gets 429 instead of 401 (see keyconnector.http.layers.ratelimit: a verified one never does)."""
     limiter = context.limiter
-    refusal = limiter.authentication_failed(context.address, context.address_wait) if limiter else None
+    if limiter is None:
+        return None
+    refusal = limiter.authentication_failed(context.address, context.address_wait, signed=signed)
     return None if refusal is None else await _too_many(request, refusal)
 
 

@@ -300,15 +300,19 @@ class RateLimiter:
         return _refusal(wait, "for this user", "perUserPerMinute") if wait else None
 
     def authentication_failed(
-        self, address: str, address_wait: float = 0.0, now: float | None = None
+        self, address: str, address_wait: float = 0.0, now: float | None = None, *, signed: bool = False
     ) -> Refusal | None:
-        """A token from ``address`` did not verify (or broke the policy): count it, and say whether
-        the answer is a 429 (a budget of the address is spent) rather than the 401 or 403.
+        """A token from ``address`` was refused: count it, and say whether the answer is a 429 (a
+        budget of the address is spent) rather than the 401.
 
-        ``address_wait``: what ``arrived`` said for this request."""
+        ``address_wait``: what ``arrived`` said for this request. ``signed``: the token verified but
+        broke the policy (a 403): it counts, but is never turned into a 429, since it verified and a
+        403 is final where a 429 invites the client to send it again."""
         wait = 0.0
         if self.failed_auth is not None:  # counted even when the request bucket refuses
             wait = self.failed_auth.take(bucket_key(address), time.monotonic() if now is None else now)
+        if signed:
+            return None
         if address_wait:
             return _refusal(address_wait, "from this address", "perAddressPerMinute")
         if wait:
@@ -316,9 +320,6 @@ class RateLimiter:
                 wait, "with failed authentication from this address", "failedAuthPerAddressPerMinute"
             )
         return None
-
-
-_JSON = b"application/json; charset=utf-8"
 
 
 class RateLimitLayer:
