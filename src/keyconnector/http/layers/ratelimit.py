@@ -6,7 +6,9 @@ trip or a write per request on the login-storm path, which is exactly what the s
 The price is that with N worker processes the effective limit of a client is up to N times the
 setting (the kernel spreads connections over workers). That is acceptable because these limits are
 brakes against abuse (a flood of bad tokens, a runaway client, a stolen token used in a loop), not
-quotas: a brake a few times looser still turns a flood of thousands per second into a trickle.
+quotas: a brake a few times looser still tells such a client to back off (429 with ``Retry-After``).
+What they never do is refuse a token that verifies because others at its address sent bad ones
+(see ``RateLimiter``): only the per-user limit applies to a verified token.
 
 Every operation is O(1): a dictionary look-up, a few float operations and an ``OrderedDict`` move.
 Memory is bounded: each store keeps at most ``max_entries`` buckets and forgets the least recently
