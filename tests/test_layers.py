@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -25,7 +24,7 @@ from keyconnector.http.layers.errors import ErrorLayer
 from keyconnector.http.layers.hold import HoldLayer
 from keyconnector.http.layers.ratelimit import RateLimiter, RateLimitLayer
 from keyconnector.http.layers.request_id import RequestIdLayer
-from keyconnector.http.services import ServiceHolder, Services
+from keyconnector.http.services import ProxyNotice, ServiceHolder, Services
 from keyconnector.runtime.settings import RateLimitSettings, Settings, load_settings
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "keyconnector"
@@ -126,7 +125,7 @@ class _Trail(AuditTrail):
 
 def _compose(endpoint: ASGIApp, trail: _Trail, limits: RateLimitSettings) -> ASGIApp:
     holder = ServiceHolder()
-    holder.services = cast(Services, SimpleNamespace(audit=trail))  # the layer uses only the trail
+    holder.services = cast(Services, SimpleNamespace(audit=trail, proxy_notice=ProxyNotice()))
     limiter = RateLimiter(limits)
     return RequestIdLayer(
         AccessLayer(ErrorLayer(RateLimitLayer(endpoint, limiter, holder)), metrics=False), limiter.trusted
@@ -165,49 +164,36 @@ def test_an_unhandled_error_is_a_500_with_the_request_id(caplog: pytest.LogCaptu
     assert "unhandled error in GET /boom" in caplog.text
 
 
-def test_the_rate_limit_layer_refuses_before_auth_and_audits_its_refusal() -> None:
+def test_the_rate_limit_layer_refuses_nothing_and_tells_the_endpoint_what_the_address_spent() -> None:
+    """Whether a spent address budget matters depends on the token (a verified one is never refused):
+    only the endpoint knows, so the layer hands it the limiter and what the request bucket said."""
     endpoint, trail = _Endpoint(), _Trail()
     limits = RateLimitSettings.model_validate(
         {"perAddressPerMinute": 1, "perAddressBurst": 1, "failedAuthPerAddressPerMinute": 0}
     )
-    app = _compose(endpoint, trail, limits)
-    headers = {"X-Request-Id": "rid-429", "Bitwarden-Client-Name": "cli"}
-    allowed, refused = _get(app, ("/user-keys", {}), ("/user-keys", headers))
-    assert allowed.status_code == 401 and endpoint.seen[0].limiter is not None
-    assert refused.status_code == 429 and len(endpoint.seen) == 1  # the endpoint never saw it
-    assert int(refused.headers["retry-after"]) >= 1
-    assert list(refused.headers)[-1] == "x-request-id" and refused.headers["x-request-id"] == "rid-429"
-    assert "perAddressPerMinute" in json.loads(refused.content)["message"]
-    assert trail.entries == [
-        AuditEntry(
-            user=None,
-            client="192.0.2.9",
-            client_name="cli",
-            method="GET",
-            outcome="rate_limited",
-            status=429,
-            request_id="rid-429",
-        )
-    ]
-
-
-def test_a_failed_authentication_counts_against_the_address() -> None:
-    endpoint, trail = _Endpoint(), _Trail()
-    limits = RateLimitSettings.model_validate(
-        {
-            "perAddressPerMinute": 0,
-            "perUserPerMinute": 0,
-            "failedAuthPerAddressPerMinute": 1,
-            "failedAuthBurst": 1,
-        }
-    )
-    unauthorized, refused, health = _get(
+    first, second, health = _get(
         _compose(endpoint, trail, limits), ("/user-keys", {}), ("/user-keys", {}), ("/alive", {})
     )
-    assert unauthorized.status_code == 401
-    assert refused.status_code == 429 and "failedAuthPerAddressPerMinute" in refused.json()["message"]
-    assert health.status_code == 200  # only the limited paths are limited
-    assert [entry.outcome for entry in trail.entries] == ["rate_limited"]
+    assert [first.status_code, second.status_code, health.status_code] == [401, 401, 200]
+    assert [context.limiter is not None for context in endpoint.seen] == [True, True, False]
+    assert endpoint.seen[0].address_wait == 0.0 and endpoint.seen[1].address_wait > 0
+    assert trail.entries == []  # the layer audits nothing: the endpoint answers every 429
+
+
+def test_a_proxy_nobody_listed_is_noticed_once(caplog: pytest.LogCaptureFixture) -> None:
+    endpoint, trail = _Endpoint(), _Trail()
+    holder = ServiceHolder()
+    notice = ProxyNotice()
+    holder.services = cast(Services, SimpleNamespace(audit=trail, proxy_notice=notice))
+    limiter = RateLimiter(RateLimitSettings())
+    app = RequestIdLayer(RateLimitLayer(endpoint, limiter, holder), limiter.trusted)
+    _get(app, ("/user-keys", {}))
+    assert notice.peer is None and notice.describe() == "ok"
+    _get(app, *[("/user-keys", {"X-Forwarded-For": "198.51.100.1, forged"})] * 3)
+    assert notice.peer == "192.0.2.9"
+    assert "keyConnectorSettings__rateLimit__trustedProxies=192.0.2.9" in notice.describe()
+    warnings = [record for record in caplog.records if "trustedProxies" in record.getMessage()]
+    assert len(warnings) == 1 and "forged" not in warnings[0].getMessage()
 
 
 def test_the_body_deadline_ends_with_the_body() -> None:

@@ -21,6 +21,7 @@ from keyconnector.http.layers.ratelimit import (
     BucketStore,
     RateLimiter,
     TrustedProxies,
+    bucket_key,
     client_address,
 )
 from keyconnector.runtime.settings import RateLimitSettings
@@ -119,20 +120,21 @@ def test_a_refused_write_writes_nothing(limited: Service, issuer: DevIssuer) -> 
 def test_per_address_limit_uses_the_forwarded_address_from_a_trusted_proxy(
     limited: Service, issuer: DevIssuer
 ) -> None:
+    """The address's request bucket (burst 3) refuses, once spent, only tokens that do not verify."""
     with limited.client() as client:
-        for _ in range(3):
+        for _ in range(4):
             ok = client.get("/user-keys", headers=from_address("198.51.100.1", issuer.mint(uuid.uuid4())))
-            assert ok.status_code == 404, ok.text
-        refused = client.get("/user-keys", headers=from_address("198.51.100.1", issuer.mint(uuid.uuid4())))
+            assert ok.status_code == 404, ok.text  # verified: never refused by a per-address limit
+        refused = client.get("/user-keys", headers=from_address("198.51.100.1", "forged.token.a"))
         assert_limited(refused, "perAddressPerMinute")
         # Whatever the client writes to the left of the proxy's entry is not believed.
-        spoofed = from_address("203.0.113.77, 198.51.100.1", issuer.mint(uuid.uuid4()))
+        spoofed = from_address("203.0.113.77, 198.51.100.1", "forged.token.b")
         assert_limited(client.get("/user-keys", headers=spoofed), "perAddressPerMinute")
         # A chain of trusted proxies (10.9.x.x) is skipped from the right.
-        chained = from_address("198.51.100.1, 10.9.3.4", issuer.mint(uuid.uuid4()))
+        chained = from_address("198.51.100.1, 10.9.3.4", "forged.token.c")
         assert_limited(client.get("/user-keys", headers=chained), "perAddressPerMinute")
-        other = client.get("/user-keys", headers=from_address("198.51.100.2", issuer.mint(uuid.uuid4())))
-        assert other.status_code == 404, other.text
+        other = client.get("/user-keys", headers=from_address("198.51.100.2", "forged.token.d"))
+        assert other.status_code == 401, other.text
 
 
 def test_a_flood_of_bad_tokens_throttles_that_address_only(limited: Service, issuer: DevIssuer) -> None:
@@ -147,13 +149,14 @@ def test_a_flood_of_bad_tokens_throttles_that_address_only(limited: Service, iss
                 client.get("/user-keys", headers=from_address("192.0.2.99", "forged.token.x")).status_code
                 == 401
             )
-        good = issuer.mint(uuid.uuid4())
-        throttled = client.get("/user-keys", headers=from_address("192.0.2.99", good))
-        assert_limited(throttled, "failedAuthPerAddressPerMinute")
         still_bad = client.get("/user-keys", headers=from_address("192.0.2.99", "forged.token.y"))
         assert_limited(still_bad, "failedAuthPerAddressPerMinute")
-        elsewhere = client.get("/user-keys", headers=from_address("192.0.2.100", good))
-        assert elsewhere.status_code == 404, elsewhere.text
+        # A token that verifies is served all the same: the failures were someone else's.
+        good = issuer.mint(uuid.uuid4())
+        served = client.get("/user-keys", headers=from_address("192.0.2.99", good))
+        assert served.status_code == 404, served.text
+        elsewhere = client.get("/user-keys", headers=from_address("192.0.2.100", "forged.token.z"))
+        assert elsewhere.status_code == 401, elsewhere.text
 
 
 def test_health_endpoints_are_never_limited(limited: Service) -> None:
@@ -176,8 +179,12 @@ def test_forwarded_header_is_ignored_without_trusted_proxies(
     service = start_service(env)
     with service.client() as client:
         responses = [
-            client.get("/user-keys", headers=from_address(f"198.51.100.{n}", issuer.mint(uuid.uuid4())))
-            for n in range(1, 4)
+            client.get("/user-keys", headers=from_address(f"198.51.100.{n}", token))
+            for n, token in (
+                (1, issuer.mint(uuid.uuid4())),
+                (2, issuer.mint(uuid.uuid4())),
+                (3, "forged.x.y"),
+            )
         ]
     assert [r.status_code for r in responses] == [404, 404, 429]
     assert_limited(responses[2], "perAddressPerMinute")
@@ -218,9 +225,9 @@ def test_limits_of_zero_are_off() -> None:
     )
     assert not limiter.enabled
     for _ in range(1000):
-        assert limiter.before_auth("192.0.2.1") is None
+        assert limiter.arrived("192.0.2.1") == 0.0
         assert limiter.for_user("someone") is None
-        limiter.authentication_failed("192.0.2.1")
+        assert limiter.authentication_failed("192.0.2.1") is None
 
 
 def scope(peer: str, *forwarded: str) -> dict[str, object]:
@@ -246,3 +253,27 @@ def test_a_bad_trusted_proxy_entry_is_named() -> None:
     with pytest.raises(ConfigurationError, match="not-an-address"):
         TrustedProxies.parse("127.0.0.1, not-an-address")
     assert TrustedProxies.parse(" , ") is None
+
+
+def test_only_failures_are_refused_and_ipv6_counts_per_64() -> None:
+    limiter = RateLimiter(
+        RateLimitSettings(
+            perAddressPerMinute=60, perAddressBurst=2, failedAuthPerAddressPerMinute=60, failedAuthBurst=1
+        )
+    )
+    assert bucket_key("192.0.2.1") == "192.0.2.1"
+    assert bucket_key("2001:db8:1:2:aaaa::1") == bucket_key("2001:db8:1:2::ffff") == "2001:db8:1:2::/64"
+    assert bucket_key("2001:db8:1:3::1") != bucket_key("2001:db8:1:2::1")
+    # The request bucket (burst 2) spent by verified requests refuses nothing by itself...
+    assert [limiter.arrived("2001:db8:1:2::1", now=0.0) for _ in range(2)] == [0.0, 0.0]
+    wait = limiter.arrived("2001:db8:1:2::2", now=0.0)
+    assert wait > 0
+    # ... a failure within both budgets is a 401; the second failure of the /64 is a 429 ...
+    refusal = limiter.authentication_failed("2001:db8:1:2::3", 0.0, now=0.0)
+    assert refusal is None  # the failed-auth bucket still had its one token, the request bucket did too
+    refusal = limiter.authentication_failed("2001:db8:1:2::3", 0.0, now=0.0)
+    assert refusal is not None and "failedAuthPerAddressPerMinute" in refusal.message
+    # ... and so is a failure that arrived over the request bucket, though its failed bucket is full.
+    other = limiter.authentication_failed("2001:db8:1:3::3", wait, now=0.0)
+    assert other is not None and "perAddressPerMinute" in other.message
+    assert limiter.authentication_failed("2001:db8:1:3::3", 0.0, now=30.0) is None  # refilled

@@ -156,8 +156,9 @@ def _layers(app: ASGIApp, settings: Settings, services: ServiceHolder) -> ASGIAp
     2. ``AccessLayer`` writes the access-log line and the request metrics: outside every layer that
        answers by itself (500, 429, preflights, the drain's 503), so those are logged and counted too.
     3. ``ErrorLayer`` turns an unhandled exception into a logged 500.
-    4. ``RateLimitLayer`` (when a limit is set) refuses, and audits, before the token is checked:
-       outside tracing, so that a flood costs no span.
+    4. ``RateLimitLayer`` (when a limit is set) counts the request against its address and hands the
+       limiter to the endpoint, which answers any 429 once it knows whether the token verified (a
+       verified token is never refused by a per-address limit); it also notices an untrusted proxy.
     5. ``TracingLayer`` (when tracing is on) opens the request's span.
     6. ``CORSMiddleware``, then ``DrainLayer`` inside it, so that a browser can read the drain's 503.
     7. ``HoldLayer``, innermost: the body deadline and the per-user cap on requests in flight, which

@@ -42,6 +42,9 @@ class RequestContext:
     """The user the token named, set by the endpoint once the token is checked."""
     limiter: RateLimiter | None = None
     """The per-user limit the endpoint applies once it knows the user; set on the limited paths only."""
+    address_wait: float = 0.0
+    """Seconds until the address's request bucket had a token for this request (0.0: it had one):
+    a token that does not verify is then answered 429 (see ``RateLimiter``)."""
     status: int | None = None
     """The status sent, once the response has started."""
     slots: UserSlots | None = None

@@ -11,7 +11,7 @@ import binascii
 import json
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from starlette.requests import ClientDisconnect, Request
@@ -24,6 +24,9 @@ from keyconnector.http.context import record as record_audit
 from keyconnector.http.layers import hold
 from keyconnector.http.responses import JSON, message, unauthorized, unavailable
 from keyconnector.http.services import Services
+
+if TYPE_CHECKING:  # the layer imports the endpoint table, which imports this module
+    from keyconnector.http.layers.ratelimit import Refusal
 
 log = logging.getLogger("keyconnector.http")
 
@@ -47,27 +50,31 @@ async def alive(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    """Upstream's words, and ASP.NET's third one: ``Degraded`` (200) when ``/health/ready`` says so."""
     services: Services = request.app.state.services
-    healthy, _ = await services.health.overall()
-    return Response(
-        "Healthy" if healthy else "Unhealthy", status_code=200 if healthy else 503, media_type="text/plain"
-    )
+    healthy, checks = await services.health.overall()
+    text = ("Degraded" if readiness(healthy, checks) == "degraded" else "Healthy") if healthy else "Unhealthy"
+    return Response(text, status_code=200 if healthy else 503, media_type="text/plain")
 
 
 async def health_live(request: Request) -> Response:
     return Response(b'{"status":"alive"}', media_type=JSON)
 
 
+def readiness(healthy: bool, checks: dict[str, str]) -> str:
+    """``unready`` (503), ``degraded`` (200: a part is down, but taking this instance out of the load
+    balancer would not help, e.g. a key provider or identity outage every replica shares) or ``ready``."""
+    if not healthy:
+        return "unready"
+    if all(checks.get(name) == "ok" for name in ("database", "keyProvider", "keyRing", "identity")):
+        return "ready"
+    return "degraded"
+
+
 async def health_ready(request: Request) -> Response:
     services: Services = request.app.state.services
     healthy, checks = await services.health.overall()
-    if not healthy:
-        status = "unready"
-    elif all(checks.get(name) == "ok" for name in ("database", "keyProvider", "keyRing")):
-        status = "ready"
-    else:
-        status = "degraded"
-    body = json.dumps({"status": status, "checks": checks})
+    body = json.dumps({"status": readiness(healthy, checks), "checks": checks})
     return Response(body, status_code=200 if healthy else 503, media_type=JSON)
 
 
@@ -206,6 +213,9 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
         created = await services.keys.put(principal.user_id, raw)
         return Response(b"", headers=NO_STORE), "created" if created else "replaced"
     except AuthError as exc:
+        throttled = await _failed_auth_limit(request, context, signed=exc.status == 403)
+        if throttled is not None:
+            return throttled, "rate_limited"
         if exc.status == 401:
             return unauthorized(exc.message), "unauthorized"
         return message(exc.status, exc.message), "forbidden" if exc.status == 403 else "unauthorized"
@@ -253,8 +263,20 @@ async def _user_rate_limit(request: Request, context: RequestContext, user_id: U
     """
     limiter = context.limiter
     refusal = limiter.for_user(user_id) if limiter is not None else None
-    if refusal is None:
+    return None if refusal is None else await _too_many(request, refusal)
+
+
+async def _failed_auth_limit(request: Request, context: RequestContext, *, signed: bool) -> Response | None:
+    """A refused token counts against its address; past the address's budgets a token that did not
+    verify gets 429 instead of 401 (see keyconnector.http.layers.ratelimit: a verified one never does)."""
+    limiter = context.limiter
+    if limiter is None:
         return None
+    refusal = limiter.authentication_failed(context.address, context.address_wait, signed=signed)
+    return None if refusal is None else await _too_many(request, refusal)
+
+
+async def _too_many(request: Request, refusal: Refusal) -> Response:
     if request.method != "GET":
         await _drain(request)  # the 429 must not be lost to a reset over an unread body
     return message(429, refusal.message, {"Retry-After": str(refusal.retry_after)})

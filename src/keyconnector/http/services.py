@@ -3,16 +3,62 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
 from keyconnector.audit import AuditTrail
 from keyconnector.auth import TokenValidator
 from keyconnector.core.service import KeyService
-from keyconnector.errors import KeyConnectorError
+from keyconnector.errors import KeyConnectorError, setting_name
 from keyconnector.keypairs.base import KeyProvider
 from keyconnector.runtime.settings import Settings
 from keyconnector.storage.base import Repository
+
+log = logging.getLogger("keyconnector.http")
+
+IDENTITY_DEGRADED = "degraded: every login gets 503 until it answers"
+"""What readiness, ``/health`` and ``check`` say of an identity server whose keys cannot be had."""
+
+
+class ProxyNotice:
+    """Whether requests arrived with ``X-Forwarded-For`` from a peer not in ``trustedProxies``.
+
+    Why it matters: that peer is a reverse proxy (Bitwarden's installer always puts nginx in front),
+    and without the setting every client behind it has the proxy's address, in the logs, the audit
+    trail and the per-address rate limits. Said once per worker in the log (the first such request)
+    and for as long as the worker runs in ``/health/ready``. Only the peer's address is shown: the
+    forwarded value is whatever the client wrote.
+    """
+
+    __slots__ = ("peer",)
+
+    def __init__(self) -> None:
+        self.peer: str | None = None
+
+    def saw(self, peer: str) -> None:
+        if self.peer is None:
+            self.peer = peer
+            log.warning(
+                "requests from %s carry X-Forwarded-For, but %s is not in "
+                "keyConnectorSettings__rateLimit__trustedProxies: every client behind it shares its "
+                "address (in the logs, the audit trail and one per-address rate-limit bucket); if it is "
+                "your reverse proxy, set keyConnectorSettings__rateLimit__trustedProxies=%s",
+                peer,
+                peer,
+                peer,
+            )
+
+    def describe(self) -> str:
+        """What ``/health/ready`` shows under ``clientAddresses``: "ok", or the logged warning's text."""
+        if self.peer is None:
+            return "ok"
+        setting = setting_name("rateLimit.trustedProxies")
+        return (
+            f"requests from {self.peer} carry X-Forwarded-For, but {self.peer} is not in {setting}: "
+            "every client behind it shares its address (in the logs, the audit trail and one per-address "
+            f"rate-limit bucket); if it is your reverse proxy, set {setting}={self.peer}"
+        )
 
 
 class HealthChecker:
@@ -27,6 +73,14 @@ class HealthChecker:
         self._lock = asyncio.Lock()
 
     async def overall(self) -> tuple[bool, dict[str, str]]:
+        """Whether the instance can serve, and each check's "ok" or what is wrong.
+
+        The proxy notice is read fresh (it costs nothing): it must show from the first forwarded
+        request, not a cache period later."""
+        healthy, checks = await self._cached()
+        return healthy, checks | {"clientAddresses": self._services.proxy_notice.describe()}
+
+    async def _cached(self) -> tuple[bool, dict[str, str]]:
         if time.monotonic() - self._at < self._ttl:
             return self._result
         async with self._lock:
@@ -61,9 +115,15 @@ class HealthChecker:
         else:
             healthy = False
             checks["dataKey"] = services.keys.status()
-        # Reported, not required: an identity outage is the identity server's, and user-key
-        # requests already answer 503 with Retry-After while it lasts.
-        checks["identity"] = "ok" if services.validator.ready else services.validator.status()
+        # Reported as "degraded", not as unready: an identity outage is the identity server's, shared
+        # by every replica, and failing readiness would empty the load balancer for no gain (user-key
+        # requests already answer 503 with Retry-After while it lasts, and recover by themselves).
+        validator = services.validator
+        checks["identity"] = (
+            "ok"
+            if validator.ready
+            else f"{IDENTITY_DEGRADED}: {validator.status().removeprefix('not ready: ')}"
+        )
         return healthy, checks
 
 
@@ -76,6 +136,8 @@ class Services:
     keys: KeyService
     audit: AuditTrail = field(default_factory=lambda: AuditTrail([]))
     """Every user-key request is recorded here (no sink configured: records nothing)."""
+    proxy_notice: ProxyNotice = field(default_factory=ProxyNotice)
+    """Set by the rate-limit layer when an untrusted peer forwards for others."""
     health: HealthChecker = field(init=False)
 
     def __post_init__(self) -> None:

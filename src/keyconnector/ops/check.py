@@ -15,6 +15,7 @@ from keyconnector.runtime.assemble import load_data_keys, open_database, open_ke
 from keyconnector.runtime.settings import (
     DatabaseSettings,
     LoadedSettings,
+    RateLimitSettings,
     SideSettings,
     identity_server_uri,
     side_of,
@@ -84,6 +85,7 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
             results.append(CheckResult("data key", False, str(exc)))
 
     results.append(await _check_identity(loaded))
+    results.append(_check_client_addresses(settings.rate_limit))
     for closeable in (provider, repository):
         if closeable is not None:
             await closeable.aclose()
@@ -141,7 +143,16 @@ async def _check_identity(loaded: LoadedSettings) -> CheckResult:
         await validator.refresh()
         return CheckResult("identity server", True, validator.status())
     except KeyConnectorError as exc:
-        return CheckResult("identity server", False, f"{exc} (setting {setting_name('identityServerUri')})")
+        # The words of the service's readiness (``/health/ready`` says "degraded" and stays 200, so
+        # that an outage every replica shares does not empty the load balancer); a FAIL here all the
+        # same: before a takeover, an identity server this host cannot reach is a reason to stop.
+        from keyconnector.http.services import IDENTITY_DEGRADED
+
+        return CheckResult(
+            "identity server",
+            False,
+            f"{IDENTITY_DEGRADED}: {exc} (setting {setting_name('identityServerUri')})",
+        )
     finally:
         await validator.aclose()
 
@@ -180,3 +191,29 @@ async def _check_data_keys(
             f"records {legacy}",
         ),
     ]
+
+
+def _check_client_addresses(limits: RateLimitSettings) -> CheckResult:
+    """How the service will tell clients apart. ``check`` sees no traffic, so it cannot know whether a
+    reverse proxy is in front (the running service says so in its log and ``/health/ready`` as soon
+    as one forwards a request); it says what an empty ``trustedProxies`` means, as a warning when the
+    per-address limits are on, since Bitwarden's installer always puts nginx in front."""
+    if limits.trusted_proxies.strip():
+        return CheckResult(
+            "client addresses", True, f"X-Forwarded-For is believed from {limits.trusted_proxies}"
+        )
+    if limits.per_address_per_minute > 0 or limits.failed_auth_per_address_per_minute > 0:
+        return CheckResult(
+            "client addresses",
+            True,
+            f"{setting_name('rateLimit.trustedProxies')} is empty: behind a reverse proxy every client "
+            "shares the proxy's address and its per-address rate-limit buckets; set it to the proxy's "
+            "address (the service logs it when one forwards a request)",
+            warning=True,
+        )
+    return CheckResult(
+        "client addresses",
+        True,
+        f"{setting_name('rateLimit.trustedProxies')} is empty: behind a reverse proxy every client has "
+        "the proxy's address",
+    )

@@ -6,7 +6,9 @@ trip or a write per request on the login-storm path, which is exactly what the s
 The price is that with N worker processes the effective limit of a client is up to N times the
 setting (the kernel spreads connections over workers). That is acceptable because these limits are
 brakes against abuse (a flood of bad tokens, a runaway client, a stolen token used in a loop), not
-quotas: a brake a few times looser still turns a flood of thousands per second into a trickle.
+quotas: a brake a few times looser still tells such a client to back off (429 with ``Retry-After``).
+What they never do is refuse a token that verifies because others at its address sent bad ones
+(see ``RateLimiter``): only the per-user limit applies to a verified token.
 
 Every operation is O(1): a dictionary look-up, a few float operations and an ``OrderedDict`` move.
 Memory is bounded: each store keeps at most ``max_entries`` buckets and forgets the least recently
@@ -17,7 +19,6 @@ a bucket only ever makes a limit more lenient for that key (it comes back full),
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
 import time
 from collections import OrderedDict
@@ -27,9 +28,9 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keyconnector.errors import ConfigurationError, setting_name
-from keyconnector.http.context import context_of, record
+from keyconnector.http.context import context_of
 from keyconnector.http.endpoints import LIMITED_PATHS
-from keyconnector.http.services import ServiceHolder
+from keyconnector.http.services import ProxyNotice, ServiceHolder
 from keyconnector.runtime.settings import RateLimitSettings
 from keyconnector.telemetry import metrics
 
@@ -221,8 +222,47 @@ def _refusal(wait: float, who: str, setting: str) -> Refusal:
     )
 
 
+def bucket_key(address: str) -> str:
+    """The bucket an address counts against: itself for IPv4, its /64 for IPv6.
+
+    Why /64: one IPv6 host (a laptop with privacy addresses, a VM, an attacker) is given a whole
+    /64 and can send from any of its 2^64 addresses; a bucket per address would be no limit at all.
+    The address itself is kept for logs and the audit trail: only the limits group it.
+    """
+    if ":" not in address:
+        return address
+    key = _PREFIXES.get(address)
+    if key is None:
+        try:
+            key = str(ipaddress.IPv6Network((address, 64), strict=False))
+        except ValueError:
+            key = address
+        if len(_PREFIXES) >= CACHE_ENTRIES:
+            _PREFIXES.clear()
+        _PREFIXES[address] = key
+    return key
+
+
+_PREFIXES: dict[str, str] = {}
+
+
 class RateLimiter:
-    """The three limits of the ``rateLimit`` settings, for one worker process (a limit of 0 is off)."""
+    """The three limits of the ``rateLimit`` settings, for one worker process (a limit of 0 is off).
+
+    The rule they follow: **a token that verifies is never refused by a per-address limit**. Only the
+    per-user limit applies to it. The per-address buckets count what arrives from an address
+    (``arrived``) and what fails there (``authentication_failed``), and refuse only requests whose
+    token did not verify: those get 429 instead of 401 or 403 once a budget is spent.
+
+    Why not refuse before the token is looked at, as the first version did: the address is shared
+    (a NAT, and behind a reverse proxy not in ``trustedProxies`` every client), so a few garbage
+    tokens a second from anyone there locked out every valid user there. Refusing unverified work
+    early would save one signature check per bad token, but a fresh valid token is unverified work
+    too, and in a login storm every token is fresh. A bad token costs at most what a good one does
+    (one RSA verification, a few for a token without ``kid``, and no database access), so a flood
+    of them is bounded by the same capacity that carries a login storm; a cached valid token costs
+    a hash and a look-up and is answered before any bucket is consulted.
+    """
 
     def __init__(self, settings: RateLimitSettings, max_entries: int = MAX_ENTRIES) -> None:
         self.trusted = TrustedProxies.parse(settings.trusted_proxies)
@@ -246,24 +286,13 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.per_address is not None or self.per_user is not None or self.failed_auth is not None
 
-    def before_auth(self, address: str, now: float | None = None) -> Refusal | None:
-        """Checked before the token is looked at: the address's failed-auth bucket, then its request bucket.
-
-        A failed-auth bucket that is empty refuses even a good token: otherwise a flood of guesses
-        from that address would cost a token verification each, and be throttled only when wrong.
-        """
-        now = time.monotonic() if now is None else now
-        if self.failed_auth is not None:
-            wait = self.failed_auth.peek(address, now)
-            if wait:
-                return _refusal(
-                    wait, "with failed authentication from this address", "failedAuthPerAddressPerMinute"
-                )
-        if self.per_address is not None:
-            wait = self.per_address.take(address, now)
-            if wait:
-                return _refusal(wait, "from this address", "perAddressPerMinute")
-        return None
+    def arrived(self, address: str, now: float | None = None) -> float:
+        """A request from ``address`` reached a limited endpoint: it takes a token from the address's
+        request bucket. The seconds until there was one (0.0: there was) are kept for
+        ``authentication_failed``; they are never a reason to refuse the request by themselves."""
+        if self.per_address is None:
+            return 0.0
+        return self.per_address.take(bucket_key(address), time.monotonic() if now is None else now)
 
     def for_user(self, user: Hashable, now: float | None = None) -> Refusal | None:
         """Checked once the token is valid, with its user id."""
@@ -272,27 +301,44 @@ class RateLimiter:
         wait = self.per_user.take(user, time.monotonic() if now is None else now)
         return _refusal(wait, "for this user", "perUserPerMinute") if wait else None
 
-    def authentication_failed(self, address: str, now: float | None = None) -> None:
-        if self.failed_auth is not None:
-            self.failed_auth.drain(address, time.monotonic() if now is None else now)
+    def authentication_failed(
+        self, address: str, address_wait: float = 0.0, now: float | None = None, *, signed: bool = False
+    ) -> Refusal | None:
+        """A token from ``address`` was refused: count it, and say whether the answer is a 429 (a
+        budget of the address is spent) rather than the 401.
 
-
-_JSON = b"application/json; charset=utf-8"
+        ``address_wait``: what ``arrived`` said for this request. ``signed``: the token verified but
+        broke the policy (a 403): it counts, but is never turned into a 429, since it verified and a
+        403 is final where a 429 invites the client to send it again."""
+        wait = 0.0
+        if self.failed_auth is not None:  # counted even when the request bucket refuses
+            wait = self.failed_auth.take(bucket_key(address), time.monotonic() if now is None else now)
+        if signed:
+            return None
+        if address_wait:
+            return _refusal(address_wait, "from this address", "perAddressPerMinute")
+        if wait:
+            return _refusal(
+                wait, "with failed authentication from this address", "failedAuthPerAddressPerMinute"
+            )
+        return None
 
 
 class RateLimitLayer:
     """Applies the limits on the endpoint table's limited paths (``endpoints.LIMITED_PATHS``).
 
-    Before the token is checked, the address's limits: a refusal is a 429 that costs no token check,
-    no span (this layer sits outside tracing) and no database access, and is audited here, since the
-    endpoint never sees it. The per-user limit needs the user id, which only the endpoint learns
-    (from the token): the limiter goes in the request's context, and the endpoint asks right after
-    the token check, answering (and auditing) that 429 itself. A 401 or 403 answer counts against
-    the address's failed-authentication limit.
+    Nothing is refused here (see ``RateLimiter`` for why): the request takes its token from the
+    address's request bucket, and the limiter goes in the request's context with what that bucket
+    said. The endpoint asks right after the token check: the per-user limit for a token that
+    verified, ``authentication_failed`` for one that did not, and answers (and audits) any 429 itself.
+
+    It also notices a reverse proxy nobody listed: a request with ``X-Forwarded-For`` from a peer not
+    in ``trustedProxies`` is reported once (a WARNING, and ``/health/ready``), since every client
+    behind that proxy then shares its address and its buckets.
     """
 
     def __init__(self, app: ASGIApp, limiter: RateLimiter, services: ServiceHolder) -> None:
-        """``services``: where the lifespan puts the worker's services, whose audit trail records refusals."""
+        """``services``: where the lifespan puts the worker's services, which hold the proxy notice."""
         self.app = app
         self._limiter = limiter
         self._services = services
@@ -303,32 +349,21 @@ class RateLimitLayer:
             return
         limiter = self._limiter
         context = context_of(scope)
-        refusal = limiter.before_auth(context.address)
-        if refusal is not None:
-            services = self._services.services
-            if services is not None:  # requests arrive after the lifespan start-up: always there
-                record(services.audit, scope, "rate_limited", 429)
-            await _send_refusal(send, refusal)
-            return
+        services = self._services.services
+        if services is not None and services.proxy_notice.peer is None:
+            _notice_untrusted_proxy(scope, limiter.trusted, services.proxy_notice)
+        context.address_wait = limiter.arrived(context.address)
         context.limiter = limiter
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            if context.status == 401 or context.status == 403:
-                limiter.authentication_failed(context.address)
+        await self.app(scope, receive, send)
 
 
-async def _send_refusal(send: Send, refusal: Refusal) -> None:
-    body = json.dumps({"message": refusal.message}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 429,
-            "headers": [
-                (b"content-type", _JSON),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(refusal.retry_after).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+def _notice_untrusted_proxy(scope: Scope, trusted: TrustedProxies | None, notice: ProxyNotice) -> None:
+    """Report the peer if it forwards for others without being trusted to (only until the first time:
+    after that, the layer no longer looks)."""
+    client = scope.get("client")
+    if not client or (trusted is not None and client[0] in trusted):
+        return
+    for name, _ in scope["headers"]:
+        if name == b"x-forwarded-for":
+            notice.saw(client[0])
+            return

@@ -321,28 +321,32 @@ class RateLimitSettings(Section):
         default=20, ge=1, alias="perUserBurst", json_schema_extra=_meta("all", ours=True)
     )
     """Requests a user may make at once before the per-minute rate applies."""
+    # The per-address defaults hold a login storm behind one reverse proxy (every client sharing its
+    # address) with room to spare: see bench/README.md, "Rate-limit defaults", for the arithmetic.
     per_address_per_minute: float = Field(
-        default=6000, ge=0, alias="perAddressPerMinute", json_schema_extra=_meta("all", ours=True)
+        default=60000, ge=0, alias="perAddressPerMinute", json_schema_extra=_meta("all", ours=True)
     )
-    """Sustained requests per client address (a NAT carries many users)."""
+    """Sustained requests per client address (an IPv6 /64) on ``/user-keys``. Past it, a token that does
+    not verify gets 429 instead of 401; a token that verifies is never refused by a per-address limit."""
     per_address_burst: int = Field(
-        default=600, ge=1, alias="perAddressBurst", json_schema_extra=_meta("all", ours=True)
+        default=6000, ge=1, alias="perAddressBurst", json_schema_extra=_meta("all", ours=True)
     )
     """Requests an address may make at once."""
-    # Generous: behind one corporate NAT, a few dozen clients with expired tokens must not lock out
-    # the whole office.
     failed_auth_per_address_per_minute: float = Field(
-        default=300, ge=0, alias="failedAuthPerAddressPerMinute", json_schema_extra=_meta("all", ours=True)
+        default=1200, ge=0, alias="failedAuthPerAddressPerMinute", json_schema_extra=_meta("all", ours=True)
     )
-    """Refused tokens per address and minute; past it, the address is refused even with a good token."""
+    """Refused tokens per address (an IPv6 /64) and minute; past it, the next refused token gets 429
+    instead of 401 or 403. A token that verifies is still served (it was not the one failing)."""
     failed_auth_burst: int = Field(
-        default=100, ge=1, alias="failedAuthBurst", json_schema_extra=_meta("all", ours=True)
+        default=600, ge=1, alias="failedAuthBurst", json_schema_extra=_meta("all", ours=True)
     )
     """Refused tokens an address may send at once."""
     trusted_proxies: str = Field(
         default="", alias="trustedProxies", json_schema_extra=_meta("all", ours=True)
     )
-    """Comma-separated addresses or CIDR ranges whose ``X-Forwarded-For`` is believed."""
+    """Comma-separated addresses or CIDR ranges whose ``X-Forwarded-For`` is believed. Empty behind a
+    reverse proxy, every client has the proxy's address: the service logs a WARNING naming this
+    setting (and ``/health/ready`` shows it) when an untrusted peer forwards a request."""
 
 
 class LoggingSettings(Section):
