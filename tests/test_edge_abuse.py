@@ -61,3 +61,97 @@ def test_head_without_a_user_key_creates_none(shared_service: Service, issuer: D
         head = client.request("HEAD", "/user-keys", headers=headers, content=json.dumps({"key": _key()}))
         assert head.status_code == 405
         assert client.get("/user-keys", headers=headers).status_code == 404
+
+
+# -- log injection -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def logged_service(
+    tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, pfx: Pfx
+) -> Iterator[tuple[Service, Path]]:
+    """A service writing the text access log to a file of its own."""
+    folder = tmp_path_factory.mktemp("logged")
+    env = base_env(issuer, pfx, folder / "kc.db")
+    log_file = folder / "service.log"
+    env["keyConnectorSettings__logging__accessLog"] = "true"
+    env["keyConnectorSettings__logging__file"] = str(log_file)
+    service = Service(env, folder / "stderr.log")
+    service.start()
+    yield service, log_file
+    service.stop()
+
+
+def _raw_request(service: Service, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as conn:
+        conn.sendall(request)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    return received
+
+
+def _access_lines(log_file: Path, marker: str, timeout: float = 5.0) -> list[str]:
+    """The log lines holding ``marker``, once there are some (and a moment later, for stragglers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_file.read_text(errors="replace") if log_file.exists() else ""
+        if marker in text:
+            time.sleep(0.3)  # the access log is written in batches: let the whole batch arrive
+            break
+        time.sleep(0.05)
+    text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    # Split on newlines only, as log shippers and grep do (splitlines would also split on \r, \x85...).
+    return [line for line in text.split("\n") if marker in line]
+
+
+def test_a_newline_in_the_path_adds_exactly_one_access_log_line(
+    logged_service: tuple[Service, Path],
+) -> None:
+    service, log_file = logged_service
+    marker, forged_marker = secrets.token_hex(6), secrets.token_hex(6)
+    forged_line = f"2026-01-01 00:00:00.000 INFO    keyconnector.access: GET /user-keys 200 {forged_marker}"
+    forged = f"/{marker}%0A{forged_line}"
+    with service.client() as client:
+        assert client.get(forged).status_code == 404
+    lines = _access_lines(log_file, marker)
+    assert len(lines) == 1, lines
+    assert _access_lines(log_file, forged_marker) == lines  # the forged text is inside the one line
+    assert f"/{marker}\\n2026-01-01" in lines[0]
+
+
+@pytest.mark.parametrize("character", ["%0D", "%1B", "%00", "%7F", "%C2%85", "%E2%80%A8"])
+def test_control_characters_in_the_path_are_escaped(
+    logged_service: tuple[Service, Path], character: str
+) -> None:
+    service, log_file = logged_service
+    marker = secrets.token_hex(6)
+    with service.client() as client:
+        client.get(f"/{marker}{character}tail")
+    lines = _access_lines(log_file, marker)
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert f"{marker}\\" in line and "tail 404" in line, repr(line)
+    assert all(ch == "\t" or (ch.isprintable() and ch not in "\x85\u2028") for ch in line), repr(line)
+
+
+def test_a_request_id_with_control_characters_or_too_long_is_replaced(
+    logged_service: tuple[Service, Path],
+) -> None:
+    service, log_file = logged_service
+    marker = secrets.token_hex(6)
+    response = _raw_request(
+        service,
+        f"GET /{marker} HTTP/1.1\r\nHost: x\r\nX-Request-Id: abc\x0bFORGED\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    assert b"FORGED" not in response
+    with service.client() as client:
+        long_id = client.get(f"/{marker}b", headers={"X-Request-Id": "a" * 65})
+        assert long_id.headers["x-request-id"] != "a" * 65
+        assert len(long_id.headers["x-request-id"]) <= 64
+        kept = client.get(f"/{marker}c", headers={"X-Request-Id": "ok-id.1:2_3"})
+        assert kept.headers["x-request-id"] == "ok-id.1:2_3"
+    lines = _access_lines(log_file, marker)
+    assert lines and not [line for line in lines if "FORGED" in line or "a" * 65 in line], lines
+    assert [line for line in lines if line.endswith(" rid=ok-id.1:2_3")]

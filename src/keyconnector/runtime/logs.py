@@ -48,12 +48,32 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
+def escape(text: str) -> str:
+    """``text`` with every non-printable character written as a Python escape (``\\n``, ``\\x1b``,
+    ``\\u2028``).
+
+    Request fields reach log lines (the path, decoded from ``%0A``; headers; a client's request id):
+    a control character in one of them would start a forged line in a text log, move the cursor of
+    the terminal that shows it, or hide text behind a bidirectional override. One line per record
+    is what log shippers and grep rely on. ``str.isprintable`` is one C loop, so the common case (a
+    clean field) costs next to nothing on the access log's hot path.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class TextFormatter(logging.Formatter):
     """Human lines; a line written while handling a request ends with ``rid=<request id>``, as the
     access log's line for that request does."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message may hold a request's path or a client's words: one record, one line. A
+        # traceback, added after this by ``format``, keeps its lines.
+        return escape(super().formatMessage(record))
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -117,9 +137,11 @@ class AccessLog:
                 }
             )
         else:
+            # JSON escapes control characters by itself; a text line must do it for every field a
+            # client chose (see ``escape``). The user id is a UUID the token check produced.
             line = (
-                f"{self._timestamp()} INFO    {ACCESS_LOGGER}: {method} {path} {status} {millis:.2f}ms "
-                f"user={user or '-'} rid={request_id}"
+                f"{self._timestamp()} INFO    {ACCESS_LOGGER}: {escape(method)} {escape(path)} {status} "
+                f"{millis:.2f}ms user={user or '-'} rid={escape(request_id)}"
             )
         self._lines.append(line)
         if not self._scheduled:
