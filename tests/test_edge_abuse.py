@@ -155,3 +155,61 @@ def test_a_request_id_with_control_characters_or_too_long_is_replaced(
     lines = _access_lines(log_file, marker)
     assert lines and not [line for line in lines if "FORGED" in line or "a" * 65 in line], lines
     assert [line for line in lines if line.endswith(" rid=ok-id.1:2_3")]
+
+
+# -- huge or non-finite token times --------------------------------------------------------------
+
+
+def _signed(issuer: DevIssuer, payload_text: str) -> str:
+    """A token over a payload written as text (json.dumps cannot write ``Infinity`` for an int)."""
+    return issuer.sign_payload(payload_text.encode())
+
+
+def _claims_text(issuer: DevIssuer, user: uuid.UUID, **raw: str) -> str:
+    claims = {
+        "iss": issuer.issuer,
+        "sub": str(user),
+        "scope": ["api"],
+        "amr": ["Application"],
+        "client_id": "web",
+        "nbf": int(time.time()) - 10,
+        "exp": int(time.time()) + 3600,
+    }
+    text = json.dumps({name: value for name, value in claims.items() if name not in raw})
+    return text[:-1] + "".join(f', "{name}": {value}' for name, value in raw.items()) + "}"
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": "9" * 400},
+        {"exp": "-" + "9" * 400},
+        {"exp": "1e400"},
+        {"exp": "Infinity"},
+        {"exp": "NaN"},
+        {"exp": "1" + "0" * 17},
+        {"exp": "true"},
+        {"nbf": "-" + "9" * 400},
+        {"nbf": "9" * 400},
+        {"nbf": "-Infinity"},
+        {"nbf": "NaN"},
+    ],
+)
+def test_out_of_range_or_non_finite_token_times_are_401(
+    shared_service: Service, issuer: DevIssuer, claims: dict[str, str]
+) -> None:
+    token = _signed(issuer, _claims_text(issuer, uuid.uuid4(), **claims))
+    with shared_service.client() as client:
+        for _ in range(2):  # the second time through the cache, had the first been accepted
+            response = client.get("/user-keys", headers=_bearer(token))
+            assert response.status_code == 401, (response.status_code, response.text)
+            assert response.json()["message"]
+
+
+def test_a_payload_written_as_text_with_sane_times_is_accepted(
+    shared_service: Service, issuer: DevIssuer
+) -> None:
+    """The control of the test above: the same construction with ordinary numbers works."""
+    token = _signed(issuer, _claims_text(issuer, uuid.uuid4(), exp=str(int(time.time()) + 600)))
+    with shared_service.client() as client:
+        assert client.get("/user-keys", headers=_bearer(token)).status_code == 404

@@ -65,6 +65,9 @@ _sha256 = hashlib.sha256
 _UUID = uuid.UUID
 _DECODE_ERRORS = (ValueError, RecursionError)  # binascii.Error, JSONDecodeError, UnicodeDecodeError
 _NUMBER = (int, float)
+_EARLIEST = 0
+"""NumericDate bounds (RFC 7519: seconds since 1970): a time outside them is no time at all."""
+_LATEST = 253_402_300_800  # 10000-01-01T00:00:00Z, beyond what datetime (and any real token) holds
 _HEADER_CACHE_SIZE = 64
 
 
@@ -310,16 +313,19 @@ class TokenValidator:
         if claims.get("iss") != key_set.issuer:
             raise _unauthorized("the token's issuer is not the identity server's", "wrong_issuer")
         exp = claims.get("exp")
-        if not isinstance(exp, _NUMBER):
-            raise _unauthorized("the token has no valid expiry ('exp')")
+        # true and false are ints to Python, not times to JWT. The range test comes before any
+        # arithmetic and is written so that NaN fails it: a 400-digit integer would overflow the
+        # float arithmetic below (a 500), and Infinity would never expire.
+        if not isinstance(exp, _NUMBER) or exp is True or exp is False or not _EARLIEST < exp < _LATEST:
+            raise _unauthorized("the token has no valid expiry ('exp': a NumericDate within years 1970-9999)")
         now = self._clock()
         skew = self._skew
-        if not now < exp + skew:  # written so that a NaN expiry counts as expired
+        if not now < exp + skew:
             raise _unauthorized("the token has expired", "expired")
         nbf = claims.get("nbf")
         if nbf is not None:
-            if not isinstance(nbf, _NUMBER):
-                raise _unauthorized("the token's 'nbf' is not a number")
+            if not isinstance(nbf, _NUMBER) or nbf is True or nbf is False or not _EARLIEST <= nbf < _LATEST:
+                raise _unauthorized("the token's 'nbf' is not a NumericDate within years 1970-9999")
             if nbf - skew > now:
                 raise _unauthorized("the token is not valid yet", "not_yet_valid")
 
