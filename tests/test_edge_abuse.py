@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import socket
-import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from keyconnector.devtools.issuer import DevIssuer
-from keyconnector.devtools.tls import local_tls_files
 from tests.conftest import Pfx, Service, base_env
 
 StartService = Callable[..., Service]
@@ -213,3 +209,75 @@ def test_a_payload_written_as_text_with_sane_times_is_accepted(
     token = _signed(issuer, _claims_text(issuer, uuid.uuid4(), exp=str(int(time.time()) + 600)))
     with shared_service.client() as client:
         assert client.get("/user-keys", headers=_bearer(token)).status_code == 404
+
+
+# -- token cache and key changes -----------------------------------------------------------------
+
+
+def _rotating_service(start_service: StartService, own: DevIssuer, pfx: Pfx, tmp_path: Path) -> Service:
+    return start_service(base_env(own, pfx, tmp_path / "kc.db"))
+
+
+def _wait_status(service: Service, token: str, wanted: int, timeout: float = 15.0) -> int:
+    """Ask until the answer is ``wanted``: a key-set refetch is throttled to one per few seconds."""
+    deadline = time.monotonic() + timeout
+    status = 0
+    with service.client() as client:
+        while time.monotonic() < deadline:
+            status = client.get("/user-keys", headers=_bearer(token)).status_code
+            if status == wanted:
+                return status
+            time.sleep(0.25)
+    return status
+
+
+def test_a_cached_token_is_dropped_when_its_kid_is_reused_with_a_new_key(
+    start_service: StartService, pfx: Pfx, tmp_path: Path
+) -> None:
+    with DevIssuer() as own:
+        service = _rotating_service(start_service, own, pfx, tmp_path)
+        kid = own.current_kid
+        token = own.mint(uuid.uuid4())
+        with service.client() as client:
+            assert client.get("/user-keys", headers=_bearer(token)).status_code == 404  # now cached
+        # The old key stays published under another kid: the thumbprints only grow, but the kid the
+        # token names now stands for a key that never signed it.
+        own.replace_key(kid, keep_old_as=f"{kid}-old")
+        fresh = own.mint(uuid.uuid4())
+        # A token of the new key under the known kid fails the old key's check: that must make the
+        # service look at the key set again, not refuse the new key until the hourly refresh.
+        assert _wait_status(service, fresh, 404) == 404
+        with service.client() as client:
+            assert client.get("/user-keys", headers=_bearer(token)).status_code == 401
+            moved = own.mint(uuid.uuid4(), kid=f"{kid}-old")
+            assert client.get("/user-keys", headers=_bearer(moved)).status_code == 404
+
+
+def test_a_cached_token_is_dropped_when_its_kid_is_replaced_outright(
+    start_service: StartService, pfx: Pfx, tmp_path: Path
+) -> None:
+    with DevIssuer() as own:
+        service = _rotating_service(start_service, own, pfx, tmp_path)
+        kid = own.current_kid
+        token = own.mint(uuid.uuid4())
+        with service.client() as client:
+            assert client.get("/user-keys", headers=_bearer(token)).status_code == 404
+        own.replace_key(kid)
+        assert _wait_status(service, own.mint(uuid.uuid4()), 404) == 404
+        with service.client() as client:
+            assert client.get("/user-keys", headers=_bearer(token)).status_code == 401
+
+
+def test_a_cached_kidless_token_is_dropped_when_the_only_key_is_replaced(
+    start_service: StartService, pfx: Pfx, tmp_path: Path
+) -> None:
+    with DevIssuer(flavour="vaultwarden") as own:
+        service = _rotating_service(start_service, own, pfx, tmp_path)
+        token = own.mint(uuid.uuid4(), amr=("Application",))
+        with service.client() as client:
+            assert client.get("/user-keys", headers=_bearer(token)).status_code == 404
+        own.rotate(keep_old=False)
+        fresh = own.mint(uuid.uuid4(), amr=("Application",))
+        assert _wait_status(service, fresh, 404) == 404
+        with service.client() as client:
+            assert client.get("/user-keys", headers=_bearer(token)).status_code == 401

@@ -188,10 +188,26 @@ class TokenValidator:
         await self._source.aclose()
 
     def _key_set_changed(self, old: SigningKeys | None, new: SigningKeys) -> None:
-        # A cached principal vouches for a signature checked with the old keys: when a key is
-        # withdrawn (or the issuer changes) those vouchers must go too.
-        # Keys are compared by thumbprint: kid-less key sets (Vaultwarden's) have no other name for them.
-        if old is not None and (old.issuer != new.issuer or not old.thumbprints <= new.thumbprints):
+        """Drop the cached tokens when a key that may have vouched for them no longer would.
+
+        A cached principal stands for a signature checked with the old keys, and must go when a
+        fresh check could fail: the issuer changed; a key was withdrawn (compared by thumbprint,
+        since kid-less key sets, Vaultwarden's, have no other name for a key: this also covers the
+        only kid-less key being replaced); or a ``kid`` was withdrawn or now names another key (the
+        thumbprints alone miss a reused kid while the old key stays published under another name).
+        Adding keys, as rotation does, keeps the cache. Clearing all of it rather than the affected
+        entries keeps each entry small and the hot path free of bookkeeping; key changes are rare.
+        """
+        if old is None:
+            return
+        if (
+            old.issuer != new.issuer
+            or not old.thumbprints <= new.thumbprints
+            or any(
+                (replacement := new.keys.get(kid)) is None or replacement.thumbprint != key.thumbprint
+                for kid, key in old.keys.items()
+            )
+        ):
             self._cache.clear()
 
     # -- the hot path ----------------------------------------------------------------------------
@@ -296,7 +312,9 @@ class TokenValidator:
             except _DECODE_ERRORS:
                 raise _unauthorized(_MALFORMED + " (its signature does not decode)") from None
             if not verifier(signed, signature):
-                raise _unauthorized("the token's signature is invalid", "bad_signature")
+                # Worth one (throttled) refetch, like an unknown kid: an identity server that made a
+                # new key under an old kid signs with it before our hourly refresh would notice.
+                raise _UnknownKey(_unauthorized("the token's signature is invalid", "bad_signature"))
         elif kid is None:
             candidates = key_set.without_kid.get(alg) if type(alg) is str else None
             _verify_without_kid(candidates, alg, signed, signature_segment)

@@ -347,6 +347,26 @@ class DevIssuer:
         self._publish()
         return new.kid
 
+    def replace_key(self, kid: str, *, keep_old_as: str | None = None) -> None:
+        """Publish a new RSA key under an existing ``kid`` (and make it current).
+
+        What an operator who recreates a signing key with the same name produces: tokens that name
+        ``kid`` were signed by a key the set no longer holds under that name. ``keep_old_as`` keeps the
+        old key published under another kid, so that the set's thumbprints only grow.
+        """
+        new = _make_rsa(self._key_bits)
+        new.kid = kid
+        new.jwk["kid"] = kid
+        with self._lock:
+            old = self._keys.pop(kid)
+            if keep_old_as is not None:
+                old.kid = keep_old_as
+                old.jwk = {**old.jwk, "kid": keep_old_as}
+                self._keys[keep_old_as] = old
+            self._keys[kid] = new
+            self._current = kid
+        self._publish()
+
     def remove_key(self, kid: str) -> None:
         with self._lock:
             del self._keys[kid]
