@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from keyconnector.devtools.issuer import DevIssuer
+from keyconnector.devtools.tls import local_tls_files
 from tests.conftest import Pfx, Service, base_env
 
 StartService = Callable[..., Service]
@@ -281,3 +285,58 @@ def test_a_cached_kidless_token_is_dropped_when_the_only_key_is_replaced(
         assert _wait_status(service, fresh, 404) == 404
         with service.client() as client:
             assert client.get("/user-keys", headers=_bearer(token)).status_code == 401
+
+
+# -- file modes ----------------------------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_files_the_service_creates_are_0600(
+    start_service: StartService, issuer: DevIssuer, pfx: Pfx, tmp_path: Path
+) -> None:
+    previous = os.umask(0o022)  # the usual umask, which would give 0644
+    try:
+        env = base_env(issuer, pfx, tmp_path / "kc.db")
+        env["keyConnectorSettings__logging__file"] = str(tmp_path / "service.log")
+        env["keyConnectorSettings__logging__accessLog"] = "true"
+        env["keyConnectorSettings__audit__file"] = str(tmp_path / "audit.jsonl")
+        service = start_service(env)
+    finally:
+        os.umask(previous)
+    user = uuid.uuid4()
+    headers = {**_bearer(issuer.mint(user)), "Content-Type": "application/json"}
+    with service.client() as client:
+        assert client.post("/user-keys", headers=headers, json={"key": _key()}).status_code == 200
+        assert client.get("/user-keys", headers=headers).status_code == 200
+    deadline = time.monotonic() + 5
+    names = ["kc.db", "kc.db-wal", "kc.db-shm", "service.log", "audit.jsonl"]
+    while time.monotonic() < deadline and not all((tmp_path / name).exists() for name in names):
+        time.sleep(0.1)
+    modes = {name: oct(_mode(tmp_path / name)) for name in names}
+    assert modes == dict.fromkeys(names, oct(0o600)), modes
+
+
+def test_permission_warnings_name_the_tls_key_audit_and_log_files(
+    start_service: StartService, issuer: DevIssuer, pfx: Pfx, tmp_path: Path
+) -> None:
+    tls = local_tls_files(tmp_path)
+    key = tls.key
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text("")
+    log_file = tmp_path / "service.log"
+    log_file.write_text("")
+    for path in (key, audit, log_file):
+        path.chmod(0o644)
+    env = base_env(issuer, pfx, tmp_path / "kc.db")
+    env["keyConnectorSettings__audit__file"] = str(audit)
+    env["keyConnectorSettings__logging__file"] = str(log_file)
+    service = start_service(env, extra_args=("--tls-cert", str(tls.certificate), "--tls-key", str(key)))
+    with httpx.Client(verify=False) as client:
+        assert client.get(service.url + "/health/live").status_code == 200
+    logs = service.logs() + log_file.read_text()
+    assert f"{key} (--tls-key) can be accessed by its group and other users" in logs
+    assert f"{audit} (keyConnectorSettings__audit__file) can be accessed" in logs
+    assert f"{log_file} (keyConnectorSettings__logging__file) can be accessed" in logs

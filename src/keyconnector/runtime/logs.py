@@ -7,6 +7,7 @@ beyond what the caller hands in (method, path without query string, status, time
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -180,10 +181,23 @@ class AccessLog:
         if self._file_fd is None or identity != self._file_id:
             if self._file_fd is not None:
                 os.close(self._file_fd)
-            self._file_fd = os.open(self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._file_fd = os.open(self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             stat = os.fstat(self._file_fd)
             self._file_id = (stat.st_dev, stat.st_ino)
         return self._file_fd
+
+
+def create_private(path: str) -> None:
+    """Create ``path`` with mode 0600 if it does not exist, so a log opened by ``logging`` (which
+    creates with 0644 less the umask) is not readable by every local account from its first line.
+
+    Logs hold user ids, client addresses and error details. A file that exists keeps its mode (the
+    operator chose it, or logrotate's ``create`` did); a file logrotate moves away is recreated by
+    the handler, with logrotate's own mode rules.
+    """
+    # OSError: it exists already, or cannot be created (the handler that opens it next says why).
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -209,6 +223,7 @@ def configure(settings: LoggingSettings) -> None:
     formatter = JsonFormatter() if settings.format == "json" else TextFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.file:
+        create_private(settings.file)
         # WatchedFileHandler reopens the file after logrotate moves it.
         handlers.append(logging.handlers.WatchedFileHandler(settings.file, encoding="utf-8"))
     root = logging.getLogger()
