@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 import socket
 import stat
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +27,7 @@ import pytest
 
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.devtools.tls import local_tls_files
+from keyconnector.runtime.logs import TextFormatter
 from tests.conftest import Pfx, Service, base_env
 
 StartService = Callable[..., Service]
@@ -155,6 +158,28 @@ def test_a_request_id_with_control_characters_or_too_long_is_replaced(
     lines = _access_lines(log_file, marker)
     assert lines and not [line for line in lines if "FORGED" in line or "a" * 65 in line], lines
     assert [line for line in lines if line.endswith(" rid=ok-id.1:2_3")]
+
+
+def test_the_text_formatter_keeps_one_record_on_one_line() -> None:
+    """Every log message, not only the access log's, may carry a client's words (a path in a
+    warning): the text formatter escapes them; a traceback keeps its own lines."""
+    record = logging.LogRecord(
+        "keyconnector.http",
+        logging.WARNING,
+        __file__,
+        1,
+        "%s %s: %s",
+        ("GET", "/a\nFORGED\x1b[2J", "x"),
+        None,
+    )
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\x1b" not in line
+    assert line.endswith("GET /a\\nFORGED\\x1b[2J: x")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    assert "Traceback (most recent call last):\n" in TextFormatter().format(record)
 
 
 # -- huge or non-finite token times --------------------------------------------------------------
