@@ -516,6 +516,48 @@ async def test_unknown_kid_refetch_is_throttled(fresh_issuer: DevIssuer) -> None
         await v.aclose()
 
 
+async def test_bad_signatures_under_a_known_kid_refetch_at_most_once_per_interval(
+    fresh_issuer: DevIssuer,
+) -> None:
+    """A bad signature under a known kid may mean the kid now names a new key (issue 15), so it is
+    worth a refetch; a flood of forged signatures must still cost the identity server one fetch per
+    interval, as unknown kids do."""
+    interval = 0.6
+    v = TokenValidator(fresh_issuer.url, refetch_interval=interval)
+    try:
+        await v.refresh()
+        await asyncio.sleep(interval + 0.05)
+        before = fresh_issuer.jwks_fetches
+        foreign = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        tokens = [fresh_issuer.mint(key=foreign) for _ in range(60)]
+        results = await asyncio.gather(
+            *(v.authenticate(bearer(t)) for t in tokens[:30]), return_exceptions=True
+        )
+        for token in tokens[30:]:
+            await refused(v, bearer(token), 401, "signature is invalid")
+        assert all(isinstance(r, AuthError) and r.status == 401 for r in results), results
+        assert fresh_issuer.jwks_fetches - before == 1
+    finally:
+        await v.aclose()
+
+
+async def test_a_new_key_under_a_known_kid_is_picked_up_and_its_cached_tokens_dropped(
+    fresh_issuer: DevIssuer,
+) -> None:
+    v = TokenValidator(fresh_issuer.url, refetch_interval=0.05)
+    try:
+        kid = fresh_issuer.current_kid
+        old = fresh_issuer.mint()
+        await v.authenticate(bearer(old))  # cached
+        await asyncio.sleep(0.06)
+        fresh_issuer.replace_key(kid, keep_old_as=kid + "-old")
+        user = uuid.uuid4()
+        assert (await v.authenticate(bearer(fresh_issuer.mint(user)))).user_id == user
+        await refused(v, bearer(old), 401, "signature is invalid")
+    finally:
+        await v.aclose()
+
+
 async def test_concurrent_callers_share_one_fetch(fresh_issuer: DevIssuer) -> None:
     """Right after a rotation, a burst of tokens with the new kid all wait for the same fetch."""
     interval = 0.2

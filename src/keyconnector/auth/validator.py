@@ -65,6 +65,9 @@ _sha256 = hashlib.sha256
 _UUID = uuid.UUID
 _DECODE_ERRORS = (ValueError, RecursionError)  # binascii.Error, JSONDecodeError, UnicodeDecodeError
 _NUMBER = (int, float)
+_EARLIEST = 0
+"""NumericDate bounds (RFC 7519: seconds since 1970): a time outside them is no time at all."""
+_LATEST = 253_402_300_800  # 10000-01-01T00:00:00Z, beyond what datetime (and any real token) holds
 _HEADER_CACHE_SIZE = 64
 
 
@@ -185,10 +188,26 @@ class TokenValidator:
         await self._source.aclose()
 
     def _key_set_changed(self, old: SigningKeys | None, new: SigningKeys) -> None:
-        # A cached principal vouches for a signature checked with the old keys: when a key is
-        # withdrawn (or the issuer changes) those vouchers must go too.
-        # Keys are compared by thumbprint: kid-less key sets (Vaultwarden's) have no other name for them.
-        if old is not None and (old.issuer != new.issuer or not old.thumbprints <= new.thumbprints):
+        """Drop the cached tokens when a key that may have vouched for them no longer would.
+
+        A cached principal stands for a signature checked with the old keys, and must go when a
+        fresh check could fail: the issuer changed; a key was withdrawn (compared by thumbprint,
+        since kid-less key sets, Vaultwarden's, have no other name for a key: this also covers the
+        only kid-less key being replaced); or a ``kid`` was withdrawn or now names another key (the
+        thumbprints alone miss a reused kid while the old key stays published under another name).
+        Adding keys, as rotation does, keeps the cache. Clearing all of it rather than the affected
+        entries keeps each entry small and the hot path free of bookkeeping; key changes are rare.
+        """
+        if old is None:
+            return
+        if (
+            old.issuer != new.issuer
+            or not old.thumbprints <= new.thumbprints
+            or any(
+                (replacement := new.keys.get(kid)) is None or replacement.thumbprint != key.thumbprint
+                for kid, key in old.keys.items()
+            )
+        ):
             self._cache.clear()
 
     # -- the hot path ----------------------------------------------------------------------------
@@ -293,7 +312,9 @@ class TokenValidator:
             except _DECODE_ERRORS:
                 raise _unauthorized(_MALFORMED + " (its signature does not decode)") from None
             if not verifier(signed, signature):
-                raise _unauthorized("the token's signature is invalid", "bad_signature")
+                # Worth one (throttled) refetch, like an unknown kid: an identity server that made a
+                # new key under an old kid signs with it before our hourly refresh would notice.
+                raise _UnknownKey(_unauthorized("the token's signature is invalid", "bad_signature"))
         elif kid is None:
             candidates = key_set.without_kid.get(alg) if type(alg) is str else None
             _verify_without_kid(candidates, alg, signed, signature_segment)
@@ -310,16 +331,19 @@ class TokenValidator:
         if claims.get("iss") != key_set.issuer:
             raise _unauthorized("the token's issuer is not the identity server's", "wrong_issuer")
         exp = claims.get("exp")
-        if not isinstance(exp, _NUMBER):
-            raise _unauthorized("the token has no valid expiry ('exp')")
+        # true and false are ints to Python, not times to JWT. The range test comes before any
+        # arithmetic and is written so that NaN fails it: a 400-digit integer would overflow the
+        # float arithmetic below (a 500), and Infinity would never expire.
+        if not isinstance(exp, _NUMBER) or exp is True or exp is False or not _EARLIEST < exp < _LATEST:
+            raise _unauthorized("the token has no valid expiry ('exp': a NumericDate within years 1970-9999)")
         now = self._clock()
         skew = self._skew
-        if not now < exp + skew:  # written so that a NaN expiry counts as expired
+        if not now < exp + skew:
             raise _unauthorized("the token has expired", "expired")
         nbf = claims.get("nbf")
         if nbf is not None:
-            if not isinstance(nbf, _NUMBER):
-                raise _unauthorized("the token's 'nbf' is not a number")
+            if not isinstance(nbf, _NUMBER) or nbf is True or nbf is False or not _EARLIEST <= nbf < _LATEST:
+                raise _unauthorized("the token's 'nbf' is not a NumericDate within years 1970-9999")
             if nbf - skew > now:
                 raise _unauthorized("the token is not valid yet", "not_yet_valid")
 

@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     listen = server.listen_address(args.host, args.port)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert", "--tls-cert and --tls-key go together")
-    server.preflight(settings)
+    server.preflight(settings, tls_key=args.tls_key)
     if settings.transfer_to.lockfile_path:
         from keyconnector.ops.transfer import run_startup_transfer
 

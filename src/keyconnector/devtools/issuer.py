@@ -347,6 +347,26 @@ class DevIssuer:
         self._publish()
         return new.kid
 
+    def replace_key(self, kid: str, *, keep_old_as: str | None = None) -> None:
+        """Publish a new RSA key under an existing ``kid`` (and make it current).
+
+        What an operator who recreates a signing key with the same name produces: tokens that name
+        ``kid`` were signed by a key the set no longer holds under that name. ``keep_old_as`` keeps the
+        old key published under another kid, so that the set's thumbprints only grow.
+        """
+        new = _make_rsa(self._key_bits)
+        new.kid = kid
+        new.jwk["kid"] = kid
+        with self._lock:
+            old = self._keys.pop(kid)
+            if keep_old_as is not None:
+                old.kid = keep_old_as
+                old.jwk = {**old.jwk, "kid": keep_old_as}
+                self._keys[keep_old_as] = old
+            self._keys[kid] = new
+            self._current = kid
+        self._publish()
+
     def remove_key(self, kid: str) -> None:
         with self._lock:
             del self._keys[kid]
@@ -585,6 +605,24 @@ class DevIssuer:
         header = self._header(alg, chosen_kid, header_overrides)
         claims = self._claims(sub, scope, amr, lifetime, not_before, issued_at, issuer, extra_claims)
         signing_input = _json_segment(header) + "." + _json_segment(claims)
+        return signing_input + "." + _b64url(_sign(signing_key, alg, signing_input.encode("ascii")))
+
+    def sign_payload(
+        self,
+        payload: bytes,
+        *,
+        alg: str = "RS256",
+        kid: str | None = None,
+        header: Mapping[str, Any] | None = None,
+    ) -> str:
+        """A token over ``payload`` exactly as given, signed with the issuer's key.
+
+        For claims ``json.dumps`` cannot write from Python values (``{"exp": Infinity}`` in an int
+        claim, a 400-digit number written by hand, duplicate names): the tests of what the service
+        does with numbers a real identity server never sends, but a compromised or buggy one could.
+        """
+        chosen_kid, signing_key = self._signing_key(kid, None)
+        signing_input = _json_segment(self._header(alg, chosen_kid, header)) + "." + _b64url(payload)
         return signing_input + "." + _b64url(_sign(signing_key, alg, signing_input.encode("ascii")))
 
     def mint_many(

@@ -73,7 +73,13 @@ class Endpoint:
             if self.build is None:  # refused by __post_init__; for the type checker
                 raise TypeError(f"endpoint {self.path} has no handler")
             handler = self.build(settings)
-        return Route(self.path, handler, methods=list(self.methods))
+        route = Route(self.path, handler, methods=list(self.methods))
+        if self.user_keys:
+            # Starlette answers HEAD wherever GET is allowed, by calling the same handler: on the key
+            # endpoint, which tells reads from writes by method, a HEAD with a body was a PUT. Only
+            # the listed methods reach it; HEAD gets the 405 (with ``Allow``) of any other method.
+            route.methods = set(self.methods)
+        return route
 
 
 def _serve_openapi(settings: Settings) -> Handler:

@@ -203,6 +203,9 @@ async def _user_keys(request: Request, services: Services) -> tuple[Response, st
                 return message(404, "this user has no key"), "not_found"
             body = b'{"key":"' + base64.b64encode(key) + b'"}'
             return Response(body, media_type=JSON, headers=NO_STORE), "read"
+        if request.method not in ("POST", "PUT"):
+            # The route admits only GET, POST and PUT; this is the second lock on the write branch.
+            return message(405, f"{request.method} is not allowed on {request.url.path}"), "bad_request"
         raw = await _read_key(request)
         if services.audit.fail_closed and not services.audit.can_record():
             return _audit_refused(request), "audit_unavailable"

@@ -7,6 +7,7 @@ beyond what the caller hands in (method, path without query string, status, time
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -48,12 +49,32 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
+def escape(text: str) -> str:
+    """``text`` with every non-printable character written as a Python escape (``\\n``, ``\\x1b``,
+    ``\\u2028``).
+
+    Request fields reach log lines (the path, decoded from ``%0A``; headers; a client's request id):
+    a control character in one of them would start a forged line in a text log, move the cursor of
+    the terminal that shows it, or hide text behind a bidirectional override. One line per record
+    is what log shippers and grep rely on. ``str.isprintable`` is one C loop, so the common case (a
+    clean field) costs next to nothing on the access log's hot path.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class TextFormatter(logging.Formatter):
     """Human lines; a line written while handling a request ends with ``rid=<request id>``, as the
     access log's line for that request does."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message may hold a request's path or a client's words: one record, one line. A
+        # traceback, added after this by ``format``, keeps its lines.
+        return escape(super().formatMessage(record))
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -117,9 +138,11 @@ class AccessLog:
                 }
             )
         else:
+            # JSON escapes control characters by itself; a text line must do it for every field a
+            # client chose (see ``escape``). The user id is a UUID the token check produced.
             line = (
-                f"{self._timestamp()} INFO    {ACCESS_LOGGER}: {method} {path} {status} {millis:.2f}ms "
-                f"user={user or '-'} rid={request_id}"
+                f"{self._timestamp()} INFO    {ACCESS_LOGGER}: {escape(method)} {escape(path)} {status} "
+                f"{millis:.2f}ms user={user or '-'} rid={escape(request_id)}"
             )
         self._lines.append(line)
         if not self._scheduled:
@@ -158,10 +181,23 @@ class AccessLog:
         if self._file_fd is None or identity != self._file_id:
             if self._file_fd is not None:
                 os.close(self._file_fd)
-            self._file_fd = os.open(self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._file_fd = os.open(self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             stat = os.fstat(self._file_fd)
             self._file_id = (stat.st_dev, stat.st_ino)
         return self._file_fd
+
+
+def create_private(path: str) -> None:
+    """Create ``path`` with mode 0600 if it does not exist, so a log opened by ``logging`` (which
+    creates with 0644 less the umask) is not readable by every local account from its first line.
+
+    Logs hold user ids, client addresses and error details. A file that exists keeps its mode (the
+    operator chose it, or logrotate's ``create`` did); a file logrotate moves away is recreated by
+    the handler, with logrotate's own mode rules.
+    """
+    # OSError: it exists already, or cannot be created (the handler that opens it next says why).
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -187,6 +223,7 @@ def configure(settings: LoggingSettings) -> None:
     formatter = JsonFormatter() if settings.format == "json" else TextFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.file:
+        create_private(settings.file)
         # WatchedFileHandler reopens the file after logrotate moves it.
         handlers.append(logging.handlers.WatchedFileHandler(settings.file, encoding="utf-8"))
     root = logging.getLogger()

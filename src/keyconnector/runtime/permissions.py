@@ -1,10 +1,12 @@
 """Start-up warnings for files that hold secrets and can be read or changed by other users.
 
-The PFX holds the private key that unwraps the data key; the JSON and SQLite databases hold the user
-keys (encrypted, but a writable database lets a local user swap records or delete them); a secret file
-holds a password or token. On a shared host, group or world access to any of them hands that secret
-to every local account. Upstream never looks. We warn (naming the setting and the path, never the
-content) and still start: refusing would turn a fixable permission slip into an outage, and some
+The PFX holds the private key that unwraps the data key; the TLS key lets whoever reads it pose as
+this service; the JSON and SQLite databases hold the user keys (encrypted, but a writable database
+lets a local user swap records or delete them); the audit trail and the log file tell who read which
+key when; a secret file holds a password or token. On a shared host, group or world access to any of
+them hands that secret to every local account. Upstream never looks. We warn (naming the setting and
+the path, never the content) and still start: refusing would turn a fixable permission slip into an
+outage, and some
 deployments deliberately share a group with a backup agent.
 """
 
@@ -99,9 +101,22 @@ def _walk_json(
                 found[".".join([*path, leaf])] = value
 
 
-def files_to_check(settings: Settings, environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
-    """(setting path, file path) of every file this deployment keeps a secret in."""
+def files_to_check(
+    settings: Settings, environ: Mapping[str, str] | None = None, *, tls_key: str | None = None
+) -> list[tuple[str, str]]:
+    """(setting path, file path) of every file this deployment keeps a secret in.
+
+    Besides the key material and the database: the TLS private key (``--tls-key``, named by its
+    option, which ``_shown`` keeps as is), the audit trail (who read which key, and its chain can be
+    rewritten by whoever may write it) and the log file (user ids, client addresses, error details).
+    """
     files: list[tuple[str, str]] = []
+    if tls_key:
+        files.append(("--tls-key", tls_key))
+    if settings.audit.file:
+        files.append(("audit.file", settings.audit.file))
+    if settings.logging.file:
+        files.append(("logging.file", settings.logging.file))
     if settings.rsa_key.provider == "certificate" and settings.certificate.provider == "filesystem":
         files.append(("certificate.filesystemPath", settings.certificate.filesystem_path))
     from keyconnector.storage.registry import backend
@@ -115,10 +130,17 @@ def files_to_check(settings: Settings, environ: Mapping[str, str] | None = None)
     return files
 
 
-def loose_files(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
+def _shown(setting: str) -> str:
+    """A settings path as operators spell it; a command-line option (``--tls-key``) as it is."""
+    return setting if setting.startswith("--") else setting_name(setting)
+
+
+def loose_files(
+    settings: Settings, environ: Mapping[str, str] | None = None, *, tls_key: str | None = None
+) -> list[str]:
     """One sentence per file that group or others can access: the setting, the path, the mode."""
     problems: list[str] = []
-    for setting, path in files_to_check(settings, environ):
+    for setting, path in files_to_check(settings, environ, tls_key=tls_key):
         try:
             mode = os.stat(path).st_mode
         except OSError:
@@ -129,15 +151,17 @@ def loose_files(settings: Settings, environ: Mapping[str, str] | None = None) ->
             part for part, bits in (("its group", stat.S_IRWXG), ("other users", stat.S_IRWXO)) if mode & bits
         )
         problems.append(
-            f"{path} ({setting_name(setting)}) can be accessed by {who} (mode {stat.S_IMODE(mode):04o}); "
+            f"{path} ({_shown(setting)}) can be accessed by {who} (mode {stat.S_IMODE(mode):04o}); "
             f"restrict it with: chmod 600 {path}"
         )
     return problems
 
 
-def warn_loose_permissions(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
+def warn_loose_permissions(
+    settings: Settings, environ: Mapping[str, str] | None = None, *, tls_key: str | None = None
+) -> list[str]:
     """Log a WARNING per loose file (what ``serve`` does at start-up); returns the sentences."""
-    problems = loose_files(settings, environ)
+    problems = loose_files(settings, environ, tls_key=tls_key)
     for problem in problems:
         log.warning("%s", problem)
     return problems

@@ -91,7 +91,7 @@ async def _prepare_data_key(settings: Settings) -> None:
     await core.aclose()
 
 
-def preflight(settings: Settings) -> None:
+def preflight(settings: Settings, *, tls_key: str | None = None) -> None:
     """Everything that should stop the service before it listens, with a message naming the setting.
 
     A key provider that cannot be reached is not one of them: it is reported, and the service
@@ -101,7 +101,7 @@ def preflight(settings: Settings) -> None:
     identity_server_uri(settings)
     tracing.check(settings)
     # Before the migration, which may create the database file (it does so with mode 0600).
-    warn_loose_permissions(settings)
+    warn_loose_permissions(settings, tls_key=tls_key)
     # Before the first connection attempt, so the warning is there even while the database is down.
     warn_database_transport(settings)
     migrate_with_retries(settings)

@@ -19,7 +19,8 @@ from keyconnector.http.context import ATTRIBUTE, RequestContext
 from keyconnector.http.layers.ratelimit import TrustedProxies, client_address
 from keyconnector.runtime import logs
 
-_SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
+# \A...\Z, not ^...$: '$' also matches before a final newline, which would then reach the log line.
+_SAFE_REQUEST_ID = re.compile(rb"\A[A-Za-z0-9._:-]{1,64}\Z")
 _SLASHES = re.compile(r"/{2,}")
 
 

@@ -202,11 +202,31 @@ def _translate(exc: BaseException, target: SqliteTarget, action: str) -> Excepti
     return StorageError(f"{target.path} while {action}: {message}")
 
 
+def _create_private(path: str) -> None:
+    """Create the database file with mode 0600 if it does not exist yet.
+
+    SQLite creates a missing file with 0644 less the umask: readable by every local account from
+    the first write, user keys included (encrypted, but a copy is an offline attack and a writable
+    one lets records be swapped). SQLite gives the ``-wal`` and ``-shm`` files the mode of the
+    database file, so creating it first, empty and private, covers all three whatever the umask. An
+    existing file keeps its mode: the start-up permission warning speaks about it instead.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # a missing folder or no right to write: SQLite's own error names it better, next
+    os.close(fd)
+
+
 def _set_wal(target: SqliteTarget) -> None:
     """Switch the file to WAL (a persistent property of the file) before any worker reads it.
 
     Done outside the migration transaction because SQLite refuses to change the journal mode inside one.
+    This is also where a new database file is born: see :func:`_create_private`.
     """
+    _create_private(target.path)
     connection = sqlite3.connect(target.path, timeout=target.timeout, isolation_level=None)
     try:
         mode = connection.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
