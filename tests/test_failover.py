@@ -76,14 +76,18 @@ class Load:
     retries: int = 0
     unresolved: list[str] = field(default_factory=list)
     wrong: list[str] = field(default_factory=list)
-    acknowledged_writes: list[float] = field(default_factory=list)
-    """When each write answered 200 (monotonic): the first one after the kill marks the recovery."""
+    acknowledged_writes: list[tuple[float, float]] = field(default_factory=list)
+    """(sent, answered) of each write's successful try (monotonic): the first one sent after the kill
+    marks the recovery."""
     kill_due: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def call(
         self, client: httpx.AsyncClient, method: str, entry: Entry, key: str | None = None
-    ) -> tuple[httpx.Response | None, bool]:
+    ) -> tuple[httpx.Response | None, bool, float]:
+        """The answer (None: retries spent), whether an earlier try may have applied, and when the
+        answered try was sent."""
         uncertain = False
+        sent = 0.0
         body = None if key is None else {"key": key}
         deadline = time.monotonic() + REQUEST_DEADLINE
         attempt = 0
@@ -92,6 +96,7 @@ class Load:
                 self.retries += 1
                 await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
             attempt += 1
+            sent = time.monotonic()
             try:
                 response = await client.request(method, "/user-keys", json=body, headers=entry.headers)
             except httpx.TransportError:
@@ -104,8 +109,8 @@ class Load:
                     self.without_retry_after.append(f"{method} {response.status_code}: {response.text[:300]}")
                 uncertain = True
                 continue
-            return response, uncertain
-        return None, uncertain
+            return response, uncertain, sent
+        return None, uncertain, sent
 
     def _done_one(self) -> None:
         self.completed += 1
@@ -114,13 +119,13 @@ class Load:
 
     async def write(self, client: httpx.AsyncClient, method: str, user: uuid.UUID) -> None:
         entry, key = self.ledger[user], new_key()
-        response, uncertain = await self.call(client, method, entry, key)
+        response, uncertain, sent = await self.call(client, method, entry, key)
         self._done_one()
         if response is None:
             entry.possible.add(key)
             self.unresolved.append(f"{method} for {user}")
         elif response.status_code == 200:
-            self.acknowledged_writes.append(time.monotonic())
+            self.acknowledged_writes.append((sent, time.monotonic()))
             entry.acknowledged, entry.possible = key, set()
         elif method == "POST" and response.status_code == 400 and uncertain:
             # Only this task writes this user: "already has a key" after a broken try means that try
@@ -131,7 +136,7 @@ class Load:
 
     async def read(self, client: httpx.AsyncClient, user: uuid.UUID) -> None:
         entry = self.ledger[user]
-        response, _ = await self.call(client, "GET", entry)
+        response, _, _ = await self.call(client, "GET", entry)
         self._done_one()
         if response is None:
             self.unresolved.append(f"GET for {user}")
@@ -245,7 +250,7 @@ def test_the_service_rides_through_a_postgresql_failover_without_a_restart(
     started = time.monotonic()
     killed_at, promoted_at = asyncio.run(load_and_fail_over(load, primary, standby))
     load_seconds = time.monotonic() - started
-    after_kill = [when for when in load.acknowledged_writes if when > killed_at]
+    after_kill = [answered for sent, answered in load.acknowledged_writes if sent > killed_at]
     recovered_at = min(after_kill) if after_kill else None
     recovery = None if recovered_at is None else recovered_at - killed_at
     summary = (
@@ -303,20 +308,24 @@ def test_writes_go_to_the_primary_even_when_reads_may_use_a_standby(
 ) -> None:
     """``prefer-standby`` with the standby listed first: Npgsql would send writes there too, and each
     would fail as read-only. Here the key ring and every write go to the primary; only user-key reads
-    use the standby, and a key written a moment ago is still read back (never a stale answer)."""
+    use the standby. Two service processes: a key written through one is read at once through the
+    other, which never wrote it and so reads it on the standby: the answer is never stale (the writer
+    commits with ``synchronous_commit=remote_apply``)."""
     primary, standby = replicated_postgresql
     database = primary.create_database()
     env = postgresql_env(issuer, pfx, tmp_path, npgsql_string([standby, primary], database, "prefer-standby"))
-    service: Service = start_service(env)  # type: ignore[operator]
-    with service.client() as client:
+    writer: Service = start_service(env)  # type: ignore[operator]
+    reader: Service = start_service(env)  # type: ignore[operator]
+    with writer.client() as writing, reader.client() as reading:
         for _user, token in issuer.mint_many(20):
             headers = {"Authorization": f"Bearer {token}"}
             for method in ("POST", "PUT"):
                 key = new_key()
-                response = client.request(method, "/user-keys", json={"key": key}, headers=headers)
+                response = writing.request(method, "/user-keys", json={"key": key}, headers=headers)
                 assert response.status_code == 200, response.text
-                # Straight after the write: the answer must be the key just written.
-                read = client.get("/user-keys", headers=headers)
-                assert read.status_code == 200 and read.json()["key"] == key
+                # Straight after the write, elsewhere: the answer must be the key just written.
+                for client in (reading, writing):
+                    read = client.get("/user-keys", headers=headers)
+                    assert read.status_code == 200 and read.json()["key"] == key
     assert sessions_on(standby, database) >= 1, "the reads never used the standby"
     assert sessions_on(primary, database) >= 1
