@@ -47,7 +47,8 @@ class PrimaryServer(PostgresServer):
         try:
             with self.connect() as connection:
                 row = connection.execute(
-                    "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'"
+                    "SELECT count(*) FROM pg_stat_replication"
+                    " WHERE sync_state = 'sync' AND state = 'streaming'"
                 ).fetchone()
             return bool(row and row[0])
         except Exception:
@@ -59,7 +60,7 @@ class StandbyServer(PostgresServer):
 
     name = "PostgreSQL standby"
 
-    def __init__(self, primary: PrimaryServer) -> None:  # noqa: D107 - no initdb: a copy of the primary
+    def __init__(self, primary: PrimaryServer) -> None:
         # PostgresServer.__init__ would run initdb; a standby's data directory is a base backup instead.
         self.port = free_port()
         self.password = primary.password
