@@ -30,6 +30,10 @@ import httpx
 import pytest
 
 from keyconnector.devtools.issuer import DevIssuer
+from keyconnector.errors import ConfigurationError
+from keyconnector.runtime.settings import DatabaseSettings
+from keyconnector.storage.backends.postgresql import parse_target, read_attributes, write_attributes
+from keyconnector.storage.sql.common import ServerTarget
 from tests.conftest import Pfx, Service, base_env
 from tests.support.databases import PostgresServer, ado_quote
 from tests.support.replication import PrimaryServer, StandbyServer
@@ -275,6 +279,7 @@ def test_the_service_rides_through_a_postgresql_failover_without_a_restart(
 
     # (c) no restart: the same process, still running.
     assert service.process.pid == pid and service.process.poll() is None
+    assert httpx.get(service.url + "/health/ready", timeout=10).status_code == 200
     assert "unhandled error" not in service.logs()
 
     # (a) every acknowledged key, from the service and in the new primary.
@@ -329,3 +334,64 @@ def test_writes_go_to_the_primary_even_when_reads_may_use_a_standby(
                     assert read.status_code == 200 and read.json()["key"] == key
     assert sessions_on(standby, database) >= 1, "the reads never used the standby"
     assert sessions_on(primary, database) >= 1
+
+
+def _target(connection_string: str) -> ServerTarget:
+    settings = DatabaseSettings(postgresql_connection_string=connection_string)
+    return parse_target(settings, "keyConnectorSettings__database")
+
+
+@pytest.mark.parametrize(
+    ("connection_string", "hosts"),
+    [
+        ("postgresql://kc:p%40ss@db1:5432,db2:5433/kc", (("db1", 5432), ("db2", 5433))),
+        ("postgresql://kc:pw@[::1]:5432,db2/kc", (("::1", 5432), ("db2", 5432))),
+        ("postgres://kc:pw@db1,db2/kc?target_session_attrs=primary", (("db1", 5432), ("db2", 5432))),
+        ("Host=db1:5432,db2:5433;Database=kc;Username=kc;Password=pw", (("db1", 5432), ("db2", 5433))),
+    ],
+)
+def test_multi_host_strings_are_read_in_both_forms(connection_string: str, hosts: tuple[object, ...]) -> None:
+    target = _target(connection_string)
+    assert target.hosts == hosts and target.database == "kc"
+    assert target.password in ("pw", "p@ss")
+
+
+@pytest.mark.parametrize(
+    ("attributes", "writes", "reads"),
+    [
+        (None, "primary", None),
+        ("any", "primary", None),
+        ("primary", "primary", None),
+        ("read-write", "read-write", None),
+        ("prefer-standby", "primary", "prefer-standby"),
+        ("PreferStandby", "primary", "prefer-standby"),
+        ("standby", "primary", "standby"),
+        ("read-only", "primary", "read-only"),
+    ],
+)
+def test_writes_always_ask_for_a_primary_and_reads_use_standbys_only_when_asked(
+    attributes: str | None, writes: str, reads: str | None
+) -> None:
+    extra = f";Target Session Attributes={attributes}" if attributes else ""
+    target = _target(f"Host=db1,db2;Database=kc;Username=kc;Password=pw{extra}")
+    assert (write_attributes(target), read_attributes(target)) == (writes, reads)
+
+
+def test_one_host_is_used_as_given() -> None:
+    target = _target("Host=db1;Database=kc;Username=kc;Password=pw;Target Session Attributes=prefer-standby")
+    assert (write_attributes(target), read_attributes(target)) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "connection_string",
+    [
+        "Host=db1,db2;Database=kc;Username=kc;Password=pw;Load Balance Hosts=sometimes",
+        "postgresql://kc:pw@db1,db2/kc?load_balance_hosts=sometimes",
+    ],
+)
+def test_a_bad_load_balance_hosts_value_names_the_setting(connection_string: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        _target(connection_string)
+    text = str(caught.value)
+    assert "keyConnectorSettings__database__postgreSqlConnectionString" in text
+    assert "Load Balance Hosts must be true or false" in text and "pw" not in text
