@@ -36,7 +36,7 @@ from keyconnector.storage.backends.postgresql import parse_target, read_attribut
 from keyconnector.storage.sql.common import ServerTarget
 from tests.conftest import Pfx, Service, base_env
 from tests.support.databases import PostgresServer, ado_quote
-from tests.support.replication import PrimaryServer, StandbyServer
+from tests.support.replication import Blackhole, PrimaryServer, StandbyServer
 
 pytest_plugins = ["tests.support.replication"]
 
@@ -395,3 +395,57 @@ def test_a_bad_load_balance_hosts_value_names_the_setting(connection_string: str
     text = str(caught.value)
     assert "keyConnectorSettings__database__postgreSqlConnectionString" in text
     assert "Load Balance Hosts must be true or false" in text and "pw" not in text
+
+
+@pytest.mark.timeout(180)
+def test_a_primary_that_drops_off_the_network_is_left_behind(
+    replicated_postgresql: tuple[PrimaryServer, StandbyServer],
+    start_service: object,
+    issuer: DevIssuer,
+    pfx: Pfx,
+    tmp_path: Path,
+) -> None:
+    """The primary's machine goes silent (no reset, no refusal) and the standby is promoted: the
+    service must stop waiting on the silent host and find the new primary by itself."""
+    primary, standby = replicated_postgresql
+    database = primary.create_database()
+    hole = Blackhole(("127.0.0.1", primary.port))
+    try:
+        connection_string = (
+            f"Host=127.0.0.1:{hole.port},127.0.0.1:{standby.port};Database={database};Username=postgres;"
+            f"Password={ado_quote(primary.password)};Target Session Attributes=primary;Timeout=3;"
+            "Command Timeout=5"
+        )
+        service: Service = start_service(postgresql_env(issuer, pfx, tmp_path, connection_string))  # type: ignore[operator]
+        users = issuer.mint_many(10)
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            for _user, token in users:
+                response = client.post(
+                    "/user-keys", json={"key": new_key()}, headers={"Authorization": f"Bearer {token}"}
+                )
+                assert response.status_code == 200
+            hole.vanish()
+            primary.stop(kill=True)
+            standby.promote()
+            vanished = time.monotonic()
+            recovered = None
+            statuses: Counter[int] = Counter()
+            token = users[0][1]
+            while time.monotonic() - vanished < 90:
+                try:
+                    response = client.put(
+                        "/user-keys", json={"key": new_key()}, headers={"Authorization": f"Bearer {token}"}
+                    )
+                except httpx.TransportError:
+                    statuses[0] += 1
+                    continue
+                statuses[response.status_code] += 1
+                if response.status_code == 200:
+                    recovered = time.monotonic() - vanished
+                    break
+                assert response.status_code == 503 and "retry-after" in response.headers, response.text
+                time.sleep(0.5)
+        print(f"recovered {recovered}s after the primary went silent; statuses {dict(statuses)}")
+        assert recovered is not None and recovered < RECOVERY_BOUND, statuses
+    finally:
+        hole.close()

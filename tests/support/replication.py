@@ -131,3 +131,68 @@ def replicated_postgresql() -> Iterator[tuple[PrimaryServer, StandbyServer]]:
         if standby is not None:
             standby.destroy()
         primary.destroy()
+
+
+class Blackhole:
+    """A TCP forwarder that can go silent, as a server's machine does when it drops off the network.
+
+    Unlike :class:`~tests.support.tcpproxy.TcpProxy` (which resets connections: a crashed process),
+    :meth:`vanish` keeps every connection open and accepts new ones but forwards nothing any more:
+    no reset, no refusal, only silence, so a client learns of it only from its own timeouts.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket
+        import threading
+
+        self.target = target
+        self.port = free_port()
+        self.silent = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def vanish(self) -> None:
+        self.silent.set()
+
+    def close(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for connection in self._held:
+            with contextlib.suppress(OSError):
+                connection.close()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._held.append(client)
+            if self.silent.is_set():
+                continue  # accepted, never answered
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            self._held.append(upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: object, sink: object) -> None:
+        import socket
+
+        assert isinstance(source, socket.socket) and isinstance(sink, socket.socket)
+        try:
+            while data := source.recv(65536):
+                if not self.silent.is_set():
+                    sink.sendall(data)
+        except OSError:
+            pass

@@ -233,6 +233,8 @@ _LOAD_BALANCE = {"true": True, "random": True, "yes": True, "false": False, "dis
 RECENT_WRITE_SECONDS = 60.0
 """How long a user key written by this process is read from the primary rather than a standby."""
 RECENT_WRITES_KEPT = 100_000
+HOST_RECHECK_SECONDS = 10.0
+"""How long a host that failed a connect is tried after the others (Npgsql's default, too)."""
 
 _SELECT_KEY = 'SELECT "Key" FROM "UserKeys" WHERE "Id" = $1'
 _SELECT_KEYS = 'SELECT "Id", "Key" FROM "UserKeys" WHERE "Id" = ANY($1::uuid[])'
@@ -520,7 +522,12 @@ class PostgresRepository:
                 task.add_done_callback(self._background.discard)
 
     async def _run(self, action: str, operation: Any) -> Any:
-        return await with_retries(operation, classify, self._target, action, on_transient=self._stale)
+        try:
+            return await with_retries(operation, classify, self._target, action, on_transient=self._stale)
+        except UnavailableError as exc:
+            # A timeout too: the host may have gone silent, and its connections with it.
+            self._stale(exc)
+            raise
 
     # -- the request path -------------------------------------------------------------------------------
 
@@ -808,7 +815,8 @@ async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = No
     if standby_reads is not None:
         # A synchronous standby applies a write before it is acknowledged, so its reads are current.
         ssl_context["server_settings"]["synchronous_commit"] = "remote_apply"
-    connect = _balanced_connect(asyncpg_module, target) if _load_balanced(target) else None
+    several = len(target.hosts) > 1
+    connect = HostPicker(asyncpg_module, target, write_attributes(target)).connect if several else None
     # min_size=0: creating the pool must not need the server; warm-up below is best effort.
     pool = asyncpg_module.create_pool(
         min_size=0,
@@ -830,7 +838,7 @@ async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = No
             max_size=target.max_pool_size,
             max_inactive_connection_lifetime=target.idle_lifetime or 300.0,
             reset=_keep_session,
-            connect=connect,
+            connect=HostPicker(asyncpg_module, target, standby_reads).connect,
             **read_arguments,
         )
         await read_pool
@@ -853,18 +861,53 @@ async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = No
     return repository
 
 
-def _balanced_connect(asyncpg_module: Any, target: ServerTarget) -> Callable[..., Awaitable[Any]]:
-    """``Load Balance Hosts``: each new connection tries the hosts in a fresh random order, as Npgsql
-    and libpq do, so that several standbys (or several routers) share the connections."""
-    hosts = list(target.hosts)
+class HostPicker:
+    """Connects a pool to one of several hosts, one host at a time, each with the full connect timeout.
 
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        order = random.sample(hosts, len(hosts))
-        kwargs["host"] = [host for host, _ in order]
-        kwargs["port"] = [port for _, port in order]
-        return await asyncpg_module.connect(*args, **kwargs)
+    asyncpg's own multi-host connect spends one timeout on the whole list: a primary whose machine
+    went silent (no reset, no refusal) eats all of it, so the next host is never tried and the
+    service never finds the promoted standby. Here each host gets the operator's ``Timeout`` on its
+    own, and a host that failed (silent, refused, or not the kind asked for) is tried last for
+    ``HOST_RECHECK_SECONDS``, as Npgsql's host state cache does: after a failover, new connections
+    go straight to the new primary instead of waiting on the old one each time. ``Load Balance
+    Hosts`` shuffles the healthy hosts per connection.
+    """
 
-    return connect
+    def __init__(self, asyncpg_module: Any, target: ServerTarget, attributes: str | None) -> None:
+        self._asyncpg = asyncpg_module
+        self._hosts = list(target.hosts)
+        self._balance = _load_balanced(target)
+        self._attributes = attributes
+        self._down_until: dict[tuple[str, int], float] = {}
+
+    def order(self) -> list[tuple[str, int]]:
+        """Hosts believed healthy first (shuffled with Load Balance Hosts), then the rest."""
+        now = time.monotonic()
+        healthy = [host for host in self._hosts if self._down_until.get(host, 0.0) <= now]
+        failed = [host for host in self._hosts if host not in healthy]
+        if self._balance:
+            random.shuffle(healthy)
+        return healthy + failed
+
+    async def connect(self, *args: Any, **kwargs: Any) -> Any:
+        for given in ("target_session_attrs", "host", "port"):  # ours replace the pool's
+            kwargs.pop(given, None)
+        passes = [self._attributes]
+        if self._attributes == "prefer-standby":
+            passes = ["standby", "any"]  # a standby if any is up, else whatever answers
+        last: BaseException | None = None
+        for attributes in passes:
+            for host, port in self.order():
+                try:
+                    return await self._asyncpg.connect(
+                        *args, host=host, port=port, target_session_attrs=attributes or "any", **kwargs
+                    )
+                except (OSError, TimeoutError, self._asyncpg.TargetServerAttributeNotMatched) as exc:
+                    if attributes != "standby" or len(passes) == 1:
+                        self._down_until[(host, port)] = time.monotonic() + HOST_RECHECK_SECONDS
+                    last = exc
+        assert last is not None
+        raise last
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
