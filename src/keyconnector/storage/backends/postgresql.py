@@ -26,6 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -132,6 +135,8 @@ SPEC = ConnectionStringSpec(
         "SearchPath": "search path",
         "Target Session Attributes": "target session attributes",
         "TargetSessionAttributes": "target session attributes",
+        "Load Balance Hosts": "load balance hosts",
+        "LoadBalanceHosts": "load balance hosts",
     },
     # Accepted and dropped: driver-internal tuning with no equivalent here, or nothing to do
     # (keyconnector always pools, prepares its few statements itself and speaks UTF-8).
@@ -169,8 +174,6 @@ SPEC = ConnectionStringSpec(
         "InternalCommandTimeout",
         "Persist Security Info",
         "PersistSecurityInfo",
-        "Load Balance Hosts",
-        "LoadBalanceHosts",
         "Host Recheck Seconds",
         "HostRecheckSeconds",
         "Check Certificate Revocation",
@@ -195,6 +198,7 @@ SPEC = ConnectionStringSpec(
         "command_timeout": "command timeout",
         "application_name": "application name",
         "target_session_attrs": "target session attributes",
+        "load_balance_hosts": "load balance hosts",
         "search_path": "search path",
     },
     ssl_modes=_SSL_MODES,
@@ -218,6 +222,19 @@ _TARGET_SESSION_ATTRIBUTES = {
     "readonly": "read-only",
     "read-only": "read-only",
 }
+
+_STANDBY_READS = frozenset({"standby", "prefer-standby", "read-only"})
+"""The attributes by which an operator asks for reads on standbys: user-key reads then use a second
+pool with these attributes; writes, the key ring and the data key never do (see :func:`open`)."""
+
+_LOAD_BALANCE = {"true": True, "random": True, "yes": True, "false": False, "disable": False, "no": False}
+"""Npgsql's ``Load Balance Hosts=true|false`` and libpq's ``load_balance_hosts=random|disable``."""
+
+RECENT_WRITE_SECONDS = 60.0
+"""How long a user key written by this process is read from the primary rather than a standby."""
+RECENT_WRITES_KEPT = 100_000
+HOST_RECHECK_SECONDS = 10.0
+"""How long a host that failed a connect is tried after the others (Npgsql's default, too)."""
 
 _SELECT_KEY = 'SELECT "Key" FROM "UserKeys" WHERE "Id" = $1'
 _SELECT_KEYS = 'SELECT "Id", "Key" FROM "UserKeys" WHERE "Id" = ANY($1::uuid[])'
@@ -314,7 +331,49 @@ def parse_target(settings: DatabaseSettings, prefix: str, trust: Trust | None = 
             target.setting,
             f"Target Session Attributes must be one of: {', '.join(sorted(set(_TARGET_SESSION_ATTRIBUTES.values())))}",  # noqa: E501
         )
+    balance = target.extra.get("load balance hosts")
+    if balance is not None and balance.strip().lower() not in _LOAD_BALANCE:
+        from keyconnector.errors import ConfigurationError
+
+        raise ConfigurationError(
+            target.setting, "Load Balance Hosts must be true or false (load_balance_hosts: random or disable)"
+        )
     return target
+
+
+def _attributes(target: ServerTarget) -> str | None:
+    """The operator's Target Session Attributes in libpq's spelling, or None."""
+    attributes = target.extra.get("target session attributes")
+    return _TARGET_SESSION_ATTRIBUTES[attributes.strip().lower()] if attributes else None
+
+
+def write_attributes(target: ServerTarget) -> str | None:
+    """What the pool for writes, the key ring and the data key asks of a server: a primary.
+
+    With several hosts, whatever the operator wrote, a write must never land on a standby (it would
+    fail as read-only until the retries run out): ``primary`` unless they asked for ``read-write``
+    (also a primary, checked another way). One host is used as given: it is the only choice anyway.
+    """
+    attributes = _attributes(target)
+    if attributes in ("primary", "read-write"):
+        return attributes
+    return "primary" if len(target.hosts) > 1 else attributes if attributes not in _STANDBY_READS else None
+
+
+def read_attributes(target: ServerTarget) -> str | None:
+    """The attributes of a second pool for user-key reads, or None for "read on the primary".
+
+    Only when the operator asked for standbys (``standby``, ``prefer-standby``, ``read-only``) and
+    named more than one host: ``any`` is Npgsql's default and asks for nothing in particular."""
+    attributes = _attributes(target)
+    if attributes in _STANDBY_READS and len(target.hosts) > 1:
+        return attributes
+    return None
+
+
+def _load_balanced(target: ServerTarget) -> bool:
+    balance = target.extra.get("load balance hosts")
+    return balance is not None and _LOAD_BALANCE[balance.strip().lower()]
 
 
 def classify(exc: BaseException) -> Failure | None:
@@ -336,6 +395,9 @@ def classify(exc: BaseException) -> Failure | None:
     name = type(exc).__name__
     if module.startswith("asyncpg"):
         if name in ("ConnectionDoesNotExistError", "ConnectionFailureError", "InternalClientError"):
+            return Failure.TRANSIENT
+        if name == "TargetServerAttributeNotMatched":
+            # Every host answered, none is a primary (yet): a failover in progress.
             return Failure.TRANSIENT
         if name == "InterfaceError" and "closed" in str(exc).lower():
             return Failure.TRANSIENT
@@ -386,9 +448,11 @@ def _psycopg_arguments(target: ServerTarget) -> dict[str, Any]:
         arguments["sslkey"] = target.ssl_key
     if target.ssl_key_password:
         arguments["sslpassword"] = target.ssl_key_password
-    attributes = target.extra.get("target session attributes")
+    attributes = write_attributes(target)  # migrations write
     if attributes:
-        arguments["target_session_attrs"] = _TARGET_SESSION_ATTRIBUTES[attributes.strip().lower()]
+        arguments["target_session_attrs"] = attributes
+    if _load_balanced(target):
+        arguments["load_balance_hosts"] = "random"
     search_path = target.extra.get("search path")
     if search_path:
         arguments["options"] = "-c search_path=" + search_path.replace(" ", "\\ ")
@@ -431,9 +495,16 @@ def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None)
 class PostgresRepository:
     """The :class:`~keyconnector.storage.base.Repository` over an asyncpg pool."""
 
-    def __init__(self, target: ServerTarget, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self, target: ServerTarget, pool: asyncpg.Pool, read_pool: asyncpg.Pool | None = None
+    ) -> None:
         self._target = target
         self._pool = pool
+        """On a primary: every write, the key ring, the data key, and reads unless ``read_pool``."""
+        self._read_pool = read_pool
+        """On standbys when the operator asked (:func:`read_attributes`): user-key reads only."""
+        self._recent: OrderedDict[UUID, float] = OrderedDict()
+        """User keys this process wrote lately (monotonic time): read from the primary, never a standby."""
         self._background: set[asyncio.Future[None]] = set()
         self._reads = ReadCoalescer(self._fetch_keys)
 
@@ -444,21 +515,73 @@ class PostgresRepository:
     def _stale(self, exc: BaseException) -> None:
         # After a restart or failover every idle connection is dead: replace them all rather than let
         # each one fail a request in turn.
-        task = asyncio.ensure_future(self._pool.expire_connections())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        for pool in (self._pool, self._read_pool):
+            if pool is not None:
+                task = asyncio.ensure_future(pool.expire_connections())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def _run(self, action: str, operation: Any) -> Any:
-        return await with_retries(operation, classify, self._target, action, on_transient=self._stale)
+        try:
+            return await with_retries(operation, classify, self._target, action, on_transient=self._stale)
+        except UnavailableError as exc:
+            # A timeout too: the host may have gone silent, and its connections with it.
+            self._stale(exc)
+            raise
 
     # -- the request path -------------------------------------------------------------------------------
 
     async def get_key(self, user_id: UUID) -> str | None:
         return await self._reads.get(user_id)
 
+    def _written(self, user_ids: Sequence[UUID]) -> None:
+        """Remember writes, so that a standby's stale copy is never read in their place."""
+        if self._read_pool is None:
+            return
+        now = time.monotonic()
+        for user_id in user_ids:
+            self._recent[user_id] = now
+            self._recent.move_to_end(user_id)
+        while len(self._recent) > RECENT_WRITES_KEPT:
+            self._recent.popitem(last=False)
+
+    def _recently_written(self, user_id: UUID, now: float) -> bool:
+        written = self._recent.get(user_id)
+        return written is not None and now - written < RECENT_WRITE_SECONDS
+
     async def _fetch_keys(self, user_ids: list[UUID]) -> dict[UUID, str | None]:
+        """Read on a standby when the operator asked for that, else on the primary (see below).
+
+        A standby may lag, so a standby's answer is only taken where it cannot be stale in a way that
+        matters: a user this process wrote in the last ``RECENT_WRITE_SECONDS`` is read on the
+        primary, a key the standby does not have (not yet replicated?) is asked of the primary, and a
+        standby that fails sends the whole read to the primary. Across processes, the write pool's
+        ``synchronous_commit=remote_apply`` makes a synchronous standby apply a write before it is
+        acknowledged (asynchronous standbys can still lag: README, "Failover").
+        """
+        if self._read_pool is None:
+            return await self._fetch_keys_from(self._pool, user_ids)
+        now = time.monotonic()
+        from_standby = [user for user in user_ids if not self._recently_written(user, now)]
+        found: dict[UUID, str | None] = {}
+        if from_standby:
+            try:
+                rows = await self._read_pool.fetch(_SELECT_KEYS, from_standby, timeout=PING_TIMEOUT_SECONDS)
+            except Exception as exc:
+                if classify(exc) is None:
+                    raise
+                log.info(
+                    "reading user keys on a standby failed, reading on the primary: %s", type(exc).__name__
+                )
+            else:
+                found = {row[0]: row[1] for row in rows}
+        missing = [user for user in user_ids if found.get(user) is None]
+        if missing:
+            found.update(await self._fetch_keys_from(self._pool, missing))
+        return found
+
+    async def _fetch_keys_from(self, pool: asyncpg.Pool, user_ids: list[UUID]) -> dict[UUID, str | None]:
         """One round trip for every read that queued up behind the last one (see coalesce.py)."""
-        pool = self._pool
         try:
             rows = await pool.fetch(_SELECT_KEYS, user_ids)
         except Exception as exc:  # the slow path: classify, maybe retry
@@ -480,11 +603,13 @@ class PostgresRepository:
         return result
 
     async def create_key(self, user_id: UUID, record: str, now: datetime) -> bool:
+        self._written([user_id])  # before the write: a read racing it must not go to a standby either
         return await self._perform(
             "creating a user key", lambda number: shared.create_key(DIALECT, user_id, record, now, number > 1)
         )
 
     async def put_key(self, user_id: UUID, record: str, now: datetime) -> bool:
+        self._written([user_id])
         return await self._perform(
             "storing a user key", lambda _n: shared.put_key(DIALECT, user_id, record, now, self.description)
         )
@@ -560,6 +685,8 @@ class PostgresRepository:
             [_naive(record.last_access_date) for record in unique],
         )
 
+        self._written(columns[0])
+
         async def attempt(_number: int) -> None:
             await self._pool.execute(_UPSERT, *columns)
 
@@ -574,6 +701,8 @@ class PostgresRepository:
             [update.expected for update in ordered],
             [update.new for update in ordered],
         )
+
+        self._written(columns[0])
 
         async def attempt(_number: int) -> int:
             return _row_count(await self._pool.execute(_REPLACE_IF, *columns))
@@ -615,11 +744,14 @@ class PostgresRepository:
             raise translate(exc, failure, self._target, "checking the database") from None
 
     async def aclose(self) -> None:
-        try:
-            await self._pool.close()
-        except Exception as exc:  # a dead server cannot be told goodbye; do not fail shutdown for it
-            log.debug("closing the pool: %s", self._target.scrub(str(exc)))
-            self._pool.terminate()
+        for pool in (self._read_pool, self._pool):
+            if pool is None:
+                continue
+            try:
+                await pool.close()
+            except Exception as exc:  # a dead server cannot be told goodbye; do not fail shutdown for it
+                log.debug("closing the pool: %s", self._target.scrub(str(exc)))
+                pool.terminate()
 
 
 def _naive(value: datetime | None) -> datetime | None:
@@ -658,9 +790,9 @@ def _connect_arguments(target: ServerTarget) -> dict[str, Any]:
     search_path = target.extra.get("search path")
     if search_path:
         arguments["server_settings"]["search_path"] = search_path
-    attributes = target.extra.get("target session attributes")
+    attributes = write_attributes(target)
     if attributes:
-        arguments["target_session_attrs"] = _TARGET_SESSION_ATTRIBUTES[attributes.strip().lower()]
+        arguments["target_session_attrs"] = attributes
     return arguments
 
 
@@ -679,16 +811,41 @@ async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = No
         ssl_context = _connect_arguments(target)
     except (OSError, ValueError) as exc:
         raise translate(exc, Failure.CONFIGURATION, target, "loading TLS certificates") from None
+    standby_reads = read_attributes(target)
+    if standby_reads is not None:
+        # A synchronous standby applies a write before it is acknowledged, so its reads are current.
+        ssl_context["server_settings"]["synchronous_commit"] = "remote_apply"
+    several = len(target.hosts) > 1
+    connect = HostPicker(asyncpg_module, target, write_attributes(target)).connect if several else None
     # min_size=0: creating the pool must not need the server; warm-up below is best effort.
     pool = asyncpg_module.create_pool(
         min_size=0,
         max_size=target.max_pool_size,
         max_inactive_connection_lifetime=target.idle_lifetime or 300.0,
         reset=_keep_session,
+        connect=connect,
         **ssl_context,
     )
     await pool
-    repository = PostgresRepository(target, pool)
+    read_pool = None
+    if standby_reads is not None:
+        read_arguments = {**ssl_context, "target_session_attrs": standby_reads}
+        read_arguments["server_settings"] = {
+            k: v for k, v in ssl_context["server_settings"].items() if k != "synchronous_commit"
+        }
+        read_pool = asyncpg_module.create_pool(
+            min_size=0,
+            max_size=target.max_pool_size,
+            max_inactive_connection_lifetime=target.idle_lifetime or 300.0,
+            reset=_keep_session,
+            connect=HostPicker(asyncpg_module, target, standby_reads).connect,
+            **read_arguments,
+        )
+        await read_pool
+        log.info(
+            "%s: user-key reads use %s servers; writes go to the primary", target.description, standby_reads
+        )
+    repository = PostgresRepository(target, pool, read_pool)
     try:
         await repository._run(
             "checking upstream's tables", lambda _n: _check_schema(pool, target.min_pool_size)
@@ -702,6 +859,55 @@ async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = No
         await repository.aclose()
         raise
     return repository
+
+
+class HostPicker:
+    """Connects a pool to one of several hosts, one host at a time, each with the full connect timeout.
+
+    asyncpg's own multi-host connect spends one timeout on the whole list: a primary whose machine
+    went silent (no reset, no refusal) eats all of it, so the next host is never tried and the
+    service never finds the promoted standby. Here each host gets the operator's ``Timeout`` on its
+    own, and a host that failed (silent, refused, or not the kind asked for) is tried last for
+    ``HOST_RECHECK_SECONDS``, as Npgsql's host state cache does: after a failover, new connections
+    go straight to the new primary instead of waiting on the old one each time. ``Load Balance
+    Hosts`` shuffles the healthy hosts per connection.
+    """
+
+    def __init__(self, asyncpg_module: Any, target: ServerTarget, attributes: str | None) -> None:
+        self._asyncpg = asyncpg_module
+        self._hosts = list(target.hosts)
+        self._balance = _load_balanced(target)
+        self._attributes = attributes
+        self._down_until: dict[tuple[str, int], float] = {}
+
+    def order(self) -> list[tuple[str, int]]:
+        """Hosts believed healthy first (shuffled with Load Balance Hosts), then the rest."""
+        now = time.monotonic()
+        healthy = [host for host in self._hosts if self._down_until.get(host, 0.0) <= now]
+        failed = [host for host in self._hosts if host not in healthy]
+        if self._balance:
+            random.shuffle(healthy)
+        return healthy + failed
+
+    async def connect(self, *args: Any, **kwargs: Any) -> Any:
+        for given in ("target_session_attrs", "host", "port"):  # ours replace the pool's
+            kwargs.pop(given, None)
+        passes = [self._attributes]
+        if self._attributes == "prefer-standby":
+            passes = ["standby", "any"]  # a standby if any is up, else whatever answers
+        last: BaseException | None = None
+        for attributes in passes:
+            for host, port in self.order():
+                try:
+                    return await self._asyncpg.connect(
+                        *args, host=host, port=port, target_session_attrs=attributes or "any", **kwargs
+                    )
+                except (OSError, TimeoutError, self._asyncpg.TargetServerAttributeNotMatched) as exc:
+                    if attributes != "standby" or len(passes) == 1:
+                        self._down_until[(host, port)] = time.monotonic() + HOST_RECHECK_SECONDS
+                    last = exc
+        assert last is not None
+        raise last
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:

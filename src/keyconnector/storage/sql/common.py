@@ -160,9 +160,18 @@ class ConnectionStringSpec:
 
 
 def _parse_url(text: str, setting: str, spec: ConnectionStringSpec) -> dict[str, str]:
-    """``scheme://user:password@host:port/database?param=value`` onto canonical names."""
+    """``scheme://user:password@host:port/database?param=value`` onto canonical names.
+
+    libpq's multi-host form (``postgresql://u:p@db1:5432,db2:5432/kc``) is kept whole as the host
+    list for :func:`_split_hosts`: ``urlsplit`` alone cannot read a port out of it."""
+    host_list: str | None = None
     try:
         parts = urlsplit(text)
+        hosts_part = parts.netloc.rpartition("@")[2]
+        if "," in hosts_part:
+            host_list = unquote(hosts_part)
+            userinfo = parts.netloc[: len(parts.netloc) - len(hosts_part)]
+            parts = parts._replace(netloc=userinfo + "placeholder")
         port = parts.port
     except ValueError:
         raise ConfigurationError(setting, "is not a valid URL (check the host and port)") from None
@@ -174,7 +183,9 @@ def _parse_url(text: str, setting: str, spec: ConnectionStringSpec) -> dict[str,
             f" (it starts with {scheme}://)",
         )
     values: dict[str, str] = {}
-    if parts.hostname:
+    if host_list is not None:
+        values["host"] = host_list
+    elif parts.hostname:
         values["host"] = parts.hostname
         if port is not None:
             values["port"] = str(port)
