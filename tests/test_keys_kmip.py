@@ -9,23 +9,31 @@ made by another key is an integrity failure, never a wrong key handed out.
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
+import subprocess
+import sys
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
+from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
 from keyconnector.keypairs import KeyProvider, open_key_provider
 from keyconnector.keypairs.kmip import KmipKeyProvider
 from keyconnector.runtime.settings import load_settings, side_of
+from tests.conftest import Pfx, base_env
 from tests.support.kmip_manager import KmipServer
 from tests.support.tcpproxy import TcpProxy
 
 T = TypeVar("T")
 RSA = "keyConnectorSettings__rsaKey__"
+SIDE_SETTINGS = ("keyConnectorSettings__rsaKey__", "keyConnectorSettings__certificate__")
 
 
 def opened(env: Mapping[str, str]) -> KmipKeyProvider:
@@ -204,3 +212,66 @@ def test_outage_is_unavailable_and_recovers_on_the_same_provider(kmip_server: Km
                 await p.check()  # the same provider, a new connection
 
             using(provider, run)
+
+
+def _command(arguments: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "keyconnector", *arguments]
+    return subprocess.run(command, env=dict(env), capture_output=True, text=True, timeout=90)
+
+
+def _rotate(env: dict[str, str], target: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """`keyconnector rotate-key-pair` with ``target`` (rsaKey/certificate settings) as its transferTo side."""
+    full = dict(env)
+    for name, value in target.items():
+        full[name.replace("keyConnectorSettings__", "keyConnectorSettings__transferTo__", 1)] = value
+    return _command(["rotate-key-pair"], full)
+
+
+@pytest.mark.timeout(300)  # nine commands and two services; CI machines are busy
+def test_rotate_key_pair_to_kmip_and_back(
+    kmip_server: KmipServer,
+    issuer: DevIssuer,
+    pfx: Pfx,
+    tmp_path: Path,
+    start_service: Any,
+) -> None:
+    """PFX -> KMIP AES key -> KMIP RSA key -> the PFX again, each step with `rotate-key-pair` and the old
+    wraps retired; a service on the last settings serves the keys stored before the first step."""
+    database = tmp_path / "kc.db"
+    certificate_env = base_env(issuer, pfx, database)
+    pfx_side = {k: v for k, v in certificate_env.items() if k.startswith(SIDE_SETTINGS)}
+    kmip_aes = kmip_server.settings(kmip_server.new_aes_key())
+    kmip_rsa = kmip_server.settings(kmip_server.new_rsa_key())
+    keys = {uuid.uuid4(): base64.b64encode(secrets.token_bytes(32)).decode() for _ in range(3)}
+
+    first = start_service(certificate_env)
+    with first.client() as client:
+        for user, key in keys.items():
+            bearer = {"Authorization": f"Bearer {issuer.mint(user)}"}
+            assert client.post("/user-keys", json={"key": key}, headers=bearer).status_code == 200
+    first.stop()
+
+    logs = first.logs()
+    current = certificate_env
+    for target in (kmip_aes, kmip_rsa, pfx_side):
+        moved = _rotate(current, target)
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        assert "now also wrapped by" in moved.stdout, moved.stdout
+        following = {k: v for k, v in current.items() if not k.startswith(SIDE_SETTINGS)} | target
+        retired = _command(["rotate-key-pair", "--retire-old"], following)
+        assert retired.returncode == 0, retired.stdout + retired.stderr
+        assert "removed the wraps of" in retired.stdout, retired.stdout
+        # The old side no longer opens the data key (`check` loads it as `serve` does at start-up): the
+        # wraps really moved. The new side opens it in the next step's rotation and the last service.
+        stale = _command(["check"], current)
+        assert stale.returncode != 0, stale.stdout
+        logs += moved.stdout + moved.stderr + retired.stdout + retired.stderr + stale.stdout + stale.stderr
+        current = following
+    last = start_service(current)
+    with last.client() as client:
+        for user, key in keys.items():
+            bearer = {"Authorization": f"Bearer {issuer.mint(user)}"}
+            assert client.get("/user-keys", headers=bearer).json() == {"key": key}
+    logs += last.logs()
+    assert (kmip_server.folder / "client.key").read_text().splitlines()[1] not in logs
+    assert pfx.password not in logs
