@@ -275,3 +275,27 @@ def test_rotate_key_pair_to_kmip_and_back(
     logs += last.logs()
     assert (kmip_server.folder / "client.key").read_text().splitlines()[1] not in logs
     assert pfx.password not in logs
+
+
+def test_the_server_certificate_must_name_the_host(kmip_server: KmipServer) -> None:
+    """PyKMIP's own client checks the chain but not the name; this provider checks both. The same
+    server, reached as 127.0.0.2 (not in its certificate), is refused."""
+    key = kmip_server.new_aes_key()
+    with TcpProxy(("127.0.0.1", kmip_server.port), host="127.0.0.2") as proxy:
+        proxy.up()
+        env = kmip_server.settings(key, port=proxy.port)
+        env[f"{RSA}kmipServerHost"] = "127.0.0.2"
+        error = open_error(env)
+    assert isinstance(error, ConfigurationError) and error.setting == "rsaKey.kmipCaBundle", error
+    assert "mismatch" in str(error), error
+
+
+def test_password_from_a_file(kmip_server: KmipServer, tmp_path: Path) -> None:
+    password = "kmip-" + secrets.token_urlsafe(12)
+    (tmp_path / "kmip-password").write_text(password + "\n")
+    env = kmip_server.settings(kmip_server.new_aes_key())
+    env[f"{RSA}kmipUsername"] = "keyconnector"
+    env[f"{RSA}kmipPasswordFile"] = str(tmp_path / "kmip-password")
+    provider = opened(env)
+    assert password not in provider.description
+    using(provider, lambda p: p.check())
