@@ -33,6 +33,7 @@ pytest_plugins = [
     "tests.support.azurite",
     "tests.support.gcp_kms",
     "tests.support.certstore",
+    "tests.support.kmip_manager",
 ]
 
 WEB_VAULT = "https://vault.example.com"

@@ -32,7 +32,7 @@ LOCAL = ["pkcs11_provider", "store_certificate_provider"]
 FETCHED = ["vault_certificate_provider", "azurekv_certificate_provider", "azurestorage_certificate_provider"]
 # Key providers whose every wrap/unwrap goes to the remote service.
 REMOTE = ["vaulttransit_provider", "awskms_provider", "awskms_symmetric_provider", "azurekv_key_provider"]
-REMOTE += ["gcpkms_provider"]
+REMOTE += ["gcpkms_provider", "kmip_rsa_provider", "kmip_aes_provider"]
 ALL = LOCAL + FETCHED + REMOTE
 
 

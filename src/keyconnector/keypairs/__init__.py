@@ -34,6 +34,7 @@ PROVIDERS: dict[str, str] = {
     "azurekv": "keyconnector.keypairs.azurekv",
     "gcpkms": "keyconnector.keypairs.gcpkms",
     "vaulttransit": "keyconnector.keypairs.vaulttransit",
+    "kmip": "keyconnector.keypairs.kmip",
 }
 
 

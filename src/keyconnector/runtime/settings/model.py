@@ -199,6 +199,32 @@ class RsaKeySettings(Section):
     """Vault Enterprise / OpenBao namespace."""
     vault_transit_ca_bundle: str | None = _alias("vaultTransitCaBundle", "vaulttransit", ours=True)
     """PEM file of CAs to trust for Vault."""
+    # kmip (ours: the key stays in a KMIP key manager; mutual TLS authenticates the service)
+    kmip_server_host: str | None = _alias("kmipServerHost", "kmip", ours=True)
+    """The key manager's host name or address (its certificate must name it)."""
+    kmip_server_port: int = Field(
+        default=5696, alias="kmipServerPort", json_schema_extra=_meta("kmip", ours=True)
+    )
+    """The KMIP port (5696 is IANA's)."""
+    kmip_client_certificate: str | None = _alias("kmipClientCertificate", "kmip", ours=True)
+    """PEM file of the client certificate the key manager knows this service by (chain allowed)."""
+    kmip_client_key: str | None = _alias("kmipClientKey", "kmip", ours=True)
+    """PEM file of the client certificate's private key (unencrypted; protect it with file modes)."""
+    kmip_ca_bundle: str | None = _alias("kmipCaBundle", "kmip", ours=True)
+    """PEM file of CAs to trust for the key manager instead of the deployment's trust store."""
+    kmip_key_id: str | None = _alias("kmipKeyId", "kmip", ours=True)
+    """Unique identifier of the key: an RSA private key (server-side OAEP-SHA-256 decryption) or an
+    AES key (server-side AES-GCM). Give this or ``kmipKeyName``."""
+    kmip_key_name: str | None = _alias("kmipKeyName", "kmip", ours=True)
+    """The key's Name attribute, located at start-up; it must name exactly one object."""
+    kmip_public_key_id: str | None = _alias("kmipPublicKeyId", "kmip", ours=True)
+    """For an RSA key whose server keeps no Link to its public key: the public key's unique identifier."""
+    kmip_public_key_name: str | None = _alias("kmipPublicKeyName", "kmip", ours=True)
+    """Or the public key's Name attribute."""
+    kmip_username: str | None = _alias("kmipUsername", "kmip", ours=True)
+    """Username credential sent with every request, for key managers that want one besides the certificate."""
+    kmip_password: SecretStr | None = _alias("kmipPassword", "kmip", ours=True)
+    """The password that goes with ``kmipUsername``."""
 
 
 class CertificateSettings(Section):
