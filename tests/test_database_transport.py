@@ -355,8 +355,18 @@ def test_serve_warns_about_the_transfer_target_only_while_the_transfer_is_to_run
         **env_for("postgresql", f"Host=db.example.com;{PG_AUTH};SSL Mode=Require"),
         **env_for("mysql", f"Server=other.example.com;{MY_AUTH}", prefix="transferTo.database"),
         "keyConnectorSettings__transferTo__lockfilePath": str(lock),
+        # Both target sections: upstream runs the start-up transfer only then, and so do we.
+        "keyConnectorSettings__transferTo__rsaKey__provider": "certificate",
     }
     settings = load_settings(env).settings
+    with caplog.at_level(logging.WARNING):
+        server_module.warn_database_transport(settings)
+    del env["keyConnectorSettings__transferTo__rsaKey__provider"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # half a target: no transfer, so no warning about its database
+        server_module.warn_database_transport(load_settings(env).settings)
+    assert len(caplog.records) == 1
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         server_module.warn_database_transport(settings)
     texts = [record.getMessage() for record in caplog.records]

@@ -80,6 +80,7 @@ def test_group_access_alone_is_reported_and_the_sqlite_file_is_checked(tmp_path:
     shutil.copyfile(pfx.path, key)
     key.chmod(0o600)
     environ = {
+        PREFIX + "database__provider": "sqlite",
         PREFIX + "database__sqliteConnectionString": f"Data Source={database}",
         PREFIX + "certificate__filesystemPath": str(key),
     }

@@ -29,6 +29,7 @@ from keyconnector.runtime.settings.loader import (
     _is_secret,
     _json_section,
     _section_model,
+    _settings_section,
     _split_env_name,
 )
 
@@ -51,7 +52,7 @@ def secret_files(environ: Mapping[str, str] | None = None) -> list[tuple[str, st
     if config:
         # An unreadable settings file is reported by the loader itself.
         with contextlib.suppress(ConfigurationError):
-            _walk_json(Settings, _json_section(Path(config)), [], found)
+            _walk_json(Settings, _settings_section(_json_section(Path(config))), [], found)
     for name, value in environ.items():
         parts = _split_env_name(name)
         if parts:
