@@ -9,6 +9,7 @@ migration, which creates it.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import signal
 import socket
 import subprocess
@@ -210,3 +211,32 @@ def test_a_clean_stop_logs_no_error(tmp_path: Path, issuer: DevIssuer, pfx: Pfx,
     assert service.process.returncode == 0, logs
     assert "[ERROR]" not in logs and "Unexpected exit" not in logs, logs
     assert "Respawning" not in logs, logs
+
+
+def test_a_killed_worker_is_respawned_on_the_same_socket(tmp_path: Path, issuer: DevIssuer, pfx: Pfx) -> None:
+    """The workers serve on the parent's socket: a respawned one must get it too (it is sent to the
+    new process, not named by a descriptor number that means nothing there)."""
+    service = Service(base_env(issuer, pfx, tmp_path / "kc.db"), tmp_path / "service.log", workers=1).start()
+    try:
+        assert service.process is not None
+        workers = _workers(service.process.pid)
+        assert len(workers) == 1, workers
+        os.kill(int(workers[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        answered = False
+        while time.monotonic() < deadline and not answered:
+            try:
+                answered = httpx.get(service.url + "/health/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert answered, service.logs()
+        assert "Unexpected exit from worker-1" in service.logs()  # a real crash is still reported
+        assert _workers(service.process.pid) not in ([], workers), service.logs()
+    finally:
+        service.stop()
+
+
+def _workers(parent: int) -> list[str]:
+    """The worker processes of a ``serve`` (spawned interpreters), by pid."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
