@@ -120,6 +120,12 @@ def test_a_port_out_of_range_in_aspnetcore_urls(tmp_path: Path, issuer: DevIssue
     _refused(_serve(env), database, "ASPNETCORE_URLS", "1 to 65535")
 
 
+def test_no_workers(tmp_path: Path, issuer: DevIssuer, pfx: Pfx) -> None:
+    database = tmp_path / "kc.db"
+    result = _serve(base_env(issuer, pfx, database), "--port", str(free_port()), "--workers", "0")
+    _refused(result, database, "--workers", "1 or more")
+
+
 def test_a_host_that_does_not_resolve(tmp_path: Path, issuer: DevIssuer, pfx: Pfx) -> None:
     database = tmp_path / "kc.db"
     result = _serve(

@@ -41,6 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert", "--tls-cert and --tls-key go together")
     server.check_https(listen, args.tls_cert, args.tls_key)
+    if args.workers < 1:
+        raise UsageError("--workers", f"{args.workers} is not a number of worker processes; use 1 or more")
     listening = server.take_port(listen)
     if args.tls_cert and args.tls_key:
         check_tls_pair(args.tls_cert, args.tls_key)
