@@ -3,6 +3,11 @@
 Pre-flight happens once, in the parent, before any worker starts: the schema is migrated (waiting
 for a database that is still coming up, as upstream does) and the data key is created if absent,
 so that a misconfiguration fails fast with one clear message instead of once per worker.
+
+Nothing is written before everything that can be checked without the network is: ``serve`` takes the
+port (``runtime.listen``: range, host, free, and held so no other server shares it), reads the TLS
+pair (``runtime.tlspair``) and checks the identity URL's form, and only then migrates and creates
+the data key.
 """
 
 from __future__ import annotations
