@@ -27,6 +27,7 @@ def _load(args: argparse.Namespace) -> LoadedSettings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from keyconnector.runtime import server
+    from keyconnector.runtime.tlspair import check_tls_pair
 
     loaded = _load(args)
     settings = loaded.settings
@@ -34,9 +35,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     notice = loaded.upstream_logging_notice()
     if notice:
         log.info("%s", notice)
+    # Validate before writing: every check that needs no network comes before the first write
+    # (schema, data key), and the port is taken before anything is written or "listening" said.
     listen = server.listen_address(args.host, args.port)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert", "--tls-cert and --tls-key go together")
+    server.check_https(listen, args.tls_cert, args.tls_key)
+    if args.workers < 1:
+        raise UsageError("--workers", f"{args.workers} is not a number of worker processes; use 1 or more")
+    listening = server.take_port(listen)
+    if args.tls_cert and args.tls_key:
+        check_tls_pair(args.tls_cert, args.tls_key)
     server.preflight(settings, tls_key=args.tls_key)
     if settings.transfer_to.lockfile_path:
         from keyconnector.ops.transfer import run_startup_transfer
@@ -50,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config_file=args.config,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        sock=listening,
     )
     return 0
 

@@ -3,6 +3,11 @@
 Pre-flight happens once, in the parent, before any worker starts: the schema is migrated (waiting
 for a database that is still coming up, as upstream does) and the data key is created if absent,
 so that a misconfiguration fails fast with one clear message instead of once per worker.
+
+Nothing is written before everything that can be checked without the network is: ``serve`` takes the
+port (``runtime.listen``: range, host, free, and held so no other server shares it), reads the TLS
+pair (``runtime.tlspair``) and checks the identity URL's form, and only then migrates and creates
+the data key.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +30,7 @@ from keyconnector.core.keyring import RingRefused
 from keyconnector.errors import UnavailableError, UsageError
 from keyconnector.http.layers.drain import DRAIN_DIR_ENV, FLAG, idle_marker
 from keyconnector.runtime.assemble import open_core
+from keyconnector.runtime.listen import Listen, bind, sharing
 from keyconnector.runtime.permissions import warn_loose_permissions
 from keyconnector.runtime.settings import CONFIG_FILE_ENV, Settings, identity_server_uri, side_of
 from keyconnector.runtime.trust import Trust
@@ -39,13 +45,6 @@ WORKER_STOP_SECONDS = 5
 """After the drain, how long a worker may take to close (flush access times and audit entries)."""
 
 
-@dataclass(frozen=True)
-class Listen:
-    host: str
-    port: int
-    https: bool
-
-
 def listen_address(host: str | None, port: int | None, environ: dict[str, str] | None = None) -> Listen:
     """``--host``/``--port`` win; else the first entry of ``ASPNETCORE_URLS``; else 127.0.0.1:5000."""
     environ = dict(os.environ) if environ is None else environ
@@ -53,11 +52,30 @@ def listen_address(host: str | None, port: int | None, environ: dict[str, str] |
     if host is None and port is None and urls:
         first = urls.split(";")[0].strip()
         parts = urlsplit(first.replace("://+", "://0.0.0.0").replace("://*", "://0.0.0.0"))
+        try:
+            given = parts.port
+        except ValueError:
+            raise UsageError(
+                "ASPNETCORE_URLS", f"'{first}' has no valid port; use a number from 1 to 65535"
+            ) from None
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise UsageError("ASPNETCORE_URLS", f"cannot read '{first}' as a URL like http://+:5000")
         default = 443 if parts.scheme == "https" else 80
-        return Listen(parts.hostname, parts.port or default, parts.scheme == "https")
-    return Listen(host or "127.0.0.1", port or DEFAULT_PORT, False)
+        return Listen(parts.hostname, given or default, parts.scheme == "https", "ASPNETCORE_URLS")
+    return Listen(host or "127.0.0.1", DEFAULT_PORT if port is None else port, False, "--port")
+
+
+def take_port(listen: Listen) -> socket.socket:
+    """Check the address and bind it, before anything is written: see ``runtime.listen``."""
+    return bind(listen)
+
+
+def check_https(listen: Listen, tls_cert: str | None, tls_key: str | None) -> None:
+    """``ASPNETCORE_URLS=https://...`` needs the certificate: refused before anything is written."""
+    if listen.https and not (tls_cert and tls_key):
+        raise UsageError(
+            "ASPNETCORE_URLS", "asks for https: give the certificate with --tls-cert PEM --tls-key PEM"
+        )
 
 
 def migrate_with_retries(settings: Settings, attempts: int = MIGRATION_ATTEMPTS) -> None:
@@ -200,6 +218,34 @@ def _draining(server_class: Any, folder: Path, seconds: float) -> Any:
 
             threading.Thread(target=drain_then_stop, name="drain", daemon=True).start()
 
+        def _stopping(self, within: float) -> bool:
+            deadline = time.monotonic() + within
+            while time.monotonic() < deadline:
+                if self._drain_started or self.interrupt_signal:
+                    return True
+                time.sleep(0.02)
+            return False
+
+        def _spawn_worker(self, *args: Any, **kwargs: Any) -> Any:
+            """A worker whose clean exit during a stop is not reported as a crash.
+
+            Ctrl-C in a terminal, and systemd's default ``KillMode=control-group``, signal the
+            workers as well as this process; a worker may then stop on its own a moment before
+            this process has seen the signal, and granian would log ``Unexpected exit`` and
+            respawn it. A worker that exits with 0 while a stop is under way (or begins within a
+            second) was stopped, not crashed; anything else is reported as before."""
+            worker = server_class._spawn_worker(self, *args, **kwargs)
+            report = worker._watcher
+
+            def watcher() -> None:
+                worker.inner.join()
+                if not worker.interrupt_by_parent and worker.inner.exitcode == 0 and self._stopping(1.0):
+                    worker.interrupt_by_parent = True
+                report()
+
+            worker._watcher = watcher
+            return worker
+
     return DrainingServer
 
 
@@ -232,17 +278,18 @@ def run(
     config_file: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
+    """Serve until stopped, on ``sock`` if ``serve`` already took the port (``take_port``)."""
     from granian.constants import Interfaces, Loops
     from granian.log import LogLevels
     from granian.server import Server
 
     if config_file:
         os.environ[CONFIG_FILE_ENV] = str(Path(config_file).resolve())
-    if listen.https and not (tls_cert and tls_key):
-        raise UsageError(
-            "ASPNETCORE_URLS", "asks for https: give the certificate with --tls-cert PEM --tls-key PEM"
-        )
+    check_https(listen, tls_cert, tls_key)
+    if sock is None:
+        sock = take_port(listen)
     scheme = "https" if tls_cert else "http"
     # Workers start as fresh interpreters, not forks of this process: pre-flight has already opened
     # the key provider here, and HSM libraries (PKCS#11 must be re-initialised after fork) and gRPC
@@ -255,7 +302,7 @@ def run(
     drain_folder = Path(tempfile.mkdtemp(prefix="keyconnector-drain-"))  # mode 0700
     os.environ[DRAIN_DIR_ENV] = str(drain_folder)
     log.info("listening on %s://%s:%d with %d worker(s)", scheme, listen.host, listen.port, workers)
-    server = _draining(Server, drain_folder, settings.shutdown.drain_seconds)(
+    server = _draining(sharing(Server, sock), drain_folder, settings.shutdown.drain_seconds)(
         "keyconnector.http.app:create_app_from_environment",
         address=listen.host,
         port=listen.port,
@@ -276,3 +323,4 @@ def run(
     finally:
         shutil.rmtree(drain_folder, ignore_errors=True)
         metrics_side.stop()
+        sock.close()

@@ -13,6 +13,7 @@ the deployment-wide settings both sides share.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from keyconnector.errors import ConfigurationError
 from keyconnector.runtime.settings.model import (
@@ -124,5 +125,19 @@ def identity_server_uri(settings: Settings) -> str:
     if not settings.identity_server_uri:
         raise ConfigurationError(
             "identityServerUri", "is not set; it is the URL of the Bitwarden identity server"
+        )
+    uri = settings.identity_server_uri.strip()
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not one
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme.lower() not in {"http", "https"} or not parts.hostname:
+        # Only the form: a typo here used to pass pre-flight, create a data key, then crash-loop the
+        # workers. Whether the server answers is a network question, asked by ``check`` and at runtime.
+        raise ConfigurationError(
+            "identityServerUri",
+            f"'{uri}' is not an http:// or https:// URL with a host; "
+            "expected the identity server's address, like https://vault.example.com/identity",
         )
     return settings.identity_server_uri
