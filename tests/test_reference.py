@@ -208,7 +208,10 @@ def test_environment_variables_are_read_where_the_page_says() -> None:
 # -- round trip: the names on the page land on their fields ----------------------------------------------
 
 
-FORMED: dict[str, tuple[str, Any]] = {"keyRingAnchor": ("0123456789ABCDEF0123", "0123456789abcdef0123")}
+FORMED: dict[str, tuple[str, Any]] = {
+    "keyRingAnchor": ("0123456789ABCDEF0123", "0123456789abcdef0123"),
+    "pathBase": ("/sample-pathBase/", "/sample-pathBase"),
+}
 """Settings whose text has a required form: a valid sample, as written and as held."""
 
 

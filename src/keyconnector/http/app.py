@@ -151,8 +151,9 @@ def create_app(settings: Settings) -> ASGIApp:
 def _layers(app: ASGIApp, settings: Settings, services: ServiceHolder) -> ASGIApp:
     """The layers around the routing, composed here and only here. From the outside in:
 
-    1. ``RequestIdLayer`` makes the request's context (id, client address, normalised path) and adds
-       ``X-Request-Id`` to every answer: outermost, so that every layer and log line below has them.
+    1. ``RequestIdLayer`` makes the request's context (id, client address, normalised path without the
+       ``pathBase`` prefix) and adds ``X-Request-Id`` to every answer: outermost, so that every layer
+       and log line below has them.
     2. ``AccessLayer`` writes the access-log line and the request metrics: outside every layer that
        answers by itself (500, 429, preflights, the drain's 503), so those are logged and counted too.
     3. ``ErrorLayer`` turns an unhandled exception into a logged 500.
@@ -174,7 +175,7 @@ def _layers(app: ASGIApp, settings: Settings, services: ServiceHolder) -> ASGIAp
         inner = RateLimitLayer(inner, limiter, services)
     inner = ErrorLayer(inner)
     inner = AccessLayer(inner, metrics=settings.metrics.enabled)
-    return RequestIdLayer(inner, limiter.trusted)
+    return RequestIdLayer(inner, limiter.trusted, settings.path_base)
 
 
 def create_app_from_environment() -> ASGIApp:

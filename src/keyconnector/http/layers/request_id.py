@@ -1,10 +1,11 @@
 """The outermost layer: it makes the request's context, and every answer carries the request's id.
 
 Outermost so that everything below, the other layers, the endpoint and each log line written while
-the request runs, has the id, the client's address and the normalised path. The id is the client's
-``X-Request-Id`` when it is safe to echo into a header and a log line, else a fresh one; it comes
-back in the response's ``X-Request-Id``, so that a user's report leads to the log lines and the
-audit entry of that request.
+the request runs, has the id, the client's address and the normalised path (without the
+``pathBase`` prefix, so that routes, limits, logs and metrics see one spelling of each path). The
+id is the client's ``X-Request-Id`` when it is safe to echo into a header and a log line, else a
+fresh one; it comes back in the response's ``X-Request-Id``, so that a user's report leads to the
+log lines and the audit entry of that request.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ _SLASHES = re.compile(r"/{2,}")
 class RequestIdLayer:
     """Makes the ``RequestContext``, sets the log lines' request id, adds ``X-Request-Id`` to the answer."""
 
-    def __init__(self, app: ASGIApp, trusted: TrustedProxies | None) -> None:
+    def __init__(self, app: ASGIApp, trusted: TrustedProxies | None, path_base: str | None = None) -> None:
         """``trusted``: the proxies whose ``X-Forwarded-For`` names the client
-        (``rateLimit.trustedProxies``)."""
+        (``rateLimit.trustedProxies``); ``path_base``: the prefix a proxy forwards unstripped
+        (``pathBase``, already in its one form: ``/key-connector``), removed before routing."""
         self.app = app
         self._trusted = trusted
+        self._path_base = path_base
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,6 +48,11 @@ class RequestIdLayer:
             if len(path) > 1:
                 path = path.rstrip("/")
             scope = dict(scope, path=path)
+        if self._path_base is not None:
+            unprefixed = strip_path_base(path, self._path_base)
+            if unprefixed is not path:
+                path = unprefixed
+                scope = dict(scope, path=path)
         request_id = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
@@ -71,3 +79,14 @@ class RequestIdLayer:
             await self.app(scope, receive, send_with_id)
         finally:
             logs.request_id.reset(token)
+
+
+def strip_path_base(path: str, base: str) -> str:
+    """``path`` without the ``pathBase`` prefix when it starts with that whole segment (``/kc/x`` for
+    ``/kc``, not ``/kcx``); else ``path`` itself, unchanged: unprefixed paths keep answering, as with
+    ASP.NET Core's ``UsePathBase``, so the orchestrator's health probes need no prefix."""
+    if path == base:
+        return "/"
+    if path.startswith(base) and path[len(base)] == "/":
+        return path[len(base) :]
+    return path

@@ -8,6 +8,7 @@ line can never show them.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -31,6 +32,10 @@ CHOICES = "choices"
 REFUSED = "refused"
 """``json_schema_extra`` key on a ``provider`` field: ``module:NAME`` of values that are recognised
 only to be refused with an explanation (upstream's removed ``mongo``)."""
+
+
+_PATH_CHARACTERS = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]+")
+"""What a URL path may hold unescaped (RFC 3986 ``pchar`` and ``/``): no query, fragment or space."""
 
 
 def _meta(
@@ -462,6 +467,16 @@ class Settings(BaseSettings):
         json_schema_extra=_meta("all"),
     )
     """The web vault's URL: the one origin allowed by CORS (the admin console's "test" button)."""
+    path_base: str | None = Field(
+        default=None,
+        alias="pathBase",
+        validation_alias=AliasChoices("pathBase", "path_base"),
+        json_schema_extra=_meta("all", ours=True),
+    )
+    """A path prefix the reverse proxy forwards unstripped, such as ``/key-connector`` (Bitwarden's
+    installer nginx strips it; other proxies may not). ``/key-connector/user-keys`` is then served as
+    ``/user-keys``; the unprefixed paths keep answering too (the orchestrator's health probes, a proxy
+    that strips), as ASP.NET Core's ``UsePathBase`` does. Logs and metrics name the unprefixed route."""
     identity_server_uri: str | None = Field(
         default=None,
         alias="identityServerUri",
@@ -536,6 +551,24 @@ class Settings(BaseSettings):
         if len(text) != 20 or any(c not in "0123456789abcdef" for c in text):
             raise ValueError(
                 "must be the 20 hex digits that `keyconnector check` shows as the key ring's anchor"
+            )
+        return text
+
+    @field_validator("path_base")
+    @classmethod
+    def _path_base_form(cls, value: str | None) -> str | None:
+        if value is None or not value.strip() or value.strip() == "/":
+            return None
+        text = value.strip().rstrip("/")
+        segments = text.split("/")
+        if (
+            not text.startswith("/")
+            or any(segment in {"", ".", ".."} for segment in segments[1:])
+            or not _PATH_CHARACTERS.fullmatch(text)
+        ):
+            raise ValueError(
+                "must be a path prefix like /key-connector: starting with '/', without '//', '.' or '..' "
+                "segments, a query or a fragment"
             )
         return text
 
