@@ -18,13 +18,18 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.runtime.settings import load_settings
+from keyconnector.storage.base import UserKeyRecord
+from keyconnector.storage.registry import migrate, open_repository
 from tests.conftest import Pfx, Service, base_env
+from tests.support.backends import run
+from tests.support.envelopes import upstream_seal, upstream_wrap
 
 StartService = Callable[..., Service]
 WRITE_LEGACY = "keyConnectorSettings__compat__writeLegacyFormat"
@@ -98,3 +103,116 @@ def test_a_malformed_path_base_stops_serve_naming_the_setting(
 def test_path_base_has_one_form(value: str, expected: str | None) -> None:
     settings = load_settings({"keyConnectorSettings__pathBase": value}).settings
     assert settings.path_base == expected
+
+
+# -- the way back stays visible ---------------------------------------------------------------------------
+
+
+def seed_upstream_records(env: dict[str, str], pfx: Pfx, count: int, *, bound: int = 0) -> bytes:
+    """A database as upstream leaves it: its wrapped data key and ``count`` records in its envelope
+    (plus ``bound`` rows in format 2, as keyconnector writes them by default). The data key."""
+    settings = load_settings(env).settings
+    migrate(settings.database)
+    data_key = secrets.token_bytes(32)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    records = [
+        UserKeyRecord(uuid.uuid4(), upstream_seal(data_key, secrets.token_bytes(32)), now, None, None)
+        for _ in range(count)
+    ]
+
+    async def body() -> None:
+        repository = await open_repository(settings.database)
+        try:
+            await repository.store_wrapped_data_key(upstream_wrap(pfx, data_key))
+            await repository.upsert_records(records)
+        finally:
+            await repository.aclose()
+
+    run(body())
+    return data_key
+
+
+def way_back_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if f"set {WRITE_LEGACY}=true to keep the way back" in line]
+
+
+def test_upstream_records_without_write_legacy_format_warn_once_at_start_and_in_check(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service: StartService
+) -> None:
+    env = base_env(issuer, pfx, tmp_path / "kc.db")
+    seed_upstream_records(env, pfx, 30)
+
+    checked = keyconnector("check", env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    lines = way_back_lines(checked.stdout)
+    assert len(lines) == 1 and lines[0].startswith("warn way back: 30 of the first 30 records"), (
+        checked.stdout
+    )
+
+    service = start_service(env, workers=2)
+    user = uuid.uuid4()
+    with service.client() as client:
+        answer = client.post(
+            "/user-keys", json={"key": new_key()}, headers={"Authorization": f"Bearer {issuer.mint(user)}"}
+        )
+        assert answer.status_code == 200, answer.text
+    service.stop()
+    lines = way_back_lines(service.logs())
+    assert len(lines) == 1, service.logs()  # the parent's pre-flight, not once per worker
+    assert "WARNING" in lines[0] and "upstream's format" in lines[0], lines[0]
+
+    # The way back kept open: no warning anywhere.
+    env[WRITE_LEGACY] = "true"
+    checked = keyconnector("check", env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "way back" not in checked.stdout, checked.stdout
+    quiet = start_service(env)
+    quiet.stop()
+    assert "way back" not in quiet.logs(), quiet.logs()
+
+
+def test_a_database_without_upstream_records_gives_no_way_back_warning(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service: StartService
+) -> None:
+    env = base_env(issuer, pfx, tmp_path / "kc.db")
+    service = start_service(env)
+    with service.client() as client:
+        headers = {"Authorization": f"Bearer {issuer.mint(uuid.uuid4())}"}
+        assert client.post("/user-keys", json={"key": new_key()}, headers=headers).status_code == 200
+    service.stop()
+    again = start_service(env)  # now with a format-2 record in the database
+    again.stop()
+    checked = keyconnector("check", env=env)
+    assert "way back" not in service.logs() + again.logs() + checked.stdout
+
+
+# -- CORS off by omission ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, "https://vault.example.com/#/login"])
+def test_a_missing_or_unusable_web_vault_uri_is_a_warning_in_serve_and_check(
+    value: str | None, tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service: StartService
+) -> None:
+    env = base_env(issuer, pfx, tmp_path / "kc.db")
+    if value is None:
+        del env[WEB_VAULT_SETTING]
+    else:
+        env[WEB_VAULT_SETTING] = value
+    service = start_service(env, workers=2)
+    service.stop()
+    warnings = [line for line in service.logs().splitlines() if WEB_VAULT_SETTING in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], service.logs()
+    assert "admin console's Key Connector Test button cannot reach this service" in warnings[0]
+
+    checked = keyconnector("check", env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    cors = [line for line in checked.stdout.splitlines() if line.startswith("warn cors: ")]
+    assert len(cors) == 1 and WEB_VAULT_SETTING in cors[0], checked.stdout
+
+
+def test_a_web_vault_uri_that_is_an_origin_gives_no_warning(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx
+) -> None:
+    env = base_env(issuer, pfx, tmp_path / "kc.db")  # https://vault.example.com/ style, as upstream's docs
+    checked = keyconnector("check", env=env)
+    assert "cors" not in checked.stdout and WEB_VAULT_SETTING not in checked.stdout, checked.stdout

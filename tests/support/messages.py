@@ -94,6 +94,8 @@ CALLS: dict[str, Spec] = {
     "Refusal": Spec(0),
     # keyconnector check
     "CheckResult": Spec(2),
+    # warnings logged by serve's pre-flight and printed by check (runtime/notices.py)
+    "_notice": Spec(0),
 }
 """Constructions whose text reaches a person. A new exception class must be added here (the
 test checks that every exception class defined under src/ is known)."""

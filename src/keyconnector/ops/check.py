@@ -12,6 +12,7 @@ from keyconnector.core.keyring import NotAdopted, RingRefused
 from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_name
 from keyconnector.keypairs.base import KeyProvider
 from keyconnector.runtime.assemble import load_data_keys, open_database, open_key_pair
+from keyconnector.runtime.notices import cors_notice, way_back_notice
 from keyconnector.runtime.settings import (
     DatabaseSettings,
     LoadedSettings,
@@ -50,6 +51,9 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     notice = loaded.upstream_logging_notice()
     if notice:
         results.append(CheckResult("settings", True, notice, warning=True))
+    cors = cors_notice(settings.web_vault_uri)
+    if cors is not None:
+        results.append(CheckResult("cors", True, cors, warning=True))
     from keyconnector.runtime.permissions import loose_files
 
     results += [CheckResult("permissions", True, problem, warning=True) for problem in loose_files(settings)]
@@ -178,8 +182,10 @@ async def _check_data_keys(
         True,
         f"version(s) {versions} unwrap with this key pair; version {ring.current} seals new records",
     )
+    way_back = await way_back_notice(repository, opened.keys)
+    notices = [] if way_back is None else [CheckResult("way back", True, way_back, warning=True)]
     if opened.adopted:
-        return [keys, CheckResult("key ring", True, f"{opened.adopted} (anchor {ring.anchor})")]
+        return [keys, CheckResult("key ring", True, f"{opened.adopted} (anchor {ring.anchor})"), *notices]
     legacy = "accepted" if ring.accept_legacy else "refused (every record is bound to its user)"
     pinned = " (pinned by keyRingAnchor)" if side.key_ring_anchor else ""
     return [
@@ -190,6 +196,7 @@ async def _check_data_keys(
             f"revision {ring.revision} authenticates; anchor {ring.anchor}{pinned}; upstream-format "
             f"records {legacy}",
         ),
+        *notices,
     ]
 
 

@@ -31,6 +31,7 @@ from keyconnector.errors import UnavailableError, UsageError
 from keyconnector.http.layers.drain import DRAIN_DIR_ENV, FLAG, idle_marker
 from keyconnector.runtime.assemble import open_core
 from keyconnector.runtime.listen import Listen, bind, sharing
+from keyconnector.runtime.notices import cors_notice, way_back_notice
 from keyconnector.runtime.permissions import warn_loose_permissions
 from keyconnector.runtime.settings import CONFIG_FILE_ENV, Settings, identity_server_uri, side_of
 from keyconnector.runtime.trust import Trust
@@ -106,7 +107,13 @@ async def _prepare_data_key(settings: Settings) -> None:
     schema was migrated just before, by ``migrate_with_retries`` (which waits for a database still
     coming up), and a second Alembic run at every start would only repeat it."""
     core = await open_core(side_of(settings))
-    await core.aclose()
+    try:
+        # Here, once, in the parent: the workers do not repeat it.
+        notice = await way_back_notice(core.repository, core.keys)
+        if notice is not None:
+            log.warning("%s", notice)
+    finally:
+        await core.aclose()
 
 
 def preflight(settings: Settings, *, tls_key: str | None = None) -> None:
@@ -118,6 +125,9 @@ def preflight(settings: Settings, *, tls_key: str | None = None) -> None:
     """
     identity_server_uri(settings)
     tracing.check(settings)
+    cors = cors_notice(settings.web_vault_uri)
+    if cors is not None:
+        log.warning("%s", cors)
     # Before the migration, which may create the database file (it does so with mode 0600).
     warn_loose_permissions(settings, tls_key=tls_key)
     # Before the first connection attempt, so the warning is there even while the database is down.
