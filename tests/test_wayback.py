@@ -13,6 +13,7 @@ Against real ``keyconnector serve`` processes and the real ``check`` and ``stats
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import subprocess
 import sys
@@ -216,3 +217,65 @@ def test_a_web_vault_uri_that_is_an_origin_gives_no_warning(
     env = base_env(issuer, pfx, tmp_path / "kc.db")  # https://vault.example.com/ style, as upstream's docs
     checked = keyconnector("check", env=env)
     assert "cors" not in checked.stdout and WEB_VAULT_SETTING not in checked.stdout, checked.stdout
+
+
+# -- stats per format and per version, before and after upgrade-records ------------------------------------
+
+
+def stats_of(env: dict[str, str]) -> dict[str, object]:
+    result = keyconnector("stats", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    figures: dict[str, object] = json.loads(result.stdout)
+    return figures
+
+
+def test_stats_counts_records_per_format_and_version_until_upgrade_records_is_finished(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, start_service: StartService
+) -> None:
+    env = base_env(issuer, pfx, tmp_path / "kc.db")
+    seed_upstream_records(env, pfx, 25)
+    service = start_service(env)  # adopts the data key; writes 3 keys bound to their user
+    with service.client() as client:
+        for _ in range(3):
+            headers = {"Authorization": f"Bearer {issuer.mint(uuid.uuid4())}"}
+            assert client.post("/user-keys", json={"key": new_key()}, headers=headers).status_code == 200
+    service.stop()
+
+    before = stats_of(env)
+    assert before["records_per_format"] == {"upstream": 25, "bound": 3, "unknown": 0}
+    assert before["records_per_version"] == {"1": 28}
+    table = keyconnector("stats", env=env).stdout
+    for label, count in (("upstream's (not bound", 25), ("format 2 (bound", 3), ("unknown format", 0)):
+        assert f" {count} " in next(line for line in table.splitlines() if label in line), table
+
+    upgraded = keyconnector("upgrade-records", env=env)
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    after = stats_of(env)
+    assert after["records_per_format"] == {"upstream": 0, "bound": 28, "unknown": 0}
+    assert after["records_per_version"] == {"1": 28}
+    checked = keyconnector("check", env=env)
+    assert "way back" not in checked.stdout, checked.stdout
+
+
+def test_stats_counts_a_record_of_an_unknown_format_as_unknown_not_bound(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx
+) -> None:
+    """A ``kc:`` marker this version cannot read is not a bound record: counting it as one would
+    report ``upgrade-records`` finished while records remain that nothing here can open."""
+    env = base_env(issuer, pfx, tmp_path / "kc.db")
+    seed_upstream_records(env, pfx, 4)
+    settings = load_settings(env).settings
+    now = datetime.now(UTC).replace(tzinfo=None)
+    odd = [UserKeyRecord(uuid.uuid4(), key, now, None, None) for key in ("kc:7:1:AAAA", "kc:2:x:AAAA")]
+
+    async def body() -> None:
+        repository = await open_repository(settings.database)
+        try:
+            await repository.upsert_records(odd)
+        finally:
+            await repository.aclose()
+
+    run(body())
+    figures = stats_of(env)
+    assert figures["records_per_format"] == {"upstream": 4, "bound": 0, "unknown": 2}
+    assert figures["records_per_version"] == {"1": 4, "unknown": 2}

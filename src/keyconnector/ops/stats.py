@@ -1,11 +1,12 @@
 """``keyconnector stats``: what is in the database, for planning a rotation or a clean-up.
 
-How many users, how many records each data-key version still has (a version can only be retired
-when none is left; records of a format this version does not know show up as ``unknown``), when
-users last read their key, and which key pairs wrap each data-key version. Read-only: it never
-creates a database, a table or a data key. With the configured key pair it also authenticates the
-key ring (``key_ring_authentication``: its anchor, or why it is refused); without one it still
-counts (nothing is decrypted).
+How many users, how many records are in each format (upstream's envelope, still to be bound by
+``upgrade-records``, or format 2, bound to the user) and how many each data-key version still has
+(a version can only be retired when none is left; records of a format this version does not know
+show up as ``unknown`` in both), when users last read their key, and which key pairs wrap each
+data-key version. Read-only: it never creates a database, a table or a data key. With the
+configured key pair it also authenticates the key ring (``key_ring_authentication``: its anchor, or
+why it is refused); without one it still counts (nothing is decrypted).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from keyconnector.core.envelope import LEGACY_VERSION, is_legacy, record_version
+from keyconnector.core.envelope import FORMAT_2, LEGACY_VERSION, is_legacy, record_version
 from keyconnector.core.keyring import KeyRing, NotAdopted, RingTrust, open_ring, read_ring
 from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError
 from keyconnector.keypairs import open_key_provider
@@ -29,6 +30,9 @@ from keyconnector.storage.base import Repository
 from keyconnector.storage.registry import inspect, open_repository
 
 UNKNOWN = "unknown"
+FORMATS = ("upstream", "bound", UNKNOWN)
+"""The keys of ``Stats.records_per_format``, always all three (0 included), so a script can wait
+for ``upstream`` to reach 0 after ``upgrade-records``."""
 
 LAST_ACCESS_BUCKETS: list[tuple[str, timedelta | None]] = [
     ("24h", timedelta(days=1)),
@@ -75,7 +79,8 @@ class Stats:
     without_key: int = 0
     records_per_version: dict[str, int] = field(default_factory=dict)
     records_per_format: dict[str, int] = field(default_factory=dict)
-    """``upstream`` (upstream's envelope, not bound to its user) and ``bound`` (format 2)."""
+    """``upstream`` (upstream's envelope, not bound to its user), ``bound`` (format 2) and ``unknown``
+    (a format this version cannot read): ``upgrade-records`` is finished when ``upstream`` is 0."""
     last_access: dict[str, int] = field(default_factory=dict)
     key_ring_stored: bool = False
     """False for a deployment that never rotated: version 1 is then only the key in ApplicationDatas."""
@@ -107,6 +112,15 @@ def _version_of(record: str) -> str:
         return UNKNOWN
 
 
+def _format_of(record: str) -> str:
+    """``upstream`` (what ``upgrade-records`` rewrites), ``bound`` (format 2) or ``unknown``: a
+    ``kc:`` marker this version does not know is neither, and counting it as bound would tell an
+    operator the upgrade is finished while records remain that nothing here can read."""
+    if is_legacy(record):
+        return "upstream"
+    return "bound" if record.startswith(FORMAT_2) and _version_of(record) != UNKNOWN else UNKNOWN
+
+
 def _version_order(name: str) -> tuple[bool, int]:
     """Numeric order, ``unknown`` last."""
     return (name == UNKNOWN, int(name) if name.isdigit() else 0)
@@ -128,9 +142,9 @@ async def collect(repository: Repository, description: str, now: datetime | None
             else:
                 stats.with_key += 1
                 versions[_version_of(record.key)] += 1
-                formats["upstream" if is_legacy(record.key) else "bound"] += 1
+                formats[_format_of(record.key)] += 1
     stats.records_per_version = {name: versions[name] for name in sorted(versions, key=_version_order)}
-    stats.records_per_format = {name: formats[name] for name in ("upstream", "bound")}
+    stats.records_per_format = {name: formats[name] for name in FORMATS}
     stats.last_access = {name: buckets[name] for name in BUCKET_LABELS}
     ring: KeyRing = await read_ring(repository)
     stats.unbound_records = "accepted" if ring.accept_legacy else "refused"
@@ -223,6 +237,7 @@ def render(stats: Stats) -> None:
     formats.add_column("records", justify="right")
     formats.add_row("upstream's (not bound to the user)", f"{stats.records_per_format.get('upstream', 0):,}")
     formats.add_row("format 2 (bound to the user)", f"{stats.records_per_format.get('bound', 0):,}")
+    formats.add_row("unknown format", f"{stats.records_per_format.get(UNKNOWN, 0):,}")
     console.print(formats)
 
     versions = Table(title="records per data-key version")
@@ -275,12 +290,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def add_commands(commands: Subcommands) -> None:
     parser = commands.add_parser(
         "stats",
-        help="count users, records per data-key version, last access and key-ring versions (read-only)",
+        help="count users, records per format and per data-key version, last access and key-ring versions "
+        "(read-only)",
         description=(
             "Read-only statistics of the configured database: users with and without a key, records "
-            "per data-key version, when users last read their key, and the key ring (authenticated with the "
-            "configured key pair, if any). Never creates anything. Exit 1 when the database has no Key "
-            "Connector data yet."
+            "per format (upstream's, bound to the user, unknown) and per data-key version, when users last "
+            "read their key, and the key ring (authenticated with the configured key pair, if any). Never "
+            "creates anything. Exit 1 when the database has no Key Connector data yet."
         ),
     )
     add_settings_arguments(parser)
