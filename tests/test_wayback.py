@@ -279,3 +279,23 @@ def test_stats_counts_a_record_of_an_unknown_format_as_unknown_not_bound(
     figures = stats_of(env)
     assert figures["records_per_format"] == {"upstream": 4, "bound": 0, "unknown": 2}
     assert figures["records_per_version"] == {"1": 4, "unknown": 2}
+
+
+def test_after_a_rotation_the_way_back_warning_names_downgrade_records(
+    tmp_path: Path, pfx: Pfx, request: pytest.FixtureRequest
+) -> None:
+    """With data key version 2 current, writeLegacyFormat cannot help: the warning says what can."""
+    from tests.test_stats import write_deployment
+    from tests.test_transfer import command_env, deployment
+
+    source = deployment("sqlite", pfx, tmp_path, request)
+    wanted = write_deployment(source, rotated=True)
+    env = command_env(source)
+    env[WRITE_LEGACY] = "true"  # no help once version 2 seals: the warning stays
+    checked = keyconnector("check", env=env)
+    lines = [line for line in checked.stdout.splitlines() if line.startswith("warn way back: ")]
+    assert len(lines) == 1, checked.stdout + checked.stderr
+    upstream = wanted["records_per_version"]["1"]
+    assert f"{upstream} of the first " in lines[0], lines[0]
+    assert "data key version 2 seals new and replaced keys" in lines[0], lines[0]
+    assert "keyconnector downgrade-records" in lines[0], lines[0]
