@@ -180,6 +180,13 @@ class TokenValidator:
     def status(self) -> str:
         return self._source.describe()
 
+    async def settle(self) -> None:
+        """Before readiness answers: with no key set yet, join the fetch in flight (or start one, at
+        most once per refetch interval), so that a probe right after start-up reports the identity
+        server as it is, not a first fetch that has not finished."""
+        if not self.ready:
+            await self._source.fetch_if_allowed()
+
     async def refresh(self) -> None:
         """Fetch discovery and key set now, ignoring the throttle; raise ``UnavailableError`` if it fails."""
         await self._source.refresh()

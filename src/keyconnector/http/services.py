@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -119,6 +120,8 @@ class HealthChecker:
         # by every replica, and failing readiness would empty the load balancer for no gain (user-key
         # requests already answer 503 with Retry-After while it lasts, and recover by themselves).
         validator = services.validator
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(validator.settle(), timeout=5)
         checks["identity"] = (
             "ok"
             if validator.ready
