@@ -137,6 +137,13 @@ def test_allowing_a_new_data_key_over_records_makes_one_and_says_so(
     assert "WARNING" in logs and "3 existing user record(s) become unreadable" in logs, logs
     assert len(application_datas(database)) == 1
 
+    # Said once: later cold starts, without the option, take the ring (whose first records never
+    # open) as it is, and make no other key.
+    service.stop()
+    again = start_service(base_env(issuer, pfx, database))
+    assert "NEW data key" not in again.logs() and "REFUSED" not in again.logs()
+    assert len(application_datas(database)) == 1
+
 
 def test_a_data_key_wrapped_by_another_key_pair_is_refused_naming_both_fingerprints(
     tmp_path: Path, issuer: DevIssuer, pfx: Pfx, foreign_pfx: Pfx

@@ -453,7 +453,7 @@ async def open_ring(
                 continue  # another instance adopted first: authenticate what it wrote
             return adoption
         keys = await authenticate(ring, provider, trust, await _application_datas(repository, ring, provider))
-        if trust.auth_key is None and not ring.abandoned:
+        if trust.auth_key is None:
             await _check_records(repository, ring, keys, ring_missing=False)
         return OpenedRing(ring, keys)
     raise KeyRingConflict("the key ring kept changing while it was being read; try again")
@@ -580,7 +580,7 @@ async def _check_records(
             return
         except IntegrityFailure:
             continue
-    if openable:
+    if openable and not ring.abandoned:  # abandoned records never open: the operator said so
         raise RingRefused(
             f"none of the first {openable} user record(s) opens under the data keys this key ring and key "
             "pair give: the data key in ApplicationDatas or the key ring was replaced"
@@ -643,11 +643,10 @@ async def _adoption(
         number: DataKey(await unwrap_raw(repository, ring, number, provider), number)
         for number in ring.active
     }
-    if not abandoned:  # the records of an abandoned deployment cannot open: that was the operator's call
-        await _check_records(repository, ring, keys, ring_missing=old is None, sample=sample)
+    ring.abandoned = abandoned  # before the check: records of an abandoned deployment cannot open
+    await _check_records(repository, ring, keys, ring_missing=old is None, sample=sample)
     ring.accept_legacy = bool(sample) or accept_legacy_when_new
     ring.adopted = f"{adopted}, {now_text()}"
-    ring.abandoned = abandoned
     ring.auth_key = generate_data_key()
     ring.mac = ""
     ring.seal_versions(keys)
