@@ -21,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keypairs.base import rsa_fingerprint
 from keyconnector.keypairs.generate import self_signed_pfx
@@ -48,7 +49,7 @@ def fingerprint(pfx: Pfx) -> str:
 
 
 def run_command(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``keyconnector <args>`` as a process; a port nobody listens on, in case it gets that far."""
+    """``keyconnector <args>`` as a process."""
     return subprocess.run(
         [sys.executable, "-m", "keyconnector", *args],
         env=env,
@@ -60,7 +61,7 @@ def run_command(env: dict[str, str], *args: str, timeout: float = 60) -> subproc
 
 def serve_refuses(env: dict[str, str], *extra: str) -> str:
     """Run ``serve``; it must exit 2 before listening, with one line on stderr and no traceback."""
-    done = run_command(env, "serve", "--port", "1", *extra)
+    done = run_command(env, "serve", "--port", str(free_port()), *extra)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("keyconnector:")]
