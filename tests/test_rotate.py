@@ -441,8 +441,9 @@ def test_key_pair_rotation_online(
         assert AESGCM(data_key).decrypt(blob[-NONCE_SIZE:], blob[:-NONCE_SIZE], None) == expected[user]
     check_through_service(new_service, issuer, {u: expected[u] for u in [*users[-20:], *load.written]})
 
-    # The old settings now fail, saying why (the same loading of the data keys as `serve` at start-up).
-    assert main(["rotate-data-key", "--config", str(old.config)]) == 1
+    # The old settings now fail, saying why (the same loading of the data keys as `serve` at start-up):
+    # a key pair the database's data key does not open is a setting to fix, exit 2.
+    assert main(["rotate-data-key", "--config", str(old.config)]) == 2
     failed = capsys.readouterr().err
     assert "does not unwrap with this key pair" in failed
     assert pfx.password not in failed and new_pfx.password not in failed

@@ -424,8 +424,12 @@ def test_a_wrong_target_key_pair_fails_before_anything_is_written(
     before = existing.backend.sql('SELECT * FROM "UserKeys" ORDER BY "Id"')
     wrong = Deployment(existing.backend, other_pfx)
     result = keyconnector("transfer", env=command_env(source, wrong))
-    assert result.returncode == 1, result.stderr
-    assert "the target: " in result.stderr and "key pair" in result.stderr
+    # The takeover guard's refusal: a setting to fix (exit 2), named as the target's.
+    assert result.returncode == 2, result.stderr
+    assert (
+        "transferTo__rsaKey__provider" in result.stderr
+        and "does not open with this key pair" in result.stderr
+    )
     assert existing.backend.sql('SELECT * FROM "UserKeys" ORDER BY "Id"') == before
 
 

@@ -13,11 +13,13 @@ hierarchy, so a new class or a move shows up here)::
     |   +-- MissingDependencyError  errors: a provider's optional package is not installed
     +-- UnavailableError        errors: the database, key provider or identity server is down now
     +-- StorageError            errors: the database answered, but not as expected (storage backends)
+    |   +-- NewDataKeyRefused       core.keyring: user records but no data key, and none may be made
     +-- IntegrityFailure        errors: stored data does not decrypt or authenticate
     |   +-- RecordIntegrityFailure  core.service: a user's record does not open for that user
     |   +-- UnknownVersionError     core.envelope: a record needs a data-key version not loaded
     |   +-- LegacyRefusedError      core.envelope: an upstream-format record the ring refuses
     |   +-- RingRefused             core.keyring: the stored key ring fails authentication
+    |   +-- ForeignDataKey          core.keyring: the stored data key does not open with this key pair
     +-- KeyRingConflict         core.keyring: another process changed the key ring meanwhile
     +-- RotationRefused         core.keyring: the ring is not in a state where the change is safe
     +-- NotAdopted              core.keyring: no authenticated ring, and the caller may not write one

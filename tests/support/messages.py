@@ -74,6 +74,8 @@ CALLS: dict[str, Spec] = {
     "RotationRefused": Spec(0),
     "RingRefused": Spec(0),
     "NotAdopted": Spec(0),
+    "NewDataKeyRefused": Spec(0),
+    "ForeignDataKey": Spec(0),
     "LegacyRefusedError": Spec(0),
     "BackupError": Spec(0),
     "SideError": Spec(0),

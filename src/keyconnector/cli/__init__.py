@@ -13,7 +13,7 @@ from pathlib import Path
 from keyconnector import __version__
 from keyconnector.errors import ConfigurationError, KeyConnectorError, UsageError
 from keyconnector.runtime import logs
-from keyconnector.runtime.settings import LoadedSettings, LoggingSettings, load_with_env_file
+from keyconnector.runtime.settings import LoadedSettings, LoggingSettings, Settings, load_with_env_file
 
 log = logging.getLogger("keyconnector")
 
@@ -30,7 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from keyconnector.runtime.tlspair import check_tls_pair
 
     loaded = _load(args)
-    settings = loaded.settings
+    settings = _takeover_options(loaded.settings, args)
     logs.configure(settings.logging)
     notice = loaded.upstream_logging_notice()
     if notice:
@@ -62,6 +62,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock=listening,
     )
     return 0
+
+
+def _takeover_options(settings: Settings, args: argparse.Namespace) -> Settings:
+    """``--allow-new-data-key`` and ``--create-schema``: their ``database`` settings, for this start
+    only (the pre-flight is the one place that makes a data key or a schema)."""
+    given = {"allow_new_data_key": args.allow_new_data_key, "create_schema": args.create_schema}
+    changes = {name: True for name, on in given.items() if on}
+    if not changes:
+        return settings
+    return settings.model_copy(update={"database": settings.database.model_copy(update=changes)})
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -145,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
     serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--allow-new-data-key",
+        action="store_true",
+        help="make a new data key even though the database holds user records (they become unreadable)",
+    )
+    serve.add_argument(
+        "--create-schema",
+        action="store_true",
+        help="create Key Connector's schema in a database that holds only another application's tables",
+    )
     serve.set_defaults(func=cmd_serve)
 
     init = commands.add_parser("init", help="make a new key pair (PFX) and an env file that uses it")

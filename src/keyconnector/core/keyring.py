@@ -105,7 +105,31 @@ class RingRefused(IntegrityFailure):
 
 class NotAdopted(KeyConnectorError):
     """No authenticated key ring yet, and the caller may not write one (``check``); the message says
-    what ``serve`` would do."""
+    what ``serve`` would do. ``abandons``: how many user records the data key ``serve`` would make
+    can never open (only with ``allow_new_data_key``; 0 for a database without records)."""
+
+    def __init__(self, message: str, *, abandons: int = 0) -> None:
+        super().__init__(message)
+        self.abandons = abandons
+
+
+class NewDataKeyRefused(StorageError):
+    """The takeover guard: the database holds user records but no data key, and making one (which
+    could never open them) was not allowed. The composition root names the setting that allows it."""
+
+    def __init__(self, records: int, *, at_least: bool) -> None:
+        self.records = records
+        super().__init__(
+            f"the database holds {'at least ' if at_least else ''}{records} user record(s) but no data key "
+            "(ApplicationDatas is empty and there is no key ring): refusing to make a new one, which could "
+            "never open them. Restore ApplicationDatas from a backup, or check that this is the right "
+            "database"
+        )
+
+
+class ForeignDataKey(IntegrityFailure):
+    """The database holds a data key, but not one this key pair opens: the key-pair settings are
+    another deployment's, or the database is. Never a reason to make a new data key."""
 
 
 @dataclass
@@ -133,6 +157,10 @@ class KeyRing:
     mac: str = ""
     adopted: str = ""
     """How trust in this ring began (a note for people; covered by the MAC)."""
+    abandoned: int = 0
+    """User records that were in the database when data key version 1 was made without a key to
+    open them (``allowNewDataKey``; covered by the MAC, written only when not 0): a cold start then
+    does not refuse the ring because the first records do not open under it."""
     auth_key: bytes | None = field(default=None, repr=False, compare=False)
     """The authentication key, once this process has opened a seal and checked the MAC with it."""
     digest: str = field(default="", compare=False)
@@ -169,6 +197,7 @@ class KeyRing:
                 document_revision=int(document.get("revision", 0)),
                 mac=str(document.get("mac", "")),
                 adopted=str(document.get("adopted", "")),
+                abandoned=int(document.get("abandonedRecords", 0)),
                 digest=stored_digest(stored),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -186,6 +215,7 @@ class KeyRing:
             "current": self.current,
             "unboundRecords": "accepted" if self.accept_legacy else "refused",
             "adopted": self.adopted,
+            **({"abandonedRecords": self.abandoned} if self.abandoned else {}),
             "versions": {
                 str(number): {
                     "state": entry.state,
@@ -314,12 +344,33 @@ def wrap_for(ring: KeyRing, version: int, provider: KeyProvider, application_dat
     if wrapped is None and version == LEGACY_VERSION:
         wrapped = application_datas
     if wrapped is None:
-        raise IntegrityFailure(
-            f"data key version {version} is not wrapped for this key pair ({provider.description}); it is "
-            f"wrapped for {len(entry.wraps)} other key pair(s). Run `keyconnector rotate-key-pair` with the "
-            "settings of a key pair that has it, naming this one as the new pair"
+        raise ForeignDataKey(
+            f"data key version {version} is not wrapped for this key pair ({provider.description}; "
+            f"fingerprint {provider.fingerprint}); it is wrapped for {len(entry.wraps)} other key pair(s) "
+            f"({', '.join(sorted(entry.wraps))}). Run `keyconnector rotate-key-pair` with the settings of a "
+            "key pair that has it, naming this one as the new pair"
         )
     return wrapped
+
+
+async def unwrap_version(ring: KeyRing, version: int, provider: KeyProvider, wrapped: str) -> bytes:
+    """``provider``'s unwrap of ``wrapped`` (data key ``version``); a wrap the key pair refuses is a
+    ``ForeignDataKey`` naming this pair's fingerprint and those the ring knows the key for."""
+    blob = _decode(wrapped, f"the wrap of data key version {version}")
+    try:
+        return await provider.unwrap(blob)
+    except IntegrityFailure as exc:
+        entry = ring.versions.get(version)
+        others = sorted(set(entry.wraps) - {provider.fingerprint}) if entry is not None else []
+        where = (
+            f"the key ring holds it wrapped for {', '.join(others)}"
+            if others
+            else "ApplicationDatas holds it wrapped by another key pair (upstream does not record which)"
+        )
+        raise ForeignDataKey(
+            f"data key version {version} does not open with this key pair ({provider.description}; "
+            f"fingerprint {provider.fingerprint}): {where} ({exc})"
+        ) from None
 
 
 async def stored_wrap(repository: KeyRingStore, ring: KeyRing, version: int, provider: KeyProvider) -> str:
@@ -334,7 +385,7 @@ async def stored_wrap(repository: KeyRingStore, ring: KeyRing, version: int, pro
 async def unwrap_raw(repository: Repository, ring: KeyRing, version: int, provider: KeyProvider) -> bytes:
     """The 32 bytes of data key ``version``: only for re-wrapping them under another key pair."""
     wrapped = await stored_wrap(repository, ring, version, provider)
-    raw = await provider.unwrap(_decode(wrapped, f"the wrap of data key version {version}"))
+    raw = await unwrap_version(ring, version, provider, wrapped)
     DataKey(raw, version)  # checks the length, with the message that says which key pair is wrong
     return raw
 
@@ -358,6 +409,7 @@ async def open_ring(
     trust: RingTrust | None = None,
     adopt: bool = True,
     accept_legacy_when_new: bool = False,
+    allow_new_data_key: bool = False,
 ) -> OpenedRing:
     """The authenticated key ring and every active data key, or ``RingRefused`` saying what is wrong.
 
@@ -367,7 +419,10 @@ async def open_ring(
     refused. A database without an authenticated ring is adopted (``adopt``: written, race-free
     across instances) or, without ``adopt``, ``NotAdopted`` says what ``serve`` would do.
     ``accept_legacy_when_new``: whether a ring made for a database without records accepts
-    upstream-format records (``compat.writeLegacyFormat``).
+    upstream-format records (``compat.writeLegacyFormat``). ``allow_new_data_key``: whether a
+    database with user records but no data key gets one (``database.allowNewDataKey``); without it
+    that is ``NewDataKeyRefused``, and a stored data key this key pair does not open is always
+    ``ForeignDataKey``, never replaced.
     """
     trust = trust or RingTrust()
     for _ in range(5):
@@ -381,7 +436,14 @@ async def open_ring(
                     "keyconnector_key_ring. Restore it (keyconnector restore) or investigate before "
                     "restarting"
                 )
-            adoption = await _adoption(repository, provider, ring, accept_legacy_when_new, create=adopt)
+            adoption = await _adoption(
+                repository,
+                provider,
+                ring,
+                accept_legacy_when_new,
+                create=adopt,
+                allow_new_data_key=allow_new_data_key,
+            )
             _check_anchor(adoption.ring, trust)
             if not adopt:
                 return adoption  # what serve would adopt, not written
@@ -427,8 +489,7 @@ async def authenticate(
     keys: dict[int, DataKey] = {}
     for number in ring.active:
         wrapped = wrap_for(ring, number, provider, application_datas)
-        raw = await provider.unwrap(_decode(wrapped, f"the wrap of data key version {number}"))
-        keys[number] = DataKey(raw, number)
+        keys[number] = DataKey(await unwrap_version(ring, number, provider, wrapped), number)
     auth_key = trust.auth_key
     if auth_key is None:
         for number in ring.active:
@@ -519,7 +580,7 @@ async def _check_records(
             return
         except IntegrityFailure:
             continue
-    if openable:
+    if openable and not ring.abandoned:  # abandoned records never open: the operator said so
         raise RingRefused(
             f"none of the first {openable} user record(s) opens under the data keys this key ring and key "
             "pair give: the data key in ApplicationDatas or the key ring was replaced"
@@ -533,24 +594,41 @@ async def _adoption(
     accept_legacy_when_new: bool,
     *,
     create: bool,
+    allow_new_data_key: bool = False,
 ) -> OpenedRing:
-    """The first authenticated ring of this deployment, made from what the database holds."""
+    """The first authenticated ring of this deployment, made from what the database holds.
+
+    The takeover guard lives here, where the only new data key of a deployment is made: user
+    records without a data key get one only with ``allow_new_data_key``, logged at WARNING since
+    those records become unreadable for good."""
     sample = await _sample(repository)
+    abandoned = 0
     if old is None:
         wrapped = await repository.get_wrapped_data_key()
         adopted = "the data key in ApplicationDatas"
         if wrapped is None:
-            if sample:
-                raise StorageError(
-                    f"the database holds user records (at least {len(sample)}) but no data key "
-                    "(ApplicationDatas is empty): refusing to make a new one, which could never open them. "
-                    "Restore ApplicationDatas from a backup, or check that this is the right database"
-                )
+            if sample and not allow_new_data_key:
+                raise NewDataKeyRefused(len(sample), at_least=len(sample) >= SAMPLE_SIZE)
+            abandoned = len(sample)
+            records = f"{'at least ' if abandoned >= SAMPLE_SIZE else ''}{abandoned} existing user record(s)"
             if not create:
+                if abandoned:
+                    raise NotAdopted(
+                        f"no data key, but {records}: `serve` would make a new data key (allowNewDataKey "
+                        "is set) and they become unreadable",
+                        abandons=abandoned,
+                    )
                 raise NotAdopted("no data key yet: `serve` makes one at start")
             proposal = base64.b64encode(await provider.wrap(generate_data_key())).decode("ascii")
             wrapped = await repository.store_wrapped_data_key(proposal)
             adopted = "a new data key" if wrapped == proposal else adopted
+            if abandoned and wrapped == proposal:
+                log.warning(
+                    "made a NEW data key for a database that held %s and no data key (allowNewDataKey): "
+                    "the %s become unreadable; they stay in the database untouched",
+                    records,
+                    records,
+                )
         ring = KeyRing.implicit()
         ring.versions[LEGACY_VERSION].wraps[provider.fingerprint] = wrapped
         ring.versions[LEGACY_VERSION].created = now_text()
@@ -565,6 +643,7 @@ async def _adoption(
         number: DataKey(await unwrap_raw(repository, ring, number, provider), number)
         for number in ring.active
     }
+    ring.abandoned = abandoned  # before the check: records of an abandoned deployment cannot open
     await _check_records(repository, ring, keys, ring_missing=old is None, sample=sample)
     ring.accept_legacy = bool(sample) or accept_legacy_when_new
     ring.adopted = f"{adopted}, {now_text()}"
@@ -587,9 +666,16 @@ async def load_key_set(
     trust: RingTrust | None = None,
     *,
     accept_legacy_when_new: bool = False,
+    allow_new_data_key: bool = False,
 ) -> tuple[DataKeys, KeyRing]:
     """Every active data-key version this key pair can unwrap, and the authenticated ring they came from."""
-    opened = await open_ring(repository, provider, trust=trust, accept_legacy_when_new=accept_legacy_when_new)
+    opened = await open_ring(
+        repository,
+        provider,
+        trust=trust,
+        accept_legacy_when_new=accept_legacy_when_new,
+        allow_new_data_key=allow_new_data_key,
+    )
     if opened.adopted:
         log.warning(
             "adopted %s as the root of the authenticated key ring (anchor %s; pin it with "

@@ -60,9 +60,11 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
 
     repository: Repository | None = None
     has_data = False
+    new_database = False
     try:
         state = inspect(settings.database, trust=Trust.from_settings(settings))
         has_data = state.has_schema
+        new_database = not has_data
         results.append(CheckResult("database", True, state.description))
     except KeyConnectorError as exc:
         results.append(CheckResult("database", False, str(exc)))
@@ -81,6 +83,11 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     if provider is not None:
         results += _key_choice(provider)
 
+    if new_database:
+        # Whether serve makes a data key is the one thing a takeover must never learn afterwards.
+        results.append(
+            CheckResult("data key", True, "none yet: `serve` would make data key version 1 at start")
+        )
     if provider is not None and has_data:
         try:
             repository = await open_database(side, create=False)
@@ -172,7 +179,8 @@ async def _check_data_keys(
     try:
         opened = await load_data_keys(repository, provider, side, read_only=True)
     except NotAdopted as exc:
-        return [CheckResult("data key", True, str(exc))]
+        # ``abandons``: allowNewDataKey is set over existing records, which the new key never opens.
+        return [CheckResult("data key", True, str(exc), warning=exc.abandons > 0)]
     except RingRefused as exc:
         return [CheckResult("key ring", False, str(exc))]
     ring = opened.ring
@@ -180,7 +188,8 @@ async def _check_data_keys(
     keys = CheckResult(
         "data key",
         True,
-        f"version(s) {versions} unwrap with this key pair; version {ring.current} seals new records",
+        f"version(s) {versions} unwrap with this key pair; version {ring.current} seals new records; "
+        "`serve` makes no new data key",
     )
     way_back = await way_back_notice(repository, opened.keys)
     notices = [] if way_back is None else [CheckResult("way back", True, way_back, warning=True)]

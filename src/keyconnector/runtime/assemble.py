@@ -17,6 +17,12 @@ unwrapped ApplicationDatas itself and contradicted ``serve`` in the middle of a 
 Every step takes the side of the settings it opens (``settings.side_of``: the deployment's own, or
 its ``transferTo`` target), resolved once by the caller.
 
+The takeover guards live here too, so that every caller gets them: a database holding user records
+but no data key gets a new one only with ``database.allowNewDataKey``, and a stored data key this key
+pair does not open is refused, never replaced (both a ``ConfigurationError``: ``serve`` exits 2).
+:func:`guard_before_writing` runs them read-only before anything is migrated, so a refused takeover
+leaves the database exactly as it was (the foreign-database guard is the schema migration's own).
+
 The steps are public too (:func:`open_key_pair`, :func:`open_database`, :func:`load_data_keys`),
 for ``check``, which reports each on its own line and goes on after a failure. Whatever the
 caller, the key pair is opened and checked before the database is touched, so that a wrong (target)
@@ -30,18 +36,21 @@ from typing import Literal, overload
 
 from keyconnector.core.envelope import DataKeys
 from keyconnector.core.keyring import (
+    ForeignDataKey,
     KeyRing,
+    NewDataKeyRefused,
     NotAdopted,
+    RingRefused,
     RingTrust,
     accept_unbound_records,
     load_key_set,
     open_ring,
 )
-from keyconnector.errors import StorageError
+from keyconnector.errors import ConfigurationError, StorageError
 from keyconnector.keypairs import KeyProvider, open_key_provider
 from keyconnector.runtime.settings import DatabaseSettings, SideSettings
 from keyconnector.storage.base import Repository
-from keyconnector.storage.registry import migrate, open_repository
+from keyconnector.storage.registry import inspect, migrate, open_repository
 
 
 @dataclass
@@ -134,18 +143,67 @@ async def load_data_keys(
     either way when the stored ring does not authenticate.
     """
     write_legacy = side.write_legacy_format
+    allow_new = side.require_database().allow_new_data_key
     # The pinned anchor is the deployment's own: the transferTo side has none (``side_of``).
     trust = RingTrust(anchor=side.key_ring_anchor)
     adopted: str | None = None
-    if not read_only:
-        keys, ring = await load_key_set(repository, provider, trust, accept_legacy_when_new=write_legacy)
-        if write_legacy and not ring.accept_legacy:
-            ring = await accept_unbound_records(repository, provider, ring)
-            keys = DataKeys(keys.keys, keys.current, accept_legacy=True)
-    else:
-        opened = await open_ring(repository, provider, trust=trust, adopt=False)
-        keys, ring, adopted = opened.key_set(), opened.ring, opened.adopted
+    try:
+        if not read_only:
+            keys, ring = await load_key_set(
+                repository, provider, trust, accept_legacy_when_new=write_legacy, allow_new_data_key=allow_new
+            )
+            if write_legacy and not ring.accept_legacy:
+                ring = await accept_unbound_records(repository, provider, ring)
+                keys = DataKeys(keys.keys, keys.current, accept_legacy=True)
+        else:
+            opened = await open_ring(
+                repository, provider, trust=trust, adopt=False, allow_new_data_key=allow_new
+            )
+            keys, ring, adopted = opened.key_set(), opened.ring, opened.adopted
+    except NewDataKeyRefused as exc:
+        raise ConfigurationError(
+            f"{side.database_prefix}.allowNewDataKey",
+            f"{exc}. Set this to true (or run `keyconnector serve --allow-new-data-key`) only to abandon "
+            "those records for good",
+        ) from None
+    except ForeignDataKey as exc:
+        raise ConfigurationError(
+            f"{side.rsa_key_prefix}.provider",
+            f"{exc}. Check that these key-pair settings are the ones this database was written with, and "
+            "that the database is the right one; a stored data key is never replaced by a new one",
+        ) from None
     return LoadedKeys(keys.with_legacy_format(write_legacy), ring, adopted)
+
+
+async def guard_before_writing(side: SideSettings, provider: KeyProvider) -> None:
+    """The takeover guards, read-only, before the schema is migrated or a data key made: a foreign
+    database, a database that does not exist, records without a data key this key pair opens, each a
+    ``ConfigurationError`` that leaves the database untouched.
+
+    A database or key provider that cannot be reached raises ``UnavailableError``: ``serve`` then
+    waits for the database as usual, and the data-key load after the migration applies the same
+    guards. A ring that does not authenticate is left to that load too (``serve`` starts with 503)."""
+    database = side.require_database()
+    state = inspect(database, side.database_prefix, trust=side.trust())
+    if not state.has_schema:
+        return
+    repository = await open_repository(database, side.database_prefix, trust=side.trust())
+    try:
+        await load_data_keys(repository, provider, side, read_only=True)
+    except (NotAdopted, RingRefused):
+        pass
+    finally:
+        await repository.aclose()
+
+
+async def guard_side(side: SideSettings) -> None:
+    """:func:`guard_before_writing` with the side's own key pair, opened without its round trip (a key
+    provider that is down must not stop ``serve``, which starts and answers 503 until it is back)."""
+    provider = await open_key_pair(side, tolerate_outage=True)
+    try:
+        await guard_before_writing(side, provider)
+    finally:
+        await provider.aclose()
 
 
 @overload
@@ -191,6 +249,8 @@ async def open_core(
     database = side.require_database()
     provider = await open_key_pair(side, tolerate_outage=tolerate_outage)
     try:
+        if create:
+            await guard_before_writing(side, provider)
         repository = await open_database(side, create=create)
     except BaseException:
         await provider.aclose()

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from keyconnector.core.keyring import RingRefused
 from keyconnector.errors import UnavailableError, UsageError
 from keyconnector.http.layers.drain import DRAIN_DIR_ENV, FLAG, idle_marker
-from keyconnector.runtime.assemble import open_core
+from keyconnector.runtime.assemble import guard_side, open_core
 from keyconnector.runtime.listen import Listen, bind, sharing
 from keyconnector.runtime.notices import cors_notice, way_back_notice
 from keyconnector.runtime.permissions import warn_loose_permissions
@@ -132,6 +132,7 @@ def preflight(settings: Settings, *, tls_key: str | None = None) -> None:
     warn_loose_permissions(settings, tls_key=tls_key)
     # Before the first connection attempt, so the warning is there even while the database is down.
     warn_database_transport(settings)
+    guard_takeover(settings)
     migrate_with_retries(settings)
     try:
         asyncio.run(_prepare_data_key(settings))
@@ -143,6 +144,17 @@ def preflight(settings: Settings, *, tls_key: str | None = None) -> None:
             "says why, until a ring that authenticates is back",
             exc,
         )
+
+
+def guard_takeover(settings: Settings) -> None:
+    """The takeover guards before anything is written (``assemble.guard_before_writing``): a refusal
+    is a ``ConfigurationError`` and stops ``serve`` with the database untouched. A database or key
+    provider that is not up yet is left to the migration's retries and the data-key load after it,
+    which apply the same guards."""
+    try:
+        asyncio.run(guard_side(side_of(settings)))
+    except UnavailableError as exc:
+        log.info("takeover guards deferred until the database and key pair answer: %s", exc)
 
 
 def warn_database_transport(settings: Settings) -> None:

@@ -103,6 +103,19 @@ class DatabaseSettings(Section):
         default=10, ge=1, le=1000, alias="poolSize", json_schema_extra=_meta(*_SERVERS, ours=True)
     )
     """Connections per worker process; a ``Maximum Pool Size`` in the connection string wins."""
+    allow_new_data_key: bool = Field(
+        default=False, alias="allowNewDataKey", json_schema_extra=_meta("all", ours=True)
+    )
+    """Let ``serve`` make a new data key for a database that already holds user records but no data
+    key (``serve --allow-new-data-key`` says the same once). Off, that is refused: a new key can never
+    open those records, so it is almost always the wrong database or a lost ``ApplicationDatas`` row.
+    It never replaces a stored data key that this key pair cannot open."""
+    create_schema: bool = Field(
+        default=False, alias="createSchema", json_schema_extra=_meta("sqlite", *_SERVERS, ours=True)
+    )
+    """Let ``serve`` create Key Connector's schema in a database that holds only tables of something
+    else (``serve --create-schema`` says the same once). Off, such a database is refused: it is
+    usually a connection string pointing at another application's database."""
 
 
 class RsaKeySettings(Section):

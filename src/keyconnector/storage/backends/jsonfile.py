@@ -23,6 +23,7 @@ import builtins
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import tempfile
@@ -33,13 +34,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
-from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
+from keyconnector.errors import ConfigurationError, StorageError, UnavailableError, setting_name
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.registry import Backend
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 NEW_FILE_MODE = 0o600
 """Mode of a file we create: it holds the wrapped data key and every user's encrypted key."""
@@ -549,7 +552,15 @@ def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None)
     Creating it here, under the write lock, means every worker later finds a file, so a missing file
     at run time can be reported as the fault it is.
     """
-    repository = JsonFileRepository(_path(settings, prefix), prefix)
+    path = _path(settings, prefix)
+    if not os.path.exists(path):
+        log.warning(
+            "%s does not exist: creating a new, empty database there (%s). If this deployment already "
+            "has data, stop now: the setting points at the wrong file",
+            path,
+            setting_name(f"{prefix}.jsonFilePath"),
+        )
+    repository = JsonFileRepository(path, prefix)
     try:
         repository._initialize()
     finally:
@@ -560,7 +571,9 @@ def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None)
     """What ``keyconnector check`` reports; reads the file, never creates it."""
     path = _path(settings, prefix)
     if not os.path.exists(path):
-        return DatabaseState(f"json {path}: no file yet; `serve` creates it", False)
+        return DatabaseState(
+            f"json {path}: no file yet; `serve` would create a new, empty database there", False
+        )
     repository = JsonFileRepository(path, prefix)
     try:
         count = len(repository._current().by_user)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 from uuid import UUID
 
-from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
+from keyconnector.errors import ConfigurationError, StorageError, UnavailableError, setting_name
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
@@ -253,11 +253,18 @@ def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None)
     from keyconnector.storage.sql.migrate import sqlite_migration_engine, upgrade
 
     target = parse_target(settings, prefix)
+    if not os.path.exists(target.path):
+        log.warning(
+            "%s does not exist: creating a new, empty database there (%s). If this deployment already "
+            "has data, stop now: the setting points at the wrong file",
+            target.path,
+            setting_name(target.setting),
+        )
     try:
         _set_wal(target)
         engine = sqlite_migration_engine(target.path, target.timeout)
         try:
-            upgrade(engine)
+            upgrade(engine, create_schema=settings.create_schema, setting=f"{prefix}.createSchema")
         finally:
             engine.dispose()
     except DBAPIError as exc:
@@ -277,14 +284,16 @@ def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None)
     target = parse_target(settings, prefix)
     if not os.path.exists(target.path):
         return DatabaseState(
-            f"sqlite {target.path}: no database yet; `serve` creates upstream's schema there", False
+            f"sqlite {target.path}: no database yet; `serve` would create a new, empty database there", False
         )
     engine = create_engine(
         "sqlite+pysqlite:///file:" + quote(target.path) + "?mode=ro&uri=true", poolclass=NullPool
     )
     try:
         with engine.connect() as connection:
-            description, has_schema = describe_schema(connection)
+            description, has_schema = describe_schema(
+                connection, create_schema=settings.create_schema, setting=f"{prefix}.createSchema"
+            )
             return DatabaseState(f"sqlite {target.path}: {description}", has_schema)
     except DBAPIError as exc:
         raise _translate(exc.orig if exc.orig is not None else exc, target, "inspecting the schema") from None

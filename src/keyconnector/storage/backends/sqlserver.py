@@ -539,12 +539,24 @@ def migration_lock(connection: Connection) -> Iterator[None]:
 def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
     """Create upstream's schema on an empty database, or adopt upstream's in place (see sqlcommon)."""
     target = parse_target(settings, prefix, trust)
-    run_migrations(lambda: migration_engine(target), classify, target)
+    run_migrations(
+        lambda: migration_engine(target),
+        classify,
+        target,
+        create_schema=settings.create_schema,
+        setting=f"{prefix}.createSchema",
+    )
 
 
 def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
     target = parse_target(settings, prefix, trust)
-    description, has_schema = inspect_database(lambda: migration_engine(target), classify, target)
+    description, has_schema = inspect_database(
+        lambda: migration_engine(target),
+        classify,
+        target,
+        create_schema=settings.create_schema,
+        setting=f"{prefix}.createSchema",
+    )
     return DatabaseState(f"{target.description}: {description}", has_schema)
 
 

@@ -26,6 +26,7 @@ import enum
 import ipaddress
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -534,10 +535,51 @@ Classifier = Callable[[BaseException], Failure | None]
 """Maps an exception to its :class:`Failure`, or None for "not a database error, let it propagate"."""
 
 
+_MISSING_DATABASE = (
+    re.compile(r'database "(?P<name>[^"]+)" does not exist', re.IGNORECASE),  # PostgreSQL (3D000)
+    re.compile(r"unknown database '(?P<name>[^']+)'", re.IGNORECASE),  # MySQL and MariaDB (1049)
+    re.compile(r'cannot open database "(?P<name>[^"]+)"', re.IGNORECASE),  # SQL Server (4060)
+)
+
+
+def _says_database_missing(message: str, database: str) -> bool:
+    """Whether a driver's refusal says that the connection string's database does not exist."""
+    return any(
+        (found := pattern.search(message)) is not None and found["name"].lower() == database.lower()
+        for pattern in _MISSING_DATABASE
+    )
+
+
+def missing_database_advice(target: ServerTarget) -> str:
+    """What to do about a database that does not exist, in the server's own SQL: keyconnector never
+    creates a database (that takes the server's admin, and a typo would become a new empty one)."""
+    name, user = target.database, target.user or "<the connection string's user>"
+    if target.provider == "postgresql":
+        create = f'CREATE DATABASE "{name}" OWNER "{user}";'
+    elif target.provider == "mysql":
+        create = (
+            f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4; "
+            f"GRANT ALL PRIVILEGES ON `{name}`.* TO '{user}'@'%';"
+        )
+    else:
+        create = (
+            f"CREATE DATABASE [{name}]; then in it: CREATE USER [{user}] FOR LOGIN [{user}]; "
+            f"ALTER ROLE db_owner ADD MEMBER [{user}];"
+        )
+    hosts = ",".join(f"{host}:{port}" for host, port in target.hosts)
+    return (
+        f"the database '{name}' does not exist on {target.provider} {hosts}. Either create it as the "
+        f"server's admin ({create}), then start again; or, if it has another name, fix the database name in "
+        f"{setting_name(target.setting)}"
+    )
+
+
 def translate(exc: BaseException, failure: Failure, target: ServerTarget, action: str) -> KeyConnectorError:
     """The operator-facing exception for a classified driver error; the message is scrubbed."""
     detail = target.scrub(f"{type(exc).__name__}: {exc}".strip().rstrip(":"))
     where = target.description
+    if failure is Failure.CONFIGURATION and _says_database_missing(str(exc), target.database):
+        return ConfigurationError(target.setting, missing_database_advice(target))
     if failure is Failure.CONFIGURATION:
         return ConfigurationError(target.setting, f"{where} refused us while {action}: {detail}")
     if failure is Failure.FATAL:
@@ -598,8 +640,16 @@ async def with_retries(
 # -- migrations and inspection (SQLAlchemy, synchronous) ------------------------------------------------------  # noqa: E501
 
 
-def run_migrations(make_engine: Callable[[], object], classify: Classifier, target: ServerTarget) -> None:
-    """Create or adopt upstream's schema under the migration lock (see :mod:`.migrate`).
+def run_migrations(
+    make_engine: Callable[[], object],
+    classify: Classifier,
+    target: ServerTarget,
+    *,
+    create_schema: bool = False,
+    setting: str = "database.createSchema",
+) -> None:
+    """Create or adopt upstream's schema under the migration lock (see :mod:`.migrate`); a foreign
+    database only with ``create_schema`` (``setting`` names it).
 
     A server that cannot be reached raises ``UnavailableError`` so that start-up retries; bad
     credentials or an unknown database raise ``ConfigurationError`` naming the setting.
@@ -612,7 +662,7 @@ def run_migrations(make_engine: Callable[[], object], classify: Classifier, targ
     engine = make_engine()
     assert isinstance(engine, Engine)
     try:
-        upgrade(engine)
+        upgrade(engine, create_schema=create_schema, setting=setting)
     except DBAPIError as exc:
         original: BaseException = exc.orig if exc.orig is not None else exc
         failure = classify(original) or Failure.FATAL
@@ -622,7 +672,12 @@ def run_migrations(make_engine: Callable[[], object], classify: Classifier, targ
 
 
 def inspect_database(
-    make_engine: Callable[[], object], classify: Classifier, target: ServerTarget
+    make_engine: Callable[[], object],
+    classify: Classifier,
+    target: ServerTarget,
+    *,
+    create_schema: bool = False,
+    setting: str = "database.createSchema",
 ) -> tuple[str, bool]:
     """``describe_schema`` over a short-lived engine: reads only, never creates anything."""
     from sqlalchemy import Engine
@@ -634,7 +689,7 @@ def inspect_database(
     assert isinstance(engine, Engine)
     try:
         with engine.connect() as connection:
-            return describe_schema(connection)
+            return describe_schema(connection, create_schema=create_schema, setting=setting)
     except DBAPIError as exc:
         original: BaseException = exc.orig if exc.orig is not None else exc
         failure = classify(original) or Failure.FATAL

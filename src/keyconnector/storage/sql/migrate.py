@@ -21,12 +21,18 @@ Waiting for a database that is down is the caller's job: this module raises and 
 Our version table is ``keyconnector_schema_version``, not Alembic's default, so that nobody mistakes
 it for upstream's (upstream ignores tables it does not know).
 
+Before anything is created, a database holding tables none of which is Key Connector's (upstream's
+``UserKeys``, ``ApplicationDatas``, ``__EFMigrationsHistory``, or our ``keyconnector_...``) is refused
+unless ``database.createSchema`` says to: it is almost always a connection string that points at
+another application's database, which must not be adopted as an empty one.
+
 The PostgreSQL, MySQL and SQL Server locks are written against their documentation but are exercised
 only once those backends land; SQLite's is covered by tests with concurrent processes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy.pool import NullPool
 
-from keyconnector.errors import StorageError
+from keyconnector.errors import ConfigurationError, StorageError, setting_name
 
 VERSION_TABLE = "keyconnector_schema_version"
 MIGRATIONS_DIRECTORY = Path(__file__).resolve().parent / "migrations"
@@ -46,6 +52,37 @@ MIGRATIONS_DIRECTORY = Path(__file__).resolve().parent / "migrations"
 LOCK_NAME = "keyconnector-schema-migration"
 """The name of the migration lock on databases whose locks are named (MySQL, SQL Server)."""
 LOCK_TIMEOUT_SECONDS = 60
+
+UPSTREAM_TABLES = frozenset({"UserKeys", "ApplicationDatas", "__EFMigrationsHistory"})
+OUR_TABLE_PREFIX = "keyconnector_"
+FOREIGN_TABLES_SHOWN = 5
+"""How many of a foreign database's tables a refusal names (the rest are counted)."""
+
+
+def foreign_tables(tables: Collection[str]) -> list[str]:
+    """The tables of a database that holds nothing of Key Connector's (ours or upstream's), sorted;
+    empty when the database is empty or holds any of ours or upstream's."""
+    if any(name in UPSTREAM_TABLES or name.lower().startswith(OUR_TABLE_PREFIX) for name in tables):
+        return []
+    return sorted(tables)
+
+
+def refuse_foreign_database(tables: Collection[str], *, create_schema: bool, setting: str) -> list[str]:
+    """Refuse (``ConfigurationError`` naming ``setting``, ``database.createSchema``) a database whose
+    tables are all someone else's, unless ``create_schema``; returns those tables (empty when none)."""
+    foreign = foreign_tables(tables)
+    if foreign and not create_schema:
+        shown = ", ".join(foreign[:FOREIGN_TABLES_SHOWN])
+        if len(foreign) > FOREIGN_TABLES_SHOWN:
+            shown += f" and {len(foreign) - FOREIGN_TABLES_SHOWN} more"
+        raise ConfigurationError(
+            setting,
+            f"the database holds {len(foreign)} table(s), none of them Key Connector's (upstream's UserKeys "
+            f"and ApplicationDatas, or keyconnector_...): {shown}. It looks like another application's "
+            "database: check the connection string; to create Key Connector's schema beside these tables, "
+            f"set {setting_name(setting)}=true (or run `keyconnector serve --create-schema`)",
+        )
+    return foreign
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -93,12 +130,17 @@ def sqlite_migration_engine(path: str, busy_timeout_seconds: float) -> Engine:
     return engine
 
 
-def upgrade(engine: Engine) -> None:
+def upgrade(engine: Engine, *, create_schema: bool = False, setting: str = "database.createSchema") -> None:
     """Bring the database to the newest revision, creating or adopting upstream's schema on the way.
+
+    A database of someone else's tables only is refused first, unless ``create_schema`` (see
+    :func:`refuse_foreign_database`; ``setting`` is the path of ``createSchema`` to name).
 
     Database errors propagate as SQLAlchemy exceptions: each backend knows best how its driver reports
     "unreachable" versus "misconfigured" and turns them into UnavailableError or ConfigurationError.
     """
+    from sqlalchemy import inspect
+
     from keyconnector.storage.registry import schema_for
 
     with (
@@ -106,6 +148,9 @@ def upgrade(engine: Engine) -> None:
         connection.begin(),
         schema_for(connection.dialect.name).migration_lock(connection),
     ):
+        refuse_foreign_database(
+            inspect(connection).get_table_names(), create_schema=create_schema, setting=setting
+        )
         try:
             command.upgrade(alembic_config(connection), "head")
         except CommandError as exc:
@@ -116,11 +161,14 @@ def upgrade(engine: Engine) -> None:
             ) from None
 
 
-def describe_schema(connection: Connection) -> tuple[str, bool]:
+def describe_schema(
+    connection: Connection, *, create_schema: bool = False, setting: str = "database.createSchema"
+) -> tuple[str, bool]:
     """One line on the state of a database, and whether it holds the schema; reads only.
 
     Raises StorageError when the database cannot be used as it is (half of upstream's schema, wrong
-    columns, or a revision newer than this keyconnector knows).
+    columns, or a revision newer than this keyconnector knows), and ``serve``'s ConfigurationError
+    for a foreign database unless ``create_schema`` (see :func:`upgrade`).
     """
     from sqlalchemy import func, inspect, select
 
@@ -135,7 +183,15 @@ def describe_schema(connection: Connection) -> tuple[str, bool]:
     tables = set(inspect(connection).get_table_names())
     present = {APPLICATION_DATAS, USER_KEYS} & tables
     if not present:
-        return "empty; `serve` creates upstream's schema", False
+        foreign = refuse_foreign_database(tables, create_schema=create_schema, setting=setting)
+        if foreign:
+            shown = ", ".join(foreign[:FOREIGN_TABLES_SHOWN])
+            return (
+                f"{len(foreign)} table(s) of another application ({shown}); "
+                f"`serve` would create upstream's schema beside them ({setting_name(setting)})",
+                False,
+            )
+        return "empty; `serve` would create upstream's schema", False
     if len(present) == 1:
         raise StorageError(
             f"only {present.pop()} exists of upstream's two tables: the database is half-created; "
