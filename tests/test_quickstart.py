@@ -61,7 +61,12 @@ def test_make_run_from_a_clean_clone(tmp_path: Path) -> None:
             -3000:
         ]
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-        assert health.text == "Healthy"
+        # Serving, and honest about the identity server that `make run` points at but nobody runs
+        # (`make demo` starts one): degraded, not unhealthy, so it stays in a load balancer.
+        assert health.status_code == 200 and health.text == "Degraded"
+        ready = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=5).json()
+        assert ready["checks"]["database"] == "ok" and ready["checks"]["dataKey"] == "ok"
+        assert ready["checks"]["identity"] != "ok"
         data = clone / "data"
         assert (data / "key.pfx").exists() and (data / "keyconnector.db").exists()
         assert (data / "key.pfx.password").stat().st_mode & 0o077 == 0

@@ -29,6 +29,7 @@ import pytest
 
 from keyconnector.core.envelope import DataKey
 from keyconnector.core.keyring import KeyRing, RingVersion, save_ring
+from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.errors import ConfigurationError
 from keyconnector.keypairs import open_key_provider
@@ -547,7 +548,7 @@ def test_a_failed_start_up_transfer_writes_no_lock_file_and_serve_exits_non_zero
     )
     lock = tmp_path / "transfer.lock"
     result = subprocess.run(
-        [sys.executable, "-m", "keyconnector", "serve", "--port", "0"],
+        [sys.executable, "-m", "keyconnector", "serve", "--port", str(free_port())],
         env=startup_env(source, target, issuer, lock),
         capture_output=True,
         text=True,

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from tests.conftest import WEB_VAULT, Pfx, Service, base_env
 from tests.support.envelopes import upstream_seal, upstream_wrap
@@ -73,7 +74,7 @@ def test_a_connection_string_without_a_provider_is_refused_not_taken_for_json(
     env[SETTINGS + "database__sqliteConnectionString"] = f"Data Source={tmp_path / 'kc.db'}"
     env[SETTINGS + "database__jsonFilePath"] = str(tmp_path / "data.json")
     result = subprocess.run(
-        [sys.executable, "-m", "keyconnector", "serve", "--port", "0"],
+        [sys.executable, "-m", "keyconnector", "serve", "--port", str(free_port())],
         env=env,
         capture_output=True,
         text=True,
@@ -125,7 +126,7 @@ def test_an_invalid_appsettings_json_names_the_line(tmp_path: Path, issuer: DevI
     config = tmp_path / "appsettings.json"
     config.write_text('{\n  // fine\n  "keyConnectorSettings": {\n    "webVaultUri": oops\n  }\n}\n')
     result = subprocess.run(
-        [sys.executable, "-m", "keyconnector", "serve", "--port", "0", "--config", str(config)],
+        [sys.executable, "-m", "keyconnector", "serve", "--port", str(free_port()), "--config", str(config)],
         env=base_env(issuer, pfx, tmp_path / "kc.db"),
         capture_output=True,
         text=True,
