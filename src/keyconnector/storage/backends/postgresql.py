@@ -38,7 +38,7 @@ from keyconnector._optional import require
 from keyconnector.errors import StorageError, UnavailableError
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.base import RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.coalesce import ReadCoalescer
 from keyconnector.storage.registry import Backend, Schema
 from keyconnector.storage.sql import shared
@@ -46,12 +46,11 @@ from keyconnector.storage.sql.common import (
     PING_TIMEOUT_SECONDS,
     ConnectionStringSpec,
     Failure,
+    ServerSchema,
     ServerTarget,
     client_ssl_context,
-    inspect_database,
     load_target,
     log_pool,
-    run_migrations,
     translate,
     with_retries,
 )
@@ -477,28 +476,9 @@ def migration_lock(connection: Connection) -> Iterator[None]:
     yield
 
 
-def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
-    """Create upstream's schema on an empty database, or adopt upstream's in place (see sqlcommon)."""
-    target = parse_target(settings, prefix, trust)
-    run_migrations(
-        lambda: migration_engine(target),
-        classify,
-        target,
-        create_schema=settings.create_schema,
-        setting=f"{prefix}.createSchema",
-    )
-
-
-def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
-    target = parse_target(settings, prefix, trust)
-    description, has_schema = inspect_database(
-        lambda: migration_engine(target),
-        classify,
-        target,
-        create_schema=settings.create_schema,
-        setting=f"{prefix}.createSchema",
-    )
-    return DatabaseState(f"{target.description}: {description}", has_schema)
+SCHEMA = ServerSchema(parse_target, migration_engine, classify)
+migrate = SCHEMA.migrate
+inspect = SCHEMA.inspect
 
 
 # -- the repository ------------------------------------------------------------------------------------------

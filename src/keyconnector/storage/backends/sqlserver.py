@@ -42,19 +42,18 @@ from keyconnector._optional import require
 from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
-from keyconnector.storage.base import DatabaseState, RecordUpdate, StoredKeyRing, UserKeyRecord
+from keyconnector.storage.base import RecordUpdate, StoredKeyRing, UserKeyRecord
 from keyconnector.storage.registry import Backend, Schema
 from keyconnector.storage.sql import shared
 from keyconnector.storage.sql.common import (
     PING_TIMEOUT_SECONDS,
     ConnectionStringSpec,
     Failure,
+    ServerSchema,
     ServerTarget,
-    inspect_database,
     load_target,
     log_pool,
     parse_bool,
-    run_migrations,
     translate,
     with_retries,
 )
@@ -536,28 +535,9 @@ def migration_lock(connection: Connection) -> Iterator[None]:
     yield
 
 
-def migrate(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
-    """Create upstream's schema on an empty database, or adopt upstream's in place (see sqlcommon)."""
-    target = parse_target(settings, prefix, trust)
-    run_migrations(
-        lambda: migration_engine(target),
-        classify,
-        target,
-        create_schema=settings.create_schema,
-        setting=f"{prefix}.createSchema",
-    )
-
-
-def inspect(settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
-    target = parse_target(settings, prefix, trust)
-    description, has_schema = inspect_database(
-        lambda: migration_engine(target),
-        classify,
-        target,
-        create_schema=settings.create_schema,
-        setting=f"{prefix}.createSchema",
-    )
-    return DatabaseState(f"{target.description}: {description}", has_schema)
+SCHEMA = ServerSchema(parse_target, migration_engine, classify)
+migrate = SCHEMA.migrate
+inspect = SCHEMA.inspect
 
 
 # -- the repository ------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from keyconnector.errors import (
@@ -41,8 +41,13 @@ from keyconnector.errors import (
     UnavailableError,
     setting_name,
 )
+from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
+from keyconnector.storage.base import DatabaseState
 from keyconnector.storage.connstr import normalize_key, parse_connection_string, resolve
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 log = logging.getLogger("keyconnector.storage")
 
@@ -640,62 +645,67 @@ async def with_retries(
 # -- migrations and inspection (SQLAlchemy, synchronous) ------------------------------------------------------  # noqa: E501
 
 
-def run_migrations(
-    make_engine: Callable[[], object],
-    classify: Classifier,
-    target: ServerTarget,
-    *,
-    create_schema: bool = False,
-    setting: str = "database.createSchema",
-) -> None:
-    """Create or adopt upstream's schema under the migration lock (see :mod:`.migrate`); a foreign
-    database only with ``create_schema`` (``setting`` names it).
+@dataclass(frozen=True)
+class ServerSchema:
+    """``migrate`` and ``inspect`` for a server database, written once over the three parts a backend
+    has of its own: how it reads its connection string, the synchronous SQLAlchemy engine Alembic
+    uses, and how it classifies its driver's errors.
 
-    A server that cannot be reached raises ``UnavailableError`` so that start-up retries; bad
-    credentials or an unknown database raise ``ConfigurationError`` naming the setting.
-    """
-    from sqlalchemy import Engine
-    from sqlalchemy.exc import DBAPIError
+    A server that cannot be reached raises ``UnavailableError`` (start-up retries); bad credentials
+    or an unknown database raise ``ConfigurationError`` naming the setting. A foreign database is
+    taken only with ``database.createSchema`` (:mod:`.migrate` checks, under the migration lock)."""
 
-    from keyconnector.storage.sql.migrate import upgrade
+    parse_target: Callable[[DatabaseSettings, str, Trust | None], ServerTarget]
+    migration_engine: Callable[[ServerTarget], object]
+    classify: Classifier
 
-    engine = make_engine()
-    assert isinstance(engine, Engine)
-    try:
-        upgrade(engine, create_schema=create_schema, setting=setting)
-    except DBAPIError as exc:
-        original: BaseException = exc.orig if exc.orig is not None else exc
-        failure = classify(original) or Failure.FATAL
-        raise translate(original, failure, target, "migrating the schema") from None
-    finally:
-        engine.dispose()
+    def migrate(self, settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> None:
+        """Create upstream's schema on an empty database, or adopt upstream's in place."""
+        from keyconnector.storage.sql.migrate import upgrade
 
+        def work(engine: Engine) -> None:
+            upgrade(engine, create_schema=settings.create_schema, setting=f"{prefix}.createSchema")
 
-def inspect_database(
-    make_engine: Callable[[], object],
-    classify: Classifier,
-    target: ServerTarget,
-    *,
-    create_schema: bool = False,
-    setting: str = "database.createSchema",
-) -> tuple[str, bool]:
-    """``describe_schema`` over a short-lived engine: reads only, never creates anything."""
-    from sqlalchemy import Engine
-    from sqlalchemy.exc import DBAPIError
+        self._with_engine(settings, prefix, trust, "migrating the schema", work)
 
-    from keyconnector.storage.sql.migrate import describe_schema
+    def inspect(self, settings: DatabaseSettings, prefix: str, trust: Trust | None = None) -> DatabaseState:
+        """What the database holds, read only: never creates anything."""
+        from keyconnector.storage.sql.migrate import describe_schema
 
-    engine = make_engine()
-    assert isinstance(engine, Engine)
-    try:
-        with engine.connect() as connection:
-            return describe_schema(connection, create_schema=create_schema, setting=setting)
-    except DBAPIError as exc:
-        original: BaseException = exc.orig if exc.orig is not None else exc
-        failure = classify(original) or Failure.FATAL
-        raise translate(original, failure, target, "inspecting the schema") from None
-    finally:
-        engine.dispose()
+        def work(engine: Engine) -> tuple[str, bool]:
+            with engine.connect() as connection:
+                return describe_schema(
+                    connection, create_schema=settings.create_schema, setting=f"{prefix}.createSchema"
+                )
+
+        target, (description, has_schema) = self._with_engine(
+            settings, prefix, trust, "inspecting the schema", work
+        )
+        return DatabaseState(f"{target.description}: {description}", has_schema)
+
+    def _with_engine(
+        self,
+        settings: DatabaseSettings,
+        prefix: str,
+        trust: Trust | None,
+        action: str,
+        work: Callable[[Engine], T],
+    ) -> tuple[ServerTarget, T]:
+        """``work`` over a short-lived engine, the driver's errors translated for people."""
+        from sqlalchemy import Engine
+        from sqlalchemy.exc import DBAPIError
+
+        target = self.parse_target(settings, prefix, trust)
+        engine = self.migration_engine(target)
+        assert isinstance(engine, Engine)
+        try:
+            return target, work(engine)
+        except DBAPIError as exc:
+            original: BaseException = exc.orig if exc.orig is not None else exc
+            failure = self.classify(original) or Failure.FATAL
+            raise translate(original, failure, target, action) from None
+        finally:
+            engine.dispose()
 
 
 def log_pool(target: ServerTarget, pool_size_setting: int) -> None:
