@@ -9,8 +9,6 @@ seconds; the assertions allow the configured time plus a few seconds, never a ti
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import ipaddress
 import json
 import secrets
 import socket
@@ -22,12 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from keyconnector.devtools.issuer import DevIssuer
+from keyconnector.devtools.tls import local_tls_files
 from keyconnector.errors import ConfigurationError
 from keyconnector.runtime.settings import load_settings
 from tests.conftest import Pfx, Service, base_env
@@ -224,37 +219,11 @@ TLS_HANDSHAKE_SECONDS = 10
 never says hello is closed then."""
 
 
-def _tls_files(folder: Path) -> tuple[Path, Path]:
-    key = rsa.generate_private_key(65537, 2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "tls.crt", folder / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 def test_over_tls_silent_and_idle_connections_are_closed_and_only_http_1_1_is_offered(
     tmp_path: Path, issuer: DevIssuer, pfx: Pfx
 ) -> None:
-    cert, key = _tls_files(tmp_path)
+    tls_files = local_tls_files(tmp_path)
+    cert, key = tls_files.certificate, tls_files.key
     env = base_env(issuer, pfx, tmp_path / "kc.db")
     env["keyConnectorSettings__http__headerTimeoutSeconds"] = str(HEADER_TIMEOUT)
     service = Service(
@@ -262,7 +231,7 @@ def test_over_tls_silent_and_idle_connections_are_closed_and_only_http_1_1_is_of
     )
     service.start()
     try:
-        context = ssl.create_default_context(cafile=str(cert))
+        context = ssl.create_default_context(cafile=str(tls_files.ca))
         context.set_alpn_protocols(["h2", "http/1.1"])
         with context.wrap_socket(_connect(service), server_hostname="127.0.0.1") as tls:
             assert tls.selected_alpn_protocol() in (None, "http/1.1")
