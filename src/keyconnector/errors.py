@@ -40,9 +40,10 @@ What the callers do with them:
 - ``serve``'s pre-flight (``runtime.server``): ``UnavailableError`` and ``RingRefused`` are logged and
   the service starts anyway, answering 503 until the key provider or a good ring is back; a
   ``ConfigurationError`` stops it, exit 2.
-- Commands (``keyconnector.cli.main``): ``ConfigurationError`` and its subclasses exit 2 (fix the
-  setting or option; ``check`` prints it as a FAIL line and exits 1), every other
-  ``KeyConnectorError`` exits 1 with its message, without a traceback. Operations turn the key-ring
+- Commands (``keyconnector.cli.main``) exit with ``exit_code_for(exc)``: ``ConfigurationError`` and
+  its subclasses 2 (fix the setting or option), ``UnavailableError`` 3 (try again when the dependency
+  is back), every other ``KeyConnectorError`` 1, each with its message on one line and no
+  traceback; anything else is a bug, 70 (its traceback with ``-v``). Operations turn the key-ring
   branch into their own words first (``backup`` and ``restore`` wrap ``RingRefused``, ``NotAdopted``
   and ``KeyRingConflict`` into ``BackupError``; ``check`` and ``stats`` report ``NotAdopted`` and
   ``RingRefused`` as a result line), and a run stopped by ``KeyRingConflict``, ``OperationFailed`` or
@@ -50,6 +51,8 @@ What the callers do with them:
 """
 
 from __future__ import annotations
+
+import enum
 
 ENV_PREFIX = "keyConnectorSettings__"
 
@@ -114,3 +117,36 @@ class IntegrityFailure(KeyConnectorError):
 
     Not ``IntegrityError``: that is what every database driver calls a violated constraint, and the
     two must never be caught for each other."""
+
+
+class ExitCode(enum.IntEnum):
+    """What every ``keyconnector`` command exits with: one table for scripts (README, ``--help``)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    UNAVAILABLE = 3
+    INTERNAL = 70
+
+
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "success (check: every check passed)",
+    ExitCode.FAILED: "it ran and found failures (a failed check, records that failed, a broken audit chain)",
+    ExitCode.USAGE: "configuration or usage error (a wrong setting, a missing file, a wrong option)",
+    ExitCode.UNAVAILABLE: "a dependency is unreachable (the database, key provider, identity server)",
+    ExitCode.INTERNAL: "a bug (run again with -v for the traceback, and please report it)",
+}
+
+EXIT_CODE_TABLE = "\n".join(f"  {code.value:<3} {meaning}" for code, meaning in EXIT_CODE_MEANINGS.items())
+"""The exit-code table as ``--help`` and the README print it."""
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit code of a command stopped by ``exc`` (see ``ExitCode``)."""
+    if isinstance(exc, ConfigurationError):
+        return ExitCode.USAGE
+    if isinstance(exc, UnavailableError):
+        return ExitCode.UNAVAILABLE
+    if isinstance(exc, KeyConnectorError):
+        return ExitCode.FAILED
+    return ExitCode.INTERNAL

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from keyconnector import __version__
-from keyconnector.errors import ConfigurationError, KeyConnectorError, UsageError
+from keyconnector.cli.conventions import Parser, finish, log_level
+from keyconnector.errors import ConfigurationError, ExitCode, UsageError, exit_code_for
 from keyconnector.runtime import logs
 from keyconnector.runtime.settings import LoadedSettings, LoggingSettings, Settings, load_with_env_file
 
@@ -143,8 +143,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keyconnector", description="A drop-in Bitwarden Key Connector.")
-    parser.add_argument("--version", action="version", version=f"keyconnector {__version__}")
+    parser = Parser(prog="keyconnector", description="A drop-in Bitwarden Key Connector.")
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version, its commit, Python's and OpenSSL's versions",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="serve the Key Connector API")
@@ -185,23 +189,63 @@ def build_parser() -> argparse.ArgumentParser:
     from keyconnector.ops import add_commands
 
     add_commands(commands)
-    return parser
+    return finish(parser)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked (it runs ``git`` to find the commit)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from keyconnector.cli.version import version_text
+
+        print(version_text())
+        parser.exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit code follows ``errors.ExitCode`` for every command."""
     args = build_parser().parse_args(argv)
+    level = log_level(args)
+    if level:
+        logs.override_level(level)
     logs.configure(LoggingSettings())
     try:
         code: int = args.func(args)
-    except ConfigurationError as exc:
-        print(f"keyconnector: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except KeyConnectorError as exc:
-        print(f"keyconnector: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        code = exit_code_for(exc)
+        _report_failure(args, exc, code)
     return code
+
+
+def _report_failure(args: argparse.Namespace, exc: Exception, code: ExitCode) -> None:
+    """One line on stderr (and with ``--json`` one document on stdout), without a traceback for
+    what was raised on purpose; a bug's traceback with ``-v``."""
+    if code is ExitCode.INTERNAL:
+        where = exc.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        place = f" at {Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno}" if where else ""
+        # An unexpected exception's message may quote anything (a URL, a driver's error): its type and
+        # place only, unless the operator asks for the traceback.
+        message = f"internal error ({type(exc).__name__}{place}); this is a bug, please report it"
+        if getattr(args, "verbose", 0):
+            log.exception("internal error")
+        else:
+            message += " with the output of the same command run with -v"
+    elif code is ExitCode.USAGE:
+        message = f"configuration error: {exc}"
+    else:
+        message = str(exc)
+    print(f"keyconnector: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        from keyconnector.ops.report import emit_json
+
+        emit_json({"ok": False, "exit_code": int(code), "error": message})
 
 
 if __name__ == "__main__":

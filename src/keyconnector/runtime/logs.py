@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from contextvars import ContextVar
-from datetime import UTC, datetime
 from typing import Any
 
 from keyconnector.runtime.settings import LoggingSettings
@@ -30,7 +29,7 @@ while handling it, so that an error line and its access-log line can be found to
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -47,6 +46,14 @@ class JsonFormatter(logging.Formatter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def timestamp(when: float) -> str:
+    """The one timestamp format of every log line, text or JSON, service or access log: RFC 3339 in
+    UTC with milliseconds (``2026-12-03T15:37:47.123Z``), so that lines from both logs, from every
+    worker and from every host sort and join as text."""
+    second = int(when)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{int((when - second) * 1000):03d}Z"
 
 
 def escape(text: str) -> str:
@@ -70,6 +77,9 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return timestamp(record.created)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # The message may hold a request's path or a client's words: one record, one line. A
@@ -109,8 +119,9 @@ class AccessLog:
         second = int(now)
         if second != self._second:
             self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1000):03d}"
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        # ``timestamp``'s format, with the formatted second cached (this is on every request's path).
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
 
     def record(
         self,
@@ -213,6 +224,25 @@ def access_log() -> AccessLog:
     return _access
 
 
+_level_override: str | None = None
+
+
+def override_level(level: str | None) -> None:
+    """The command line's ``-q``/``-v``/``--log-level``: wins over ``logging__level`` for this
+    process and every later ``configure`` (a command configures logging again once it has read
+    its settings). Server workers get it through the environment (``KEYCONNECTOR_LOG_LEVEL``)."""
+    global _level_override
+    _level_override = level
+    if level is None:
+        os.environ.pop(LEVEL_OVERRIDE_ENV, None)
+    else:
+        os.environ[LEVEL_OVERRIDE_ENV] = level
+    logging.getLogger().setLevel(level.upper() if level else logging.getLogger().level)
+
+
+LEVEL_OVERRIDE_ENV = "KEYCONNECTOR_LOG_LEVEL"
+
+
 def configure(settings: LoggingSettings) -> None:
     """Replace the root handlers; safe to call in every worker process."""
     global _access
@@ -232,7 +262,7 @@ def configure(settings: LoggingSettings) -> None:
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
-    root.setLevel(settings.level.upper())
+    root.setLevel((_level_override or os.environ.get(LEVEL_OVERRIDE_ENV) or settings.level).upper())
     # Client libraries log request URLs and headers at INFO/DEBUG (a SAS signature, a Vault path):
     # keep them at WARNING whatever our own level is.
     for noisy in (
