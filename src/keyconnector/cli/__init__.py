@@ -230,13 +230,12 @@ def _report_failure(args: argparse.Namespace, exc: Exception, code: ExitCode) ->
         while where is not None and where.tb_next is not None:
             where = where.tb_next
         place = f" at {Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno}" if where else ""
-        # An unexpected exception's message may quote anything (a URL, a driver's error): its type and
-        # place only, unless the operator asks for the traceback.
-        message = f"internal error ({type(exc).__name__}{place}); this is a bug, please report it"
         if getattr(args, "verbose", 0):
-            log.exception("internal error")
-        else:
-            message += " with the output of the same command run with -v"
+            log.exception("internal error (a bug, please report it with this traceback)")
+        # An unexpected exception's message may quote anything (a URL, a driver's error): its type
+        # and place only; the traceback (with -v) is the operator's choice.
+        name = type(exc).__name__
+        message = f"internal error ({name}{place}): a bug; run again with -v and please report it"
     elif code is ExitCode.USAGE:
         message = f"configuration error: {exc}"
     else:
