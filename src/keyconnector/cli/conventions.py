@@ -103,6 +103,9 @@ def finish(root: argparse.ArgumentParser) -> argparse.ArgumentParser:
         parser.formatter_class = HelpFormatter
         if parser.epilog is None:
             parser.epilog = EPILOG
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) and not action.help:
+                action.help = "one of the commands below; each has its own --help"
         if _has_subcommands(parser):
             continue
         common = parser.add_argument_group("output and logging (every command)")

@@ -292,6 +292,20 @@ def _http_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+GRANIAN_LOGGING: dict[str, object] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {},
+    "handlers": {},
+    "loggers": {
+        "_granian": {"handlers": [], "propagate": True},
+        "granian.access": {"handlers": [], "propagate": False},
+    },
+}
+"""granian's own lines (a worker that died, a bind error) through our handlers, on stderr in our
+format, instead of granian's default: its own format on stdout, where results belong."""
+
+
 def run(
     settings: Settings,
     listen: Listen,
@@ -335,6 +349,7 @@ def run(
         factory=True,
         log_level=LogLevels.warning,
         log_access=False,
+        log_dictconfig=GRANIAN_LOGGING,
         ssl_cert=Path(tls_cert) if tls_cert else None,
         ssl_key=Path(tls_key) if tls_key else None,
         respawn_failed_workers=True,
