@@ -6,6 +6,8 @@ import argparse
 import datetime as dt
 import json
 import os
+import platform
+import ssl
 import stat
 import subprocess
 import sys
@@ -125,6 +127,43 @@ def test_serve_check_and_init_describe_themselves_and_every_init_option() -> Non
     shown = keyconnector("init", "--help")
     assert shown.returncode == 0
     assert "replace-me.invalid" in shown.stdout  # the placeholder is documented where it is chosen
+
+
+def test_version_prints_version_commit_python_and_openssl() -> None:
+    """What an operator pastes into a ticket: the commit from the checkout it runs from, or from
+    ``KEYCONNECTOR_COMMIT`` where there is none (the image's ``--build-arg COMMIT``)."""
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    from keyconnector import __version__
+    from keyconnector.cli.version import COMMIT_ENV
+
+    checkout = Path(__file__).resolve().parents[1]
+    head = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        pytest.fail("the --version test needs the git checkout (the commit comes from it)")
+    changed = subprocess.run(
+        ["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    env = clean_env()
+    env.pop(COMMIT_ENV, None)
+    shown = keyconnector("--version", env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 4, shown.stdout
+    assert lines[0] == f"keyconnector {__version__}"
+    assert lines[1] == f"commit {head.stdout.strip()}" + ("-dirty" if changed else "")
+    assert lines[2] == f"Python {platform.python_version()} ({platform.python_implementation()})"
+    assert lines[3] == f"{backend.openssl_version_text()} (cryptography), {ssl.OPENSSL_VERSION} (Python ssl)"
+
+    image = dict(env, **{COMMIT_ENV: "0123456789abcdef0123456789abcdef01234567"})
+    built = keyconnector("--version", env=image)
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.splitlines()[1] == "commit 0123456789ab"
 
 
 # -- check ----------------------------------------------------------------------------------------
