@@ -6,7 +6,7 @@
 # /etc/bitwarden to LOCAL_UID/LOCAL_GID (65534 when 0 or unset) and runs the service as them, never
 # as root. Run it as a user (--user, runAsUser) and it starts as that user instead.
 #
-#   docker build -t keyconnector .
+#   docker build -t keyconnector --build-arg COMMIT="$(git rev-parse HEAD)" .
 #   docker run --env-file keyconnector.env -v /srv/bitwarden:/etc/bitwarden -p 5000:5000 keyconnector
 #
 # Two stages: compilers and pip stay in the builder, the runtime gets a finished virtualenv.
@@ -43,10 +43,14 @@ FROM ${PYTHON_IMAGE}
 ARG KC_UID=1000
 ARG KC_GID=1000
 ARG VERSION=0.1.0
+# The commit the image is built from (`docker build --build-arg COMMIT="$(git rev-parse HEAD)" .`):
+# the image holds no git checkout, so `keyconnector --version` reads it from KEYCONNECTOR_COMMIT.
+ARG COMMIT=unknown
 
 LABEL org.opencontainers.image.title="keyconnector" \
       org.opencontainers.image.description="A drop-in, hardened replacement for Bitwarden's Key Connector" \
       org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${COMMIT}" \
       org.opencontainers.image.licenses="AGPL-3.0-or-later" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
 
@@ -77,6 +81,7 @@ COPY --chmod=0755 deploy/docker/healthcheck /usr/local/bin/keyconnector-healthch
 # ASPNETCORE_URLS as in upstream's image: `serve` listens on every address, port 5000.
 # PYTHONDONTWRITEBYTECODE: the root filesystem may be read-only (Kubernetes); bytecode is built in.
 ENV PATH=/opt/keyconnector/bin:$PATH \
+    KEYCONNECTOR_COMMIT=$COMMIT \
     ASPNETCORE_URLS=http://+:5000 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

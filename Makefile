@@ -50,8 +50,14 @@ $(AZURITE):
 bench-deps:
 	$(call apt_install,$(BENCH_PACKAGES))
 
+# Development URLs, given explicitly (`init` alone writes placeholders that serve refuses): the
+# identity address of a Bitwarden server run from source, where nothing answers here, so `serve`
+# says at start what to do instead (`make demo`, or set identityServerUri).
+DEV_IDENTITY_URI := http://localhost:33656
+DEV_WEB_VAULT_URI := https://localhost:8080
+
 $(DATA)/keyconnector.env: | $(STAMP)
-	$(BIN)/keyconnector init $(DATA)
+	$(BIN)/keyconnector init $(DATA) --identity-server-uri $(DEV_IDENTITY_URI) --web-vault-uri $(DEV_WEB_VAULT_URI)
 
 run: $(STAMP) $(DATA)/keyconnector.env
 	exec $(BIN)/keyconnector serve --env-file $(DATA)/keyconnector.env --host $(HOST) --port $(PORT)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
+import platform
+import ssl
 import stat
 import subprocess
 import sys
@@ -72,6 +75,95 @@ def test_init_makes_a_4096_bit_pfx_a_private_password_and_an_upstream_env_file(t
     assert again.returncode == 1
     assert "not overwriting" in again.stderr
     assert password.read_text().strip() == secret
+
+
+def test_init_without_urls_writes_placeholders_that_check_and_serve_refuse(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    """Development values in an env file work silently against nothing; a placeholder cannot: ``init``
+    says it wrote them, and ``check`` and ``serve`` name each one still there and say to replace it."""
+    folder = tmp_path / "kc"
+    made = keyconnector("init", str(folder), "--key-bits", "2048")
+    assert made.returncode == 0, made.stderr
+    env_file = folder / "keyconnector.env"
+    env = read_env(env_file)
+    identity = env["keyConnectorSettings__identityServerUri"]
+    web_vault = env["keyConnectorSettings__webVaultUri"]
+    for value in (identity, web_vault):
+        assert value.endswith("replace-me.invalid") and "localhost" not in value
+    for name in ("keyConnectorSettings__identityServerUri", "keyConnectorSettings__webVaultUri"):
+        assert name in made.stderr
+    assert "placeholder" in made.stderr and "--identity-server-uri" in made.stderr
+
+    checked = keyconnector("check", "--env-file", str(env_file))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    fails = [line for line in checked.stdout.splitlines() if line.startswith("FAIL")]
+    for name in ("keyConnectorSettings__identityServerUri", "keyConnectorSettings__webVaultUri"):
+        assert any(name in line and "replace" in line for line in fails), fails
+
+    served = keyconnector("serve", "--env-file", str(env_file), "--port", str(free_port()))
+    assert served.returncode == 2, served.stderr
+    assert "keyConnectorSettings__identityServerUri" in served.stderr and "placeholder" in served.stderr
+    assert not (folder / "keyconnector.db").exists()  # refused before anything was written
+
+    # The identity server replaced, the web vault's placeholder still there: refused too, by name.
+    with_issuer = dict(clean_env(), keyConnectorSettings__identityServerUri=issuer.url)
+    served = keyconnector("serve", "--env-file", str(env_file), "--port", str(free_port()), env=with_issuer)
+    assert served.returncode == 2, served.stderr
+    assert "keyConnectorSettings__webVaultUri" in served.stderr and "placeholder" in served.stderr
+    assert not (folder / "keyconnector.db").exists()
+
+
+def test_serve_check_and_init_describe_themselves_and_every_init_option() -> None:
+    from keyconnector.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("serve", "check", "init"):
+        sub = commands.choices[name]
+        assert sub.description and len(sub.description) > 40, name
+    for action in commands.choices["init"]._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.dest
+    shown = keyconnector("init", "--help")
+    assert shown.returncode == 0
+    assert "replace-me.invalid" in shown.stdout  # the placeholder is documented where it is chosen
+
+
+def test_version_prints_version_commit_python_and_openssl() -> None:
+    """What an operator pastes into a ticket: the commit from the checkout it runs from, or from
+    ``KEYCONNECTOR_COMMIT`` where there is none (the image's ``--build-arg COMMIT``)."""
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    from keyconnector import __version__
+    from keyconnector.cli.version import COMMIT_ENV
+
+    checkout = Path(__file__).resolve().parents[1]
+    head = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        pytest.fail("the --version test needs the git checkout (the commit comes from it)")
+    changed = subprocess.run(
+        ["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    env = clean_env()
+    env.pop(COMMIT_ENV, None)
+    shown = keyconnector("--version", env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 4, shown.stdout
+    assert lines[0] == f"keyconnector {__version__}"
+    assert lines[1] == f"commit {head.stdout.strip()}" + ("-dirty" if changed else "")
+    assert lines[2] == f"Python {platform.python_version()} ({platform.python_implementation()})"
+    assert lines[3] == f"{backend.openssl_version_text()} (cryptography), {ssl.OPENSSL_VERSION} (Python ssl)"
+
+    image = dict(env, **{COMMIT_ENV: "0123456789abcdef0123456789abcdef01234567"})
+    built = keyconnector("--version", env=image)
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.splitlines()[1] == "commit 0123456789ab"
 
 
 # -- check ----------------------------------------------------------------------------------------
@@ -326,7 +418,16 @@ def test_json_logs_to_stderr_and_a_log_file(
 
 def test_init_output_serves_as_is_through_env_file(tmp_path: Path, issuer: DevIssuer, start_service) -> None:
     folder = tmp_path / "kc"
-    made = keyconnector("init", str(folder), "--key-bits", "2048", "--identity-server-uri", issuer.url)
+    made = keyconnector(
+        "init",
+        str(folder),
+        "--key-bits",
+        "2048",
+        "--identity-server-uri",
+        issuer.url,
+        "--web-vault-uri",
+        "https://vault.example.com",
+    )
     assert made.returncode == 0, made.stderr
     env_file = str(folder / "keyconnector.env")
     assert keyconnector("check", "--env-file", env_file).returncode == 0

@@ -130,8 +130,15 @@ def test_dockerfile_has_the_upstream_layout_and_a_hardened_runtime() -> None:
     assert by_name["ENTRYPOINT"] == ['["/usr/bin/tini", "--", "/usr/local/bin/keyconnector-entrypoint"]']
     assert by_name["CMD"] == ['["serve"]']
     labels = " ".join(by_name["LABEL"])
-    for label in ("title", "description", "version", "licenses", "base.name"):
+    for label in ("title", "description", "version", "revision", "licenses", "base.name"):
         assert f"org.opencontainers.image.{label}=" in labels
+    # The commit, for `keyconnector --version` in an image without a git checkout: a build argument
+    # of the runtime stage (an ARG is scoped to its stage) that becomes the variable version.py reads.
+    from keyconnector.cli.version import COMMIT_ENV
+
+    runtime_stage = instructions[[i for i, (name, _) in enumerate(instructions) if name == "FROM"][-1] :]
+    assert ("ARG", "COMMIT=unknown") in runtime_stage
+    assert f"{COMMIT_ENV}=$COMMIT" in " ".join(rest for name, rest in runtime_stage if name == "ENV")
 
     # Everything COPY takes from the context exists and is not excluded by .dockerignore.
     ignore = (REPO / ".dockerignore").read_text().splitlines()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from keyconnector.devtools import free_port
+from tests.support.processes import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,10 +36,12 @@ def test_make_run_from_a_clean_clone(tmp_path: Path) -> None:
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, clone / name)
     port = free_port()
+    # Nothing of the caller's Python set-up: the clone's own virtualenv is what is under test (a
+    # PYTHONPATH pointing at another checkout's src would also be seen by the clone's pip).
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.lower().startswith(("keyconnectorsettings", "virtual_env"))
+        if not k.lower().startswith(("keyconnectorsettings", "virtual_env", "pythonpath"))
     }
     log = (tmp_path / "make-run.log").open("wb")
     process = subprocess.Popen(
@@ -70,6 +74,27 @@ def test_make_run_from_a_clean_clone(tmp_path: Path) -> None:
         data = clone / "data"
         assert (data / "key.pfx").exists() and (data / "keyconnector.db").exists()
         assert (data / "key.pfx.password").stat().st_mode & 0o077 == 0
+        # `make run` passed its development URLs to init explicitly (init alone writes placeholders).
+        env_file = (data / "keyconnector.env").read_text()
+        assert "keyConnectorSettings__identityServerUri=http://localhost:33656" in env_file
+        assert "replace-me.invalid" not in env_file
+        # The greeting: once, at INFO, saying where it points and what to do; and no WARNING about
+        # the identity server nobody runs (the worker's outage line for this address is INFO).
+        wait_until(
+            lambda: "keyconnector.auth: identity server:" in (tmp_path / "make-run.log").read_text(),
+            process,
+            what="make run",
+            log=tmp_path / "make-run.log",
+            timeout=30,
+            waiting_for="log the identity server's state",
+        )
+        text = (tmp_path / "make-run.log").read_text()
+        greetings = [line for line in text.splitlines() if "the development identity URL" in line]
+        assert len(greetings) == 1, text
+        assert " INFO " in greetings[0]
+        for words in ("make demo", "keyConnectorSettings__identityServerUri", "http://localhost:33656"):
+            assert words in greetings[0]
+        assert not re.search(r"WARNING\s+keyconnector\.auth", text), text
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)

@@ -259,6 +259,7 @@ class KeySetSource:
         timeout: float = 5.0,
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
+        outage_expected: bool = False,
     ) -> None:
         base = identity_server_uri.strip().rstrip("/")
         scheme = urlsplit(base).scheme
@@ -281,6 +282,9 @@ class KeySetSource:
         self._refresh_period = refresh_period
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
+        # Where nothing is expected to answer (``make run``'s development URL, explained once at
+        # start), an outage is logged at INFO: a newcomer's first screen should not be a WARNING.
+        self._outage_expected = outage_expected
         self._backoff = initial_backoff
         self.current: SigningKeys | None = None
         self.last_error: str | None = None
@@ -409,7 +413,10 @@ class KeySetSource:
 
     def _failed(self, reason: str) -> str:
         if reason != self.last_error:  # log transitions, not every retry of the same outage
-            log.warning("identity server: %s", reason)
+            if self._outage_expected:
+                log.info("identity server: %s", reason)
+            else:
+                log.warning("identity server: %s", reason)
         self.last_error = reason
         return reason
 

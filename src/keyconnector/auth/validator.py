@@ -130,7 +130,9 @@ class TokenValidator:
     httpx for TLS: the deployment's :class:`~keyconnector.runtime.trust.Trust` (what the service
     passes, so the identity server is trusted as every other outgoing connection is), an
     ``SSLContext``, or a bool.
-    ``clock`` exists so that tests can move time without sleeping.
+    ``clock`` exists so that tests can move time without sleeping. ``outage_expected``: nothing is
+    expected to answer at that address (``make run``'s development URL), so an outage is logged at
+    INFO rather than WARNING.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class TokenValidator:
         cache_size: int = 100_000,
         refresh_period: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        outage_expected: bool = False,
     ) -> None:
         self._source = KeySetSource(
             identity_server_uri,
@@ -151,6 +154,7 @@ class TokenValidator:
             verify=verify,
             refetch_interval=refetch_interval,
             refresh_period=refresh_period,
+            outage_expected=outage_expected,
         )
         self._source.on_change(self._key_set_changed)
         self._skew = float(clock_skew)

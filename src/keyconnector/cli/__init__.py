@@ -11,9 +11,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keyconnector.cli.conventions import Parser, finish, log_level
-from keyconnector.errors import ConfigurationError, ExitCode, UsageError, exit_code_for
+from keyconnector.errors import ConfigurationError, ExitCode, UsageError, exit_code_for, setting_name
 from keyconnector.runtime import logs
-from keyconnector.runtime.settings import LoadedSettings, LoggingSettings, Settings, load_with_env_file
+from keyconnector.runtime.settings import (
+    IDENTITY_PLACEHOLDER,
+    WEB_VAULT_PLACEHOLDER,
+    LoadedSettings,
+    LoggingSettings,
+    Settings,
+    load_with_env_file,
+)
+from keyconnector.runtime.settings.views import PLACEHOLDER_DOMAIN
 
 log = logging.getLogger("keyconnector")
 
@@ -87,6 +95,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"keyconnector init: not overwriting {', '.join(existing)}", file=sys.stderr)
         return 1
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identity = args.identity_server_uri or IDENTITY_PLACEHOLDER
+    web_vault = args.web_vault_uri or WEB_VAULT_PLACEHOLDER
+    placeholders = [
+        f"{setting_name(setting)} (no {option})"
+        for setting, given, option in (
+            ("identityServerUri", args.identity_server_uri, "--identity-server-uri"),
+            ("webVaultUri", args.web_vault_uri, "--web-vault-uri"),
+        )
+        if not given
+    ]
     password = new_password()
     print(f"making an RSA-{args.key_bits} key pair (this takes a few seconds) ...", file=sys.stderr)
     blob = self_signed_pfx(password, bits=args.key_bits)
@@ -98,8 +116,13 @@ def cmd_init(args: argparse.Namespace) -> int:
             [
                 "# Key Connector settings, upstream names, docker env-file format (values unquoted).",
                 f"# Use: keyconnector serve --env-file {env_file}   or   docker run --env-file ...",
-                f"keyConnectorSettings__webVaultUri={args.web_vault_uri}",
-                f"keyConnectorSettings__identityServerUri={args.identity_server_uri}",
+                *(
+                    [f"# Replace every *.{PLACEHOLDER_DOMAIN} URL below: serve and check refuse them."]
+                    if placeholders
+                    else []
+                ),
+                f"keyConnectorSettings__webVaultUri={web_vault}",
+                f"keyConnectorSettings__identityServerUri={identity}",
                 "keyConnectorSettings__database__provider=sqlite",
                 f"keyConnectorSettings__database__sqliteConnectionString=Data Source={database}",
                 "keyConnectorSettings__rsaKey__provider=certificate",
@@ -111,6 +134,15 @@ def cmd_init(args: argparse.Namespace) -> int:
         ),
     )
     print(f"wrote {pfx}, {password_file} and {env_file}", file=sys.stderr)
+    if placeholders:
+        # Development values here would end up in a deployment and fail later, at a login; a
+        # placeholder fails now, by name, in `check` and `serve`.
+        print(
+            f"keyconnector init: wrote a placeholder (*.{PLACEHOLDER_DOMAIN}) for "
+            f"{' and '.join(placeholders)}: replace it in {env_file} before `keyconnector serve`; "
+            "serve and check refuse a placeholder",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -151,7 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="serve the Key Connector API")
+    serve = commands.add_parser(
+        "serve",
+        help="serve the Key Connector API",
+        description="Serve the Key Connector API (upstream's endpoints, plus /health/live and "
+        "/health/ready). Before listening it checks the settings, migrates the schema (waiting for the "
+        "database) and creates the data key if there is none; any setting that is wrong stops it here, "
+        "by name, with exit code 2.",
+    )
     serve.add_argument("--host", help="address to listen on (default: ASPNETCORE_URLS, else 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: ASPNETCORE_URLS, else 5000)")
     serve.add_argument("--config", help="an appsettings-style JSON file (section keyConnectorSettings)")
@@ -171,14 +210,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
 
-    init = commands.add_parser("init", help="make a new key pair (PFX) and an env file that uses it")
-    init.add_argument("directory", nargs="?", default=".", help="where to write them (default: .)")
-    init.add_argument("--key-bits", type=int, default=4096, choices=[2048, 3072, 4096])
-    init.add_argument("--identity-server-uri", default="http://localhost:33656")
-    init.add_argument("--web-vault-uri", default="https://localhost:8080")
+    init = commands.add_parser(
+        "init",
+        help="make a new key pair (PFX) and an env file that uses it",
+        description="Make a new deployment's files in DIRECTORY: a self-signed RSA PFX (key.pfx), its "
+        "random password in a 0600 file (key.pfx.password) and an env file (keyconnector.env) with "
+        "upstream's setting names, a SQLite database beside them. Never overwrites. Without "
+        "--identity-server-uri or --web-vault-uri it writes placeholders (*.replace-me.invalid) that "
+        "serve and check refuse until they are replaced.",
+    )
+    init.add_argument("directory", nargs="?", default=".", help="where to write the three files")
+    init.add_argument(
+        "--key-bits", type=int, default=4096, choices=[2048, 3072, 4096], help="size of the RSA key pair"
+    )
+    init.add_argument(
+        "--identity-server-uri",
+        metavar="URL",
+        help="the Bitwarden identity server, like https://vault.example.com/identity "
+        f"(default: the placeholder {IDENTITY_PLACEHOLDER})",
+    )
+    init.add_argument(
+        "--web-vault-uri",
+        metavar="URL",
+        help="the web vault's origin, allowed by CORS, like https://vault.example.com "
+        f"(default: the placeholder {WEB_VAULT_PLACEHOLDER})",
+    )
     init.set_defaults(func=cmd_init)
 
-    check = commands.add_parser("check", help="check the settings, database, key pair and identity server")
+    check = commands.add_parser(
+        "check",
+        help="check the settings, database, key pair and identity server",
+        description="Check every part of a deployment without changing anything: settings, database, "
+        "key pair (a wrap round-trip), data key and key ring, identity server. One line per part "
+        "(ok, warn or FAIL) on stdout; safe against production before a switch-over.",
+    )
     check.add_argument("--config", help="an appsettings-style JSON file (section keyConnectorSettings)")
     check.add_argument("--env-file", help="a docker-style env file of keyConnectorSettings__... lines")
     check.set_defaults(func=cmd_check)

@@ -49,6 +49,10 @@ def run_demo() -> int:
                 "2048",
                 "--identity-server-uri",
                 issuer.url,
+                # A development origin (no browser takes part in the demo): without it init writes a
+                # placeholder that serve refuses.
+                "--web-vault-uri",
+                "https://localhost:8080",
             ],
             check=True,
         )

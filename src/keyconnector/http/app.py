@@ -36,6 +36,7 @@ from keyconnector.http.services import ServiceHolder, Services
 from keyconnector.keypairs.base import KeyProvider
 from keyconnector.runtime import logs
 from keyconnector.runtime.assemble import open_core
+from keyconnector.runtime.notices import is_development_identity
 from keyconnector.runtime.settings import Settings, identity_server_uri, load_settings, side_of
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import Repository
@@ -64,7 +65,9 @@ async def build_services(settings: Settings) -> Services:
         provider = metrics.InstrumentedKeyProvider(
             provider, settings.rsa_key.provider if settings.rsa_key else "unknown"
         )
-    validator = TokenValidator(uri, verify=Trust.from_settings(settings))
+    validator = TokenValidator(
+        uri, verify=Trust.from_settings(settings), outage_expected=is_development_identity(uri)
+    )
     keys = KeyService(
         repository,
         provider,

@@ -20,6 +20,7 @@ from keyconnector.runtime.settings import (
     SideSettings,
     identity_server_uri,
     side_of,
+    web_vault_uri,
 )
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import Repository
@@ -51,6 +52,11 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     notice = loaded.upstream_logging_notice()
     if notice:
         results.append(CheckResult("settings", True, notice, warning=True))
+    try:
+        web_vault_uri(settings)
+    except ConfigurationError as exc:
+        # init's placeholder: serve refuses it, so check fails it (a missing one only warns, below).
+        results.append(CheckResult("web vault", False, str(exc)))
     cors = cors_notice(settings.web_vault_uri)
     if cors is not None:
         results.append(CheckResult("cors", True, cors, warning=True))

@@ -3,7 +3,8 @@
 Nothing here stops anything: each function returns one sentence (or None), which ``serve`` logs
 once at WARNING in its parent's pre-flight (never once per worker) and ``keyconnector check`` prints
 as a ``warn`` line, so that both say the same thing in the same words. Each sentence names the
-setting that changes the outcome, by the name the operator writes.
+setting that changes the outcome, by the name the operator writes. (One is not a warning:
+:func:`development_identity_notice`, ``make run``'s greeting, is logged at INFO.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 
 from keyconnector.core.envelope import LEGACY_VERSION, DataKeys, is_legacy
 from keyconnector.errors import setting_name
+from keyconnector.runtime.settings.views import DEVELOPMENT_IDENTITY_URI
 from keyconnector.storage.base import RecordStore, UserKeyRecord
 
 SAMPLE_SIZE = 1000
@@ -21,6 +23,7 @@ GUIDs, so the first page is a fair sample: a deployment half upgraded shows up i
 
 WRITE_LEGACY = setting_name("compat.writeLegacyFormat")
 WEB_VAULT = setting_name("webVaultUri")
+IDENTITY = setting_name("identityServerUri")
 
 
 def _notice(text: str) -> str:
@@ -55,6 +58,30 @@ def cors_notice(web_vault_uri: str | None) -> str | None:
             "https://vault.example.com"
         )
     return None
+
+
+def is_development_identity(identity_server_uri: str | None) -> bool:
+    """Whether ``identityServerUri`` is the development address ``make run`` writes."""
+    if not identity_server_uri:
+        return False
+    return identity_server_uri.strip().rstrip("/").lower() == DEVELOPMENT_IDENTITY_URI
+
+
+def development_identity_notice(identity_server_uri: str | None) -> str | None:
+    """What a newcomer who ran ``make run`` needs to hear once, at start, instead of a WARNING that
+    the identity server cannot be reached: where the service points, and the two ways on.
+
+    Logged at INFO by ``serve``'s pre-flight; the worker's "cannot be fetched" line for this address
+    is INFO too (``http.app``), so a fresh ``make run`` greets with an explanation, not an alarm."""
+    if not is_development_identity(identity_server_uri):
+        return None
+    return _notice(
+        f"{IDENTITY} is {DEVELOPMENT_IDENTITY_URI}, the development identity URL `make run` uses, "
+        "and nothing issues tokens there: the service runs (/alive, /health) but no Bitwarden client "
+        "can log in. To see the whole flow, stop this and run `make demo` (or `keyconnector demo`: a "
+        "development identity server, an enrolment and a read-back); to serve real clients, set "
+        f"{IDENTITY} to your Bitwarden identity server, like https://vault.example.com/identity"
+    )
 
 
 async def upstream_records_sampled(records: RecordStore, size: int = SAMPLE_SIZE) -> tuple[int, int]:

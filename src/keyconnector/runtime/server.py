@@ -31,9 +31,15 @@ from keyconnector.errors import UnavailableError, UsageError
 from keyconnector.http.layers.drain import DRAIN_DIR_ENV, FLAG, idle_marker
 from keyconnector.runtime.assemble import guard_side, open_core
 from keyconnector.runtime.listen import Listen, bind, sharing
-from keyconnector.runtime.notices import cors_notice, way_back_notice
+from keyconnector.runtime.notices import cors_notice, development_identity_notice, way_back_notice
 from keyconnector.runtime.permissions import warn_loose_permissions
-from keyconnector.runtime.settings import CONFIG_FILE_ENV, Settings, identity_server_uri, side_of
+from keyconnector.runtime.settings import (
+    CONFIG_FILE_ENV,
+    Settings,
+    identity_server_uri,
+    side_of,
+    web_vault_uri,
+)
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.registry import migrate, warn_insecure_transport
 from keyconnector.telemetry import tracing
@@ -124,7 +130,12 @@ def preflight(settings: Settings, *, tls_key: str | None = None) -> None:
     outage should not turn into a crash loop, and the service then recovers by itself).
     """
     identity_server_uri(settings)
+    web_vault_uri(settings)
     tracing.check(settings)
+    greeting = development_identity_notice(settings.identity_server_uri)
+    if greeting is not None:
+        # INFO, once, here in the parent: it is what `make run` is for, not something gone wrong.
+        log.info("%s", greeting)
     cors = cors_notice(settings.web_vault_uri)
     if cors is not None:
         log.warning("%s", cors)

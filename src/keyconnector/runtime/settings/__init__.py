@@ -33,14 +33,25 @@ from keyconnector.runtime.settings.model import (
     TransferSettings,
     secret,
 )
-from keyconnector.runtime.settings.views import SideSettings, identity_server_uri, side_of
+from keyconnector.runtime.settings.views import (
+    DEVELOPMENT_IDENTITY_URI,
+    IDENTITY_PLACEHOLDER,
+    WEB_VAULT_PLACEHOLDER,
+    SideSettings,
+    identity_server_uri,
+    side_of,
+    web_vault_uri,
+)
 
 __all__ = [
     "CHOICES",
     "CONFIG_FILE_ENV",
+    "DEVELOPMENT_IDENTITY_URI",
+    "IDENTITY_PLACEHOLDER",
     "ORIGIN",
     "REFUSED",
     "USED_BY",
+    "WEB_VAULT_PLACEHOLDER",
     "AuditSettings",
     "CertificateSettings",
     "CompatSettings",
@@ -63,4 +74,5 @@ __all__ = [
     "read_env_file",
     "secret",
     "side_of",
+    "web_vault_uri",
 ]

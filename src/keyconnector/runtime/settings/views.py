@@ -27,6 +27,20 @@ from keyconnector.runtime.trust import Trust
 TRANSFER_PREFIX = "transferTo."
 """What every setting path of the ``transferTo`` side starts with."""
 
+PLACEHOLDER_DOMAIN = "replace-me.invalid"
+"""The domain of the URLs ``keyconnector init`` writes when it is given none. ``.invalid`` never
+resolves (RFC 6761), and ``replace-me`` says what to do on sight, so a placeholder cannot silently
+end up serving: ``serve`` and ``check`` refuse it by name (:func:`refuse_placeholder`)."""
+IDENTITY_PLACEHOLDER = f"https://identity.{PLACEHOLDER_DOMAIN}"
+"""``identityServerUri`` as ``init`` writes it without ``--identity-server-uri``."""
+WEB_VAULT_PLACEHOLDER = f"https://vault.{PLACEHOLDER_DOMAIN}"
+"""``webVaultUri`` as ``init`` writes it without ``--web-vault-uri``."""
+
+DEVELOPMENT_IDENTITY_URI = "http://localhost:33656"
+"""The identity URL ``make run`` writes: the development address of a Bitwarden server run from
+source (its identity service listens on 33656), where nothing answers on a newcomer's machine. The
+service says so once at start, in words, instead of a WARNING (``notices.development_identity_notice``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class SideSettings:
@@ -120,12 +134,50 @@ def side_of(settings: Settings, *, transfer: bool = False) -> SideSettings:
     )
 
 
+def is_placeholder(uri: str | None) -> bool:
+    """Whether ``uri`` is one of the placeholders ``keyconnector init`` writes (any host under
+    :data:`PLACEHOLDER_DOMAIN`, however an operator may have edited the rest)."""
+    if not uri:
+        return False
+    try:
+        host = urlsplit(uri.strip()).hostname or ""
+    except ValueError:
+        return False
+    return host == PLACEHOLDER_DOMAIN or host.endswith("." + PLACEHOLDER_DOMAIN)
+
+
+def refuse_placeholder(setting: str, uri: str | None, replacement: str) -> None:
+    """Raise a :class:`ConfigurationError` naming ``setting`` when it still holds init's placeholder."""
+    if is_placeholder(uri):
+        raise ConfigurationError(
+            setting,
+            f"is still the placeholder '{uri}' that `keyconnector init` wrote; replace it with {replacement}",
+        )
+
+
+def web_vault_uri(settings: Settings) -> str | None:
+    """``webVaultUri``, refused while it is init's placeholder (unset stays allowed: it only costs
+    browsers their access, which ``notices.cors_notice`` explains)."""
+    refuse_placeholder(
+        "webVaultUri",
+        settings.web_vault_uri,
+        "the web vault's URL, like https://vault.example.com (or remove the line if no browser uses this "
+        "service)",
+    )
+    return settings.web_vault_uri
+
+
 def identity_server_uri(settings: Settings) -> str:
     """The one setting without which nothing can be authorised: required, with a message that says why."""
     if not settings.identity_server_uri:
         raise ConfigurationError(
             "identityServerUri", "is not set; it is the URL of the Bitwarden identity server"
         )
+    refuse_placeholder(
+        "identityServerUri",
+        settings.identity_server_uri,
+        "the Bitwarden identity server's URL, like https://vault.example.com/identity",
+    )
     uri = settings.identity_server_uri.strip()
     try:
         parts = urlsplit(uri)
