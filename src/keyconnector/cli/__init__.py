@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keyconnector.cli.conventions import Parser, finish, log_level
 from keyconnector.errors import ConfigurationError, ExitCode, UsageError, exit_code_for
-from keyconnector.runtime import logs
-from keyconnector.runtime.settings import LoadedSettings, LoggingSettings, Settings, load_with_env_file
+
+if TYPE_CHECKING:
+    from keyconnector.runtime.settings import LoadedSettings, Settings
+
+# What this module imports at its top is what every Tab of shell completion pays for (it runs
+# ``main``): the settings model (pydantic) and every command's own modules are imported where used.
 
 log = logging.getLogger("keyconnector")
 
 
 def _load(args: argparse.Namespace) -> LoadedSettings:
+    from keyconnector.runtime.settings import load_with_env_file
+
     loaded = load_with_env_file(getattr(args, "env_file", None), getattr(args, "config", None))
     for name in loaded.unknown:
         log.warning("ignoring unknown setting %s (a typo?)", name)
@@ -26,7 +32,7 @@ def _load(args: argparse.Namespace) -> LoadedSettings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from keyconnector.runtime import server
+    from keyconnector.runtime import logs, server
     from keyconnector.runtime.tlspair import check_tls_pair
 
     loaded = _load(args)
@@ -122,6 +128,8 @@ def _write_private(path: Path, content: str | bytes) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import asyncio
+
     from keyconnector.ops.check import run_checks
 
     try:
@@ -207,10 +215,18 @@ class _VersionAction(argparse.Action):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the exit code follows ``errors.ExitCode`` for every command."""
+    if argv is None and "_ARGCOMPLETE" in os.environ:
+        from keyconnector.cli.completion import complete
+
+        complete(build_parser)  # answers the shell and exits
     args = build_parser().parse_args(argv)
+    from keyconnector.runtime import logs
+    from keyconnector.runtime.settings import LoggingSettings
+
     level = log_level(args)
     if level:
         logs.override_level(level)
+
     logs.configure(LoggingSettings())
     try:
         code: int = args.func(args)
