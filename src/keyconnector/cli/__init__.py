@@ -194,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run a development issuer and the service, and show the flow")
     demo.set_defaults(func=cmd_demo)
 
+    from keyconnector.cli import manpage
     from keyconnector.ops import add_commands
 
     add_commands(commands)
+    manpage.add_commands(commands)
     return finish(parser)
 
 
