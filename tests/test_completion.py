@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from keyconnector.cli import build_parser
-from keyconnector.cli.completion import describe, rebuild
+from keyconnector.cli.completion import describe, rebuild, snapshot_path
 from keyconnector.cli.conventions import walk
 
 DRIVER = r"""
@@ -106,14 +106,21 @@ def test_every_command_is_offered(bash_script: Path, shell_env: dict[str, str]) 
 
 
 def test_the_first_tab_writes_a_snapshot_the_next_ones_answer_from_without_the_service(
-    shell_env: dict[str, str], tmp_path: Path
+    shell_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The second Tab must not import the settings model or SQLAlchemy (what makes the first one
-    slow), and must answer the same; a snapshot of another version of the code is replaced."""
+    slow), and must answer the same; this installation's snapshot of older code is replaced, another
+    installation's is left alone."""
     shell_env = dict(shell_env, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    cache = tmp_path / "cache" / "keyconnector"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = snapshot_path()
+    assert path is not None and path.parent == tmp_path / "cache" / "keyconnector"
+    cache = path.parent
     cache.mkdir(parents=True)
-    (cache / "completion-0000.json").write_text('{"format": 1, "prog": "stale"}')
+    older = cache / (path.name.rsplit("-", 1)[0] + "-0000.json")
+    older.write_text('{"format": 1, "prog": "stale"}')
+    other = cache / "completion-00000000-0000.json"
+    other.write_text('{"format": 1, "prog": "another virtualenv"}')
     answers = tmp_path / "answers"
 
     def ask(line: str) -> tuple[list[str], str]:
@@ -136,8 +143,7 @@ def test_the_first_tab_writes_a_snapshot_the_next_ones_answer_from_without_the_s
         return sorted(answers.read_text().split("\v")), result.stderr
 
     first, imported_first = ask("keyconnector rotate-")
-    snapshots = list(cache.glob("completion-*.json"))
-    assert [p.name for p in snapshots] != ["completion-0000.json"] and len(snapshots) == 1
+    assert sorted(cache.glob("completion-*.json")) == sorted([path, other])
     second, imported_second = ask("keyconnector rotate-")
     assert first == second == ["rotate-data-key", "rotate-key-pair"]
     assert "pydantic" in imported_first  # the check below can fail

@@ -59,14 +59,21 @@ def snapshot_path() -> Path | None:
             base = str(Path.home() / ".cache")
         except RuntimeError:  # no HOME and no passwd entry
             return None
-    return Path(base) / "keyconnector" / f"completion-{_fingerprint()}.json"
+    return Path(base) / "keyconnector" / f"{_installation()}-{_fingerprint()}.json"
+
+
+def _installation() -> str:
+    """The snapshots' name prefix for this installation: two virtualenvs (or checkouts) used in
+    turn keep one snapshot each instead of replacing each other's on every Tab."""
+    package = str(Path(keyconnector.__file__).parent)
+    return "completion-" + hashlib.sha256(package.encode()).hexdigest()[:8]
 
 
 def _fingerprint() -> str:
     """The version and every source file's path, size and modification time: any change to the
     code (an upgrade, an edit in a development checkout) gives a new snapshot name."""
     package = Path(keyconnector.__file__).parent
-    digest = hashlib.sha256(f"{FORMAT} {keyconnector.__version__} {package}".encode())
+    digest = hashlib.sha256(f"{FORMAT} {keyconnector.__version__}".encode())
     for folder, dirs, files in os.walk(package):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
@@ -85,14 +92,14 @@ def _read(path: Path) -> Spec | None:
 
 
 def _write(path: Path, spec: Spec) -> None:
-    """Replace this installation's snapshot atomically and drop the older ones; never fail a Tab."""
+    """Replace this installation's snapshot atomically and drop its older ones; never fail a Tab."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=".completion-", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(spec, handle)
         os.replace(temporary, path)
-        for old in path.parent.glob("completion-*.json"):
+        for old in path.parent.glob(f"{_installation()}-*.json"):
             if old != path:
                 old.unlink(missing_ok=True)
     except OSError:
