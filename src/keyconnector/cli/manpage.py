@@ -84,6 +84,7 @@ def render() -> str:
     parser = build_parser()
     for _, each in walk(parser):
         _with_defaults(each)
+        _keep_layout(each)
     # The page's order: the program's own options, then its commands (argparse files the commands
     # under "positional arguments"); the epilog becomes the sections below instead of one paragraph.
     parser._positionals.title = "commands"
@@ -110,6 +111,25 @@ def _with_defaults(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:
         if action.help and action.help is not argparse.SUPPRESS:
             action.help = formatter._get_help_string(action)
+
+
+def _keep_layout(parser: argparse.ArgumentParser) -> None:
+    """Keep the indented blocks of a description (a table, a command to copy) as ``--help`` shows
+    them: roff would fill them into one paragraph. The library escapes backslashes and hyphens but
+    leaves a line's leading dot alone, so a ``.nf``/``.fi`` pair passes through as the request it is."""
+    if not parser.description:
+        return
+    lines: list[str] = []
+    indented = False
+    for line in parser.description.splitlines():
+        block = line.startswith("  ")
+        if block != indented:
+            lines.append(".nf" if block else ".fi")
+            indented = block
+        lines.append(line)
+    if indented:
+        lines.append(".fi")
+    parser.description = "\n".join(lines)
 
 
 def _escape(text: str) -> str:

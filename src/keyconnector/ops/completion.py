@@ -18,17 +18,19 @@ SHELLS = ("bash", "zsh", "fish")
 
 INSTALL = """\
 install it (then open a new shell):
-  bash  keyconnector completion bash > ~/.local/share/bash-completion/completions/keyconnector
-        (system-wide: /usr/share/bash-completion/completions/keyconnector; needs bash-completion),
-        or add to ~/.bashrc:  source <(keyconnector completion bash)
-  zsh   keyconnector completion zsh > "${fpath[1]}/_keyconnector"   (any folder on $fpath),
-        or add to ~/.zshrc after compinit:  eval "$(keyconnector completion zsh)"
-  fish  keyconnector completion fish > ~/.config/fish/completions/keyconnector.fish
+  bash  in ~/.bashrc:  source <(keyconnector completion bash)
+        or, for every user (needs the bash-completion package):
+          keyconnector completion bash \\
+            > /usr/share/bash-completion/completions/keyconnector
+  zsh   in ~/.zshrc, after compinit:  eval "$(keyconnector completion zsh)"
+        or:  keyconnector completion zsh > "${fpath[1]}/_keyconnector"
+  fish  keyconnector completion fish \\
+          > ~/.config/fish/completions/keyconnector.fish
 
 Tab offers the commands and an option's values; type - first to be offered the options.
-The script asks `keyconnector` on the PATH what may come next, so it stays right after an upgrade;
-the first Tab after an upgrade takes a second (it describes the commands once, into
-~/.cache/keyconnector/), the next ones a fraction of it."""
+The script asks `keyconnector` on the PATH what may come next, so it stays right after an
+upgrade; the first Tab after an upgrade takes a second or two (it describes the commands
+once, into ~/.cache/keyconnector/), the next ones a fraction of it."""
 
 
 def add_commands(commands: Subcommands) -> None:
