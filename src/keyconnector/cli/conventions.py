@@ -28,7 +28,7 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
     ("NO_COLOR", "no colour in the output"),
 )
 """The environment variables the epilog names; the man page's ENVIRONMENT section is made from the
-same list (the module imports only ``errors``: shell completion builds the parser on every Tab)."""
+same list (the module imports only ``errors``: every Tab of shell completion imports it)."""
 
 _ENVIRONMENT_TABLE = "\n".join(f"  {name:<26} {meaning}" for name, meaning in ENVIRONMENT)
 
