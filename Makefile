@@ -86,10 +86,13 @@ lint: $(DEV_STAMP)
 	$(BIN)/helm lint --strict deploy/helm/keyconnector >/dev/null
 	bash -n deploy/docker/entrypoint.sh
 	$(BIN)/keyconnector config-reference --check docs/configuration.md
+	$(BIN)/keyconnector man-page --check docs/keyconnector.1
 
-# The configuration reference is generated from the settings model; commit the result.
-docs: $(STAMP)
+# The configuration reference is generated from the settings model, the man page from the command
+# line (argparse-manpage, in the dev extra); commit the results.
+docs: $(DEV_STAMP)
 	$(BIN)/keyconnector config-reference --output docs/configuration.md
+	$(BIN)/keyconnector man-page --output docs/keyconnector.1
 
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy

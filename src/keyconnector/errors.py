@@ -56,6 +56,11 @@ import enum
 
 ENV_PREFIX = "keyConnectorSettings__"
 
+CONFIG_FILE_ENV = "KEYCONNECTOR_CONFIG"
+"""Environment variable naming an appsettings-style JSON file (what ``serve --config`` sets). Here,
+beside ``ENV_PREFIX``, rather than in the settings loader, so that the command line's help (and shell
+completion, which builds it on every Tab) can name it without importing pydantic."""
+
 
 def setting_name(path: str) -> str:
     """The environment-variable spelling operators use for a settings path like ``database.provider``."""

@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keyconnector.cli.conventions import Parser, finish, log_level
 from keyconnector.errors import ConfigurationError, ExitCode, UsageError, exit_code_for, setting_name
-from keyconnector.runtime import logs
-from keyconnector.runtime.settings import (
-    IDENTITY_PLACEHOLDER,
-    WEB_VAULT_PLACEHOLDER,
-    LoadedSettings,
-    LoggingSettings,
-    Settings,
-    load_with_env_file,
-)
-from keyconnector.runtime.settings.views import PLACEHOLDER_DOMAIN
+
+if TYPE_CHECKING:
+    from keyconnector.runtime.settings import LoadedSettings, Settings
+
+# What this module imports at its top is what every Tab of shell completion pays for (it runs
+# ``main``): the settings model (pydantic) and every command's own modules are imported where used.
 
 log = logging.getLogger("keyconnector")
 
 
 def _load(args: argparse.Namespace) -> LoadedSettings:
+    from keyconnector.runtime.settings import load_with_env_file
+
     loaded = load_with_env_file(getattr(args, "env_file", None), getattr(args, "config", None))
     for name in loaded.unknown:
         log.warning("ignoring unknown setting %s (a typo?)", name)
@@ -34,7 +32,7 @@ def _load(args: argparse.Namespace) -> LoadedSettings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from keyconnector.runtime import server
+    from keyconnector.runtime import logs, server
     from keyconnector.runtime.tlspair import check_tls_pair
 
     loaded = _load(args)
@@ -84,6 +82,8 @@ def _takeover_options(settings: Settings, args: argparse.Namespace) -> Settings:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from keyconnector.keypairs.generate import new_password, self_signed_pfx
+    from keyconnector.runtime.settings import IDENTITY_PLACEHOLDER, WEB_VAULT_PLACEHOLDER
+    from keyconnector.runtime.settings.views import PLACEHOLDER_DOMAIN
 
     folder = Path(args.directory).resolve()
     pfx = folder / "key.pfx"
@@ -154,6 +154,8 @@ def _write_private(path: Path, content: str | bytes) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import asyncio
+
     from keyconnector.ops.check import run_checks
 
     try:
@@ -175,6 +177,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from keyconnector.runtime.settings import IDENTITY_PLACEHOLDER, WEB_VAULT_PLACEHOLDER
+
     parser = Parser(prog="keyconnector", description="A drop-in Bitwarden Key Connector.")
     parser.add_argument(
         "--version",
@@ -251,9 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run a development issuer and the service, and show the flow")
     demo.set_defaults(func=cmd_demo)
 
+    from keyconnector.cli import manpage
     from keyconnector.ops import add_commands
 
     add_commands(commands)
+    manpage.add_commands(commands)
     return finish(parser)
 
 
@@ -272,10 +278,18 @@ class _VersionAction(argparse.Action):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the exit code follows ``errors.ExitCode`` for every command."""
+    if argv is None and "_ARGCOMPLETE" in os.environ:
+        from keyconnector.cli.completion import complete
+
+        complete(build_parser)  # answers the shell and exits
     args = build_parser().parse_args(argv)
+    from keyconnector.runtime import logs
+    from keyconnector.runtime.settings import LoggingSettings
+
     level = log_level(args)
     if level:
         logs.override_level(level)
+
     logs.configure(LoggingSettings())
     try:
         code: int = args.func(args)

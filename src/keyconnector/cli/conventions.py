@@ -14,17 +14,27 @@ import re
 from collections.abc import Iterator
 from typing import NoReturn
 
-from keyconnector.errors import EXIT_CODE_TABLE
-from keyconnector.runtime.settings.loader import CONFIG_FILE_ENV
+from keyconnector.errors import CONFIG_FILE_ENV, EXIT_CODE_TABLE
 
-__all__ = ["EPILOG", "HelpFormatter", "Parser", "finish", "log_level", "walk"]
+__all__ = ["ENVIRONMENT", "EPILOG", "HelpFormatter", "Parser", "finish", "log_level", "walk"]
+
+ENVIRONMENT: tuple[tuple[str, str], ...] = (
+    (
+        "keyConnectorSettings__...",
+        "every setting, upstream's names (man keyconnector, docs/configuration.md)",
+    ),
+    (CONFIG_FILE_ENV, "an appsettings JSON file, as --config"),
+    ("ASPNETCORE_URLS", "serve's address when --host/--port are not given, as upstream's"),
+    ("NO_COLOR", "no colour in the output"),
+)
+"""The environment variables the epilog names; the man page's ENVIRONMENT section is made from the
+same list (the module imports only ``errors``: every Tab of shell completion imports it)."""
+
+_ENVIRONMENT_TABLE = "\n".join(f"  {name:<26} {meaning}" for name, meaning in ENVIRONMENT)
 
 EPILOG = f"""\
 environment:
-  keyConnectorSettings__...  every setting, upstream's names (man keyconnector, docs/configuration.md)
-  {CONFIG_FILE_ENV:<26} an appsettings JSON file, as --config
-  ASPNETCORE_URLS            serve's address when --host/--port are not given, as upstream's
-  NO_COLOR                   no colour in the output
+{_ENVIRONMENT_TABLE}
 
 exit codes:
 {EXIT_CODE_TABLE}

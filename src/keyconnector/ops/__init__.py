@@ -42,6 +42,7 @@ OPERATIONS: list[str] = [
     "keyconnector.ops.upgrade",
     "keyconnector.ops.downgrade",
     "keyconnector.ops.docs",
+    "keyconnector.ops.completion",
 ]
 
 Subcommands = Any

@@ -60,12 +60,13 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def check(path: Path, text: str) -> int:
-    """0 when ``path`` holds exactly ``text``; otherwise say how to fix it, show the start of the diff, 1."""
+def check(path: Path, text: str, *, regenerate: str = "keyconnector config-reference --output") -> int:
+    """0 when ``path`` holds exactly ``text``; otherwise say how to fix it (``regenerate`` followed
+    by the path), show the start of the diff, 1."""
     try:
         current = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        print(f"{path} does not exist; make it with: keyconnector config-reference --output {path}")
+        print(f"{path} does not exist; make it with: {regenerate} {path}")
         return 1
     if current == text:
         print(f"{path} is up to date")
@@ -75,7 +76,7 @@ def check(path: Path, text: str) -> int:
             current.splitlines(), text.splitlines(), f"{path} (committed)", "generated", lineterm="", n=1
         )
     )
-    print(f"{path} is stale; regenerate it with: keyconnector config-reference --output {path}")
+    print(f"{path} is stale; regenerate it with: {regenerate} {path}")
     for line in diff[:DIFF_LINES]:
         print(line)
     if len(diff) > DIFF_LINES:

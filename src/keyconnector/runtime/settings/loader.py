@@ -19,11 +19,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+# KEYCONNECTOR_CONFIG, read here (load_settings); named in errors so that --help can show it cheaply.
+from keyconnector.errors import CONFIG_FILE_ENV as CONFIG_FILE_ENV
 from keyconnector.errors import ENV_PREFIX, ConfigurationError, UsageError
 from keyconnector.runtime.settings.model import Settings
-
-CONFIG_FILE_ENV = "KEYCONNECTOR_CONFIG"
-"""Environment variable naming an appsettings-style JSON file (what ``serve --config`` sets)."""
 
 
 class LoadedSettings:
