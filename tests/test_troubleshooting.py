@@ -191,8 +191,8 @@ def test_check_with_an_unknown_setting_name(
     env["keyConnectorSettings__databse__provider"] = "sqlite"
     result = run("check", env=env)
     found = explained(result.stdout + result.stderr, entries, "databse")
-    assert "unknown setting <detail> is ignored (a typo?)" in found
-    assert "ignoring unknown setting <detail> (a typo?)" in found
+    assert "unknown setting <detail> is ignored (a typo? did you mean <setting>?)" in found
+    assert "ignoring unknown setting <detail> (a typo? did you mean <setting>?)" in found
 
 
 def test_serve_with_a_database_folder_that_does_not_exist(

@@ -20,8 +20,7 @@ log = logging.getLogger("keyconnector")
 
 def _load(args: argparse.Namespace) -> LoadedSettings:
     loaded = load_with_env_file(getattr(args, "env_file", None), getattr(args, "config", None))
-    for name in loaded.unknown:
-        log.warning("ignoring unknown setting %s (a typo?)", name)
+    loaded.warn_unknown(log)
     return loaded
 
 

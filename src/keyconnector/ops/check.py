@@ -44,10 +44,14 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     results = [
         CheckResult("settings", True, "loaded from " + (", ".join(loaded.sources) or "defaults only")),
     ]
-    results += [
-        CheckResult("settings", True, f"unknown setting {name} is ignored (a typo?)", warning=True)
-        for name in loaded.unknown
-    ]
+    for name in loaded.unknown:
+        meant = loaded.suggestion(name)
+        detail = (
+            f"unknown setting {name} is ignored (a typo? did you mean {meant}?)"
+            if meant
+            else f"unknown setting {name} is ignored (a typo?)"
+        )
+        results.append(CheckResult("settings", True, detail, warning=True))
     notice = loaded.upstream_logging_notice()
     if notice:
         results.append(CheckResult("settings", True, notice, warning=True))

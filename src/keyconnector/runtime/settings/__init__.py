@@ -8,12 +8,15 @@ modules holds a name: the split is for readers of the package, not for its users
 from keyconnector.runtime.settings.loader import (
     CONFIG_FILE_ENV,
     LoadedSettings,
+    Origin,
     load_settings,
     load_with_env_file,
     read_env_file,
+    setting_paths,
 )
 from keyconnector.runtime.settings.model import (
     CHOICES,
+    IDENTIFYING,
     ORIGIN,
     REFUSED,
     USED_BY,
@@ -38,6 +41,7 @@ from keyconnector.runtime.settings.views import SideSettings, identity_server_ur
 __all__ = [
     "CHOICES",
     "CONFIG_FILE_ENV",
+    "IDENTIFYING",
     "ORIGIN",
     "REFUSED",
     "USED_BY",
@@ -49,6 +53,7 @@ __all__ = [
     "LoadedSettings",
     "LoggingSettings",
     "MetricsSettings",
+    "Origin",
     "RateLimitSettings",
     "RsaKeySettings",
     "Section",
@@ -62,5 +67,6 @@ __all__ = [
     "load_with_env_file",
     "read_env_file",
     "secret",
+    "setting_paths",
     "side_of",
 ]
