@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -11,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keyconnector.cli.conventions import Parser, finish, log_level
-from keyconnector.errors import ConfigurationError, ExitCode, UsageError, exit_code_for
+from keyconnector.errors import ExitCode, UsageError, exit_code_for
 from keyconnector.runtime import logs
 from keyconnector.runtime.settings import LoadedSettings, LoggingSettings, Settings, load_with_env_file
 
@@ -120,21 +119,6 @@ def _write_private(path: Path, content: str | bytes) -> None:
         handle.write(data)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from keyconnector.ops.check import run_checks
-
-    try:
-        loaded = _load(args)
-    except ConfigurationError as exc:
-        print(f"FAIL settings: {exc}")
-        return 1
-    ok = True
-    for result in asyncio.run(run_checks(loaded)):
-        print(result.line())
-        ok = ok and result.ok
-    return 0 if ok else 1
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from keyconnector.devtools.demo import run_demo
 
@@ -177,17 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--web-vault-uri", default="https://localhost:8080")
     init.set_defaults(func=cmd_init)
 
-    check = commands.add_parser("check", help="check the settings, database, key pair and identity server")
-    check.add_argument("--config", help="an appsettings-style JSON file (section keyConnectorSettings)")
-    check.add_argument("--env-file", help="a docker-style env file of keyConnectorSettings__... lines")
-    check.set_defaults(func=cmd_check)
+    from keyconnector.ops import add_commands
+
+    # check, config show, status, then the operations (ops.OPERATIONS' order); the demo last.
+    add_commands(commands)
 
     demo = commands.add_parser("demo", help="run a development issuer and the service, and show the flow")
     demo.set_defaults(func=cmd_demo)
-
-    from keyconnector.ops import add_commands
-
-    add_commands(commands)
     return finish(parser)
 
 

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 OPERATIONS: list[str] = [
+    "keyconnector.ops.check",
     "keyconnector.ops.transfer",
     "keyconnector.ops.rotate",
     "keyconnector.ops.backup",
