@@ -35,6 +35,7 @@ __all__ = [
 
 OPERATIONS: list[str] = [
     "keyconnector.ops.check",
+    "keyconnector.ops.config",
     "keyconnector.ops.transfer",
     "keyconnector.ops.rotate",
     "keyconnector.ops.backup",
