@@ -36,6 +36,7 @@ __all__ = [
 OPERATIONS: list[str] = [
     "keyconnector.ops.check",
     "keyconnector.ops.config",
+    "keyconnector.ops.status",
     "keyconnector.ops.transfer",
     "keyconnector.ops.rotate",
     "keyconnector.ops.backup",
