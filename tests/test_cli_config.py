@@ -328,3 +328,12 @@ def test_status_over_https_trusts_the_deployments_ca_folder(
         assert code == 3 and "certificate" in document["error"].lower(), document
     finally:
         service.stop()
+
+
+def test_status_refuses_a_url_with_credentials_without_echoing_them() -> None:
+    result = run("status", "--url", "http://admin:url-Secret-9z@127.0.0.1:1", env=clean_env())
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--url" in result.stderr and "user name or password" in result.stderr
+    assert "url-Secret-9z" not in result.stdout + result.stderr
+    bare = run("status", "--url", "127.0.0.1:5000", env=clean_env())
+    assert bare.returncode == 2 and "is not an http:// or https:// URL" in bare.stderr

@@ -148,6 +148,11 @@ def _version(client: httpx.Client) -> str | None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     url = args.url or default_url()
+    if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+        # Checked first and never echoed: the part before '@' may be a password.
+        raise UsageError(
+            "--url", "give the URL without a user name or password (the health endpoints need none)"
+        )
     if not re.match(r"^https?://", url):
         raise UsageError("--url", f"'{url}' is not an http:// or https:// URL")
     status = ask(url, _trust(args))
