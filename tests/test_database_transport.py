@@ -477,7 +477,7 @@ def test_check_warns_from_the_connection_string_alone_when_the_host_does_not_res
     del env["keyConnectorSettings__database__sqliteConnectionString"]
     env.update(env_for("postgresql", f"Host=kc-db.invalid;Port=5432;{PG_AUTH};Timeout=3"))
     result = check(env)
-    assert result.returncode == 1, result.stdout + result.stderr  # the database itself cannot be reached
+    assert result.returncode == 3, result.stdout + result.stderr  # only the database cannot be reached: 3
     assert lines_of(result, "database")[0].startswith("FAIL database: ")
     [transport] = lines_of(result, "database transport")
     assert transport.startswith(

@@ -52,7 +52,9 @@ What the callers do with them:
 
 from __future__ import annotations
 
+import difflib
 import enum
+from collections.abc import Iterable
 
 ENV_PREFIX = "keyConnectorSettings__"
 
@@ -65,6 +67,20 @@ completion, which builds it on every Tab) can name it without importing pydantic
 def setting_name(path: str) -> str:
     """The environment-variable spelling operators use for a settings path like ``database.provider``."""
     return ENV_PREFIX + path.replace(".", "__")
+
+
+def did_you_mean(given: str, choices: Iterable[str], *, cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"`` for the choice closest to ``given``, or ``""`` when none is close.
+
+    Why here: a misspelt provider value (``postgress``) or setting name is the commonest mistake in
+    an env file, and the list of every choice that follows it still leaves the operator comparing
+    letters. Only the choices are ever quoted back, never anything but what was given as a name."""
+    options = list(choices)
+    close = difflib.get_close_matches(given.lower(), [c.lower() for c in options], n=1, cutoff=cutoff)
+    if not close:
+        return ""
+    match = next(c for c in options if c.lower() == close[0])
+    return f"; did you mean '{match}'?"
 
 
 class KeyConnectorError(Exception):

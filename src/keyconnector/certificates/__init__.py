@@ -27,7 +27,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keyconnector.errors import ConfigurationError
+from keyconnector.errors import ConfigurationError, did_you_mean
 from keyconnector.runtime.settings import SideSettings
 
 MIN_RSA_BITS = 2048
@@ -58,7 +58,7 @@ async def load_certificate(side: SideSettings) -> LoadedCertificate:
         raise ConfigurationError(
             f"{prefix}.provider",
             f"unknown certificate provider '{settings.provider}'; "
-            f"choose one of: {', '.join(sorted(SOURCES))}",
+            f"choose one of: {', '.join(sorted(SOURCES))}{did_you_mean(settings.provider, SOURCES)}",
         )
     module = importlib.import_module(module_name)
     loaded: LoadedCertificate = await module.load(settings, prefix, side.ca_certificates_directory)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from keyconnector.cli.conventions import Parser, finish, log_level
-from keyconnector.errors import ConfigurationError, ExitCode, UsageError, exit_code_for, setting_name
+from keyconnector.errors import ExitCode, UsageError, exit_code_for, setting_name
 
 if TYPE_CHECKING:
     from keyconnector.runtime.settings import LoadedSettings, Settings
@@ -26,8 +26,7 @@ def _load(args: argparse.Namespace) -> LoadedSettings:
     from keyconnector.runtime.settings import load_with_env_file
 
     loaded = load_with_env_file(getattr(args, "env_file", None), getattr(args, "config", None))
-    for name in loaded.unknown:
-        log.warning("ignoring unknown setting %s (a typo?)", name)
+    loaded.warn_unknown(log)
     return loaded
 
 
@@ -153,23 +152,6 @@ def _write_private(path: Path, content: str | bytes) -> None:
         handle.write(data)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from keyconnector.ops.check import run_checks
-
-    try:
-        loaded = _load(args)
-    except ConfigurationError as exc:
-        print(f"FAIL settings: {exc}")
-        return 1
-    ok = True
-    for result in asyncio.run(run_checks(loaded)):
-        print(result.line())
-        ok = ok and result.ok
-    return 0 if ok else 1
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from keyconnector.devtools.demo import run_demo
 
@@ -241,25 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.set_defaults(func=cmd_init)
 
-    check = commands.add_parser(
-        "check",
-        help="check the settings, database, key pair and identity server",
-        description="Check every part of a deployment without changing anything: settings, database, "
-        "key pair (a wrap round-trip), data key and key ring, identity server. One line per part "
-        "(ok, warn or FAIL) on stdout; safe against production before a switch-over.",
-    )
-    check.add_argument("--config", help="an appsettings-style JSON file (section keyConnectorSettings)")
-    check.add_argument("--env-file", help="a docker-style env file of keyConnectorSettings__... lines")
-    check.set_defaults(func=cmd_check)
-
-    demo = commands.add_parser("demo", help="run a development issuer and the service, and show the flow")
-    demo.set_defaults(func=cmd_demo)
-
     from keyconnector.cli import manpage
     from keyconnector.ops import add_commands
 
+    # check, config show, status, then the operations (ops.OPERATIONS' order); the demo last.
     add_commands(commands)
     manpage.add_commands(commands)
+
+    demo = commands.add_parser("demo", help="run a development issuer and the service, and show the flow")
+    demo.set_defaults(func=cmd_demo)
     return finish(parser)
 
 

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from keyconnector.errors import ConfigurationError, UnavailableError
+from keyconnector.errors import ConfigurationError, UnavailableError, did_you_mean
 from keyconnector.keypairs.base import KeyProvider, rsa_fingerprint
 from keyconnector.runtime.settings import SideSettings
 
@@ -61,7 +61,7 @@ async def _open(side: SideSettings) -> KeyProvider:
         raise ConfigurationError(
             f"{side.rsa_key_prefix}.provider",
             f"unknown RSA key provider '{rsa_settings.provider}'; "
-            f"choose one of: {', '.join(sorted(PROVIDERS))}",
+            f"choose one of: {', '.join(sorted(PROVIDERS))}{did_you_mean(rsa_settings.provider, PROVIDERS)}",
         )
     module = importlib.import_module(module_name)
     provider: KeyProvider = await module.open(side)

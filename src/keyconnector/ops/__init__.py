@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 OPERATIONS: list[str] = [
+    "keyconnector.ops.check",
+    "keyconnector.ops.config",
+    "keyconnector.ops.status",
     "keyconnector.ops.transfer",
     "keyconnector.ops.rotate",
     "keyconnector.ops.backup",

@@ -1,16 +1,35 @@
 """``keyconnector check``: each part of a deployment tested on its own, one line each.
 
 The checks only read: a check never creates a database, a schema or a data key, so it is safe
-to run against production before switching over.
+to run against production before switching over. With ``--tls-cert/--tls-key`` and ``--host/--port``
+it also checks what ``serve`` would refuse at start (the TLS pair, the listening address), so that
+one command catches every mistake ``serve`` would stop on.
+
+Exit codes (``errors.ExitCode``): 0 every check passed; 2 the settings do not load; 3 the only
+failures are dependencies that cannot be reached now (database, key provider, identity server),
+which a retry may cure; 1 any other failure.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from keyconnector.core.keyring import NotAdopted, RingRefused
-from keyconnector.errors import ConfigurationError, KeyConnectorError, setting_name
+from keyconnector.errors import (
+    ConfigurationError,
+    ExitCode,
+    KeyConnectorError,
+    UnavailableError,
+    UsageError,
+    setting_name,
+)
 from keyconnector.keypairs.base import KeyProvider
+from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
+from keyconnector.ops.report import add_json_option, emit_json, wants_json
 from keyconnector.runtime.assemble import load_data_keys, open_database, open_key_pair
 from keyconnector.runtime.notices import cors_notice, way_back_notice
 from keyconnector.runtime.settings import (
@@ -26,6 +45,8 @@ from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import Repository
 from keyconnector.storage.registry import inspect
 
+log = logging.getLogger("keyconnector")
+
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -33,10 +54,118 @@ class CheckResult:
     ok: bool
     detail: str
     warning: bool = False
+    unavailable: bool = False
+    """A failure because a dependency cannot be reached now (exit 3 when every failure is one)."""
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok and not self.warning else ("warn" if self.ok else "fail")
 
     def line(self) -> str:
-        mark = "ok  " if self.ok and not self.warning else ("warn" if self.ok else "FAIL")
+        mark = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}[self.status]
         return f"{mark} {self.name}: {self.detail}"
+
+    def document(self) -> dict[str, Any]:
+        """One entry of ``check --json``'s ``results`` (docs/cli.md)."""
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "status": self.status,
+            "message": self.detail,
+            "unavailable": self.unavailable,
+        }
+
+
+def failed(name: str, exc: KeyConnectorError) -> CheckResult:
+    """A FAIL line for ``exc``, marked unavailable when it is a dependency that is down."""
+    return CheckResult(name, False, str(exc), unavailable=isinstance(exc, UnavailableError))
+
+
+def exit_code(results: list[CheckResult]) -> ExitCode:
+    """0 when nothing failed; 3 when every failure is an unreachable dependency; else 1."""
+    failures = [result for result in results if not result.ok]
+    if not failures:
+        return ExitCode.OK
+    if all(result.unavailable for result in failures):
+        return ExitCode.UNAVAILABLE
+    return ExitCode.FAILED
+
+
+def add_commands(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "check",
+        help="check the settings, database, key pair and identity server (read-only)",
+        description=(
+            "Tests each part of a deployment on its own and prints one line per part (ok, warn, FAIL): "
+            "the settings (unknown names, with the setting they probably meant), the database, the key "
+            "pair (a wrapped key round-trips), the data keys and key ring, the identity server. It only "
+            "reads: nothing is created. With --tls-cert/--tls-key it checks the TLS pair, and with "
+            "--host/--port that serve could listen there, as serve would at start. Exit 0 when every "
+            "check passed, 2 when the settings do not load, 3 when the only failures are dependencies "
+            "that cannot be reached, 1 otherwise."
+        ),
+    )
+    add_settings_arguments(parser)
+    parser.add_argument("--host", help="check that serve could listen on this address (with --port or 5000)")
+    parser.add_argument("--port", type=int, help="check that this port is free to listen on (with --host)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="check this certificate chain as serve would")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    add_json_option(parser, "the results")
+    parser.set_defaults(func=cmd_check)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_settings_from(args)
+    except ConfigurationError as exc:
+        # Nothing else can be checked without settings: a configuration error, exit 2.
+        return _report(args, [CheckResult("settings", False, str(exc))], ExitCode.USAGE)
+    loaded.warn_unknown(log)
+    results = asyncio.run(run_checks(loaded)) + _check_startup_options(args)
+    return _report(args, results, exit_code(results))
+
+
+def _report(args: argparse.Namespace, results: list[CheckResult], code: ExitCode) -> int:
+    if wants_json(args):
+        emit_json(
+            {
+                "ok": code is ExitCode.OK,
+                "exit_code": int(code),
+                "results": [result.document() for result in results],
+            }
+        )
+    else:
+        for result in results:
+            print(result.line())
+    return int(code)
+
+
+def _check_startup_options(args: argparse.Namespace) -> list[CheckResult]:
+    """What ``serve`` refuses before it starts, for the options given: the listening address (only
+    with ``--host``/``--port``: checked without them, a check run next to the running service would
+    fail on the service's own port) and the TLS pair."""
+    from keyconnector.runtime import server
+    from keyconnector.runtime.tlspair import check_tls_pair
+
+    results: list[CheckResult] = []
+    if args.host is not None or args.port is not None:
+        try:
+            listen = server.listen_address(args.host, args.port)
+            server.take_port(listen).close()
+            results.append(CheckResult("listen", True, f"{listen.host}:{listen.port} is free to listen on"))
+        except UsageError as exc:
+            results.append(CheckResult("listen", False, str(exc)))
+    if args.tls_cert or args.tls_key:
+        try:
+            if not (args.tls_cert and args.tls_key):
+                raise UsageError("--tls-cert", "--tls-cert and --tls-key go together")
+            check_tls_pair(args.tls_cert, args.tls_key)
+            results.append(
+                CheckResult("tls", True, f"{args.tls_key} is the private key of {args.tls_cert}, valid now")
+            )
+        except UsageError as exc:
+            results.append(CheckResult("tls", False, str(exc)))
+    return results
 
 
 async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
@@ -45,10 +174,14 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
     results = [
         CheckResult("settings", True, "loaded from " + (", ".join(loaded.sources) or "defaults only")),
     ]
-    results += [
-        CheckResult("settings", True, f"unknown setting {name} is ignored (a typo?)", warning=True)
-        for name in loaded.unknown
-    ]
+    for name in loaded.unknown:
+        meant = loaded.suggestion(name)
+        detail = (
+            f"unknown setting {name} is ignored (a typo? did you mean {meant}?)"
+            if meant
+            else f"unknown setting {name} is ignored (a typo?)"
+        )
+        results.append(CheckResult("settings", True, detail, warning=True))
     notice = loaded.upstream_logging_notice()
     if notice:
         results.append(CheckResult("settings", True, notice, warning=True))
@@ -73,7 +206,7 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
         new_database = not has_data
         results.append(CheckResult("database", True, state.description))
     except KeyConnectorError as exc:
-        results.append(CheckResult("database", False, str(exc)))
+        results.append(failed("database", exc))
     transport = _check_transport(settings.database, Trust.from_settings(settings))
     if transport is not None:
         results.append(transport)
@@ -85,7 +218,7 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
         await provider.check()
         results.append(CheckResult("key pair", True, f"{provider.description}; a wrapped key round-trips"))
     except KeyConnectorError as exc:
-        results.append(CheckResult("key pair", False, str(exc)))
+        results.append(failed("key pair", exc))
     if provider is not None:
         results += _key_choice(provider)
 
@@ -99,7 +232,7 @@ async def run_checks(loaded: LoadedSettings) -> list[CheckResult]:
             repository = await open_database(side, create=False)
             results += await _check_data_keys(repository, provider, side)
         except KeyConnectorError as exc:
-            results.append(CheckResult("data key", False, str(exc)))
+            results.append(failed("data key", exc))
 
     results.append(await _check_identity(loaded))
     results.append(_check_client_addresses(settings.rate_limit))
@@ -169,6 +302,7 @@ async def _check_identity(loaded: LoadedSettings) -> CheckResult:
             "identity server",
             False,
             f"{IDENTITY_DEGRADED}: {exc} (setting {setting_name('identityServerUri')})",
+            unavailable=isinstance(exc, UnavailableError),
         )
     finally:
         await validator.aclose()

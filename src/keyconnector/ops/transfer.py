@@ -491,8 +491,7 @@ def _write_lock(lock: Path, result: TransferResult) -> None:
 
 def cmd_transfer(args: argparse.Namespace) -> int:
     loaded = load_settings_from(args)
-    for name in loaded.unknown:
-        log.warning("ignoring unknown setting %s (a typo?)", name)
+    loaded.warn_unknown(log)
     logs.configure(loaded.settings.logging)
     target_settings = load_target_settings(args)
     mongo_dump = Path(args.from_mongo_dump) if args.from_mongo_dump else None

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from keyconnector.errors import ConfigurationError, StorageError
+from keyconnector.errors import ConfigurationError, StorageError, did_you_mean
 from keyconnector.storage.base import DatabaseState, Repository
 
 if TYPE_CHECKING:
@@ -111,7 +111,8 @@ def backend(settings: DatabaseSettings, prefix: str = "database") -> Backend:
     if provider not in BACKENDS:
         raise ConfigurationError(
             f"{prefix}.provider",
-            f"unknown database provider '{provider}'; choose one of: {', '.join(sorted(BACKENDS))}",
+            f"unknown database provider '{provider}'; choose one of: {', '.join(sorted(BACKENDS))}"
+            f"{did_you_mean(provider, BACKENDS)}",
         )
     return _load(provider)
 

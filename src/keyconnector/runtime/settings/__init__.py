@@ -8,12 +8,15 @@ modules holds a name: the split is for readers of the package, not for its users
 from keyconnector.runtime.settings.loader import (
     CONFIG_FILE_ENV,
     LoadedSettings,
+    Origin,
     load_settings,
     load_with_env_file,
     read_env_file,
+    setting_paths,
 )
 from keyconnector.runtime.settings.model import (
     CHOICES,
+    IDENTIFYING,
     ORIGIN,
     REFUSED,
     USED_BY,
@@ -47,6 +50,7 @@ __all__ = [
     "CHOICES",
     "CONFIG_FILE_ENV",
     "DEVELOPMENT_IDENTITY_URI",
+    "IDENTIFYING",
     "IDENTITY_PLACEHOLDER",
     "ORIGIN",
     "REFUSED",
@@ -60,6 +64,7 @@ __all__ = [
     "LoadedSettings",
     "LoggingSettings",
     "MetricsSettings",
+    "Origin",
     "RateLimitSettings",
     "RsaKeySettings",
     "Section",
@@ -73,6 +78,7 @@ __all__ = [
     "load_with_env_file",
     "read_env_file",
     "secret",
+    "setting_paths",
     "side_of",
     "web_vault_uri",
 ]

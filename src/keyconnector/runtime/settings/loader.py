@@ -11,8 +11,10 @@ instead of silently ignoring a typo.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,26 @@ from pydantic.fields import FieldInfo
 
 # KEYCONNECTOR_CONFIG, read here (load_settings); named in errors so that --help can show it cheaply.
 from keyconnector.errors import CONFIG_FILE_ENV as CONFIG_FILE_ENV
-from keyconnector.errors import ENV_PREFIX, ConfigurationError, UsageError
+from keyconnector.errors import ENV_PREFIX, ConfigurationError, UsageError, did_you_mean
 from keyconnector.runtime.settings.model import Settings
+
+ENVIRONMENT = "environment"
+ENV_FILE = "env file"
+CONFIG_FILE = "config file"
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where one setting's value came from (``keyconnector config show``): ``source`` is one of
+    ``environment``, ``env file`` or ``config file``; ``name`` is the name as written there (an
+    env-var name, or for the config file the key path under ``keyConnectorSettings``); ``file`` the
+    env file or appsettings file; ``via_file`` the ``...File`` name whose file held a secret."""
+
+    source: str
+    name: str
+    file: str | None = None
+    via_file: bool = False
 
 
 class LoadedSettings:
@@ -34,6 +54,8 @@ class LoadedSettings:
         unknown: list[str],
         sources: list[str],
         upstream_logging: list[str] | None = None,
+        origins: dict[str, Origin] | None = None,
+        unknown_origins: dict[str, Origin] | None = None,
     ) -> None:
         self.settings = settings
         self.unknown = unknown
@@ -41,6 +63,24 @@ class LoadedSettings:
         self.upstream_logging = upstream_logging or []
         """``Serilog__...`` names found: upstream's logging settings, which operators' env files
         carry; not ours, not typos either, so they get one notice instead of a warning each."""
+        self.origins = origins or {}
+        """Dotted upstream path (``database.provider``) -> where its value came from; a setting
+        missing here has its default."""
+        self.unknown_origins = unknown_origins or {}
+        """Each name of ``unknown`` -> where it was written."""
+
+    def suggestion(self, name: str) -> str | None:
+        """The known setting an unknown ``name`` most likely meant (env-var spelling), or None."""
+        return suggest_setting(name)
+
+    def warn_unknown(self, log: logging.Logger) -> None:
+        """One WARNING per unknown name, with the setting it probably meant (every command)."""
+        for name in self.unknown:
+            meant = self.suggestion(name)
+            if meant:
+                log.warning("ignoring unknown setting %s (a typo? did you mean %s?)", name, meant)
+            else:
+                log.warning("ignoring unknown setting %s (a typo?)", name)
 
     def upstream_logging_notice(self) -> str | None:
         """The one line said about ``upstream_logging`` (by ``serve`` and ``check``), or None."""
@@ -75,33 +115,73 @@ def _section_model(info: FieldInfo) -> type[BaseModel] | None:
 
 
 def _place(
-    model: type[BaseModel], target: dict[str, Any], path: list[str], value: Any, unknown: list[str], raw: str
+    model: type[BaseModel],
+    target: dict[str, Any],
+    path: list[str],
+    value: Any,
+    unknown: list[str],
+    raw: str,
+    placed: dict[str, tuple[str, bool]] | None = None,
+    trail: tuple[str, ...] = (),
 ) -> None:
+    """Put ``value`` at ``path`` in ``target`` (upstream's case-insensitive names), noting in
+    ``placed`` the dotted upstream path it set (-> the raw name, and whether a ``...File`` held it)."""
     fields = _field_map(model)
     head = path[0].lower()
+    via_file = False
     if head not in fields and len(path) == 1 and head.endswith("file") and _is_secret(fields.get(head[:-4])):
         # Container secrets: every secret setting ``x`` also accepts ``xFile``, a path to read it from.
-        head, value = head[:-4], _read_secret_file(raw, value)
+        head, value, via_file = head[:-4], _read_secret_file(raw, value), True
     if head not in fields:
         unknown.append(raw)
         return
     name, info = fields[head]
+    step = (*trail, info.alias or name)
     sub = _section_model(info)
     if len(path) == 1:
         if sub is not None and isinstance(value, Mapping):
             for key, inner in value.items():
-                _place(model, target, [head, str(key)], inner, unknown, f"{raw}__{key}")
+                _place(model, target, [head, str(key)], inner, unknown, f"{raw}__{key}", placed, trail)
             return
         if sub is not None:
             unknown.append(raw)
             return
         target[name] = value
+        if placed is not None:
+            placed[".".join(step)] = (raw, via_file)
         return
     if sub is None:
         unknown.append(raw)
         return
     child = target.setdefault(name, {})
-    _place(sub, child, path[1:], value, unknown, raw)
+    _place(sub, child, path[1:], value, unknown, raw, placed, step)
+
+
+def setting_paths(
+    model: type[BaseModel] = Settings, trail: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """Every setting's upstream path (``("database", "provider")``), in the model's order: what
+    ``config show`` lists and what an unknown name is compared with."""
+    for name, info in model.model_fields.items():
+        step = (*trail, info.alias or name)
+        sub = _section_model(info)
+        if sub is None:
+            yield step
+        else:
+            yield from setting_paths(sub, step)
+
+
+def suggest_setting(raw: str) -> str | None:
+    """The env-var name of the setting closest to the unknown ``raw`` name, or None. Compared after
+    the prefix, case-insensitively, as the loader matches names."""
+    parts = _split_env_name(raw)
+    if not parts:
+        return None
+    known = {"__".join(path).lower(): ENV_PREFIX + "__".join(path) for path in setting_paths()}
+    hint = did_you_mean("__".join(parts), known, cutoff=0.75)
+    if not hint:
+        return None
+    return known[hint.split("'")[1]]
 
 
 def _is_secret(entry: tuple[str, FieldInfo] | None) -> bool:
@@ -268,13 +348,24 @@ def load_settings(
     unknown: list[str] = []
     sources: list[str] = []
     upstream_logging: list[str] = []
+    origins: dict[str, Origin] = {}
+    unknown_origins: dict[str, Origin] = {}
     if config_file is not None:
         path = Path(config_file)
         document = _json_section(path)
         upstream_logging += [f"{key} (in {path.name})" for key in document if key.lower() == "serilog"]
         section = _settings_section(document)
+        placed: dict[str, tuple[str, bool]] = {}
+        known = len(unknown)
         for key, value in section.items():
-            _place(Settings, nested, [str(key)], value, unknown, f"{ENV_PREFIX}{key}")
+            _place(Settings, nested, [str(key)], value, unknown, f"{ENV_PREFIX}{key}", placed)
+        for dotted, (raw, via_file) in placed.items():
+            written = raw.removeprefix(ENV_PREFIX).replace("__", ":")
+            origins[dotted] = Origin(CONFIG_FILE, written, str(path), via_file)
+        for raw in unknown[known:]:
+            unknown_origins[raw] = Origin(
+                CONFIG_FILE, raw.removeprefix(ENV_PREFIX).replace("__", ":"), str(path)
+            )
         sources.append(str(path))
     env_names = sorted((k for k in environ if _split_env_name(k)), key=str.lower)
     for key in env_names:
@@ -282,7 +373,13 @@ def load_settings(
         assert parts is not None
         if not parts:
             continue
-        _place(Settings, nested, parts, environ[key], unknown, key)
+        placed = {}
+        known = len(unknown)
+        _place(Settings, nested, parts, environ[key], unknown, key, placed)
+        for dotted, (raw, via_file) in placed.items():
+            origins[dotted] = Origin(ENVIRONMENT, raw, None, via_file)
+        for raw in unknown[known:]:
+            unknown_origins[raw] = Origin(ENVIRONMENT, raw)
     if env_names:
         sources.append("environment")
     upstream_logging += sorted((k for k in environ if k.lower().startswith(_SERILOG_PREFIXES)), key=str.lower)
@@ -294,7 +391,7 @@ def load_settings(
         # Never echo the input: it may be a password.
         raise ConfigurationError(location, str(first["msg"]).lower()) from None
     _check_implicit_provider(settings)
-    return LoadedSettings(settings, unknown, sources, upstream_logging)
+    return LoadedSettings(settings, unknown, sources, upstream_logging, origins, unknown_origins)
 
 
 def load_with_env_file(
@@ -308,11 +405,39 @@ def load_with_env_file(
     target of a transfer), only the file counts and ``os.environ`` is left alone.
     """
     if isolated:
-        return load_settings(read_env_file(env_file) if env_file else {}, config_file)
+        loaded = load_settings(read_env_file(env_file) if env_file else {}, config_file)
+        return _from_env_file(loaded, set(read_env_file(env_file)) if env_file else set(), env_file)
+    taken: set[str] = set()
     if env_file:
+        # Names match case-insensitively (and ``:`` is ``__``), so the real environment's
+        # ``KEYCONNECTORSETTINGS__IDENTITYSERVERURI`` must keep the file's ``...identityServerUri`` out:
+        # both in os.environ, which one won would depend on their sort order.
+        present = {_comparable(name) for name in os.environ}
         for name, value in read_env_file(env_file).items():
-            os.environ.setdefault(name, value)
-    return load_settings(config_file=config_file)
+            if _comparable(name) not in present:
+                os.environ[name] = value
+                taken.add(name)
+    return _from_env_file(load_settings(config_file=config_file), taken, env_file)
+
+
+def _comparable(name: str) -> str:
+    return name.lower().replace(":", "__")
+
+
+def _from_env_file(loaded: LoadedSettings, names: set[str], env_file: str | Path | None) -> LoadedSettings:
+    """Relabel as ``env file`` what the env file set (the real environment's names stay ``environment``:
+    they won over the file's lines)."""
+    if not names:
+        return loaded
+
+    def relabel(origin: Origin) -> Origin:
+        if origin.source == ENVIRONMENT and origin.name in names:
+            return replace(origin, source=ENV_FILE, file=str(env_file))
+        return origin
+
+    loaded.origins = {path: relabel(origin) for path, origin in loaded.origins.items()}
+    loaded.unknown_origins = {name: relabel(origin) for name, origin in loaded.unknown_origins.items()}
+    return loaded
 
 
 def _upstream_path(model: type[BaseModel], loc: list[str]) -> list[str]:

@@ -29,6 +29,11 @@ CHOICES = "choices"
 """``json_schema_extra`` key on a ``provider`` field: ``module:NAME`` of the registry of its values
 (the dict the service itself dispatches on, so the reference cannot list a provider that does not exist)."""
 
+IDENTIFYING = "identifying"
+"""``json_schema_extra`` key, true on a setting that is not a secret but names an account, a tenant, a
+user or a key (``awsAccessKeyId``, ``kmipUsername``): ``keyconnector config show`` hides it unless
+``--reveal-names``, so that its output can be pasted into a ticket without mapping the deployment."""
+
 REFUSED = "refused"
 """``json_schema_extra`` key on a ``provider`` field: ``module:NAME`` of values that are recognised
 only to be refused with an explanation (upstream's removed ``mongo``)."""
@@ -39,9 +44,15 @@ _PATH_CHARACTERS = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@%/-]+")
 
 
 def _meta(
-    *used_by: str, ours: bool = False, choices: str | None = None, refused: str | None = None
+    *used_by: str,
+    ours: bool = False,
+    choices: str | None = None,
+    refused: str | None = None,
+    identifying: bool = False,
 ) -> dict[str, Any]:
     extra: dict[str, Any] = {USED_BY: list(used_by), ORIGIN: "ours" if ours else "upstream"}
+    if identifying:
+        extra[IDENTIFYING] = True
     if choices is not None:
         extra[CHOICES] = choices
     if refused is not None:
@@ -49,8 +60,10 @@ def _meta(
     return extra
 
 
-def _alias(name: str, *used_by: str, ours: bool = False) -> Any:
-    return Field(default=None, alias=name, json_schema_extra=_meta(*used_by, ours=ours))
+def _alias(name: str, *used_by: str, ours: bool = False, identifying: bool = False) -> Any:
+    return Field(
+        default=None, alias=name, json_schema_extra=_meta(*used_by, ours=ours, identifying=identifying)
+    )
 
 
 class Section(BaseModel):
@@ -130,9 +143,9 @@ class RsaKeySettings(Section):
     """The vault's URL, e.g. ``https://my-vault.vault.azure.net/``."""
     azure_keyvault_key_name: str | None = _alias("azureKeyvaultKeyName", "azurekv")
     """The RSA key's name; older enabled versions are tried too after a rotation in Key Vault."""
-    azure_keyvault_ad_tenant_id: str | None = _alias("azureKeyvaultAdTenantId", "azurekv")
+    azure_keyvault_ad_tenant_id: str | None = _alias("azureKeyvaultAdTenantId", "azurekv", identifying=True)
     """Entra ID tenant of the app registration."""
-    azure_keyvault_ad_app_id: str | None = _alias("azureKeyvaultAdAppId", "azurekv")
+    azure_keyvault_ad_app_id: str | None = _alias("azureKeyvaultAdAppId", "azurekv", identifying=True)
     """The app (client) id; without a secret it picks a user-assigned managed identity."""
     azure_keyvault_ad_secret: SecretStr | None = _alias("azureKeyvaultAdSecret", "azurekv")
     """The app's client secret; empty means managed identity."""
@@ -141,7 +154,7 @@ class RsaKeySettings(Section):
     azure_keyvault_ca_bundle: str | None = _alias("azureKeyvaultCaBundle", "azurekv", ours=True)
     """PEM file of CAs to trust for Key Vault and Entra ID instead of the system store."""
     # gcpkms
-    google_cloud_project_id: str | None = _alias("googleCloudProjectId", "gcpkms")
+    google_cloud_project_id: str | None = _alias("googleCloudProjectId", "gcpkms", identifying=True)
     """The Google Cloud project of the key ring."""
     google_cloud_location_id: str | None = _alias("googleCloudLocationId", "gcpkms")
     """The key ring's location, e.g. ``europe-west1`` or ``global``."""
@@ -156,13 +169,13 @@ class RsaKeySettings(Section):
     google_cloud_ca_bundle: str | None = _alias("googleCloudCaBundle", "gcpkms", ours=True)
     """PEM file of CAs to trust for the KMS API and the token endpoint."""
     # awskms
-    aws_access_key_id: str | None = _alias("awsAccessKeyId", "awskms")
+    aws_access_key_id: str | None = _alias("awsAccessKeyId", "awskms", identifying=True)
     """Static credentials; leave both empty for boto3's default chain (environment, profile, roles)."""
     aws_access_key_secret: SecretStr | None = _alias("awsAccessKeySecret", "awskms")
     """The secret half of ``awsAccessKeyId``."""
     aws_region: str | None = _alias("awsRegion", "awskms")
     """The key's region (default: ``AWS_REGION`` or the profile's)."""
-    aws_key_id: str | None = _alias("awsKeyId", "awskms")
+    aws_key_id: str | None = _alias("awsKeyId", "awskms", identifying=True)
     """Key id, ARN or ``alias/...``."""
     aws_use_symmetric_encryption: bool = Field(
         default=False, alias="awsUseSymmetricEncryption", json_schema_extra=_meta("awskms")
@@ -177,7 +190,9 @@ class RsaKeySettings(Section):
     """``opensc`` or ``yubihsm``: each implies the usual library path, so none has to be written."""
     pkcs11_library_path: str | None = _alias("pkcs11LibraryPath", "pkcs11")
     """The PKCS#11 module (``.so``) to load; wins over ``pkcs11Provider``'s default."""
-    pkcs11_slot_token_serial_number: str | None = _alias("pkcs11SlotTokenSerialNumber", "pkcs11")
+    pkcs11_slot_token_serial_number: str | None = _alias(
+        "pkcs11SlotTokenSerialNumber", "pkcs11", identifying=True
+    )
     """Picks the token by serial number, stable across reboots unlike slot numbers."""
     pkcs11_login_user_type: str | None = _alias("pkcs11LoginUserType", "pkcs11")
     """``user``, ``so`` or ``context_specific``."""
@@ -197,7 +212,9 @@ class RsaKeySettings(Section):
     """Vault's (or OpenBao's) URL."""
     vault_transit_token: SecretStr | None = _alias("vaultTransitToken", "vaulttransit", ours=True)
     """A token allowed to encrypt and decrypt with the key; AppRole is preferred (tokens expire)."""
-    vault_transit_role_id: str | None = _alias("vaultTransitRoleId", "vaulttransit", ours=True)
+    vault_transit_role_id: str | None = _alias(
+        "vaultTransitRoleId", "vaulttransit", ours=True, identifying=True
+    )
     """AppRole role id, instead of a token."""
     vault_transit_secret_id: SecretStr | None = _alias("vaultTransitSecretId", "vaulttransit", ours=True)
     """AppRole secret id."""
@@ -239,7 +256,7 @@ class RsaKeySettings(Section):
     """For an RSA key whose server keeps no Link to its public key: the public key's unique identifier."""
     kmip_public_key_name: str | None = _alias("kmipPublicKeyName", "kmip", ours=True)
     """Or the public key's Name attribute."""
-    kmip_username: str | None = _alias("kmipUsername", "kmip", ours=True)
+    kmip_username: str | None = _alias("kmipUsername", "kmip", ours=True, identifying=True)
     """Username credential sent with every request, for key managers that want one besides the certificate."""
     kmip_password: SecretStr | None = _alias("kmipPassword", "kmip", ours=True)
     """The password that goes with ``kmipUsername``."""
@@ -283,9 +300,9 @@ class CertificateSettings(Section):
     """The vault's URL."""
     azure_keyvault_certificate_name: str | None = _alias("azureKeyvaultCertificateName", "azurekv")
     """The certificate; its PKCS#12 (or PEM) secret holds the private key."""
-    azure_keyvault_ad_tenant_id: str | None = _alias("azureKeyvaultAdTenantId", "azurekv")
+    azure_keyvault_ad_tenant_id: str | None = _alias("azureKeyvaultAdTenantId", "azurekv", identifying=True)
     """Entra ID tenant of the app registration."""
-    azure_keyvault_ad_app_id: str | None = _alias("azureKeyvaultAdAppId", "azurekv")
+    azure_keyvault_ad_app_id: str | None = _alias("azureKeyvaultAdAppId", "azurekv", identifying=True)
     """The app (client) id; without a secret it picks a user-assigned managed identity."""
     azure_keyvault_ad_secret: SecretStr | None = _alias("azureKeyvaultAdSecret", "azurekv")
     """The app's client secret; empty means managed identity."""
