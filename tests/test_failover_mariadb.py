@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -43,9 +44,11 @@ from tests.support.failover_load import (
     Entry,
     Load,
     load_and_fail_over,
+    new_key,
     read_all,
 )
 from tests.support.mariadb_replication import PrimaryMariaDb, ReplicaMariaDb
+from tests.support.replication import Blackhole
 
 pytest_plugins = ["tests.support.mariadb_replication"]
 
@@ -213,3 +216,54 @@ def test_a_bad_load_balance_value_names_the_setting(connection_string: str) -> N
     text = str(caught.value)
     assert "keyConnectorSettings__database__mySqlConnectionString" in text
     assert "Load Balance must be one of" in text and "secretpw" not in text
+
+
+@pytest.mark.timeout(180)
+def test_a_primary_that_drops_off_the_network_is_left_behind(
+    replicated_mariadb: tuple[PrimaryMariaDb, ReplicaMariaDb],
+    start_service: object,
+    issuer: DevIssuer,
+    pfx: Pfx,
+    tmp_path: Path,
+) -> None:
+    """The primary's machine goes silent (no reset, no refusal) and the replica is promoted: the
+    service must stop waiting on the silent server and move to the new primary by itself, answering
+    503 with ``Retry-After`` meanwhile."""
+    primary, replica = replicated_mariadb
+    database = primary.create_database()
+    hole = Blackhole(("127.0.0.1", primary.port))
+    try:
+        connection_string = (
+            f"Server=127.0.0.1:{hole.port},127.0.0.1:{replica.port};Database={database};"
+            f"Uid={primary.user};Pwd={ado_quote(primary.password)};Connect Timeout=3;"
+            "Default Command Timeout=5"
+        )
+        service: Service = start_service(mysql_env(issuer, pfx, tmp_path, connection_string))  # type: ignore[operator]
+        users = issuer.mint_many(10)
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            for _user, token in users:
+                response = client.post(
+                    "/user-keys", json={"key": new_key()}, headers={"Authorization": f"Bearer {token}"}
+                )
+                assert response.status_code == 200
+            hole.vanish()
+            primary.stop(kill=True)
+            replica.promote()
+            vanished = time.monotonic()
+            recovered = None
+            statuses: Counter[int] = Counter()
+            token = users[0][1]
+            while time.monotonic() - vanished < 90:
+                response = client.put(
+                    "/user-keys", json={"key": new_key()}, headers={"Authorization": f"Bearer {token}"}
+                )
+                statuses[response.status_code] += 1
+                if response.status_code == 200:
+                    recovered = time.monotonic() - vanished
+                    break
+                assert response.status_code == 503 and "retry-after" in response.headers, response.text
+                time.sleep(0.5)
+        print(f"recovered {recovered}s after the primary went silent; statuses {dict(statuses)}")
+        assert recovered is not None and recovered < RECOVERY_BOUND, statuses
+    finally:
+        hole.close()

@@ -311,6 +311,8 @@ _TRANSIENT = {
     2055,  # lost connection
     4031,  # disconnected by the server (idle timeout)
 }
+_SERVER_BUSY = {1040, 1205, 1213}
+"""Transient errors that a working, writable server answers: they never start a search for another."""
 _CONFIGURATION = {1044, 1045, 1049, 1142, 1227, 1251, 2026, 2059, 2061}  # 2026: TLS required, not offered
 _DUPLICATE_KEY = 1062
 _TLS_NOT_OFFERED = 2026
@@ -553,13 +555,13 @@ class WritableServer:
     ``@@innodb_read_only`` with 0, and all of a process's connections go to that one server: the data
     key's ``GET_LOCK`` is per server, and a read right after a write must see it.
 
-    The choice is sticky: it is searched again only when something failed (a lost connection, a
-    refused connect, "read-only" from the server, a timeout), and the server in use is asked first,
-    so a transient error such as a deadlock never moves the service. Otherwise the servers are tried
-    in the order :class:`~keyconnector.storage.sql.hosts.HostOrder` gives (shared with PostgreSQL):
-    the listed one, or shuffled with ``Load Balance=Random``; a server that failed is tried last for
-    a while. One search runs at a time, in the background; requests meanwhile retry and then answer
-    503 with ``Retry-After``.
+    The choice is sticky: it is searched again only when the server in use failed (a lost
+    connection, a refused connect, "read-only" from the server, a timeout, none writable last time);
+    a deadlock, a lock wait timeout or "too many connections" never moves the service. The servers
+    are then tried in the order :class:`~keyconnector.storage.sql.hosts.HostOrder` gives (shared
+    with PostgreSQL): the listed one, or shuffled with ``Load Balance=Random``, a server that failed
+    (the one in use among them) last for a while. One search runs at a time, in the background;
+    requests meanwhile retry and then answer 503 with ``Retry-After``.
 
     The pool is asyncmy's, which connects with the arguments it was created with: the choice is
     made by changing its host and port there (``Pool._conn_kwargs``), and connections made to the
@@ -585,10 +587,8 @@ class WritableServer:
         pool._conn_kwargs.update(host=self._connected_to[0], port=self._connected_to[1])
 
     async def find(self) -> tuple[str, int] | None:
-        """The first server that answers and is writable, the one in use asked first; None if none is."""
-        order = self._order.order()
-        order.sort(key=lambda host: host != self.current)  # stable: the current one first, rest in order
-        for host in order:
+        """The first server, in :class:`HostOrder`'s order, that answers and is writable; None if none is."""
+        for host in self._order.order():
             try:
                 if await self._writable(host):
                     self._order.succeeded(host)
@@ -639,8 +639,14 @@ class WritableServer:
         self._retired.discard(connection)
 
     def search(self) -> None:
-        """Look for the writable server in the background, unless a search is running already."""
+        """The server in use failed: look for the writable one in the background (one search at a time).
+
+        The failed server is asked last: when it went silent, asking it first would spend a whole
+        connect timeout before the promoted replica is even tried. When it failed only for a moment
+        and the others are read-only, it is found again."""
         if self._search is None or self._search.done():
+            if self.current is not None:
+                self._order.failed(self.current)
             self._search = asyncio.ensure_future(self._search_once())
 
     async def _search_once(self) -> None:
@@ -711,8 +717,9 @@ class MySqlRepository:
         # it is taken. Dropping them all now spares each a failed request.
         for connection in list(self._pool._free):
             connection.close()
-        if self._servers is not None:
+        if self._servers is not None and _error_number(exc) not in _SERVER_BUSY:
             # Lost, refused or "read-only": maybe a failover. Find out which server is writable now.
+            # (A deadlock or a full server is an answer from a working primary: no reason to move.)
             self._servers.search()
 
     async def _run(self, action: str, operation: Callable[[int], Awaitable[T]]) -> T:
