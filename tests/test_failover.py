@@ -17,12 +17,8 @@ hold:
 from __future__ import annotations
 
 import asyncio
-import base64
-import secrets
 import time
-import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -36,172 +32,19 @@ from keyconnector.storage.backends.postgresql import parse_target, read_attribut
 from keyconnector.storage.sql.common import ServerTarget
 from tests.conftest import Pfx, Service, base_env
 from tests.support.databases import PostgresServer, ado_quote
+from tests.support.failover_load import (
+    PLANNED,
+    RECOVERY_BOUND,
+    USERS,
+    Entry,
+    Load,
+    load_and_fail_over,
+    new_key,
+    read_all,
+)
 from tests.support.replication import Blackhole, PrimaryServer, StandbyServer
 
 pytest_plugins = ["tests.support.replication"]
-
-USERS = 150
-CLIENTS = 16
-STEPS = ("POST", "GET", "PUT", "GET")
-PLANNED = USERS * len(STEPS)
-KILL_AFTER = PLANNED // 3
-PROMOTE_AFTER_SECONDS = 1.0
-"""Between the primary's death and the promotion: a failover manager's detection time, shortened."""
-REQUEST_DEADLINE = 25.0
-"""How long one client keeps retrying one request."""
-LOAD_DEADLINE = 60.0
-RECOVERY_BOUND = 30.0
-
-
-def new_key() -> str:
-    return base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-@dataclass
-class Entry:
-    """One user's ledger: the last acknowledged key and the keys of writes of unknown outcome."""
-
-    headers: dict[str, str]
-    acknowledged: str | None = None
-    possible: set[str] = field(default_factory=set)
-
-    def acceptable(self) -> set[str | None]:
-        return {self.acknowledged, *self.possible}
-
-
-@dataclass
-class Load:
-    url: str
-    ledger: dict[uuid.UUID, Entry]
-    completed: int = 0
-    statuses: Counter[int] = field(default_factory=Counter)
-    without_retry_after: list[str] = field(default_factory=list)
-    transport_errors: int = 0
-    retries: int = 0
-    unresolved: list[str] = field(default_factory=list)
-    wrong: list[str] = field(default_factory=list)
-    acknowledged_writes: list[tuple[float, float]] = field(default_factory=list)
-    """(sent, answered) of each write's successful try (monotonic): the first one sent after the kill
-    marks the recovery."""
-    kill_due: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def call(
-        self, client: httpx.AsyncClient, method: str, entry: Entry, key: str | None = None
-    ) -> tuple[httpx.Response | None, bool, float]:
-        """The answer (None: retries spent), whether an earlier try may have applied, and when the
-        answered try was sent."""
-        uncertain = False
-        sent = 0.0
-        body = None if key is None else {"key": key}
-        deadline = time.monotonic() + REQUEST_DEADLINE
-        attempt = 0
-        while time.monotonic() < deadline:
-            if attempt:
-                self.retries += 1
-                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-            attempt += 1
-            sent = time.monotonic()
-            try:
-                response = await client.request(method, "/user-keys", json=body, headers=entry.headers)
-            except httpx.TransportError:
-                self.transport_errors += 1
-                uncertain = True
-                continue
-            self.statuses[response.status_code] += 1
-            if response.status_code >= 500:
-                if response.status_code != 503 or "retry-after" not in response.headers:
-                    self.without_retry_after.append(f"{method} {response.status_code}: {response.text[:300]}")
-                uncertain = True
-                continue
-            return response, uncertain, sent
-        return None, uncertain, sent
-
-    def _done_one(self) -> None:
-        self.completed += 1
-        if self.completed >= KILL_AFTER:
-            self.kill_due.set()
-
-    async def write(self, client: httpx.AsyncClient, method: str, user: uuid.UUID) -> None:
-        entry, key = self.ledger[user], new_key()
-        response, uncertain, sent = await self.call(client, method, entry, key)
-        self._done_one()
-        if response is None:
-            entry.possible.add(key)
-            self.unresolved.append(f"{method} for {user}")
-        elif response.status_code == 200:
-            self.acknowledged_writes.append((sent, time.monotonic()))
-            entry.acknowledged, entry.possible = key, set()
-        elif method == "POST" and response.status_code == 400 and uncertain:
-            # Only this task writes this user: "already has a key" after a broken try means that try
-            # was applied. The GET that follows checks it.
-            entry.acknowledged, entry.possible = key, set()
-        else:
-            self.wrong.append(f"{method} for {user}: {response.status_code} {response.text[:200]}")
-
-    async def read(self, client: httpx.AsyncClient, user: uuid.UUID) -> None:
-        entry = self.ledger[user]
-        response, _, _ = await self.call(client, "GET", entry)
-        self._done_one()
-        if response is None:
-            self.unresolved.append(f"GET for {user}")
-        elif response.status_code != 200 or response.json().get("key") not in entry.acceptable():
-            self.wrong.append(f"GET for {user} after its write: {response.status_code}")
-
-    async def run(self) -> None:
-        queue: asyncio.Queue[uuid.UUID] = asyncio.Queue()
-        for user in self.ledger:
-            queue.put_nowait(user)
-
-        async def worker(client: httpx.AsyncClient) -> None:
-            while not queue.empty():
-                user = queue.get_nowait()
-                for step in STEPS:
-                    if step == "GET":
-                        await self.read(client, user)
-                    else:
-                        await self.write(client, step, user)
-
-        async with httpx.AsyncClient(base_url=self.url, timeout=15) as client:
-            await asyncio.gather(*(worker(client) for _ in range(CLIENTS)))
-
-
-async def load_and_fail_over(
-    load: Load, primary: PrimaryServer, standby: StandbyServer
-) -> tuple[float, float]:
-    """Run the load; once ``KILL_AFTER`` requests completed, SIGKILL the primary, then promote the standby.
-
-    Returns when the primary was dead and when the promotion completed (monotonic)."""
-    times: list[float] = []
-
-    async def fail_over() -> None:
-        await load.kill_due.wait()
-        await asyncio.to_thread(primary.stop, kill=True)
-        times.append(time.monotonic())
-        await asyncio.sleep(PROMOTE_AFTER_SECONDS)
-        await asyncio.to_thread(standby.promote)
-        times.append(time.monotonic())
-
-    task = asyncio.create_task(fail_over())
-    try:
-        await asyncio.wait_for(load.run(), LOAD_DEADLINE)
-        await asyncio.wait_for(task, 30)
-    finally:
-        task.cancel()
-    return times[0], times[1]
-
-
-async def read_all(url: str, ledger: dict[uuid.UUID, Entry]) -> dict[uuid.UUID, tuple[int, str | None]]:
-    answers: dict[uuid.UUID, tuple[int, str | None]] = {}
-    async with httpx.AsyncClient(base_url=url, timeout=15) as client:
-        semaphore = asyncio.Semaphore(CLIENTS)
-
-        async def one(user: uuid.UUID) -> None:
-            async with semaphore:
-                response = await client.get("/user-keys", headers=ledger[user].headers)
-                answers[user] = (response.status_code, response.json().get("key"))
-
-        await asyncio.gather(*(one(user) for user in ledger))
-    return answers
 
 
 def postgresql_env(issuer: DevIssuer, pfx: Pfx, tmp_path: Path, connection_string: str) -> dict[str, str]:
@@ -252,7 +95,9 @@ def test_the_service_rides_through_a_postgresql_failover_without_a_restart(
     ledger = {user: Entry({"Authorization": f"Bearer {token}"}) for user, token in issuer.mint_many(USERS)}
     load = Load(service.url, ledger)
     started = time.monotonic()
-    killed_at, promoted_at = asyncio.run(load_and_fail_over(load, primary, standby))
+    killed_at, promoted_at = asyncio.run(
+        load_and_fail_over(load, lambda: primary.stop(kill=True), standby.promote)
+    )
     load_seconds = time.monotonic() - started
     after_kill = [answered for sent, answered in load.acknowledged_writes if sent > killed_at]
     recovered_at = min(after_kill) if after_kill else None

@@ -650,7 +650,12 @@ def test_connection_string_spellings(
             "Server=db;Database=kc;Uid=u;Pwd=hunter2-pw;Maximum Pool Size=2;Minimum Pool Size=5",
             "Minimum Pool Size",
         ),
-        ("mysql", "mySqlConnectionString", "Server=a,b;Database=kc;Uid=u;Pwd=hunter2-pw", "several servers"),
+        (
+            "mysql",
+            "mySqlConnectionString",
+            "Server=a,b;Database=kc;Uid=u;Pwd=hunter2-pw;Load Balance=Sideways",
+            "Load Balance must be one of",
+        ),
         ("mysql", "mySqlConnectionString", "mysql://u:hunter2-pw@db:99999/kc", "URL"),
     ],
 )

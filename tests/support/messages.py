@@ -84,6 +84,7 @@ CALLS: dict[str, Spec] = {
     "ValueError": Spec(0),
     "ArgumentTypeError": Spec(0),
     "_FetchError": Spec(0),
+    "NoWritableServer": Spec(0),
     # HTTP answers
     "AuthError": Spec(1),
     "_unauthorized": Spec(0),

@@ -21,7 +21,9 @@ Why it looks the way it does:
   does not matter when reading), times into ``datetime(6)``.
 
 The connection string is the operator's MySqlConnector one (``Server=db;Port=3306;Database=kc;Uid=kc;
-Pwd=...``) or a ``mysql://`` / ``mariadb://`` URL.
+Pwd=...``) or a ``mysql://`` / ``mariadb://`` URL. Several servers (``Server=db1,db2``, or
+``db1:3306,db2:3307`` in the URL) are a primary and its replicas: everything goes to the one that is
+writable, found again after a failover (:class:`WritableServer`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from keyconnector.storage.sql.common import (
     translate,
     with_retries,
 )
+from keyconnector.storage.sql.hosts import HostOrder
 from keyconnector.storage.sql.schema import naive_utc
 from keyconnector.storage.sql.shared import Plan, drive
 
@@ -146,6 +149,8 @@ SPEC = ConnectionStringSpec(
         "GuidFormat": "guid format",
         "Old Guids": "old guids",
         "OldGuids": "old guids",
+        "Load Balance": "load balance",
+        "LoadBalance": "load balance",
     },
     ignored=(
         "Pooling",
@@ -153,8 +158,6 @@ SPEC = ConnectionStringSpec(
         "ConnectionReset",
         "Connection Lifetime",
         "ConnectionLifetime",
-        "Load Balance",
-        "LoadBalance",
         "Allow User Variables",
         "AllowUserVariables",
         "Allow Public Key Retrieval",
@@ -220,6 +223,7 @@ SPEC = ConnectionStringSpec(
         "connect_timeout": "connect timeout",
         "command_timeout": "command timeout",
         "charset": "character set",
+        "load_balance": "load balance",
     },
     ssl_modes=_SSL_MODES,
     default_ssl_mode="prefer",
@@ -228,6 +232,28 @@ SPEC = ConnectionStringSpec(
     default_idle_lifetime=180.0,
     verified_tls=("SslMode=VerifyFull", "ssl_mode=VERIFY_IDENTITY"),
 )
+
+_LOAD_BALANCE = {
+    "failover": "failover",
+    "inorder": "failover",
+    "roundrobin": "failover",
+    "leastconnections": "failover",
+    "fewestconnections": "failover",
+    "random": "random",
+}
+"""MySqlConnector's ``Load Balance`` values (and their older names), as keyconnector reads them.
+
+keyconnector sends all of a process's connections to one writable server at a time (see
+:class:`WritableServer`), so the value only says in which order the servers are tried when one must be
+found: ``FailOver`` (``InOrder``) in the listed order, ``Random`` shuffled. ``RoundRobin`` (upstream's
+default) and ``LeastConnections`` would spread connections over several writable servers (a Galera
+cluster), where the data key's ``GET_LOCK`` would be held on one node only: they are read as
+``FailOver``."""
+
+_SELECT_WRITABLE = "SELECT @@global.read_only, @@global.innodb_read_only"
+SEARCH_PAUSE_SECONDS = 0.2
+"""After a search that found no writable server (a promotion not done yet), wait this long before the
+next one may start: failing requests then cost one probe per server five times a second at most."""
 
 _SELECT_KEY = "SELECT `Key` FROM `UserKeys` WHERE `Id` = %s"
 _INSERT = (
@@ -285,6 +311,8 @@ _TRANSIENT = {
     2055,  # lost connection
     4031,  # disconnected by the server (idle timeout)
 }
+_SERVER_BUSY = {1040, 1205, 1213}
+"""Transient errors that a working, writable server answers: they never start a search for another."""
 _CONFIGURATION = {1044, 1045, 1049, 1142, 1227, 1251, 2026, 2059, 2061}  # 2026: TLS required, not offered
 _DUPLICATE_KEY = 1062
 _TLS_NOT_OFFERED = 2026
@@ -299,9 +327,12 @@ def parse_target(settings: DatabaseSettings, prefix: str, trust: Trust | None = 
         settings.pool_size,
         trust,
     )
-    if len(target.hosts) > 1:
+    balance = target.extra.get("load balance")
+    if balance is not None and _balance_word(balance) not in _LOAD_BALANCE:
         raise ConfigurationError(
-            target.setting, "names several servers; name one (a proxy or virtual IP in front of a cluster)"
+            target.setting,
+            "Load Balance must be one of: FailOver, InOrder, Random, RoundRobin, LeastConnections "
+            "(load_balance in the URL form)",
         )
     guid_format = target.extra.get("guid format", "").strip().lower()
     if guid_format not in ("", "default", "char36"):
@@ -314,6 +345,16 @@ def parse_target(settings: DatabaseSettings, prefix: str, trust: Trust | None = 
             target.setting, "OldGuids=true (binary GUIDs) is not upstream's format; remove it"
         )
     return target
+
+
+def _balance_word(value: str) -> str:
+    return "".join(char for char in value.lower() if char.isalnum())
+
+
+def load_balance(target: ServerTarget) -> str:
+    """``failover`` (the listed order) or ``random``: how servers are tried, see :data:`_LOAD_BALANCE`."""
+    balance = target.extra.get("load balance")
+    return _LOAD_BALANCE[_balance_word(balance)] if balance else "failover"
 
 
 _NO_SUCH_TABLE = 1146
@@ -374,10 +415,47 @@ def _ssl_argument(target: ServerTarget) -> Any:
 
 
 def _pymysql_arguments(target: ServerTarget) -> dict[str, Any]:
-    """PyMySQL's connection arguments, TLS decided (see :func:`_offers_tls`)."""
+    """PyMySQL's connection arguments for the writable server, TLS decided (see :func:`_offers_tls`).
+
+    With several servers, each is asked in turn (the order ``Load Balance`` says) whether it is
+    writable: migrations write, and a replica's ``read_only`` does not stop a user that has ``SUPER``
+    or ``READ ONLY ADMIN``. When none is (a failover in progress), the first one's arguments: the
+    migration then fails as the database being unavailable, and is tried again."""
+    if len(target.hosts) == 1:
+        return _pymysql_arguments_for(target, target.hosts[0])
+    hosts = HostOrder(target.hosts, shuffle=load_balance(target) == "random").order()
+    for host in hosts:
+        arguments = _pymysql_arguments_for(target, host)
+        if _writable_now(arguments):
+            return arguments
+    log.warning("%s: no server is writable right now (a failover in progress?)", target.description)
+    return _pymysql_arguments_for(target, hosts[0])
+
+
+def _writable_now(arguments: dict[str, Any]) -> bool:
+    """Whether the server ``arguments`` name answers and is neither ``read_only`` nor ``innodb_read_only``."""
+    import pymysql
+
+    try:
+        connection = pymysql.connect(**arguments)
+    except (pymysql.err.MySQLError, OSError):
+        return False
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(_SELECT_WRITABLE)
+            row = cursor.fetchone()
+    except (pymysql.err.MySQLError, OSError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
+    return row is not None and not any(row)
+
+
+def _pymysql_arguments_for(target: ServerTarget, host: tuple[str, int]) -> dict[str, Any]:
     arguments: dict[str, Any] = {
-        "host": target.host,
-        "port": target.port,
+        "host": host[0],
+        "port": host[1],
         "database": target.database,
         "user": target.user or "",
         "password": target.password or "",
@@ -463,12 +541,141 @@ def _guid(user_id: UUID) -> str:
     return str(user_id)
 
 
+class NoWritableServer(ConnectionError):
+    """No listed server answered as writable at the last search: transient (a failover in progress),
+    so requests retry, then answer 503 with ``Retry-After``, and each failure starts a new search."""
+
+
+class WritableServer:
+    """Which of several servers (``Server=db1,db2``) the pool connects to: one writable server at a time.
+
+    MySqlConnector connects to whichever listed server answers; a replica answers too, and its
+    ``read_only`` does not stop a user with ``SUPER`` or ``READ ONLY ADMIN``, so writes could land
+    on it and split the data. Here a server is used only once it answered ``@@read_only`` and
+    ``@@innodb_read_only`` with 0, and all of a process's connections go to that one server: the data
+    key's ``GET_LOCK`` is per server, and a read right after a write must see it.
+
+    The choice is sticky: it is searched again only when the server in use failed (a lost
+    connection, a refused connect, "read-only" from the server, a timeout, none writable last time);
+    a deadlock, a lock wait timeout or "too many connections" never moves the service. The servers
+    are then tried in the order :class:`~keyconnector.storage.sql.hosts.HostOrder` gives (shared
+    with PostgreSQL): the listed one, or shuffled with ``Load Balance=Random``, a server that failed
+    (the one in use among them) last for a while. One search runs at a time, in the background;
+    requests meanwhile retry and then answer 503 with ``Retry-After``.
+
+    The pool is asyncmy's, which connects with the arguments it was created with: the choice is
+    made by changing its host and port there (``Pool._conn_kwargs``), and connections made to the
+    previous server are closed as they come back (:meth:`retired`).
+    """
+
+    def __init__(self, asyncmy_module: Any, target: ServerTarget, arguments: Mapping[str, Any]) -> None:
+        self._asyncmy = asyncmy_module
+        self._target = target
+        self._arguments = dict(arguments)
+        self._order = HostOrder(target.hosts, shuffle=load_balance(target) == "random")
+        self.current: tuple[str, int] | None = target.hosts[0]
+        """The writable server, or None when the last search found none (requests then answer 503:
+        serving reads from a server that may be a lagging replica is what this class prevents)."""
+        self._connected_to = target.hosts[0]
+        """The server the pool's connect arguments name."""
+        self._pool: Any = None
+        self._retired: set[Any] = set()
+        self._search: asyncio.Future[None] | None = None
+
+    def attach(self, pool: Any) -> None:
+        self._pool = pool
+        pool._conn_kwargs.update(host=self._connected_to[0], port=self._connected_to[1])
+
+    async def find(self) -> tuple[str, int] | None:
+        """The first server, in :class:`HostOrder`'s order, that answers and is writable; None if none is."""
+        for host in self._order.order():
+            try:
+                if await self._writable(host):
+                    self._order.succeeded(host)
+                    return host
+            except Exception as exc:
+                log.debug("%s:%s: %s", host[0], host[1], self._target.scrub(str(exc)))
+            self._order.failed(host)
+        return None
+
+    async def _writable(self, host: tuple[str, int]) -> bool:
+        async with asyncio.timeout(self._target.connect_timeout + self._target.command_timeout or None):
+            connection = await self._asyncmy.connect(**{**self._arguments, "host": host[0], "port": host[1]})
+            try:
+                async with connection.cursor() as cursor:
+                    await cursor.execute(_SELECT_WRITABLE)
+                    row = await cursor.fetchone()
+            finally:
+                connection.close()
+        return row is not None and not any(row)
+
+    def use(self, host: tuple[str, int], *, moved: bool = True) -> None:
+        """Send new connections to ``host``; ``moved`` is False at start-up (nothing to warn about)."""
+        self.current = host
+        if host == self._connected_to:
+            return
+        if moved:
+            log.warning(
+                "%s: %s:%s is the writable server now; new connections go there",
+                self._target.description,
+                host[0],
+                host[1],
+            )
+        self._connected_to = host
+        if self._pool is not None:
+            self._pool._conn_kwargs.update(host=host[0], port=host[1])
+            self._retired.update(self._pool._used)
+            for connection in list(self._pool._free):
+                connection.close()
+
+    def retired(self, connection: Any) -> bool:
+        """Whether ``connection`` goes to a server that is no longer the one in use (then forgotten)."""
+        if self._retired and connection in self._retired:
+            self._retired.discard(connection)
+            return True
+        return False
+
+    def forget(self, connection: Any) -> None:
+        self._retired.discard(connection)
+
+    def search(self) -> None:
+        """The server in use failed: look for the writable one in the background (one search at a time).
+
+        The failed server is asked last: when it went silent, asking it first would spend a whole
+        connect timeout before the promoted replica is even tried. When it failed only for a moment
+        and the others are read-only, it is found again."""
+        if self._search is None or self._search.done():
+            if self.current is not None:
+                self._order.failed(self.current)
+            self._search = asyncio.ensure_future(self._search_once())
+
+    async def _search_once(self) -> None:
+        try:
+            found = await self.find()
+        except Exception as exc:  # never let a background task die with an unretrieved error
+            log.debug("looking for the writable server: %s", self._target.scrub(str(exc)))
+            found = None
+        if found is not None:
+            self.use(found)
+        else:
+            self.current = None
+            await asyncio.sleep(SEARCH_PAUSE_SECONDS)
+
+    async def aclose(self) -> None:
+        if self._search is not None and not self._search.done():
+            self._search.cancel()
+            with contextlib.suppress(BaseException):
+                await self._search
+
+
 class MySqlRepository:
     """The :class:`~keyconnector.storage.base.Repository` over an asyncmy pool."""
 
-    def __init__(self, target: ServerTarget, pool: Any) -> None:
+    def __init__(self, target: ServerTarget, pool: Any, servers: WritableServer | None = None) -> None:
         self._target = target
         self._pool = pool
+        self._servers = servers
+        """With several servers: which one is writable (None with one server: it is used as given)."""
         # Bounds every operation, pool wait included: asyncmy has no per-query timeout of its own
         # that does not slow every read down.
         self._deadline = target.connect_timeout + target.command_timeout
@@ -479,14 +686,24 @@ class MySqlRepository:
 
     async def _with_connection(self, work: Callable[[Any], Awaitable[T]]) -> T:
         pool = self._pool
+        servers = self._servers
         async with asyncio.timeout(self._deadline):
+            if servers is not None and servers.current is None:
+                raise NoWritableServer("none of the listed servers is writable (a failover in progress?)")
             connection = await pool.acquire()
+            while servers is not None and servers.retired(connection):
+                # Made before a failover, to the server that was writable then: never use it again.
+                connection.close()
+                pool.release(connection)
+                connection = await pool.acquire()
             try:
                 return await work(connection)
             except BaseException:
                 # Its state is unknown (half a result read, a lock held, a cancelled query): never hand
                 # it back to the pool.
                 connection.close()
+                if servers is not None:
+                    servers.forget(connection)
                 raise
             finally:
                 pool.release(connection)
@@ -500,9 +717,19 @@ class MySqlRepository:
         # it is taken. Dropping them all now spares each a failed request.
         for connection in list(self._pool._free):
             connection.close()
+        if self._servers is not None and _error_number(exc) not in _SERVER_BUSY:
+            # Lost, refused or "read-only": maybe a failover. Find out which server is writable now.
+            # (A deadlock or a full server is an answer from a working primary: no reason to move.)
+            self._servers.search()
 
     async def _run(self, action: str, operation: Callable[[int], Awaitable[T]]) -> T:
-        return await with_retries(operation, classify, self._target, action, on_transient=self._stale)
+        try:
+            return await with_retries(operation, classify, self._target, action, on_transient=self._stale)
+        except UnavailableError:
+            # A timeout too: the server may have gone silent.
+            if self._servers is not None:
+                self._servers.search()
+            raise
 
     # -- the request path -------------------------------------------------------------------------------
 
@@ -716,6 +943,8 @@ class MySqlRepository:
             raise translate(exc, failure, self._target, "checking the database") from None
 
     async def aclose(self) -> None:
+        if self._servers is not None:
+            await self._servers.aclose()
         self._pool.close()
         try:
             async with asyncio.timeout(5):
@@ -762,10 +991,24 @@ async def open(settings: DatabaseSettings, prefix: str, trust: Trust | None = No
         target.ssl_mode != "prefer" or "ssl" in await asyncio.to_thread(_pymysql_arguments, target)
     ):
         arguments["ssl"] = ssl_context
+    servers = None
+    if len(target.hosts) > 1:
+        servers = WritableServer(asyncmy, target, arguments)
+        found = await servers.find()
+        if found is not None:
+            servers.use(found, moved=False)
+            log.info("%s: %s:%s is the writable server", target.description, found[0], found[1])
+        else:
+            servers.current = None
+            log.warning(
+                "%s: no server is writable right now; requests answer 503 until one is", target.description
+            )
     pool = await asyncmy.create_pool(
         minsize=0, maxsize=target.max_pool_size, pool_recycle=int(target.idle_lifetime) or -1, **arguments
     )
-    repository = MySqlRepository(target, pool)
+    if servers is not None:
+        servers.attach(pool)
+    repository = MySqlRepository(target, pool, servers)
     try:
         await repository._run("checking upstream's tables", lambda _n: repository._with_connection(_check))
     except UnavailableError as exc:

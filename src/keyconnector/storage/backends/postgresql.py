@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -54,6 +53,7 @@ from keyconnector.storage.sql.common import (
     translate,
     with_retries,
 )
+from keyconnector.storage.sql.hosts import HostOrder
 from keyconnector.storage.sql.schema import naive_utc
 from keyconnector.storage.sql.shared import Plan, drive
 
@@ -232,8 +232,6 @@ _LOAD_BALANCE = {"true": True, "random": True, "yes": True, "false": False, "dis
 RECENT_WRITE_SECONDS = 60.0
 """How long a user key written by this process is read from the primary rather than a standby."""
 RECENT_WRITES_KEPT = 100_000
-HOST_RECHECK_SECONDS = 10.0
-"""How long a host that failed a connect is tried after the others (Npgsql's default, too)."""
 
 _SELECT_KEY = 'SELECT "Key" FROM "UserKeys" WHERE "Id" = $1'
 _SELECT_KEYS = 'SELECT "Id", "Key" FROM "UserKeys" WHERE "Id" = ANY($1::uuid[])'
@@ -859,27 +857,19 @@ class HostPicker:
     asyncpg's own multi-host connect spends one timeout on the whole list: a primary whose machine
     went silent (no reset, no refusal) eats all of it, so the next host is never tried and the
     service never finds the promoted standby. Here each host gets the operator's ``Timeout`` on its
-    own, and a host that failed (silent, refused, or not the kind asked for) is tried last for
-    ``HOST_RECHECK_SECONDS``, as Npgsql's host state cache does: after a failover, new connections
-    go straight to the new primary instead of waiting on the old one each time. ``Load Balance
-    Hosts`` shuffles the healthy hosts per connection.
+    own, in the order :class:`~keyconnector.storage.sql.hosts.HostOrder` gives (shared with the
+    MySQL backend): a host that failed (silent, refused, or not the kind asked for) is tried last
+    for a while, and ``Load Balance Hosts`` shuffles the healthy hosts per connection.
     """
 
     def __init__(self, asyncpg_module: Any, target: ServerTarget, attributes: str | None) -> None:
         self._asyncpg = asyncpg_module
-        self._hosts = list(target.hosts)
-        self._balance = _load_balanced(target)
+        self._hosts = HostOrder(target.hosts, shuffle=_load_balanced(target))
         self._attributes = attributes
-        self._down_until: dict[tuple[str, int], float] = {}
 
     def order(self) -> list[tuple[str, int]]:
         """Hosts believed healthy first (shuffled with Load Balance Hosts), then the rest."""
-        now = time.monotonic()
-        healthy = [host for host in self._hosts if self._down_until.get(host, 0.0) <= now]
-        failed = [host for host in self._hosts if host not in healthy]
-        if self._balance:
-            random.shuffle(healthy)
-        return healthy + failed
+        return self._hosts.order()
 
     async def connect(self, *args: Any, **kwargs: Any) -> Any:
         for given in ("target_session_attrs", "host", "port"):  # ours replace the pool's
@@ -896,7 +886,7 @@ class HostPicker:
                     )
                 except (OSError, TimeoutError, self._asyncpg.TargetServerAttributeNotMatched) as exc:
                     if attributes != "standby" or len(passes) == 1:
-                        self._down_until[(host, port)] = time.monotonic() + HOST_RECHECK_SECONDS
+                        self._hosts.failed((host, port))
                     last = exc
         assert last is not None
         raise last
