@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sqlite3
 import subprocess
 import uuid
 from pathlib import Path
@@ -85,13 +86,22 @@ def site(tmp_path: Path, request: pytest.FixtureRequest, issuer: DevIssuer, pfx:
 
 
 def damage_one_record(site: Site) -> uuid.UUID:
-    """One upstream-format record with a ciphertext byte flipped: it no longer decrypts."""
-    user, key = site.backend.sql('SELECT "Id", "Key" FROM "UserKeys" ORDER BY "Id" DESC LIMIT 1')[0]
-    blob = bytearray(base64.b64decode(key))
-    blob[3] ^= 0x01
-    site.backend.sql(
-        'UPDATE "UserKeys" SET "Key" = ? WHERE "Id" = ?', (base64.b64encode(blob).decode(), user)
-    )
+    """One upstream-format record with a ciphertext byte flipped: it no longer decrypts. The
+    connection is closed (SQLite folds its write-ahead log into the file), so that the snapshots
+    taken after it see the database file as every later reader will."""
+    connection = sqlite3.connect(site.backend.folder / "kc.db")
+    try:
+        user, key = connection.execute(
+            'SELECT "Id", "Key" FROM "UserKeys" ORDER BY "Id" DESC LIMIT 1'
+        ).fetchone()
+        blob = bytearray(base64.b64decode(key))
+        blob[3] ^= 0x01
+        connection.execute(
+            'UPDATE "UserKeys" SET "Key" = ? WHERE "Id" = ?', (base64.b64encode(blob).decode(), user)
+        )
+        connection.commit()
+    finally:
+        connection.close()
     return uuid.UUID(user)
 
 
@@ -227,3 +237,212 @@ def test_a_wrong_target_setting_is_exit_2_and_names_the_target_and_its_setting(
     )
     assert "wrong-pw" not in result.stdout + result.stderr and result.stdout == ""
     assert not (tmp_path / "target" / "kc.db").exists()
+
+
+# -- rotate-data-key ----------------------------------------------------------------------------------------
+
+DATA_KEY_FIELDS = {
+    "current_version",
+    "made_version",
+    "finishing",
+    "rewritten",
+    "from_versions",
+    "passes",
+    "verified",
+    "retired_versions",
+    "failed",
+    "seconds",
+}
+
+
+def test_rotate_data_key_dry_run_writes_nothing_then_the_real_run_matches_it(site: Site) -> None:
+    before = snapshot(site.backend.folder)
+    dry = kc(site, "rotate-data-key", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    doc = document(dry)
+    assert_shape(doc, "rotate-data-key", DATA_KEY_FIELDS, ok=True, dry_run=True)
+    assert (doc["current_version"], doc["made_version"], doc["finishing"]) == (2, 2, False)
+    assert (doc["rewritten"], doc["from_versions"], doc["verified"]) == (USERS, {"1": USERS}, USERS)
+    assert (doc["retired_versions"], doc["failed"]) == ([1], [])
+    assert snapshot(site.backend.folder) == before
+
+    text = kc(site, "rotate-data-key", "--dry-run")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout == (
+        f"rotate-data-key --dry-run: would make data-key version 2 current; would re-encrypt {USERS} "
+        f"record(s) ({USERS} from version 1); {USERS} record(s) decrypt; would retire version(s) 1\n"
+    )
+    assert snapshot(site.backend.folder) == before
+
+    real = kc(site, "rotate-data-key", "--json", "--settle-seconds", "0")
+    assert real.returncode == 0, real.stderr
+    doc = document(real)
+    assert_shape(doc, "rotate-data-key", DATA_KEY_FIELDS, ok=True, dry_run=False)
+    assert (doc["current_version"], doc["made_version"], doc["rewritten"]) == (2, 2, USERS)
+    assert (doc["from_versions"], doc["verified"], doc["retired_versions"]) == ({"1": USERS}, USERS, [1])
+
+
+def test_rotate_data_key_with_a_record_that_does_not_decrypt_exits_1_in_both_modes(site: Site) -> None:
+    broken = damage_one_record(site)
+    before = snapshot(site.backend.folder)
+    dry = kc(site, "rotate-data-key", "--dry-run", "--json")
+    assert dry.returncode == 1, dry.stderr
+    doc = document(dry)
+    assert_shape(doc, "rotate-data-key", DATA_KEY_FIELDS, ok=False, dry_run=True)
+    assert (
+        doc["failed"] == [str(broken)] and doc["rewritten"] == USERS - 1 and doc["retired_versions"] is None
+    )
+    assert snapshot(site.backend.folder) == before
+
+    real = kc(site, "rotate-data-key", "--json", "--settle-seconds", "0")
+    assert real.returncode == 1, real.stderr
+    doc = document(real)
+    assert_shape(doc, "rotate-data-key", DATA_KEY_FIELDS, ok=False, dry_run=False)
+    assert doc["failed"] == [str(broken)] and doc["retired_versions"] == [] and str(broken) in doc["error"]
+    assert f"1 record(s) failed: {broken}" in real.stderr
+
+
+def test_an_unreachable_database_is_exit_3_and_a_bad_option_exit_2(site: Site) -> None:
+    down = {
+        "database__provider": "postgresql",
+        "database__postgreSqlConnectionString": f"Host=127.0.0.1;Port={free_port()};Database=kc;Username=kc",
+    }
+    for command in (["rotate-data-key"], ["upgrade-records"], ["rotate-key-pair", "--retire-old"]):
+        result = kc(site, *command, "--dry-run", "--json", **down)
+        assert result.returncode == 3, (command, result.stderr)
+        assert document(result)["exit_code"] == 3
+        assert "is unavailable" in result.stderr
+    result = kc(site, "rotate-data-key", "--batch-size", "0")
+    assert result.returncode == 2 and result.stdout == ""
+
+
+# -- rotate-key-pair ----------------------------------------------------------------------------------------
+
+KEY_PAIR_FIELDS = {
+    "retire_old",
+    "configured_key_pair",
+    "new_key_pair",
+    "active_versions",
+    "wrapped_versions",
+    "removed_key_pairs",
+    "application_datas_updated",
+    "ring_revision",
+}
+
+
+def pair_env(pfx: Pfx, prefix: str = "transferTo__") -> dict[str, str]:
+    return {
+        f"{prefix}rsaKey__provider": "certificate",
+        f"{prefix}certificate__provider": "filesystem",
+        f"{prefix}certificate__filesystemPath": str(pfx.path),
+        f"{prefix}certificate__filesystemPassword": pfx.password,
+    }
+
+
+def test_rotate_key_pair_dry_runs_write_nothing_and_say_what_the_real_runs_do(
+    site: Site, pfx: Pfx, new_pfx: Pfx
+) -> None:
+    before = snapshot(site.backend.folder)
+    dry = kc(site, "rotate-key-pair", "--dry-run", "--json", **pair_env(new_pfx))
+    assert dry.returncode == 0, dry.stderr
+    doc = document(dry)
+    assert_shape(doc, "rotate-key-pair", KEY_PAIR_FIELDS, ok=True, dry_run=True)
+    assert (doc["retire_old"], doc["active_versions"], doc["wrapped_versions"]) == (False, [1], [1])
+    old, new = doc["configured_key_pair"], doc["new_key_pair"]
+    assert old != new and doc["removed_key_pairs"] == [] and doc["ring_revision"] == 0
+    assert snapshot(site.backend.folder) == before
+
+    # A new key pair that does not open fails the dry run as it would fail the real one.
+    wrong = kc(site, "rotate-key-pair", "--dry-run", **pair_env(Pfx(new_pfx.path, "wrong-pw")))
+    assert wrong.returncode == 2 and "transferTo__certificate__filesystemPassword" in wrong.stderr
+    assert "wrong-pw" not in wrong.stderr and wrong.stdout == ""
+
+    real = kc(site, "rotate-key-pair", "--json", **pair_env(new_pfx))
+    assert real.returncode == 0, real.stderr
+    doc = document(real)
+    assert_shape(doc, "rotate-key-pair", KEY_PAIR_FIELDS, ok=True, dry_run=False)
+    assert (doc["configured_key_pair"], doc["new_key_pair"], doc["wrapped_versions"]) == (old, new, [1])
+    assert doc["ring_revision"] >= 1
+
+    # --retire-old with the new pair configured.
+    retired = pair_env(new_pfx, "")
+    before = snapshot(site.backend.folder)
+    dry = kc(site, "rotate-key-pair", "--retire-old", "--dry-run", "--json", **retired)
+    assert dry.returncode == 0, dry.stderr
+    doc = document(dry)
+    assert_shape(doc, "rotate-key-pair", KEY_PAIR_FIELDS, ok=True, dry_run=True)
+    assert (doc["retire_old"], doc["configured_key_pair"], doc["new_key_pair"]) == (True, new, None)
+    assert (doc["removed_key_pairs"], doc["application_datas_updated"]) == ([old], True)
+    assert snapshot(site.backend.folder) == before
+    text = kc(site, "rotate-key-pair", "--retire-old", "--dry-run", **retired)
+    assert text.stdout.startswith(f"rotate-key-pair --retire-old --dry-run: would remove the wraps of {old};")
+
+    real = kc(site, "rotate-key-pair", "--retire-old", "--json", **retired)
+    assert real.returncode == 0, real.stderr
+    doc = document(real)
+    assert (doc["removed_key_pairs"], doc["application_datas_updated"], doc["dry_run"]) == (
+        [old],
+        True,
+        False,
+    )
+    again = document(kc(site, "rotate-key-pair", "--retire-old", "--dry-run", "--json", **retired))
+    assert (again["removed_key_pairs"], again["application_datas_updated"]) == ([], False)
+
+
+# -- upgrade-records ----------------------------------------------------------------------------------------
+
+UPGRADE_FIELDS = {
+    "rewritten",
+    "already_bound",
+    "conflicts",
+    "passes",
+    "verified",
+    "refuses_unbound",
+    "failed",
+    "seconds",
+}
+
+
+def test_upgrade_records_dry_run_writes_nothing_then_the_real_run_matches_it(site: Site) -> None:
+    refused = kc(site, "upgrade-records", "--dry-run", "--json", compat__writeLegacyFormat="true")
+    assert refused.returncode == 2 and "compat__writeLegacyFormat: is set" in refused.stderr
+    assert document(refused)["exit_code"] == 2
+
+    before = snapshot(site.backend.folder)
+    dry = kc(site, "upgrade-records", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    doc = document(dry)
+    assert_shape(doc, "upgrade-records", UPGRADE_FIELDS, ok=True, dry_run=True)
+    assert (doc["rewritten"], doc["already_bound"], doc["verified"]) == (USERS, 0, USERS)
+    assert (doc["refuses_unbound"], doc["failed"]) == (True, [])
+    assert snapshot(site.backend.folder) == before
+    text = kc(site, "upgrade-records", "--dry-run")
+    assert text.stdout.startswith(f"upgrade-records --dry-run: would rewrite {USERS} record(s) in format 2;")
+    assert snapshot(site.backend.folder) == before
+
+    real = kc(site, "upgrade-records", "--json")
+    assert real.returncode == 0, real.stderr
+    doc = document(real)
+    assert_shape(doc, "upgrade-records", UPGRADE_FIELDS, ok=True, dry_run=False)
+    assert (doc["rewritten"], doc["already_bound"], doc["verified"], doc["refuses_unbound"]) == (
+        USERS,
+        0,
+        USERS,
+        True,
+    )
+    again = document(kc(site, "upgrade-records", "--dry-run", "--json"))
+    assert (again["rewritten"], again["already_bound"]) == (0, USERS)
+
+
+def test_upgrade_records_with_a_record_that_does_not_decrypt_exits_1(site: Site) -> None:
+    broken = damage_one_record(site)
+    before = snapshot(site.backend.folder)
+    dry = kc(site, "upgrade-records", "--dry-run", "--json")
+    assert dry.returncode == 1, dry.stderr
+    doc = document(dry)
+    assert_shape(doc, "upgrade-records", UPGRADE_FIELDS, ok=False, dry_run=True)
+    assert (doc["failed"], doc["rewritten"], doc["refuses_unbound"]) == ([str(broken)], USERS - 1, False)
+    assert snapshot(site.backend.folder) == before
+    real = kc(site, "upgrade-records", "--json")
+    assert real.returncode == 1 and document(real)["failed"] == [str(broken)]
+    assert f"1 record(s) failed: {broken}" in real.stderr
