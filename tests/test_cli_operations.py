@@ -446,3 +446,73 @@ def test_upgrade_records_with_a_record_that_does_not_decrypt_exits_1(site: Site)
     real = kc(site, "upgrade-records", "--json")
     assert real.returncode == 1 and document(real)["failed"] == [str(broken)]
     assert f"1 record(s) failed: {broken}" in real.stderr
+
+
+# -- downgrade-records --------------------------------------------------------------------------------------
+
+DOWNGRADE_FIELDS = {
+    "rewritten",
+    "from_versions",
+    "already_upstream_format",
+    "conflicts",
+    "passes",
+    "verified",
+    "ring_switched",
+    "reactivated_from",
+    "application_datas_updated",
+    "retired_versions",
+    "failed",
+    "seconds",
+}
+LEGACY = {"compat__writeLegacyFormat": "true"}
+
+
+def test_downgrade_records_json_in_both_modes_and_the_dry_run_writes_nothing(site: Site) -> None:
+    assert kc(site, "rotate-data-key", "--settle-seconds", "0").returncode == 0  # records on version 2
+
+    before = snapshot(site.backend.folder)
+    dry = kc(site, "downgrade-records", "--dry-run", "--json", **LEGACY)
+    assert dry.returncode == 0, dry.stderr
+    doc = document(dry)
+    assert_shape(doc, "downgrade-records", DOWNGRADE_FIELDS, ok=True, dry_run=True)
+    assert (doc["rewritten"], doc["from_versions"], doc["already_upstream_format"]) == (
+        USERS,
+        {"2": USERS},
+        0,
+    )
+    assert (doc["ring_switched"], doc["reactivated_from"], doc["application_datas_updated"]) == (
+        True,
+        2,
+        True,
+    )
+    assert (doc["retired_versions"], doc["verified"], doc["failed"]) == ([2], USERS, [])
+    assert snapshot(site.backend.folder) == before
+
+    real = kc(site, "downgrade-records", "--json", "--settle-seconds", "0", **LEGACY)
+    assert real.returncode == 0, real.stderr
+    doc = document(real)
+    assert_shape(doc, "downgrade-records", DOWNGRADE_FIELDS, ok=True, dry_run=False)
+    assert (doc["rewritten"], doc["from_versions"], doc["already_upstream_format"]) == (
+        USERS,
+        {"2": USERS},
+        0,
+    )
+    assert (doc["ring_switched"], doc["reactivated_from"], doc["retired_versions"]) == (True, 2, [2])
+    assert (doc["verified"], doc["failed"]) == (USERS, [])
+
+    again = document(kc(site, "downgrade-records", "--dry-run", "--json", **LEGACY))
+    assert (again["rewritten"], again["already_upstream_format"], again["ring_switched"]) == (0, USERS, False)
+
+
+def test_downgrade_records_with_a_record_that_does_not_decrypt_exits_1_in_both_modes(site: Site) -> None:
+    broken = damage_one_record(site)
+    before = snapshot(site.backend.folder)
+    dry = kc(site, "downgrade-records", "--dry-run", "--json", **LEGACY)
+    assert dry.returncode == 1, dry.stderr
+    doc = document(dry)
+    assert_shape(doc, "downgrade-records", DOWNGRADE_FIELDS, ok=False, dry_run=True)
+    assert (doc["failed"], doc["retired_versions"]) == ([str(broken)], None)
+    assert "downgrade-records --dry-run: records that do not decrypt" in dry.stderr
+    assert snapshot(site.backend.folder) == before
+    real = kc(site, "downgrade-records", "--json", "--settle-seconds", "0", **LEGACY)
+    assert real.returncode == 1 and document(real)["failed"] == [str(broken)]

@@ -229,7 +229,6 @@ async def rotate_key_pair(
     """Add the new key pair's wraps (none on a re-run). ``dry_run``: the same checks (both pairs
     opened, every active version unwrapped and wrapped again by the new pair, the ring read and
     authenticated), nothing written, not even the schema."""
-    would = "would be " if dry_run else ""
     new = await open_new_key_pair(settings, target)
     try:
         side = await open_side(side_of(settings), create=not dry_run)
@@ -262,7 +261,8 @@ async def rotate_key_pair(
         _say(
             out,
             f"rotate-key-pair{' --dry-run' if dry_run else ''}: data-key version(s) "
-            f"{', '.join(map(str, added))} {would or 'now '}also wrapped by {new.fingerprint} "
+            f"{', '.join(map(str, added))} {'would also be' if dry_run else 'now also'} wrapped by "
+            f"{new.fingerprint} "
             f"({new.description}); the wraps of {old.fingerprint} are kept "
             f"(key ring revision {ring.revision})",
         )
