@@ -232,8 +232,8 @@ def test_a_dry_run_reads_the_dump_and_writes_nothing(
     target = deployment("sqlite", pfx, tmp_path / "target", request)
     command = keyconnector("transfer", "--dry-run", "--from-mongo-dump", str(folder), env=dump_env(target))
     assert command.returncode == 0, command.stderr
-    assert "dry run: transfer from MongoDB dump" in command.stderr
-    assert "would copy 10 record(s)" in command.stderr
+    assert "dry run: transfer from MongoDB dump" in command.stdout
+    assert "would copy 10 record(s)" in command.stdout
     assert not (target.backend.folder / "kc.db").exists()
 
 

@@ -301,8 +301,8 @@ def test_every_record_is_copied_reencrypted_and_verified(
             extra = ["--target-config", str(config)]
         command = keyconnector("transfer", *extra, "--batch-size", "500", env=command_env(source))
         assert command.returncode == 0, command.stderr
-        assert "copied 1,820 record(s) (20 of them without a key), 0 failed" in command.stderr
-        assert "verified 1,820" in command.stderr
+        assert "copied 1,820 record(s) (20 of them without a key), 0 failed" in command.stdout
+        assert "verified 1,820" in command.stdout
         assert pfx.password not in command.stderr + command.stdout
         assert other_pfx.password not in command.stderr + command.stdout
     assert_target_holds(target, expected)
@@ -390,7 +390,7 @@ def test_dry_run_writes_nothing(
     fresh = deployment("sqlite", other_pfx, tmp_path / "fresh", request)
     result = keyconnector("transfer", "--dry-run", env=command_env(source, fresh))
     assert result.returncode == 0, result.stderr
-    assert "would copy 302 record(s) (2 of them without a key), 0 failed" in result.stderr
+    assert "would copy 302 record(s) (2 of them without a key), 0 failed" in result.stdout
     assert "no data key yet" in result.stderr
     assert not (fresh.backend.folder / "kc.db").exists()
 

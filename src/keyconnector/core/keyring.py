@@ -697,6 +697,7 @@ async def change_ring(
     *,
     attempts: int = 5,
     trust: RingTrust | None = None,
+    dry_run: bool = False,
 ) -> tuple[KeyRing, bool]:
     """Apply ``change`` to the stored, authenticated ring in one compare-and-swap.
 
@@ -705,7 +706,14 @@ async def change_ring(
     authenticated again) and ``change`` applied again, so its decisions are always taken on the ring
     it replaces. ``provider`` authenticates it: a ring changed by someone without the data key is
     refused (``RingRefused``), never built upon.
+
+    ``dry_run``: ``change`` decides on the ring as it is (or as ``serve`` would adopt it) and the
+    result is returned, but nothing is stored, so a ``--dry-run`` takes exactly the real run's
+    decisions and refusals.
     """
+    if dry_run:
+        ring = (await open_ring(repository, provider, trust=trust, adopt=False)).ring
+        return ring, await change(ring)
     for attempt in range(1, attempts + 1):
         ring = await load_ring(repository, provider, trust)
         if not await change(ring):
@@ -740,14 +748,15 @@ async def _opens_to(provider: KeyProvider, wrapped: str | None, raw: bytes) -> b
 
 
 async def add_key_pair(
-    repository: Repository, current: KeyProvider, new: KeyProvider
+    repository: Repository, current: KeyProvider, new: KeyProvider, *, dry_run: bool = False
 ) -> tuple[KeyRing, list[int]]:
     """Wrap every active data-key version for ``new`` too, in one compare-and-swap of the ring.
 
     ``current`` (the configured pair) unwraps each version; its own wraps stay, so instances still
     running with it keep working. A deployment without a ring gets one, with version 1's wrap from
     ``ApplicationDatas`` filed under ``current``'s fingerprint. Idempotent: a version that already has
-    a wrap ``new`` opens to the right key is left alone. Returns the versions newly wrapped.
+    a wrap ``new`` opens to the right key is left alone. Returns the versions newly wrapped (with
+    ``dry_run``: that would be, each proven by a real wrap and unwrap with ``new``; nothing stored).
     """
     added: list[int] = []
 
@@ -768,7 +777,7 @@ async def add_key_pair(
             changed = True
         return changed
 
-    ring, _ = await change_ring(repository, current, change)
+    ring, _ = await change_ring(repository, current, change, dry_run=dry_run)
     return ring, added
 
 
@@ -780,12 +789,15 @@ class KeyPairRetirement:
     application_datas_updated: bool
 
 
-async def retire_other_key_pairs(repository: Repository, provider: KeyProvider) -> KeyPairRetirement:
+async def retire_other_key_pairs(
+    repository: Repository, provider: KeyProvider, *, dry_run: bool = False
+) -> KeyPairRetirement:
     """Keep only ``provider``'s wraps, and make ``ApplicationDatas`` hold its wrap of version 1.
 
     Refuses (``RotationRefused``, nothing written) when some active version has no wrap that
     ``provider`` unwraps: retiring the other pairs would then lose that version. The ring is changed
     first; ``ApplicationDatas`` after, so a crash in between is finished by running it again.
+    ``dry_run``: the same checks and the same answer (what would be removed and updated), nothing stored.
     """
     removed: set[str] = set()
     mine = provider.fingerprint
@@ -821,24 +833,29 @@ async def retire_other_key_pairs(repository: Repository, provider: KeyProvider) 
                 changed = True
         return changed
 
-    ring, _ = await change_ring(repository, provider, change)
+    ring, _ = await change_ring(repository, provider, change, dry_run=dry_run)
     updated = False
     entry = ring.versions.get(LEGACY_VERSION)
     if entry is not None and entry.state == ACTIVE:
         wrapped = entry.wraps[mine]
         if await repository.get_wrapped_data_key() != wrapped:
-            await repository.set_wrapped_data_key(wrapped)
+            if not dry_run:
+                await repository.set_wrapped_data_key(wrapped)
             updated = True
     return KeyPairRetirement(ring, sorted(removed), updated)
 
 
-async def start_data_key_version(repository: Repository, provider: KeyProvider) -> tuple[KeyRing, int | None]:
+async def start_data_key_version(
+    repository: Repository, provider: KeyProvider, *, dry_run: bool = False
+) -> tuple[KeyRing, int | None]:
     """Make a new data-key version, wrapped by ``provider`` only, and make it current.
 
     Refuses while active versions are wrapped by another key pair (instances running with it could
     not unwrap the new version). Makes nothing while a rotation is unfinished (an active version
     besides the current one): that rotation is to be finished first. Returns the new version, or
-    None when none was made. Version numbers are never reused, retired ones included.
+    None when none was made. Version numbers are never reused, retired ones included. ``dry_run``:
+    the same refusals, the version that would be made (its key wrapped and unwrapped once, to prove
+    the key pair can), nothing stored.
     """
     made: list[int] = []
     mine = provider.fingerprint
@@ -870,7 +887,7 @@ async def start_data_key_version(repository: Repository, provider: KeyProvider) 
         made.append(number)
         return True
 
-    ring, _ = await change_ring(repository, provider, change)
+    ring, _ = await change_ring(repository, provider, change, dry_run=dry_run)
     return ring, (made[0] if made else None)
 
 

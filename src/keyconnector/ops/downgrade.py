@@ -88,7 +88,9 @@ from keyconnector.ops import (
     load_settings_from,
     open_side,
 )
+from keyconnector.ops.outcome import finish
 from keyconnector.ops.progress import Progress
+from keyconnector.ops.report import add_json_option, wants_json
 from keyconnector.ops.rotate import (
     MAX_PASSES,
     _non_negative_float,
@@ -141,25 +143,45 @@ def add_commands(commands: Subcommands) -> None:
         action="store_true",
         help="change nothing: count the records that would be rewritten and say what else would change",
     )
+    add_json_option(parser, "the summary (records rewritten, versions, failed user ids)")
     parser.set_defaults(func=cmd_downgrade_records)
 
 
 def cmd_downgrade_records(args: argparse.Namespace) -> int:
     settings = load_settings_from(args).settings
+    out = None if wants_json(args) else sys.stdout
     if args.dry_run:
-        asyncio.run(plan_downgrade(settings, batch_size=args.batch_size, out=sys.stdout))
-        return 0
+        plan = asyncio.run(plan_downgrade(settings, batch_size=args.batch_size, out=out))
+        return finish(args, "downgrade-records", plan.document(), [], downgrade_failure(plan.failed, True))
     settle = settle_time(settings, args.settle_seconds)
-    asyncio.run(
-        downgrade_records(
+    result = asyncio.run(
+        run_downgrade(
             settings,
             batch_size=args.batch_size,
             settle_seconds=settle,
             max_rate=args.max_rate,
-            out=sys.stdout,
+            out=out,
         )
     )
-    return 0
+    return finish(args, "downgrade-records", result.document(), [], downgrade_failure(result.failed, False))
+
+
+def downgrade_failure(failed: dict[UUID, str], dry_run: bool) -> OperationFailed | None:
+    """The error of a downgrade (or its dry run) with records upstream could not read, if any."""
+    if not failed:
+        return None
+    reason = next(iter(failed.values()))
+    if dry_run:
+        return OperationFailed(
+            "downgrade-records --dry-run: records that do not decrypt (the real run would leave them as "
+            f"they are and retire no data-key version; first reason: {reason})",
+            sorted(failed),
+        )
+    return OperationFailed(
+        "downgrade-records: records that upstream could not read were left as they are and no data-key "
+        f"version was retired (first reason: {reason})",
+        sorted(failed),
+    )
 
 
 # -- deciding the target -----------------------------------------------------------------------------------
@@ -276,6 +298,70 @@ class Downgrade:
     application_datas_updated: bool = False
     failed: dict[UUID, str] = field(default_factory=dict)
     seconds: float = 0.0
+    already: int = 0
+    """Records that were in upstream's envelope before this run."""
+
+    def document(self) -> dict[str, object]:
+        """``downgrade-records --json`` (docs/cli.md, section downgrade-records)."""
+        return _document(
+            dry_run=False,
+            rewritten=self.rewritten,
+            from_versions=self.from_versions,
+            already=self.already,
+            conflicts=self.conflicts,
+            passes=self.passes,
+            verified=self.verified,
+            ring_switched=self.ring_switched,
+            reactivated_from=self.reactivated_from,
+            application_datas_updated=self.application_datas_updated,
+            retired=self.retired,
+            failed=self.failed,
+            seconds=self.seconds,
+        )
+
+
+def _document(
+    *,
+    dry_run: bool,
+    rewritten: int,
+    from_versions: Counter[int],
+    already: int,
+    conflicts: int,
+    passes: int,
+    verified: int,
+    ring_switched: bool,
+    reactivated_from: int | None,
+    application_datas_updated: bool,
+    retired: list[int] | None,
+    failed: dict[UUID, str],
+    seconds: float,
+) -> dict[str, object]:
+    """One shape for the real run and the dry run (docs/cli.md, section downgrade-records)."""
+    return {
+        "dry_run": dry_run,
+        "rewritten": rewritten,
+        "from_versions": {str(version): n for version, n in sorted(from_versions.items())},
+        "already_upstream_format": already,
+        "conflicts": conflicts,
+        "passes": passes,
+        "verified": verified,
+        "ring_switched": ring_switched,
+        "reactivated_from": reactivated_from,
+        "application_datas_updated": application_datas_updated,
+        "retired_versions": retired,
+        "failed": [str(user) for user in sorted(failed)],
+        "seconds": round(seconds, 3),
+    }
+
+
+def _refuse_format2_writers(settings: Settings) -> None:
+    if not settings.compat.write_legacy_format:
+        raise ConfigurationError(
+            WRITE_LEGACY,
+            "is not set to true: running instances without it keep writing format 2, which upstream "
+            "cannot read, and would undo the downgrade. Set it to true on every running instance (restart "
+            "them) and in this command's settings, then run downgrade-records again",
+        )
 
 
 async def downgrade_records(
@@ -288,25 +374,31 @@ async def downgrade_records(
 ) -> Downgrade:
     """The whole downgrade (see the module's docstring); raises ``OperationFailed`` listing the users
     whose records do not verify, after doing everything else."""
-    if not settings.compat.write_legacy_format:
-        raise ConfigurationError(
-            WRITE_LEGACY,
-            "is not set to true: running instances without it keep writing format 2, which upstream "
-            "cannot read, and would undo the downgrade. Set it to true on every running instance (restart "
-            "them) and in this command's settings, then run downgrade-records again",
-        )
+    result = await run_downgrade(
+        settings, batch_size=batch_size, settle_seconds=settle_seconds, max_rate=max_rate, out=out
+    )
+    failure = downgrade_failure(result.failed, False)
+    if failure is not None:
+        raise failure
+    return result
+
+
+async def run_downgrade(
+    settings: Settings,
+    *,
+    batch_size: int = 2000,
+    settle_seconds: float = 15.0,
+    max_rate: float | None = None,
+    out: TextIO | None = None,
+) -> Downgrade:
+    """``downgrade_records`` without raising for records upstream could not read (``result.failed``)."""
+    _refuse_format2_writers(settings)
     side = await open_side(side_of(settings))
     try:
         result = await _downgrade(side, batch_size, settle_seconds, max_rate, out)
     finally:
         await side.aclose()
     _report(result, out)
-    if result.failed:
-        raise OperationFailed(
-            "downgrade-records: records that upstream could not read were left as they are and no data-key "
-            f"version was retired (first reason: {next(iter(result.failed.values()))})",
-            sorted(result.failed),
-        )
     return result
 
 
@@ -332,12 +424,19 @@ async def _downgrade(
 
     legacy = keys.keys[LEGACY_VERSION]
 
+    in_upstream_format = 0
+
     def unbind(record: str, version: int, plaintext: bytes, user_id: UUID) -> str | None:
-        return None if is_legacy(record) else legacy.seal_legacy(plaintext)
+        nonlocal in_upstream_format
+        if is_legacy(record):
+            in_upstream_format += 1
+            return None
+        return legacy.seal_legacy(plaintext)
 
     started = time.monotonic()
     while True:
         result.passes += 1
+        in_upstream_format = 0
         if result.passes > MAX_PASSES:
             raise KeyConnectorError(
                 f"downgrade-records: clients kept writing format-2 records for {MAX_PASSES} passes; is an "
@@ -359,6 +458,8 @@ async def _downgrade(
         if last.work == 0:
             break
     result.seconds = time.monotonic() - started
+    # The last pass saw every record in upstream's envelope, the ones this run rewrote included.
+    result.already = max(in_upstream_format - result.rewritten, 0)
 
     verified, failed = await verify_as_upstream(side.repository, side.provider, batch_size)
     result.verified = verified
@@ -451,10 +552,33 @@ class Plan:
     reactivate_from: int | None = None
     application_datas_change: bool = False
     failed: dict[UUID, str] = field(default_factory=dict)
+    verified: int = 0
+    """Records that decrypt with the key ring's keys (the real run then verifies them as upstream)."""
+    retire: list[int] | None = None
+    """The versions the real run would retire (None: records that do not decrypt, it retires none)."""
+    seconds: float = 0.0
 
     @property
     def rewrites(self) -> int:
         return sum(self.to_rewrite.values())
+
+    def document(self) -> dict[str, object]:
+        """``downgrade-records --dry-run --json``: the real run's shape, with what it would do."""
+        return _document(
+            dry_run=True,
+            rewritten=self.rewrites,
+            from_versions=self.to_rewrite,
+            already=self.already,
+            conflicts=0,
+            passes=1,
+            verified=self.verified,
+            ring_switched=self.ring_switch,
+            reactivated_from=self.reactivate_from,
+            application_datas_updated=self.application_datas_change,
+            retired=self.retire,
+            failed=self.failed,
+            seconds=self.seconds,
+        )
 
 
 async def plan_downgrade(settings: Settings, *, batch_size: int = 2000, out: TextIO | None = None) -> Plan:
@@ -480,10 +604,15 @@ async def plan_downgrade(settings: Settings, *, batch_size: int = 2000, out: Tex
                 plan.to_rewrite[version] += 1
             return None
 
+        started = time.monotonic()
         last = await _pass(
             side.repository, side.keys, batch_size, None, 1, rewrite=count, description="counting"
         )
+        plan.seconds = time.monotonic() - started
         plan.failed = last.failed
+        plan.verified = last.opened
+        if not last.failed:
+            plan.retire = [version for version in ring.active if version != LEGACY_VERSION]
     finally:
         await side.aclose()
     sources = ", ".join(f"{n:,} on version {v}" for v, n in sorted(plan.to_rewrite.items()))
@@ -499,6 +628,11 @@ async def plan_downgrade(settings: Settings, *, batch_size: int = 2000, out: Tex
         + (f" ({sources})" if sources else "")
         + f"; {plan.already:,} already in it; {ring_line}; ApplicationDatas "
         + ("would be updated" if plan.application_datas_change else "would stay as it is")
+        + (
+            f"; would retire version(s) {', '.join(map(str, plan.retire))}"
+            if plan.retire
+            else "; would retire nothing"
+        )
         + (f"; {len(plan.failed)} record(s) do not decrypt" if plan.failed else ""),
     )
     if not settings.compat.write_legacy_format:

@@ -55,7 +55,9 @@ from keyconnector.ops import (
     load_target_settings,
     open_side,
 )
+from keyconnector.ops.outcome import finish
 from keyconnector.ops.progress import Progress
+from keyconnector.ops.report import add_json_option, wants_json
 from keyconnector.runtime.assemble import open_key_pair
 from keyconnector.runtime.settings import Settings, side_of
 from keyconnector.runtime.trust import Trust
@@ -90,6 +92,12 @@ def add_commands(commands: Subcommands) -> None:
             "(with the old ones it would undo the rotation)"
         ),
     )
+    _add_dry_run(
+        pair,
+        "open both key pairs and the key ring, prove the new pair wraps and unwraps every active data "
+        "key (with --retire-old: that the configured pair opens every version), but write nothing",
+    )
+    add_json_option(pair, "the summary (versions wrapped, key pairs removed)")
     pair.set_defaults(func=cmd_rotate_key_pair)
 
     data = commands.add_parser(
@@ -115,7 +123,17 @@ def add_commands(commands: Subcommands) -> None:
         type=_positive_float,
         help="records examined per second at most, to spare a busy database (default: no limit)",
     )
+    _add_dry_run(
+        data,
+        "open the key ring, refuse as the real run would (another key pair's wraps still active), and "
+        "count the records that would be re-encrypted, but write nothing and wait for nothing",
+    )
+    add_json_option(data, "the summary (versions, records re-encrypted, failed user ids)")
     data.set_defaults(func=cmd_rotate_data_key)
+
+
+def _add_dry_run(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--dry-run", action="store_true", help=what)
 
 
 def _positive_int(text: str) -> int:
@@ -142,8 +160,43 @@ def _non_negative_float(text: str) -> float:
 # -- rotate-key-pair -------------------------------------------------------------------------------------
 
 
+@dataclass
+class KeyPairRotation:
+    """What ``rotate-key-pair`` did (or, with ``dry_run``, would do), for its summary."""
+
+    dry_run: bool
+    retire_old: bool
+    configured: str
+    """The configured key pair's fingerprint."""
+    new: str | None
+    """The new key pair's fingerprint (None with ``--retire-old``)."""
+    active: list[int]
+    wrapped: list[int] = field(default_factory=list)
+    """Data-key versions newly wrapped by the new pair."""
+    removed: list[str] = field(default_factory=list)
+    """Fingerprints of the key pairs whose wraps were removed (``--retire-old``)."""
+    application_datas_updated: bool = False
+    revision: int = 0
+    """The key ring's revision afterwards (with ``dry_run``: as it is; 0: no ring stored yet)."""
+
+    def document(self) -> dict[str, object]:
+        """``rotate-key-pair --json`` (docs/cli.md, section rotate-key-pair)."""
+        return {
+            "dry_run": self.dry_run,
+            "retire_old": self.retire_old,
+            "configured_key_pair": self.configured,
+            "new_key_pair": self.new,
+            "active_versions": self.active,
+            "wrapped_versions": self.wrapped,
+            "removed_key_pairs": self.removed,
+            "application_datas_updated": self.application_datas_updated,
+            "ring_revision": self.revision,
+        }
+
+
 def cmd_rotate_key_pair(args: argparse.Namespace) -> int:
     settings = load_settings_from(args).settings
+    out = None if wants_json(args) else sys.stdout
     if args.retire_old:
         if args.target_env_file or args.target_config:
             raise UsageError(
@@ -151,10 +204,10 @@ def cmd_rotate_key_pair(args: argparse.Namespace) -> int:
                 "--retire-old takes the NEW key pair as the configured one (--config/--env-file), "
                 "not --target-env-file/--target-config",
             )
-        asyncio.run(retire_key_pair(settings, sys.stdout))
+        result = asyncio.run(retire_key_pair(settings, out, dry_run=args.dry_run))
     else:
-        asyncio.run(rotate_key_pair(settings, load_target_settings(args), sys.stdout))
-    return 0
+        result = asyncio.run(rotate_key_pair(settings, load_target_settings(args), out, dry_run=args.dry_run))
+    return finish(args, "rotate-key-pair", result.document(), [])
 
 
 async def open_new_key_pair(settings: Settings, target: Settings | None) -> KeyProvider:
@@ -170,77 +223,112 @@ async def open_new_key_pair(settings: Settings, target: Settings | None) -> KeyP
     return await open_key_pair(new)
 
 
-async def rotate_key_pair(settings: Settings, target: Settings | None, out: TextIO) -> list[int]:
-    """Add the new key pair's wraps; returns the versions newly wrapped (none on a re-run)."""
+async def rotate_key_pair(
+    settings: Settings, target: Settings | None, out: TextIO | None, *, dry_run: bool = False
+) -> KeyPairRotation:
+    """Add the new key pair's wraps (none on a re-run). ``dry_run``: the same checks (both pairs
+    opened, every active version unwrapped and wrapped again by the new pair, the ring read and
+    authenticated), nothing written, not even the schema."""
     new = await open_new_key_pair(settings, target)
     try:
-        side = await open_side(side_of(settings))
+        side = await open_side(side_of(settings), create=not dry_run)
         try:
             old = side.provider
             if new.fingerprint == old.fingerprint:
-                print(
+                _say(
+                    out,
                     "rotate-key-pair: nothing to do, the new key pair is the configured one "
                     f"({old.fingerprint})",
-                    file=out,
                 )
-                return []
-            ring, added = await add_key_pair(side.repository, old, new)
+                return KeyPairRotation(
+                    dry_run,
+                    False,
+                    old.fingerprint,
+                    new.fingerprint,
+                    side.ring.active,
+                    revision=side.ring.revision,
+                )
+            ring, added = await add_key_pair(side.repository, old, new, dry_run=dry_run)
         finally:
             await side.aclose()
     finally:
         await new.aclose()
+    result = KeyPairRotation(
+        dry_run, False, old.fingerprint, new.fingerprint, ring.active, added, revision=ring.revision
+    )
     versions = ", ".join(map(str, ring.active))
     if added:
-        print(
-            f"rotate-key-pair: data-key version(s) {', '.join(map(str, added))} now also wrapped by "
-            f"{new.fingerprint} ({new.description}); the wraps of {old.fingerprint} are kept "
+        _say(
+            out,
+            f"rotate-key-pair{' --dry-run' if dry_run else ''}: data-key version(s) "
+            f"{', '.join(map(str, added))} {'would also be' if dry_run else 'now also'} wrapped by "
+            f"{new.fingerprint} "
+            f"({new.description}); the wraps of {old.fingerprint} are kept "
             f"(key ring revision {ring.revision})",
-            file=out,
         )
     else:
-        print(
+        _say(
+            out,
             f"rotate-key-pair: nothing to do, version(s) {versions} already wrapped by {new.fingerprint}",
-            file=out,
         )
-    print(
-        "next: restart every instance with the new key pair's settings, then run "
-        "`keyconnector rotate-key-pair --retire-old` with those settings",
-        file=out,
-    )
-    return added
+    if not dry_run:
+        _say(
+            out,
+            "next: restart every instance with the new key pair's settings, then run "
+            "`keyconnector rotate-key-pair --retire-old` with those settings",
+        )
+    return result
 
 
-async def retire_key_pair(settings: Settings, out: TextIO) -> list[str]:
-    """Remove the other key pairs' wraps; returns their fingerprints (none on a re-run)."""
+async def retire_key_pair(
+    settings: Settings, out: TextIO | None, *, dry_run: bool = False
+) -> KeyPairRotation:
+    """Remove the other key pairs' wraps (none on a re-run). ``dry_run``: the same refusal when the
+    configured pair lacks a version, what would be removed, nothing written."""
     # Not open_side: it would unwrap every version with the configured pair and fail with that
     # pair's own error, where the refusal below says what to run first.
     provider = await open_key_provider(side_of(settings))
     try:
         await provider.check()
         trust = Trust.from_settings(settings)
-        migrate(settings.database, trust=trust)
+        if not dry_run:
+            migrate(settings.database, trust=trust)
         repository = await open_repository(settings.database, trust=trust)
         try:
-            result = await retire_other_key_pairs(repository, provider)
+            retirement = await retire_other_key_pairs(repository, provider, dry_run=dry_run)
         finally:
             await repository.aclose()
     finally:
         await provider.aclose()
-    ring = result.ring
-    if result.removed:
-        print(
-            f"rotate-key-pair --retire-old: removed the wraps of {', '.join(result.removed)}; data-key "
-            f"version(s) {', '.join(map(str, ring.active))} are wrapped by {provider.fingerprint} only",
-            file=out,
+    ring = retirement.ring
+    result = KeyPairRotation(
+        dry_run,
+        True,
+        provider.fingerprint,
+        None,
+        ring.active,
+        removed=retirement.removed,
+        application_datas_updated=retirement.application_datas_updated,
+        revision=ring.revision,
+    )
+    name = f"rotate-key-pair --retire-old{' --dry-run' if dry_run else ''}"
+    if retirement.removed:
+        _say(
+            out,
+            f"{name}: {'would remove' if dry_run else 'removed'} the wraps of "
+            f"{', '.join(retirement.removed)}; "
+            f"data-key version(s) {', '.join(map(str, ring.active))} "
+            f"{'would be' if dry_run else 'are'} wrapped by {provider.fingerprint} only",
         )
     else:
-        print(
-            f"rotate-key-pair --retire-old: no other key pair's wraps to remove ({provider.fingerprint})",
-            file=out,
+        _say(out, f"{name}: no other key pair's wraps to remove ({provider.fingerprint})")
+    if retirement.application_datas_updated:
+        _say(
+            out,
+            f"ApplicationDatas {'would hold' if dry_run else 'now holds'} data-key version 1 wrapped by the "
+            "configured key pair",
         )
-    if result.application_datas_updated:
-        print("ApplicationDatas now holds data-key version 1 wrapped by the configured key pair", file=out)
-    return result.removed
+    return result
 
 
 # -- rotate-data-key -------------------------------------------------------------------------------------
@@ -257,17 +345,21 @@ def settle_time(settings: Settings, given: float | None) -> float:
 
 def cmd_rotate_data_key(args: argparse.Namespace) -> int:
     settings = load_settings_from(args).settings
-    settle = settle_time(settings, args.settle_seconds)
-    asyncio.run(
-        rotate_data_key(
-            settings,
-            batch_size=args.batch_size,
-            settle_seconds=settle,
-            max_rate=args.max_rate,
-            out=sys.stdout,
+    out = None if wants_json(args) else sys.stdout
+    if args.dry_run:
+        result = asyncio.run(plan_data_key_rotation(settings, batch_size=args.batch_size, out=out))
+    else:
+        settle = settle_time(settings, args.settle_seconds)
+        result = asyncio.run(
+            run_data_key_rotation(
+                settings,
+                batch_size=args.batch_size,
+                settle_seconds=settle,
+                max_rate=args.max_rate,
+                out=out,
+            )
         )
-    )
-    return 0
+    return finish(args, "rotate-data-key", result.document(), [], rotation_failure(result))
 
 
 @dataclass
@@ -297,13 +389,52 @@ class DataKeyRotation:
     from_versions: Counter[int]
     passes: int
     verified: int
-    retired: list[int]
+    retired: list[int] | None
+    """None only in a dry run with records that do not decrypt (their versions stay; which those
+    are, only the real run's last pass knows)."""
     failed: dict[UUID, str]
     seconds: float
+    dry_run: bool = False
+    finishing: bool = False
+    """No new version: an unfinished rotation (to ``current``) is finished."""
 
     @property
     def rate(self) -> float:
         return self.rewritten / self.seconds if self.seconds > 0 else 0.0
+
+    def document(self) -> dict[str, object]:
+        """``rotate-data-key --json`` (docs/cli.md, section rotate-data-key)."""
+        return {
+            "dry_run": self.dry_run,
+            "current_version": self.current,
+            "made_version": self.current if self.made else None,
+            "finishing": self.finishing,
+            "rewritten": self.rewritten,
+            "from_versions": {str(version): n for version, n in sorted(self.from_versions.items())},
+            "passes": self.passes,
+            "verified": self.verified,
+            "retired_versions": self.retired,
+            "failed": [str(user) for user in sorted(self.failed)],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def rotation_failure(result: DataKeyRotation) -> OperationFailed | None:
+    """The error of a rotation with records that do not decrypt, if any."""
+    if not result.failed:
+        return None
+    reason = next(iter(result.failed.values()))
+    if result.dry_run:
+        return OperationFailed(
+            "rotate-data-key --dry-run: records that do not decrypt (the real run would leave them as "
+            f"they are and keep their data-key version(s); first reason: {reason})",
+            sorted(result.failed),
+        )
+    return OperationFailed(
+        "rotate-data-key: records that do not decrypt were left as they are and their data-key "
+        f"version(s) kept (first reason: {reason})",
+        sorted(result.failed),
+    )
 
 
 async def rotate_data_key(
@@ -316,6 +447,24 @@ async def rotate_data_key(
 ) -> DataKeyRotation:
     """The whole rotation (see the module's docstring); raises ``OperationFailed`` listing the users
     whose records do not decrypt, after doing everything else."""
+    result = await run_data_key_rotation(
+        settings, batch_size=batch_size, settle_seconds=settle_seconds, max_rate=max_rate, out=out
+    )
+    failure = rotation_failure(result)
+    if failure is not None:
+        raise failure
+    return result
+
+
+async def run_data_key_rotation(
+    settings: Settings,
+    *,
+    batch_size: int = 2000,
+    settle_seconds: float = 15.0,
+    max_rate: float | None = None,
+    out: TextIO | None = None,
+) -> DataKeyRotation:
+    """``rotate_data_key`` without raising for records that do not decrypt (``result.failed``)."""
     side = await open_side(side_of(settings))
     try:
         result = await _rotate(side, batch_size, settle_seconds, max_rate, out)
@@ -323,12 +472,49 @@ async def rotate_data_key(
         await side.aclose()
     if out is not None:
         _report(result, out)
-    if result.failed:
-        raise OperationFailed(
-            f"rotate-data-key: records that do not decrypt were left as they are and their data-key "
-            f"version(s) kept (first reason: {next(iter(result.failed.values()))})",
-            sorted(result.failed),
+    return result
+
+
+async def plan_data_key_rotation(
+    settings: Settings, *, batch_size: int = 2000, out: TextIO | None = None
+) -> DataKeyRotation:
+    """What ``rotate_data_key`` would do, with nothing written (not even a schema migration) and no
+    settle time: the same refusal (another key pair's wraps still active), the version it would make
+    (its key wrapped and unwrapped once by the key pair) or the unfinished rotation it would finish,
+    and one pass that opens every record and counts those on another version."""
+    side = await open_side(side_of(settings), create=False)
+    try:
+        ring, made = await start_data_key_version(side.repository, side.provider, dry_run=True)
+        current = ring.current
+        started = time.monotonic()
+
+        def count(record: str, version: int, plaintext: bytes, user_id: UUID) -> str | None:
+            if version != current:
+                counted[version] += 1
+            return None
+
+        counted: Counter[int] = Counter()
+        last = await _pass(
+            side.repository, side.keys, batch_size, None, 1, rewrite=count, description="counting"
         )
+    finally:
+        await side.aclose()
+    clean = not last.failed and not last.unreadable_format
+    result = DataKeyRotation(
+        current=current,
+        made=made is not None,
+        rewritten=sum(counted.values()),
+        from_versions=counted,
+        passes=1,
+        verified=last.opened,
+        retired=[version for version in ring.active if version != current] if clean else None,
+        failed=last.failed,
+        seconds=time.monotonic() - started,
+        dry_run=True,
+        finishing=made is None and len(ring.active) > 1,
+    )
+    if out is not None:
+        _report(result, out)
     return result
 
 
@@ -383,6 +569,7 @@ async def _rotate(
         retired=retired,
         failed=last.failed,
         seconds=seconds,
+        finishing=made is None,
     )
 
 
@@ -475,6 +662,28 @@ def _report(result: DataKeyRotation, out: TextIO) -> None:
     sources = ", ".join(
         f"{count:,} from version {version}" for version, count in sorted(result.from_versions.items())
     )
+    if result.dry_run:
+        if result.made:
+            what = f"would make data-key version {result.current} current"
+        elif result.finishing:
+            what = f"would finish the unfinished rotation to version {result.current}"
+        else:
+            what = f"version {result.current} is current"
+        if result.retired is None:
+            retire = "would retire only versions no record needs"
+        elif result.retired:
+            retire = f"would retire version(s) {', '.join(map(str, result.retired))}"
+        else:
+            retire = "would retire nothing"
+        print(
+            f"rotate-data-key --dry-run: {what}; would re-encrypt {result.rewritten:,} record(s)"
+            + (f" ({sources})" if sources else "")
+            + f"; {result.verified:,} record(s) decrypt; {retire}"
+            + (f"; {len(result.failed)} record(s) do not decrypt" if result.failed else ""),
+            file=out,
+            flush=True,
+        )
+        return
     print(
         f"rotate-data-key: version {result.current} is current; re-encrypted {result.rewritten:,} record(s)"
         + (f" ({sources})" if sources else "")

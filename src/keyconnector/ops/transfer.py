@@ -42,7 +42,9 @@ from keyconnector.ops import (
     load_target_settings,
     open_side,
 )
+from keyconnector.ops.outcome import finish
 from keyconnector.ops.progress import Progress
+from keyconnector.ops.report import add_json_option
 from keyconnector.runtime import logs
 from keyconnector.runtime.assemble import open_key_pair
 from keyconnector.runtime.settings import Settings, SideSettings, side_of
@@ -101,15 +103,40 @@ class SideError(KeyConnectorError):
     """Opening the source or the target failed; the message says which (exit 1)."""
 
 
-async def _side(name: str, opening: Awaitable[T]) -> T:
-    """``opening``, with a failure's message prefixed by the side it concerns. A ConfigurationError
-    already names its setting (``transferTo.*`` for the target) and passes unchanged."""
+async def _side(name: str, opening: Awaitable[T], where: str = "") -> T:
+    """``opening``, with a failure's message prefixed by the side it concerns (``where``: the file
+    the side's settings came from, e.g. ``--target-env-file t.env``).
+
+    The exception keeps its class, so its exit code too: a wrong target setting is 2, an
+    unreachable target database or key provider 3, like the source's. Only the message changes,
+    because an operator reading ``keyConnectorSettings__certificate__filesystemPassword: the password
+    is wrong`` must know which of the two deployments' settings to fix."""
     try:
         return await opening
-    except ConfigurationError:
-        raise
     except KeyConnectorError as exc:
-        raise SideError(f"the {name}: {exc}") from None
+        raise _named(name, where, exc) from None
+
+
+def _named(name: str, where: str, exc: KeyConnectorError) -> KeyConnectorError:
+    """``exc`` with its message prefixed by ``the <name> (<where>): `` (once). Its class stays: the
+    exit code follows the class (``errors.exit_code_for``). A source's setting error names its own
+    setting and passes unchanged (the source is the deployment's own settings)."""
+    if name == "source" and isinstance(exc, ConfigurationError):
+        return exc
+    label = f"the {name}" + (f" ({where})" if where else "")
+    if not str(exc).startswith(f"the {name}"):
+        exc.args = (f"{label}: {exc}",)
+    return exc
+
+
+def _target_origin(args: argparse.Namespace) -> str:
+    """Where the target's settings came from, for messages: the file option, or nothing
+    (``transferTo__*`` settings name themselves)."""
+    if getattr(args, "target_env_file", None):
+        return f"--target-env-file {args.target_env_file}"
+    if getattr(args, "target_config", None):
+        return f"--target-config {args.target_config}"
+    return ""
 
 
 def _target_of(
@@ -169,7 +196,7 @@ async def _probe_target(target: SideSettings) -> tuple[Side | None, str]:
     finally:
         await provider.aclose()
     log.info("dry run: the target (%s) has no data key yet; the transfer would create it", description)
-    return None, "the target"
+    return None, description
 
 
 # -- a MongoDB dump as the source (upstream's release on mongo) -------------------------------------------
@@ -355,6 +382,7 @@ async def transfer(
     dry_run: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     mongo_dump: Path | None = None,
+    target_origin: str = "",
 ) -> TransferResult:
     """Copy every user key of ``settings``' deployment to the target and verify the copy.
 
@@ -364,6 +392,40 @@ async def transfer(
     ``OperationFailed`` listing the users whose record was not copied and verified (all the others
     were); any other error stops the transfer, which can simply be run again.
     """
+    result = await run_transfer(
+        settings,
+        target_settings,
+        dry_run=dry_run,
+        batch_size=batch_size,
+        mongo_dump=mongo_dump,
+        target_origin=target_origin,
+    )
+    failure = transfer_failure(result)
+    if failure is not None:
+        raise failure
+    return result
+
+
+def transfer_failure(result: TransferResult) -> OperationFailed | None:
+    """The error of a transfer in which some records were not copied and verified, if any."""
+    if not result.failed:
+        return None
+    what = "transfer (dry run)" if result.dry_run else "transfer"
+    return OperationFailed(what, sorted(set(result.failed)))
+
+
+async def run_transfer(
+    settings: Settings,
+    target_settings: Settings | None = None,
+    *,
+    dry_run: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    mongo_dump: Path | None = None,
+    target_origin: str = "",
+) -> TransferResult:
+    """``transfer`` without raising for failed records: they are in ``result.failed``, so that the
+    command can report them with the counts. ``target_origin`` names the file the target's settings
+    came from, for its errors (``--target-env-file t.env``)."""
     if batch_size < 1:
         raise UsageError("--batch-size", "--batch-size must be at least 1")
     source_view = side_of(settings)
@@ -384,9 +446,9 @@ async def transfer(
     target: Side | None
     try:
         if dry_run:
-            target, target_description = await _side("target", _probe_target(target_view))
+            target, target_description = await _side("target", _probe_target(target_view), target_origin)
         else:
-            target = await _side("target", open_side(target_view, name="target"))
+            target = await _side("target", open_side(target_view, name="target"), target_origin)
             target_description = target.repository.description
     except BaseException:
         if dump_side is not None:
@@ -412,10 +474,6 @@ async def transfer(
     finally:
         if target is not None:
             await target.aclose()
-    log.info("%s", result.summary())
-    if result.failed:
-        what = "transfer (dry run)" if dry_run else "transfer"
-        raise OperationFailed(what, sorted(set(result.failed)))
     return result
 
 
@@ -457,7 +515,11 @@ def run_startup_transfer(settings: Settings) -> None:
             "transferTo.lockfilePath", f"the folder {lock.parent} does not exist or is not writable"
         )
     log.info("%s does not exist: transferring every user key before serving", lock)
-    result = asyncio.run(transfer(settings))
+    result = asyncio.run(run_transfer(settings))
+    log.info("%s", result.summary())
+    failure = transfer_failure(result)
+    if failure is not None:
+        raise failure
     _write_lock(lock, result)
     log.info("wrote %s: the start-up transfer will not run again", lock)
 
@@ -493,18 +555,39 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     loaded = load_settings_from(args)
     loaded.warn_unknown(log)
     logs.configure(loaded.settings.logging)
-    target_settings = load_target_settings(args)
+    origin = _target_origin(args)
+    try:
+        target_settings = load_target_settings(args)
+    except KeyConnectorError as exc:
+        raise _named("target", origin, exc) from None
     mongo_dump = Path(args.from_mongo_dump) if args.from_mongo_dump else None
-    asyncio.run(
-        transfer(
+    result = asyncio.run(
+        run_transfer(
             loaded.settings,
             target_settings,
             dry_run=args.dry_run,
             batch_size=args.batch_size,
             mongo_dump=mongo_dump,
+            target_origin=origin,
         )
     )
-    return 0
+    return finish(args, "transfer", transfer_document(result), [result.summary()], transfer_failure(result))
+
+
+def transfer_document(result: TransferResult) -> dict[str, object]:
+    """``transfer --json`` (docs/cli.md, section transfer)."""
+    return {
+        "dry_run": result.dry_run,
+        "source": result.source,
+        "target": result.target,
+        "records": result.records,
+        "copied": result.copied,
+        "without_key": result.without_key,
+        "verified": None if result.dry_run else result.verified,
+        "failed": [str(user) for user in sorted(set(result.failed))],
+        "copy_seconds": round(result.copy_seconds, 3),
+        "verify_seconds": None if result.dry_run else round(result.verify_seconds, 3),
+    }
 
 
 def add_commands(commands: Subcommands) -> None:
@@ -516,11 +599,13 @@ def add_commands(commands: Subcommands) -> None:
             "transferTo__* settings, or --target-env-file/--target-config), re-encrypted for the "
             "target, dates unchanged; then decrypt every target record and compare it with the source. "
             "Safe to interrupt and run again. Exit 0 when every record was copied and verified, 1 when "
-            "some failed (their user ids are listed; the others were copied), 2 for a settings error. "
+            "some failed (their user ids are listed; the others were copied), 2 for a settings error, "
+            "3 when a database or key provider (of either side) cannot be reached. "
             "To leave upstream's MongoDB, the source is a dump of it instead (--from-mongo-dump)."
         ),
     )
     add_settings_arguments(parser, target=True)
+    add_json_option(parser, "the summary (counts, failed user ids)")
     parser.add_argument(
         "--dry-run",
         action="store_true",

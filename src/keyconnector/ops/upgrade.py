@@ -40,6 +40,8 @@ from keyconnector.ops import (
     load_settings_from,
     open_side,
 )
+from keyconnector.ops.outcome import finish
+from keyconnector.ops.report import add_json_option, wants_json
 from keyconnector.ops.rotate import MAX_PASSES, _pass, _positive_float, _positive_int, _say
 from keyconnector.runtime.settings import Settings, side_of
 
@@ -64,24 +66,85 @@ def add_commands(commands: Subcommands) -> None:
         type=_positive_float,
         help="records examined per second at most, to spare a busy database (default: no limit)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=(
+            "refuse as the real run would (compat__writeLegacyFormat set), open every record and count "
+            "those still in upstream's format, but write nothing"
+        ),
+    )
+    add_json_option(parser, "the summary (records rewritten, failed user ids)")
     parser.set_defaults(func=cmd_upgrade_records)
 
 
 def cmd_upgrade_records(args: argparse.Namespace) -> int:
     settings = load_settings_from(args).settings
-    asyncio.run(upgrade_records(settings, batch_size=args.batch_size, max_rate=args.max_rate, out=sys.stdout))
-    return 0
+    out = None if wants_json(args) else sys.stdout
+    if args.dry_run:
+        result = asyncio.run(plan_upgrade(settings, batch_size=args.batch_size, out=out))
+    else:
+        result = asyncio.run(
+            run_upgrade(settings, batch_size=args.batch_size, max_rate=args.max_rate, out=out)
+        )
+    return finish(args, "upgrade-records", result.document(), [], upgrade_failure(result))
 
 
 @dataclass
 class Upgrade:
     rewritten: int
+    """Records rewritten in format 2 (with ``dry_run``: that would be)."""
     conflicts: int
     """Records a client replaced while they were being rewritten (the client's value was kept)."""
     verified: int
     passes: int
     failed: dict[UUID, str]
     seconds: float
+    dry_run: bool = False
+    already_bound: int = 0
+    """Records already in format 2."""
+    refuses_unbound: bool = False
+    """The key ring refuses upstream-format records afterwards (with ``dry_run``: would)."""
+
+    def document(self) -> dict[str, object]:
+        """``upgrade-records --json`` (docs/cli.md, section upgrade-records)."""
+        return {
+            "dry_run": self.dry_run,
+            "rewritten": self.rewritten,
+            "already_bound": self.already_bound,
+            "conflicts": self.conflicts,
+            "passes": self.passes,
+            "verified": self.verified,
+            "refuses_unbound": self.refuses_unbound,
+            "failed": [str(user) for user in sorted(self.failed)],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def upgrade_failure(result: Upgrade) -> OperationFailed | None:
+    """The error of an upgrade with records that do not decrypt, if any."""
+    if not result.failed:
+        return None
+    reason = next(iter(result.failed.values()))
+    if result.dry_run:
+        return OperationFailed(
+            "upgrade-records --dry-run: records that do not decrypt (the real run would leave them as "
+            f"they are; first reason: {reason})",
+            sorted(result.failed),
+        )
+    return OperationFailed(
+        f"upgrade-records: records that do not decrypt were left as they are (first reason: {reason})",
+        sorted(result.failed),
+    )
+
+
+def _refuse_legacy_writers(settings: Settings) -> None:
+    if settings.compat.write_legacy_format:
+        raise ConfigurationError(
+            "compat.writeLegacyFormat",
+            "is set: instances with this setting write upstream's format again, which would undo the "
+            "upgrade. Remove it (from every instance) before running upgrade-records",
+        )
 
 
 async def upgrade_records(
@@ -89,18 +152,72 @@ async def upgrade_records(
 ) -> Upgrade:
     """Rewrite every upstream-format record in format 2; raises ``OperationFailed`` listing the users
     whose records do not decrypt, after doing everything else."""
-    if settings.compat.write_legacy_format:
-        raise ConfigurationError(
-            "compat.writeLegacyFormat",
-            "is set: instances with this setting write upstream's format again, which would undo the "
-            "upgrade. Remove it (from every instance) before running upgrade-records",
+    result = await run_upgrade(settings, batch_size=batch_size, max_rate=max_rate, out=out)
+    failure = upgrade_failure(result)
+    if failure is not None:
+        raise failure
+    return result
+
+
+async def plan_upgrade(settings: Settings, *, batch_size: int = 2000, out: TextIO | None = None) -> Upgrade:
+    """What ``upgrade_records`` would do, with nothing written (not even a schema migration): the same
+    refusal of ``compat.writeLegacyFormat``, and one pass that opens every record and counts those
+    still in upstream's format."""
+    _refuse_legacy_writers(settings)
+    side = await open_side(side_of(settings), create=False)
+    try:
+        counts = {"legacy": 0, "bound": 0}
+
+        def count(record: str, version: int, plaintext: bytes, user_id: UUID) -> str | None:
+            counts["legacy" if is_legacy(record) else "bound"] += 1
+            return None
+
+        started = time.monotonic()
+        last = await _pass(
+            side.repository, side.keys, batch_size, None, 1, rewrite=count, description="counting"
         )
+        accepting = side.ring.accept_legacy
+    finally:
+        await side.aclose()
+    result = Upgrade(
+        counts["legacy"],
+        0,
+        last.opened,
+        1,
+        last.failed,
+        time.monotonic() - started,
+        dry_run=True,
+        already_bound=counts["bound"],
+        refuses_unbound=not last.failed,
+    )
+    _say(
+        out,
+        f"upgrade-records --dry-run: would rewrite {result.rewritten:,} record(s) in format 2; "
+        f"{result.already_bound:,} already in it; {result.verified:,} record(s) decrypt"
+        + (f"; {len(result.failed)} record(s) do not decrypt" if result.failed else "")
+        + (
+            "; the key ring would then refuse upstream-format records"
+            if result.refuses_unbound and accepting
+            else ""
+        ),
+    )
+    return result
+
+
+async def run_upgrade(
+    settings: Settings, *, batch_size: int = 2000, max_rate: float | None = None, out: TextIO | None = None
+) -> Upgrade:
+    """``upgrade_records`` without raising for records that do not decrypt (``result.failed``)."""
+    _refuse_legacy_writers(settings)
     side = await open_side(side_of(settings))
     try:
         keys = side.keys  # format 2 for every version: open_side ignores writeLegacyFormat
+        already = 0
 
         def bind(record: str, version: int, plaintext: bytes, user_id: UUID) -> str | None:
+            nonlocal already
             if not is_legacy(record):
+                already += 1
                 return None
             return keys.keys[LEGACY_VERSION].seal(plaintext, user_id)
 
@@ -114,6 +231,7 @@ async def upgrade_records(
                     "is an instance running with keyConnectorSettings__compat__writeLegacyFormat=true? "
                     "Remove that setting and run it again"
                 )
+            already = 0
             last = await _pass(
                 side.repository,
                 keys,
@@ -135,7 +253,17 @@ async def upgrade_records(
             await refuse_unbound_records(side.repository, side.provider, side.trust)
     finally:
         await side.aclose()
-    result = Upgrade(rewritten, conflicts, last.opened, passes, last.failed, time.monotonic() - started)
+    result = Upgrade(
+        rewritten,
+        conflicts,
+        last.opened,
+        passes,
+        last.failed,
+        time.monotonic() - started,
+        # The last pass saw every bound record, the ones this run rewrote included.
+        already_bound=max(already - rewritten, 0),
+        refuses_unbound=not last.failed,
+    )
     _say(
         out,
         f"upgrade-records: rewrote {result.rewritten:,} record(s) in format 2 in {result.seconds:.1f} s "
@@ -149,11 +277,5 @@ async def upgrade_records(
             out,
             "upgrade-records: the key ring now refuses upstream-format records: one copied into a row from "
             "an old dump is an integrity failure, not a key served",
-        )
-    if result.failed:
-        raise OperationFailed(
-            "upgrade-records: records that do not decrypt were left as they are "
-            f"(first reason: {next(iter(result.failed.values()))})",
-            sorted(result.failed),
         )
     return result
