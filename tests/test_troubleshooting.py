@@ -9,6 +9,7 @@ extractor believes it prints.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -47,6 +48,44 @@ def test_no_entry_on_the_page_is_stale(page_text: str) -> None:
     report = compare(page_text, extract())
     stale = [f"line {line}: {text}" for line, text in report.stale]
     assert not stale, "entries whose message no longer exists in the code:\n" + "\n".join(stale)
+
+
+def test_the_index_lists_every_entry_under_its_section(page_text: str) -> None:
+    """The index at the end is what an operator scans for their message: an entry missing from it,
+    or linking to another section, is as good as undocumented."""
+    assert page_text == messages.with_index(page_text), (
+        "the index of docs/troubleshooting.md is not current: run `python -m tests.support.messages --index`"
+    )
+    indexed = [
+        line for line in page_text.split(messages.INDEX_HEADING, 1)[1].splitlines() if line.startswith("- [")
+    ]
+    assert len(indexed) >= len({entry for entry, _ in messages.entry_sections(page_text)}) > 400
+
+
+def test_every_link_within_the_page_leads_to_a_heading(page_text: str) -> None:
+    anchors = set()
+    seen: dict[str, int] = {}
+    for line in page_text.splitlines():
+        if line.startswith("#"):
+            base = messages.slug(line.lstrip("#"))
+            anchors.add(base if base not in seen else f"{base}-{seen[base]}")
+            seen[base] = seen.get(base, 0) + 1
+    links = set(re.findall(r"\]\(#([^)]+)\)", page_text))
+    assert links - anchors == set(), sorted(links - anchors)
+
+
+def test_the_page_is_organised_by_symptom(page_text: str) -> None:
+    sections = [line[3:] for line in page_text.splitlines() if line.startswith("## ")]
+    for symptom in (
+        "`serve` does not start",
+        "`serve` runs but answers 503",
+        "Clients cannot log in (401, 403)",
+        "`keyconnector check` fails or warns",
+        "Slow, or too many requests (408, 429)",
+        "After a takeover, or a database that is not what it should be",
+    ):
+        assert symptom in sections, sections
+    assert sections[-1] == messages.INDEX_HEADING[3:]
 
 
 def test_the_page_documents_hundreds_of_messages(entries: list[str]) -> None:
