@@ -66,7 +66,7 @@ async def load_certificate(side: SideSettings) -> LoadedCertificate:
         )
     module = importlib.import_module(module_name)
     loaded: LoadedCertificate = await module.load(settings, prefix, side.ca_certificates_directory)
-    check_key_size(loaded.public_key, f"{prefix}.provider")
+    check_key_size(loaded.public_key, loaded.setting or f"{prefix}.provider")
     return loaded
 
 
