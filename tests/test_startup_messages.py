@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keypairs.generate import self_signed_pfx
 from tests.conftest import Pfx, base_env
@@ -65,3 +66,20 @@ def test_a_key_too_short_names_the_file_setting_and_the_way_to_a_new_one(
     assert len(lines) == 1, done.stdout
     assert "keyConnectorSettings__certificate__filesystemPath: the RSA key is 1024 bits" in lines[0], lines[0]
     assert "rotate-key-pair" in lines[0], lines[0]
+
+
+def test_a_mysql_server_that_is_down_is_not_reported_as_a_tls_decision_without_remedy(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx
+) -> None:
+    """SslMode=Preferred against a server that does not answer: the warning says what happens until it
+    answers and how to insist on TLS, instead of only 'not using TLS'."""
+    env = base_env(issuer, pfx, tmp_path / "kc.db")
+    env["keyConnectorSettings__database__provider"] = "mysql"
+    env["keyConnectorSettings__database__mySqlConnectionString"] = (
+        f"Server=127.0.0.1;Port={free_port()};Database=kc;Uid=kc;Pwd=not-a-secret-here;SslMode=Preferred"
+    )
+    done = check(env)
+    assert any(line.startswith("FAIL database:") for line in done.stdout.splitlines()), done.stdout
+    warnings = [line for line in done.stderr.splitlines() if "offers TLS" in line]
+    assert warnings, done.stderr
+    assert "SslMode=Required" in warnings[0] and "mySqlConnectionString" in warnings[0], warnings[0]
