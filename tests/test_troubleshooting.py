@@ -10,10 +10,12 @@ extractor believes it prints.
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,9 @@ from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from tests.conftest import Pfx, base_env
 from tests.support import messages
+from tests.support.envelopes import upstream_seal, upstream_wrap
 from tests.support.messages import CALLS, IGNORED_CLASSES, PAGE, compare, extract, find_on_page, page_entries
+from tests.support.upstream import Row, build_sqlite
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +225,25 @@ def test_check_with_a_wrong_pfx_password(
     assert result.returncode == 1
     found = explained(result.stdout, entries, "FAIL key pair")
     assert any("the password is wrong" in entry for entry in found), found
+
+
+def test_serve_with_a_missing_pfx_over_a_data_key(
+    issuer: DevIssuer, pfx: Pfx, tmp_path: Path, entries: list[str]
+) -> None:
+    """The advice that depends on the database (restore, not init) is on the page as printed."""
+    database = tmp_path / "kc.db"
+    data_key = secrets.token_bytes(32)
+    row = Row(
+        str(uuid.uuid4()).upper(), upstream_seal(data_key, secrets.token_bytes(32)), "2024-01-01 00:00:00"
+    )
+    build_sqlite(database, [row], upstream_wrap(pfx, data_key))
+    env = base_env(issuer, pfx, database)
+    env["keyConnectorSettings__certificate__filesystemPath"] = str(tmp_path / "lost.pfx")
+    result = run("serve", "--port", str(free_port()), env=env)
+    assert result.returncode == 2
+    found = explained(result.stderr, entries, "configuration error")
+    assert any("restore the PFX that wrapped it from a backup" in entry for entry in found), found
+    assert any("no PFX file at" in entry for entry in found), found
 
 
 def test_check_with_an_unknown_setting_name(
