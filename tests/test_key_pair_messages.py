@@ -10,6 +10,7 @@ that wrapped it can open it, so the message must say to restore that one.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import subprocess
 import sys
@@ -21,10 +22,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, pkcs12
 
+from keyconnector.core.keyring import ForeignDataKey, load_key_set
 from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
+from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs.base import rsa_fingerprint
 from keyconnector.keypairs.generate import self_signed_certificate, self_signed_pfx
+from keyconnector.runtime.settings import load_settings, side_of
+from keyconnector.storage.registry import open_repository
 from tests.conftest import Pfx, Service, base_env
 from tests.support.envelopes import upstream_seal, upstream_wrap
 from tests.support.upstream import Row, build_sqlite
@@ -218,3 +223,29 @@ def test_a_foreign_ring_names_both_fingerprints_and_the_remedy(
     line = serve_refuses(base_env(issuer, pfx, database))
     assert FILE_SETTING in line and fingerprint(pfx) in line and fingerprint(foreign_pfx) in line, line
     assert "rotate-key-pair" in line, line
+
+
+def test_a_worker_loading_a_foreign_data_key_is_told_the_remedy_too(
+    tmp_path: Path, issuer: DevIssuer, pfx: Pfx, foreign_pfx: Pfx
+) -> None:
+    """A worker (or ``stats``) loads the data keys through the core, past the composition that names
+    the setting: the core's own words must still say what to do, not only that it does not unwrap.
+    Real parts: the upstream SQLite database and the PFX key provider, as ``serve`` opens them."""
+    database = tmp_path / "kc.db"
+    database_with_a_data_key(database, foreign_pfx)
+    side = side_of(load_settings(base_env(issuer, pfx, database)).settings)
+
+    async def load() -> str:
+        provider = await open_key_provider(side)
+        repository = await open_repository(side.require_database(), trust=side.trust())
+        try:
+            with pytest.raises(ForeignDataKey) as caught:
+                await load_key_set(repository, provider)
+            return str(caught.value)
+        finally:
+            await repository.aclose()
+            await provider.aclose()
+
+    message = asyncio.run(load())
+    assert fingerprint(pfx) in message, message
+    assert "only the key pair that wrapped it opens it" in message and "restore it from a backup" in message

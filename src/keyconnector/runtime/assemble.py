@@ -219,9 +219,9 @@ async def load_data_keys(
         # points at the wrong one, not rsaKey.provider.
         raise ConfigurationError(
             side.key_pair_setting,
-            f"{exc}. Use the key pair that wrapped it: point this setting at it, or restore it from a "
-            "backup if it is lost (`keyconnector rotate-key-pair` moves the data key to a new key pair only "
-            "when run with the old one). If the key pair is right, the database is the wrong one "
+            f"{exc}. Point this setting at the key pair that wrapped it (`keyconnector rotate-key-pair` "
+            "moves the data key to a new key pair only when run with the old one). If the key pair is "
+            "right, the database is the wrong one "
             f"(the {setting_name(side.database_prefix)}__* settings); a stored data key is never "
             "replaced by a new one",
         ) from None
