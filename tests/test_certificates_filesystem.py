@@ -65,7 +65,7 @@ def test_the_certificate_provider_refuses_a_pfx_without_its_key(
     ).settings
     with pytest.raises(ConfigurationError) as caught:
         asyncio.run(open_key_provider(side_of(settings)))
-    assert "keyConnectorSettings__certificate__provider" in str(caught.value)
+    assert "keyConnectorSettings__certificate__filesystemPath" in str(caught.value)
     assert "carries no private key" in str(caught.value)
 
 
@@ -170,7 +170,7 @@ def test_a_certificate_without_its_key_where_a_pfx_is_expected_is_named_not_a_wr
     path.write_bytes(certificate.public_bytes(Encoding.PEM if encoding == "PEM" else Encoding.DER))
     error = open_error(certificate_env(path, "a-pfx-password"))
     message = str(error)
-    assert error.setting == "certificate.provider"
+    assert error.setting == "certificate.filesystemPath"  # the file is what is wrong, not the provider
     assert f"{path} ({encoding} certificate) carries no private key" in message
     assert "the 'certificate' RSA key provider needs the private key too" in message
     assert "password" not in message

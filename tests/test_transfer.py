@@ -428,7 +428,7 @@ def test_a_wrong_target_key_pair_fails_before_anything_is_written(
     # The takeover guard's refusal: a setting to fix (exit 2), named as the target's.
     assert result.returncode == 2, result.stderr
     assert (
-        "transferTo__rsaKey__provider" in result.stderr
+        "transferTo__certificate__filesystemPath" in result.stderr  # the setting that picks the key pair
         and "does not open with this key pair" in result.stderr
     )
     assert existing.backend.sql('SELECT * FROM "UserKeys" ORDER BY "Id"') == before

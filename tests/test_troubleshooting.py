@@ -9,10 +9,13 @@ extractor believes it prints.
 
 from __future__ import annotations
 
+import re
+import secrets
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,9 @@ from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from tests.conftest import Pfx, base_env
 from tests.support import messages
+from tests.support.envelopes import upstream_seal, upstream_wrap
 from tests.support.messages import CALLS, IGNORED_CLASSES, PAGE, compare, extract, find_on_page, page_entries
+from tests.support.upstream import Row, build_sqlite
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,44 @@ def test_no_entry_on_the_page_is_stale(page_text: str) -> None:
     report = compare(page_text, extract())
     stale = [f"line {line}: {text}" for line, text in report.stale]
     assert not stale, "entries whose message no longer exists in the code:\n" + "\n".join(stale)
+
+
+def test_the_index_lists_every_entry_under_its_section(page_text: str) -> None:
+    """The index at the end is what an operator scans for their message: an entry missing from it,
+    or linking to another section, is as good as undocumented."""
+    assert page_text == messages.with_index(page_text), (
+        "the index of docs/troubleshooting.md is not current: run `python -m tests.support.messages --index`"
+    )
+    indexed = [
+        line for line in page_text.split(messages.INDEX_HEADING, 1)[1].splitlines() if line.startswith("- [")
+    ]
+    assert len(indexed) >= len({entry for entry, _ in messages.entry_sections(page_text)}) > 400
+
+
+def test_every_link_within_the_page_leads_to_a_heading(page_text: str) -> None:
+    anchors = set()
+    seen: dict[str, int] = {}
+    for line in page_text.splitlines():
+        if line.startswith("#"):
+            base = messages.slug(line.lstrip("#"))
+            anchors.add(base if base not in seen else f"{base}-{seen[base]}")
+            seen[base] = seen.get(base, 0) + 1
+    links = set(re.findall(r"\]\(#([^)]+)\)", page_text))
+    assert links - anchors == set(), sorted(links - anchors)
+
+
+def test_the_page_is_organised_by_symptom(page_text: str) -> None:
+    sections = [line[3:] for line in page_text.splitlines() if line.startswith("## ")]
+    for symptom in (
+        "`serve` does not start",
+        "`serve` runs but answers 503",
+        "Clients cannot log in (401, 403)",
+        "`keyconnector check` fails or warns",
+        "Slow, or too many requests (408, 429)",
+        "After a takeover, or a database that is not what it should be",
+    ):
+        assert symptom in sections, sections
+    assert sections[-1] == messages.INDEX_HEADING[3:]
 
 
 def test_the_page_documents_hundreds_of_messages(entries: list[str]) -> None:
@@ -182,6 +225,25 @@ def test_check_with_a_wrong_pfx_password(
     assert result.returncode == 1
     found = explained(result.stdout, entries, "FAIL key pair")
     assert any("the password is wrong" in entry for entry in found), found
+
+
+def test_serve_with_a_missing_pfx_over_a_data_key(
+    issuer: DevIssuer, pfx: Pfx, tmp_path: Path, entries: list[str]
+) -> None:
+    """The advice that depends on the database (restore, not init) is on the page as printed."""
+    database = tmp_path / "kc.db"
+    data_key = secrets.token_bytes(32)
+    row = Row(
+        str(uuid.uuid4()).upper(), upstream_seal(data_key, secrets.token_bytes(32)), "2024-01-01 00:00:00"
+    )
+    build_sqlite(database, [row], upstream_wrap(pfx, data_key))
+    env = base_env(issuer, pfx, database)
+    env["keyConnectorSettings__certificate__filesystemPath"] = str(tmp_path / "lost.pfx")
+    result = run("serve", "--port", str(free_port()), env=env)
+    assert result.returncode == 2
+    found = explained(result.stderr, entries, "configuration error")
+    assert any("restore the PFX that wrapped it from a backup" in entry for entry in found), found
+    assert any("no PFX file at" in entry for entry in found), found
 
 
 def test_check_with_an_unknown_setting_name(

@@ -11,6 +11,7 @@ hierarchy, so a new class or a move shows up here)::
     +-- ConfigurationError      errors: a setting is missing or wrong (settings, provider factories)
     |   +-- UsageError          errors: a command-line option is missing or wrong (cli, ops)
     |   +-- MissingDependencyError  errors: a provider's optional package is not installed
+    |   +-- KeyPairMissing      errors: the key pair's file is missing or not a key pair (certificates)
     +-- UnavailableError        errors: the database, key provider or identity server is down now
     +-- StorageError            errors: the database answered, but not as expected (storage backends)
     |   +-- NewDataKeyRefused       core.keyring: user records but no data key, and none may be made
@@ -114,6 +115,27 @@ class MissingDependencyError(ConfigurationError):
             f"the '{provider}' provider needs the Python package '{module}', which is not installed; "
             f"install it with: pip install 'keyconnector[{extra}]'",
         )
+
+
+KEY_PAIR_ADVICE = (
+    "if this deployment has run before, restore the PFX that wrapped its data key from a backup (a new key "
+    "pair can never open that data key); only for a new deployment make one with `keyconnector init`"
+)
+"""What to do about a missing key pair when nobody has looked at the database (see KeyPairMissing)."""
+
+
+class KeyPairMissing(ConfigurationError):
+    """The key pair's file (a PFX, PEM or DER certificate) is not there, or is not a key pair at all.
+
+    What to do depends on what only the composition can see: a database holding a data key needs
+    the key pair that wrapped it back (from a backup), and only a new deployment may make a new one
+    with ``keyconnector init``. The certificate sources raise this with ``missing`` (what is wrong,
+    without advice) and a message carrying the advice for both cases; ``runtime.assemble`` looks at
+    the database and replaces it with the one that applies."""
+
+    def __init__(self, setting: str, missing: str) -> None:
+        self.missing = missing
+        super().__init__(setting, f"{missing}; {KEY_PAIR_ADVICE}")
 
 
 class UnavailableError(KeyConnectorError):

@@ -12,7 +12,8 @@ placeholder (``{...}`` in the code, ``<...>`` or ``{...}`` on the page) reduced 
 placeholder may be named anything on the page, but every word around it must be the code's.
 
 Run ``python -m tests.support.messages`` to list the messages the page does not yet document
-(and the page's entries that no longer exist), with file and line for each.
+(and the page's entries that no longer exist), with file and line for each, and
+``python -m tests.support.messages --index`` to regenerate the page's index of messages.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ CALLS: dict[str, Spec] = {
     "CheckResult": Spec(2),
     # warnings logged by serve's pre-flight and printed by check (runtime/notices.py)
     "_notice": Spec(0),
+    "KeyPairMissing": Spec(1, 0, "setting"),
 }
 """Constructions whose text reaches a person. A new exception class must be added here (the
 test checks that every exception class defined under src/ is known)."""
@@ -212,6 +214,58 @@ def page_entries(text: str) -> list[tuple[int, str]]:
         if match:
             found.append((number, match.group(2)))
     return found
+
+
+# --------------------------------------------------------------------------------------------------
+# The index of messages at the end of the page
+
+
+INDEX_HEADING = "## Index of messages"
+INDEX_INTRO = (
+    "Every message on this page, alphabetically, each linking to the section that explains it. "
+    "Generated: after adding an entry to a section, run `python -m tests.support.messages --index`."
+)
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub (and most Markdown renderers) give a heading: lower case, punctuation other
+    than ``-`` and ``_`` dropped, spaces made hyphens."""
+    text = heading.strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def entry_sections(text: str) -> list[tuple[str, str]]:
+    """Every entry above the index, with the anchor of the heading it is listed under."""
+    found: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    anchor = ""
+    for line in text.splitlines():
+        if line.startswith(INDEX_HEADING):
+            break
+        heading = re.match(r"^#{1,6} (.+?)\s*$", line)
+        if heading:
+            base = slug(heading.group(1))
+            count = seen.get(base, 0)
+            seen[base] = count + 1
+            anchor = base if count == 0 else f"{base}-{count}"
+            continue
+        match = _ENTRY.match(line)
+        if match:
+            found.append((match.group(2), anchor))
+    return found
+
+
+def _code_span(text: str) -> str:
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def with_index(text: str) -> str:
+    """The page with its index of messages (re)generated: one line per entry, alphabetically."""
+    body = text.split("\n" + INDEX_HEADING, 1)[0].rstrip("\n")
+    rows = sorted(set(entry_sections(body)), key=lambda row: (normalise(row[0]).casefold(), row[0], row[1]))
+    index = [f"- [{_code_span(entry)}](#{anchor})" for entry, anchor in rows]
+    return "\n".join([body, "", INDEX_HEADING, "", INDEX_INTRO, "", *index]) + "\n"
 
 
 def find_on_page(output: str, entries: Sequence[str]) -> list[str]:
@@ -636,6 +690,10 @@ def main(argv: Sequence[str]) -> int:
         f"{len(messages)} message sites, {len(distinct)} distinct messages; "
         f"{len(report.entries)} page entries"
     )
+    if "--index" in argv:
+        PAGE.write_text(with_index(page))
+        print(f"wrote the index of {PAGE.relative_to(ROOT)}")
+        return 0
     if "--all" in argv:
         for m in messages:
             print(f"{m.where()}\t{m.kind}\t- `{m.display}`")

@@ -494,6 +494,9 @@ def _describe(exc: httpx.HTTPError) -> str:
             break
         cause = nxt
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"TLS certificate not trusted ({cause.verify_message}); add the CA to the trusted certificates"
+        return (
+            f"TLS certificate not trusted ({cause.verify_message}); put the CA's PEM certificate in the "
+            "folder keyConnectorSettings__caCertificatesDirectory names"
+        )
     text = str(cause) or str(exc) or type(exc).__name__
     return text[:200]

@@ -27,7 +27,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keyconnector.errors import ConfigurationError, did_you_mean
+from keyconnector.errors import ConfigurationError, KeyPairMissing, did_you_mean
 from keyconnector.runtime.settings import SideSettings
 
 MIN_RSA_BITS = 2048
@@ -47,6 +47,10 @@ class LoadedCertificate:
     public_key: rsa.RSAPublicKey
     private_key: rsa.RSAPrivateKey | None
     description: str  # where it came from, for logs and `keyconnector check`; never a secret
+    setting: str = ""
+    """The setting that chose this certificate (``certificate.filesystemPath``, ``...storeThumbprint``),
+    so that a key provider refusing it names what to change rather than ``certificate.provider``;
+    empty when a source does not say."""
 
 
 async def load_certificate(side: SideSettings) -> LoadedCertificate:
@@ -62,7 +66,7 @@ async def load_certificate(side: SideSettings) -> LoadedCertificate:
         )
     module = importlib.import_module(module_name)
     loaded: LoadedCertificate = await module.load(settings, prefix, side.ca_certificates_directory)
-    check_key_size(loaded.public_key, f"{prefix}.provider")
+    check_key_size(loaded.public_key, loaded.setting or f"{prefix}.provider")
     return loaded
 
 
@@ -75,8 +79,11 @@ def check_key_size(key: rsa.RSAPublicKey, setting: str) -> None:
         )
 
 
-def from_pkcs12(data: bytes, password: str | None, setting: str, where: str) -> LoadedCertificate:
-    """Open a PFX/PKCS#12 blob, as every PFX-based source stores it."""
+def from_pkcs12(
+    data: bytes, password: str | None, setting: str, where: str, *, file_setting: str = ""
+) -> LoadedCertificate:
+    """Open a PFX/PKCS#12 blob, as every PFX-based source stores it. ``setting`` names the password,
+    ``file_setting`` the PFX itself (for :attr:`LoadedCertificate.setting`)."""
     from cryptography.hazmat.primitives.serialization import pkcs12
 
     attempts = [password.encode()] if password else [None, b""]
@@ -88,7 +95,11 @@ def from_pkcs12(data: bytes, password: str | None, setting: str, where: str) -> 
         except ValueError as exc:
             last_error = exc
     else:
-        hint = "the password is wrong" if password else "it needs a password, and none is set"
+        hint = (
+            "the password is wrong; set it to the password the PFX was exported with"
+            if password
+            else "it needs a password, and none is set; set this to the password the PFX was exported with"
+        )
         raise ConfigurationError(setting, f"cannot open the PFX at {where}: {hint}") from last_error
     cert = bundle.cert.certificate if bundle.cert else None
     key = bundle.key
@@ -103,7 +114,9 @@ def from_pkcs12(data: bytes, password: str | None, setting: str, where: str) -> 
     public = key.public_key() if key is not None else cert.public_key()  # type: ignore[union-attr]
     if not isinstance(public, rsa.RSAPublicKey):
         raise ConfigurationError(setting, f"the certificate at {where} does not hold an RSA key")
-    return LoadedCertificate(certificate=cert, public_key=public, private_key=key, description=where)
+    return LoadedCertificate(
+        certificate=cert, public_key=public, private_key=key, description=where, setting=file_setting
+    )
 
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
@@ -125,7 +138,7 @@ def read_certificate(
         return _from_pem(data, password, where, file_setting, password_setting)
     kind = _der_kind(data)
     if kind == "pkcs12":
-        return from_pkcs12(data, password, password_setting, where)
+        return from_pkcs12(data, password, password_setting, where, file_setting=file_setting)
     if kind == "private key":
         raise ConfigurationError(
             file_setting,
@@ -139,11 +152,8 @@ def read_certificate(
             pass
         else:
             return _loaded(certificate, None, file_setting, f"{where} (DER certificate)")
-    raise ConfigurationError(
-        file_setting,
-        f"{where} is neither a PFX (PKCS#12) nor a PEM or DER certificate; give the key pair's "
-        "certificate in one of these forms",
-    )
+    # Not a damaged copy of the right file but no key pair at all: restore or make, as for a missing one.
+    raise KeyPairMissing(file_setting, f"{where} is neither a PFX (PKCS#12) nor a PEM or DER certificate")
 
 
 def _der_kind(data: bytes) -> str | None:
@@ -241,5 +251,5 @@ def _loaded(
     if not isinstance(public, rsa.RSAPublicKey):
         raise ConfigurationError(setting, f"the certificate in {description} does not hold an RSA key")
     return LoadedCertificate(
-        certificate=certificate, public_key=public, private_key=key, description=description
+        certificate=certificate, public_key=public, private_key=key, description=description, setting=setting
     )

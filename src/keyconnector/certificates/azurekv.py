@@ -72,7 +72,11 @@ async def load(settings: CertificateSettings, prefix: str, ca_directory: str) ->
     if private_key is not None and private_key.public_key().public_numbers() != public_key.public_numbers():
         raise ConfigurationError(setting, f"the private key of the {where} does not match its certificate")
     return LoadedCertificate(
-        certificate=certificate, public_key=public_key, private_key=private_key, description=where
+        certificate=certificate,
+        public_key=public_key,
+        private_key=private_key,
+        description=where,
+        setting=setting,
     )
 
 

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from keyconnector.certificates import LoadedCertificate, read_certificate
-from keyconnector.errors import ConfigurationError
+from keyconnector.errors import ConfigurationError, KeyPairMissing
 from keyconnector.runtime.settings import CertificateSettings, secret
 
 
@@ -16,13 +16,16 @@ async def load(settings: CertificateSettings, prefix: str, ca_directory: str) ->
     try:
         data = await asyncio.to_thread(path.read_bytes)
     except FileNotFoundError:
-        raise ConfigurationError(
-            setting, f"no PFX file at {path} (make one with `keyconnector init`)"
-        ) from None
+        # Whether to restore it or make one depends on the database: runtime.assemble says which.
+        raise KeyPairMissing(setting, f"no PFX file at {path}") from None
     except PermissionError:
-        raise ConfigurationError(setting, f"the PFX file {path} is not readable by this user") from None
+        raise ConfigurationError(
+            setting,
+            f"the PFX file {path} is not readable by this user; give the user the service runs as read "
+            f"access (e.g. chown it to that user and chmod 600 {path})",
+        ) from None
     except IsADirectoryError:
-        raise ConfigurationError(setting, f"{path} is a directory, not a PFX file") from None
+        raise KeyPairMissing(setting, f"{path} is a directory, not a PFX file") from None
     return read_certificate(
         data,
         secret(settings.filesystem_password),

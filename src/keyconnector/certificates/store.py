@@ -137,6 +137,7 @@ def _find(directory: Path, thumbprint: str, password: str | None, prefix: str) -
             public_key=public,
             private_key=best.private_key,
             description=f"certificate store {best.path} (thumbprint {thumbprint})",
+            setting=f"{prefix}.storeThumbprint",
         )
 
     named_like_it = [p for p in scan.locked if p.name.upper().split(".")[0] == thumbprint]

@@ -367,9 +367,12 @@ async def unwrap_version(ring: KeyRing, version: int, provider: KeyProvider, wra
             if others
             else "ApplicationDatas holds it wrapped by another key pair (upstream does not record which)"
         )
+        # The remedy is said here, not only by the composition (which adds the setting's name): a
+        # worker or a report loading the keys later gets these words alone.
         raise ForeignDataKey(
             f"data key version {version} does not open with this key pair ({provider.description}; "
-            f"fingerprint {provider.fingerprint}): {where} ({exc})"
+            f"fingerprint {provider.fingerprint}): {where} ({exc}); only the key pair that wrapped it "
+            "opens it: use that one (restore it from a backup if it is lost; a new key pair never can)"
         ) from None
 
 

@@ -59,7 +59,7 @@ async def open(side: SideSettings) -> CertificateKeyProvider:
     loaded = await load_certificate(side)
     if loaded.private_key is None:
         raise ConfigurationError(
-            f"{side.certificate_prefix}.provider",
+            loaded.setting or f"{side.certificate_prefix}.provider",
             f"the certificate from {loaded.description} carries no private key; the 'certificate' RSA key "
             "provider needs the private key too: a PFX holding it, or a PEM file with the certificate and "
             "its private key (to keep the key on an HSM, use the pkcs11 RSA key provider)",

@@ -46,7 +46,14 @@ from keyconnector.core.keyring import (
     load_key_set,
     open_ring,
 )
-from keyconnector.errors import ConfigurationError, StorageError
+from keyconnector.errors import (
+    KEY_PAIR_ADVICE,
+    ConfigurationError,
+    KeyConnectorError,
+    KeyPairMissing,
+    StorageError,
+    setting_name,
+)
 from keyconnector.keypairs import KeyProvider, open_key_provider
 from keyconnector.runtime.settings import DatabaseSettings, SideSettings
 from keyconnector.storage.base import Repository
@@ -107,7 +114,11 @@ async def open_key_pair(
     ``checked=False`` leaves the round trip to the caller: ``check`` reports it on its own line and
     still tries the data keys when it fails (a wrap that fails while the unwrap of the stored data
     key works says which half of the key pair is wrong)."""
-    provider = await open_key_provider(side, tolerate_outage=tolerate_outage)
+    try:
+        provider = await open_key_provider(side, tolerate_outage=tolerate_outage)
+    except KeyPairMissing as exc:
+        holds_data_key = await _holds_data_key(side)
+        raise ConfigurationError(exc.setting, f"{exc.missing}; {_key_pair_advice(holds_data_key)}") from None
     if tolerate_outage or not checked:
         return provider
     try:
@@ -116,6 +127,43 @@ async def open_key_pair(
         await provider.aclose()
         raise
     return provider
+
+
+async def _holds_data_key(side: SideSettings) -> bool | None:
+    """Whether the side's database holds a data key (ApplicationDatas or a key ring), read-only; None
+    when the database cannot tell (unreachable, not a database of ours)."""
+    try:
+        database = side.require_database()
+        state = inspect(database, side.database_prefix, trust=side.trust())
+        if not state.has_schema:
+            return False
+        repository = await open_repository(database, side.database_prefix, trust=side.trust())
+        try:
+            return (
+                await repository.get_key_ring() is not None
+                or await repository.get_wrapped_data_key() is not None
+            )
+        finally:
+            await repository.aclose()
+    except KeyConnectorError:
+        return None
+
+
+def _key_pair_advice(holds_data_key: bool | None) -> str:
+    """What to do about a missing key pair, by what the database holds: the certificate source cannot
+    see it, and the one advice that ruins a deployment (make a new key pair, which can never open the
+    stored data key) must not be given where a data key exists."""
+    if holds_data_key is None:
+        return KEY_PAIR_ADVICE  # the database cannot tell: both cases, each with its advice
+    if holds_data_key:
+        return (
+            "the database already holds a data key: restore the PFX that wrapped it from a backup (a new "
+            "key pair can never open that data key, nor the user keys sealed with it)"
+        )
+    return (
+        "the database holds no data key yet, so this is a new deployment: make a key pair with "
+        "`keyconnector init`"
+    )
 
 
 async def open_database(side: SideSettings, *, create: bool) -> Repository:
@@ -167,10 +215,15 @@ async def load_data_keys(
             "those records for good",
         ) from None
     except ForeignDataKey as exc:
+        # Named by the setting that picks the key pair (the PFX's path, the KMS key): that is what
+        # points at the wrong one, not rsaKey.provider.
         raise ConfigurationError(
-            f"{side.rsa_key_prefix}.provider",
-            f"{exc}. Check that these key-pair settings are the ones this database was written with, and "
-            "that the database is the right one; a stored data key is never replaced by a new one",
+            side.key_pair_setting,
+            f"{exc}. Point this setting at the key pair that wrapped it (`keyconnector rotate-key-pair` "
+            "moves the data key to a new key pair only when run with the old one). If the key pair is "
+            "right, the database is the wrong one "
+            f"(the {setting_name(side.database_prefix)}__* settings); a stored data key is never "
+            "replaced by a new one",
         ) from None
     return LoadedKeys(keys.with_legacy_format(write_legacy), ring, adopted)
 

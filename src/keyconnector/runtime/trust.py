@@ -177,10 +177,19 @@ class Trust:
             try:
                 found = _certificates(path.read_text(encoding="ascii"))
             except (OSError, UnicodeDecodeError) as exc:
-                log.warning("ignoring %s: not a readable PEM certificate (%s)", path, exc)
+                log.warning(
+                    "ignoring %s in keyConnectorSettings__caCertificatesDirectory: not a readable PEM "
+                    "certificate (%s); the authorities in it are not trusted",
+                    path,
+                    exc,
+                )
                 continue
             if not found or not _loads(found):
-                log.warning("ignoring %s: not a readable PEM certificate", path)
+                log.warning(
+                    "ignoring %s in keyConnectorSettings__caCertificatesDirectory: not a readable PEM "
+                    "certificate (-----BEGIN CERTIFICATE-----); the authorities in it are not trusted",
+                    path,
+                )
                 continue
             blocks.update(dict.fromkeys(found))
             files.append(str(path))

@@ -41,6 +41,24 @@ DEVELOPMENT_IDENTITY_URI = "http://localhost:33656"
 source (its identity service listens on 33656), where nothing answers on a newcomer's machine. The
 service says so once at start, in words, instead of a WARNING (``notices.development_identity_notice``)."""
 
+KEY_PAIR_SETTINGS: dict[str, str] = {
+    "awskms": "awsKeyId",
+    "azurekv": "azureKeyvaultKeyName",
+    "gcpkms": "googleCloudKeyId",
+    "vaulttransit": "vaultTransitKeyName",
+}
+"""The ``rsaKey`` setting that picks the key pair, by ``rsaKey.provider`` (pkcs11, kmip and the
+certificate provider choose between two, see :attr:`SideSettings.key_pair_setting`)."""
+
+CERTIFICATE_SETTINGS: dict[str, str] = {
+    "filesystem": "filesystemPath",
+    "store": "storeThumbprint",
+    "vault": "vaultSecretPath",
+    "azurekv": "azureKeyvaultCertificateName",
+    "azurestorage": "azureStorageFileName",
+}
+"""The ``certificate`` setting that picks the PFX, by ``certificate.provider``."""
+
 
 @dataclass(frozen=True, slots=True)
 class SideSettings:
@@ -86,6 +104,26 @@ class SideSettings:
     @property
     def certificate_prefix(self) -> str:
         return f"{self.prefix}certificate"
+
+    @property
+    def key_pair_setting(self) -> str:
+        """The setting that picks *which* key pair this side uses (the PFX's path, the KMS key's id),
+        for a message about the wrong key pair: ``rsaKey.provider`` only says what kind it is, and
+        an operator who must point the service at another key pair changes this one."""
+        rsa_key = self.rsa_key
+        if rsa_key is None:
+            return f"{self.rsa_key_prefix}.provider"
+        if rsa_key.provider == "certificate":
+            source = self.certificate.provider if self.certificate is not None else ""
+            name = CERTIFICATE_SETTINGS.get(source, "provider")
+            return f"{self.certificate_prefix}.{name}"
+        if rsa_key.provider == "pkcs11":
+            by_label = rsa_key.pkcs11_private_key_label and not rsa_key.pkcs11_private_key_id
+            return f"{self.rsa_key_prefix}.{'pkcs11PrivateKeyLabel' if by_label else 'pkcs11PrivateKeyId'}"
+        if rsa_key.provider == "kmip":
+            by_name = rsa_key.kmip_key_name and not rsa_key.kmip_key_id
+            return f"{self.rsa_key_prefix}.{'kmipKeyName' if by_name else 'kmipKeyId'}"
+        return f"{self.rsa_key_prefix}.{KEY_PAIR_SETTINGS.get(rsa_key.provider, 'provider')}"
 
     def require_database(self) -> DatabaseSettings:
         """The database section, or a ``ConfigurationError`` naming the side's ``database.provider``."""

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from keyconnector._optional import require
-from keyconnector.errors import ConfigurationError, StorageError, UnavailableError
+from keyconnector.errors import ConfigurationError, StorageError, UnavailableError, setting_name
 from keyconnector.runtime.settings import DatabaseSettings
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import RecordUpdate, StoredKeyRing, UserKeyRecord
@@ -467,12 +467,12 @@ def _pymysql_arguments_for(target: ServerTarget, host: tuple[str, int]) -> dict[
     ssl_context = _ssl_argument(target)
     if ssl_context is not None:
         arguments["ssl"] = ssl_context
-        if target.ssl_mode == "prefer" and not _offers_tls(arguments):
+        if target.ssl_mode == "prefer" and not _offers_tls(arguments, target.setting):
             del arguments["ssl"]
     return arguments
 
 
-def _offers_tls(arguments: dict[str, Any]) -> bool:
+def _offers_tls(arguments: dict[str, Any], setting: str) -> bool:
     """For SslMode=Preferred: does the server take TLS?
 
     Given a TLS context, PyMySQL demands TLS and asyncmy starts it blindly; without one, neither tries.
@@ -491,7 +491,10 @@ def _offers_tls(arguments: dict[str, Any]) -> bool:
         number = _error_number(exc)
         if number != _TLS_NOT_OFFERED and number not in _CONFIGURATION:
             log.warning(
-                "could not tell whether the MySQL server offers TLS (it is not reachable): not using TLS"
+                "could not tell whether the MySQL server offers TLS (it is not reachable): this connection "
+                "attempt goes without TLS, as SslMode=Preferred allows; to insist on TLS, put "
+                "SslMode=Required in %s",
+                setting_name(setting),
             )
         return False
     except OSError:
