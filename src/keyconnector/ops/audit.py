@@ -183,10 +183,10 @@ def _readable(trail: _Trail, args: argparse.Namespace) -> None:
         with open(trail.where, "rb"):
             pass
     except OSError as exc:
-        problem = f"cannot read the audit file {trail.where}: {exc.strerror or exc}"
+        path, detail = trail.where, exc.strerror or str(exc)
         if args.file:
-            raise UsageError("--file", problem) from None
-        raise ConfigurationError("audit.file", problem) from None
+            raise UsageError("--file", f"cannot read the audit file {path}: {detail}") from None
+        raise ConfigurationError("audit.file", f"cannot read the audit file {path}: {detail}") from None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
