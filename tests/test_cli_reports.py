@@ -10,9 +10,12 @@ unreachable database is a PostgreSQL connection string to a port where nothing l
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -413,3 +416,78 @@ def test_an_unreachable_database_is_exit_code_3_for_every_command(
         assert "unavailable" in parsed(result)["error"]
         assert "not-shown-pw" not in result.stdout + result.stderr
     assert not backup.exists()
+
+
+def test_an_unreachable_key_provider_is_exit_code_3_where_the_command_needs_it(
+    source: Source, tmp_path: Path
+) -> None:
+    """backup, restore and audit verify cannot work without the key pair; stats still counts (and says
+    the ring was not checked), and `restore --verify-only` still checks the file (and says the records
+    were not decrypted): both by design, exit 0."""
+    section = {
+        "database": source.backend.plain,
+        "rsaKey": {
+            "provider": "vaulttransit",
+            "vaultTransitServerUri": f"http://127.0.0.1:{closed_port()}",
+            "vaultTransitToken": "hvs.not-shown-token",
+            "vaultTransitKeyName": "keyconnector",
+        },
+    }
+    config = tmp_path / "vault-down.json"
+    config.write_text(json.dumps({"keyConnectorSettings": section}))
+    phrase = tmp_path / "phrase.txt"
+    phrase.write_text("a long enough passphrase for tests\n")
+    good = tmp_path / "good.backup"
+    assert run("backup", "--config", source.config, good, "--passphrase-file", phrase).returncode == 0
+    trail = tmp_path / "audit.log"
+    trail.write_text("")
+    for command in (
+        ["backup", tmp_path / "absent.backup", "--passphrase-file", phrase],
+        ["restore", good, "--passphrase-file", phrase],
+        ["audit", "verify", "--file", trail],
+    ):
+        result = run(*command, "--config", config, "--json")
+        assert result.returncode == 3, (command, result.stdout, result.stderr)
+        assert "vaulttransit" in parsed(result)["error"] and "unavailable" in parsed(result)["error"]
+        assert "not-shown-token" not in result.stdout + result.stderr
+    stats = run("stats", "--config", config, "--json")
+    assert stats.returncode == 0 and parsed(stats)["key_ring_authentication"].startswith("not checked")
+    checked = run("restore", good, "--passphrase-file", phrase, "--verify-only", "--config", config, "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert parsed(checked)["decrypted"] is None and "not usable" in parsed(checked)["notes"][0]
+
+
+def on_a_terminal(*args: str | Path, no_color: bool) -> str:
+    """`keyconnector ARGS` with stdout on a pseudo-terminal: everything it wrote there."""
+    env = script_env()
+    if no_color:
+        env["NO_COLOR"] = "1"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec at once
+        os.execve(sys.executable, [sys.executable, "-m", "keyconnector", *map(str, args)], env)
+    output = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the child has gone
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output
+    return output.decode(errors="replace")
+
+
+COLOUR = re.compile(r"\x1b\[(?:[0-9;]*;)?(?:3[0-8]|9[0-7])(?:;[0-9;]*)?m")
+"""An SGR sequence that sets a foreground colour (not bold or italic)."""
+
+
+def test_stats_on_a_terminal_draws_tables_in_colour_unless_no_color(source: Source) -> None:
+    coloured = on_a_terminal("stats", "--config", source.config, no_color=False)
+    assert BOX_DRAWING.search(coloured) and COLOUR.search(coloured), coloured
+    plain = on_a_terminal("stats", "--config", source.config, no_color=True)
+    assert BOX_DRAWING.search(plain) and not COLOUR.search(plain), plain
