@@ -8,7 +8,8 @@ and key pair) even for ``--file``. Checkpoints of the verified sink come from th
 sink (the table when verifying the file, ``audit.file`` when verifying the table) and from
 ``--anchor`` tokens copied from the service log. Exit 0 with the counts when everything verifies;
 exit 1 naming the first removed, changed, forged or reordered entry and where it is (line number,
-or row id; chain and seq). Read-only: it never writes to the file or the database.
+or row id; chain and seq); exit 2 when the file cannot be read. ``--json`` prints ``to_document``
+(docs/cli.md) instead of the lines. Read-only: it never writes to the file or the database.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from sqlalchemy import select
 
@@ -26,6 +28,7 @@ from keyconnector.audit.chain import KEY_PURPOSE, Checkpoint, Mac
 from keyconnector.audit.verify import Expectation, Report, checkpoints_in, verify
 from keyconnector.errors import ConfigurationError, KeyConnectorError, StorageError, UsageError
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from, open_side
+from keyconnector.ops.report import add_json_option, emit_json, wants_json
 from keyconnector.runtime.settings import DatabaseSettings, Settings, side_of
 
 TABLE = "the table keyconnector_audit"
@@ -171,12 +174,28 @@ def _trails(args: argparse.Namespace, settings: Settings) -> tuple[_Trail, _Trai
     raise ConfigurationError("audit.file", "is not set: give --file FILE or --database")
 
 
+def _readable(trail: _Trail, args: argparse.Namespace) -> None:
+    """A trail file that cannot be opened is the operator's to fix (exit 2, naming ``--file`` or
+    ``audit.file``), not a verification that failed (exit 1)."""
+    if trail.sink != "file":
+        return
+    try:
+        with open(trail.where, "rb"):
+            pass
+    except OSError as exc:
+        path, detail = trail.where, exc.strerror or str(exc)
+        if args.file:
+            raise UsageError("--file", f"cannot read the audit file {path}: {detail}") from None
+        raise ConfigurationError("audit.file", f"cannot read the audit file {path}: {detail}") from None
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.file and args.database:
         raise UsageError("--file", "give either --file or --database, not both")
     expectations = _expectations(args.expect_seq or [])
     settings = load_settings_from(args).settings
     trail, other = _trails(args, settings)
+    _readable(trail, args)
     sink, where = trail.sink, trail.where
     key, ring_anchor = asyncio.run(_audit_key(settings))
     mac = Mac(key)
@@ -189,31 +208,63 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if other is not None:
         checkpoints.extend(_other_checkpoints(other.where, other.read, mac, args.host or [], notes))
     report: Report = verify(trail.read(), mac, sink=sink, checkpoints=checkpoints, expect=expectations)
+    if wants_json(args):
+        emit_json(to_document(report, trail, ring_anchor, notes))
+    else:
+        print("\n".join(_lines(report, where, ring_anchor, notes)))
+    return 1 if report.problem is not None else 0
+
+
+def to_document(report: Report, trail: _Trail, ring_anchor: str, notes: list[str]) -> dict[str, Any]:
+    """The ``--json`` document (docs/cli.md, ``## audit verify``)."""
+    newest: dict[str, Any] | None = None
+    if report.newest is not None:
+        source, checkpoint = report.newest
+        newest = {"chain": checkpoint.chain, "seq": checkpoint.seq, "found": source}
+    return {
+        "ok": report.problem is None,
+        "trail": trail.where,
+        "sink": trail.sink,
+        "entries": report.entries,
+        "chains": report.chains,
+        "keyed": report.keyed,
+        "adopted": report.adopted,
+        "key_ring_anchor": ring_anchor,
+        "problem": report.problem,
+        "problems": report.problems,
+        "newest_checkpoint": newest,
+        "checkpointed_chains": report.checkpoints,
+        "notes": notes,
+    }
+
+
+def _lines(report: Report, where: str, ring_anchor: str, notes: list[str]) -> list[str]:
+    """The text report: one verdict line, then indented details."""
+    lines: list[str] = []
     if report.problem is not None:
         more = f" ({report.problems - 1} more problem(s) after it)" if report.problems > 1 else ""
-        print(f"audit trail {where}: NOT VERIFIED: {report.problem}{more}")
+        lines.append(f"audit trail {where}: NOT VERIFIED: {report.problem}{more}")
     else:
-        print(f"audit trail {where}: verified {report.entries} entries in {report.chains} chain(s)")
-        print(f"  keyed: {report.keyed} entries, every MAC checked (key ring anchor {ring_anchor})")
+        lines.append(f"audit trail {where}: verified {report.entries} entries in {report.chains} chain(s)")
+        lines.append(f"  keyed: {report.keyed} entries, every MAC checked (key ring anchor {ring_anchor})")
         if report.adopted:
-            print(
+            lines.append(
                 f"  adopted: {report.adopted} unkeyed entries from before this version, hash-chained only "
                 "(accepted up to the heads the adoption record names)"
             )
     if report.newest is not None:
         source, newest = report.newest
-        print(
+        lines.append(
             f"  newest checkpoint: chain {newest.chain} seq {newest.seq} ({source}); "
             f"{report.checkpoints} chain(s) checked against checkpoints"
         )
     elif report.problem is None:
-        print(
+        lines.append(
             "  no checkpoint of this trail seen: entries removed from the end, whole chains or the whole "
             "trail would not show; give --anchor tokens from the service log or --expect-seq"
         )
-    for note in notes:
-        print(f"  note: {note}")
-    return 1 if report.problem is not None else 0
+    lines.extend(f"  note: {note}" for note in notes)
+    return lines
 
 
 def add_commands(commands: Subcommands) -> None:
@@ -231,7 +282,9 @@ def add_commands(commands: Subcommands) -> None:
             "service's settings) and follow every chain (one per worker process); report the first "
             "removed, changed, forged or reordered entry with its line number or row id. Checkpoints of "
             "this trail in the other configured sink, and --anchor tokens from the service log, show "
-            "entries removed from the end. Exit 0 when everything verifies, 1 otherwise. Read-only."
+            "entries removed from the end. Exit 0 when everything verifies, 1 when it does not, 2 for a "
+            "wrong setting or an audit file that cannot be read, 3 when the database cannot be reached. "
+            "Read-only."
         ),
     )
     group = verify_parser.add_mutually_exclusive_group()
@@ -257,4 +310,5 @@ def add_commands(commands: Subcommands) -> None:
         "with their own audit.file sharing one audit table",
     )
     add_settings_arguments(verify_parser)
+    add_json_option(verify_parser, "the verification report")
     verify_parser.set_defaults(func=cmd_verify)

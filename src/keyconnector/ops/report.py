@@ -3,7 +3,8 @@ stdout is not a terminal, colour only on a terminal and never with ``NO_COLOR``.
 
 Results and summaries go to stdout, logs and progress to stderr, so ``keyconnector stats --json |
 jq`` and ``keyconnector check > report.txt`` hold the result and nothing else. The JSON shape of each
-command is documented in ``docs/cli.md`` and pinned by ``tests/test_cli_json.py``.
+command is documented in ``docs/cli.md`` and pinned by the tests that run each command
+(``tests/test_cli_reports.py``, ``tests/test_cli_operations.py``, ``tests/test_cli_config.py``).
 """
 
 from __future__ import annotations

@@ -7,23 +7,27 @@ show up as ``unknown`` in both), when users last read their key, and which key p
 data-key version. Read-only: it never creates a database, a table or a data key. With the
 configured key pair it also authenticates the key ring (``key_ring_authentication``: its anchor, or
 why it is refused); without one it still counts (nothing is decrypted).
+
+Its tables are rich's on a terminal and plain aligned text in a pipe or a file (``ops.report``);
+``--json`` prints ``to_document``, whose shape ``docs/cli.md`` documents.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import IO, Any
 
 from keyconnector.core.envelope import FORMAT_2, LEGACY_VERSION, is_legacy, record_version
 from keyconnector.core.keyring import KeyRing, NotAdopted, RingTrust, open_ring, read_ring
 from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError
 from keyconnector.keypairs import open_key_provider
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
+from keyconnector.ops.report import add_json_option, colour, emit_json, plain_table, wants_json
 from keyconnector.runtime.settings import DatabaseSettings, Settings, side_of
 from keyconnector.runtime.trust import Trust
 from keyconnector.storage.base import Repository
@@ -54,6 +58,12 @@ BUCKET_LABELS = {
     "older": "more than 1 year ago",
 }
 
+NEVER_LABEL = "never (enrolled, not yet fetched)"
+"""Enrolling a key (POST /user-keys) does not set a last access; only a read (GET) does."""
+
+APPLICATION_DATAS = "ApplicationDatas"
+KEY_RING = "key ring"
+
 BATCH_SIZE = 5000
 
 
@@ -64,10 +74,14 @@ class VersionInfo:
     current: bool
     created: str
     key_pairs: int
-    """How many key pairs' wraps the key ring holds for it (fingerprints are not secret). Version 1
-    is also wrapped in ApplicationDatas (``Stats.application_datas_wrap``), not counted here: which
-    key pair made that wrap cannot be known without trying it."""
+    """How many key pairs wrap it: one per fingerprint in the key ring; for version 1 held only in
+    ApplicationDatas (a deployment that never rotated), the one key pair of that wrap. A version-1
+    wrap in both places is one key pair's (the ring copies ApplicationDatas' wrap when it adopts it)."""
+    stored_in: list[str]
+    """Where its wraps are: ``key ring`` (keyconnector's table) and/or ``ApplicationDatas``
+    (upstream's table, version 1 only); empty for a retired version whose wraps were removed."""
     fingerprints: list[str]
+    """The key pairs' fingerprints, from the key ring (upstream's ApplicationDatas wrap names none)."""
 
 
 @dataclass
@@ -82,6 +96,9 @@ class Stats:
     """``upstream`` (upstream's envelope, not bound to its user), ``bound`` (format 2) and ``unknown``
     (a format this version cannot read): ``upgrade-records`` is finished when ``upstream`` is 0."""
     last_access: dict[str, int] = field(default_factory=dict)
+    """Users per last-access bucket (``never`` first); a read (GET) sets it, an enrolment does not."""
+    enrolled_never_fetched: int = 0
+    """Users with a key who never fetched it: enrolled (or migrated) and not read since."""
     key_ring_stored: bool = False
     """False for a deployment that never rotated: version 1 is then only the key in ApplicationDatas."""
     key_ring_revision: int = 0
@@ -141,6 +158,8 @@ async def collect(repository: Repository, description: str, now: datetime | None
                 stats.without_key += 1
             else:
                 stats.with_key += 1
+                if record.last_access_date is None:
+                    stats.enrolled_never_fetched += 1
                 versions[_version_of(record.key)] += 1
                 formats[_format_of(record.key)] += 1
     stats.records_per_version = {name: versions[name] for name in sorted(versions, key=_version_order)}
@@ -152,17 +171,22 @@ async def collect(repository: Repository, description: str, now: datetime | None
     stats.key_ring_revision = ring.revision
     stats.current_version = ring.current
     stats.application_datas_wrap = await repository.get_wrapped_data_key() is not None
-    stats.versions = [
-        VersionInfo(
-            number,
-            entry.state,
-            number == ring.current,
-            entry.created,
-            len(entry.wraps),
-            sorted(entry.wraps),
+    stats.versions = []
+    for number, entry in sorted(ring.versions.items()):
+        in_datas = number == LEGACY_VERSION and stats.application_datas_wrap
+        stored_in = ([KEY_RING] if entry.wraps else []) + ([APPLICATION_DATAS] if in_datas else [])
+        key_pairs = len(entry.wraps) or (1 if in_datas else 0)
+        stats.versions.append(
+            VersionInfo(
+                number,
+                entry.state,
+                number == ring.current,
+                entry.created,
+                key_pairs,
+                stored_in,
+                sorted(entry.wraps),
+            )
         )
-        for number, entry in sorted(ring.versions.items())
-    ]
     return stats
 
 
@@ -211,77 +235,130 @@ async def authenticate_ring(repository: Repository, settings: Settings) -> str:
     return f"ok, revision {opened.ring.revision}, anchor {opened.ring.anchor}"
 
 
-def to_json(stats: Stats) -> str:
-    return json.dumps(asdict(stats), indent=2)
+def to_document(stats: Stats) -> dict[str, Any]:
+    """The ``--json`` document (docs/cli.md, ``## stats``): ``ok`` and every field of ``Stats``."""
+    return {"ok": True, **asdict(stats)}
 
 
-def render(stats: Stats) -> None:
-    """Tables for people (rich prints plain text when stdout is not a terminal)."""
-    from rich.console import Console
-    from rich.table import Table
+Section = tuple[str, list[str], list[list[str]]]
+"""A table of the text output: its title, column headers and rows (cells already formatted)."""
 
-    console = Console(file=sys.stdout)
-    console.print(f"database: {stats.database}")
-    console.print(f"counted at {stats.generated_at}")
 
-    users = Table(title="users")
-    users.add_column("", style="bold")
-    users.add_column("count", justify="right")
-    users.add_row("rows in UserKeys", f"{stats.users:,}")
-    users.add_row("with a key", f"{stats.with_key:,}")
-    users.add_row("without a key", f"{stats.without_key:,}")
-    console.print(users)
-
-    formats = Table(title="records per format")
-    formats.add_column("format")
-    formats.add_column("records", justify="right")
-    formats.add_row("upstream's (not bound to the user)", f"{stats.records_per_format.get('upstream', 0):,}")
-    formats.add_row("format 2 (bound to the user)", f"{stats.records_per_format.get('bound', 0):,}")
-    formats.add_row("unknown format", f"{stats.records_per_format.get(UNKNOWN, 0):,}")
-    console.print(formats)
-
-    versions = Table(title="records per data-key version")
-    versions.add_column("version")
-    versions.add_column("records", justify="right")
-    for version, count in stats.records_per_version.items():
-        label = "unknown format" if version == UNKNOWN else version
-        versions.add_row(label, f"{count:,}")
-    console.print(versions)
-
-    access = Table(title="last access")
-    access.add_column("when")
-    access.add_column("users", justify="right")
-    access.add_column("share", justify="right")
+def _sections(stats: Stats) -> list[Section]:
+    """The tables of the text output, the same on a terminal (rich) and in a pipe (plain text)."""
+    users: Section = (
+        "users",
+        ["", "count"],
+        [
+            ["rows in UserKeys", f"{stats.users:,}"],
+            ["with a key", f"{stats.with_key:,}"],
+            ["without a key", f"{stats.without_key:,}"],
+        ],
+    )
+    per_format = stats.records_per_format
+    formats: Section = (
+        "records per format",
+        ["format", "records"],
+        [
+            ["upstream's (not bound to the user)", f"{per_format.get('upstream', 0):,}"],
+            ["format 2 (bound to the user)", f"{per_format.get('bound', 0):,}"],
+            ["unknown format", f"{per_format.get(UNKNOWN, 0):,}"],
+        ],
+    )
+    versions: Section = (
+        "records per data-key version",
+        ["version", "records"],
+        [
+            ["unknown format" if version == UNKNOWN else version, f"{count:,}"]
+            for version, count in stats.records_per_version.items()
+        ],
+    )
+    access_rows = []
     for name, label in BUCKET_LABELS.items():
         count = stats.last_access.get(name, 0)
         share = 100.0 * count / stats.users if stats.users else 0.0
-        access.add_row(label, f"{count:,}", f"{share:.1f}%")
-    console.print(access)
+        access_rows.append([NEVER_LABEL if name == "never" else label, f"{count:,}", f"{share:5.1f}%"])
+    access: Section = ("last access", ["when", "users", "share"], access_rows)
+    ring_rows = [
+        [
+            str(entry.version),
+            entry.state + (" (current)" if entry.current else ""),
+            entry.created or "-",
+            str(entry.key_pairs),
+            ", ".join(entry.stored_in) or "-",
+            ", ".join(entry.fingerprints) or "-",
+        ]
+        for entry in stats.versions
+    ]
+    ring: Section = (
+        "key ring" + ("" if stats.key_ring_stored else " (never rotated: no ring stored)"),
+        ["version", "state", "created", "key pairs", "stored in", "fingerprints"],
+        ring_rows,
+    )
+    return [users, formats, versions, access, ring]
 
-    ring = Table(title="key ring" + ("" if stats.key_ring_stored else " (never rotated: no ring stored)"))
-    ring.add_column("version")
-    ring.add_column("state")
-    ring.add_column("created")
-    ring.add_column("key pairs", justify="right")
-    ring.add_column("fingerprints")
-    for entry in stats.versions:
-        state = entry.state + (" (current)" if entry.current else "")
-        wraps = list(entry.fingerprints)
-        if entry.version == LEGACY_VERSION and stats.application_datas_wrap:
-            wraps.append("ApplicationDatas")
-        ring.add_row(str(entry.version), state, entry.created or "-", str(entry.key_pairs), "\n".join(wraps))
-    console.print(ring)
+
+def _notes(stats: Stats) -> list[str]:
+    """The lines after the tables."""
+    notes = []
+    if stats.enrolled_never_fetched:
+        notes.append(
+            f"{stats.enrolled_never_fetched:,} user(s) enrolled a key and never fetched it: enrolling "
+            "(POST /user-keys) is not an access, so they count as never"
+        )
+    if any(entry.stored_in == [APPLICATION_DATAS] for entry in stats.versions):
+        notes.append(
+            "version 1 is stored only in ApplicationDatas (upstream's table), wrapped by one key pair; "
+            "the key ring records fingerprints from the first rotation on"
+        )
     wrap = "holds" if stats.application_datas_wrap else "does not hold"
-    console.print(f"ApplicationDatas {wrap} a wrapped data key (version 1, as upstream reads it)")
-    console.print(f"key ring authentication: {stats.key_ring_authentication}")
-    console.print(f"upstream-format records: {stats.unbound_records} by the key ring")
+    notes.append(f"ApplicationDatas {wrap} a wrapped data key (version 1, as upstream reads it)")
+    notes.append(f"key ring authentication: {stats.key_ring_authentication}")
+    notes.append(f"upstream-format records: {stats.unbound_records} by the key ring")
+    return notes
+
+
+def render(stats: Stats, stream: IO[str] | None = None) -> None:
+    """Tables for people: rich's on a terminal (colour unless ``NO_COLOR``), plain aligned text
+    otherwise, so a pipe or a file gets no box drawing and no line cut at 80 columns."""
+    out = stream or sys.stdout
+    isatty = getattr(out, "isatty", None)
+    if isatty is not None and isatty():
+        _render_rich(stats, out)
+        return
+    lines = [f"database: {stats.database}", f"counted at {stats.generated_at}"]
+    for title, headers, rows in _sections(stats):
+        lines += ["", title, plain_table(headers, rows)]
+    lines.append("")
+    lines += _notes(stats)
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
+def _render_rich(stats: Stats, out: IO[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=out, no_color=not colour(out))
+    console.print(f"database: {stats.database}", soft_wrap=True)
+    console.print(f"counted at {stats.generated_at}")
+    for title, headers, rows in _sections(stats):
+        table = Table(title=title)
+        for index, header in enumerate(headers):
+            numeric = index > 0 and header in ("count", "records", "users", "share", "key pairs")
+            table.add_column(header, justify="right" if numeric else "left")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    for note in _notes(stats):
+        console.print(note, soft_wrap=True)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     settings = load_settings_from(args).settings
     stats = asyncio.run(gather_stats(settings.database, settings=settings))
-    if args.json:
-        print(to_json(stats))
+    if wants_json(args):
+        emit_json(to_document(stats))
     else:
         render(stats)
     return 0
@@ -296,9 +373,10 @@ def add_commands(commands: Subcommands) -> None:
             "Read-only statistics of the configured database: users with and without a key, records "
             "per format (upstream's, bound to the user, unknown) and per data-key version, when users last "
             "read their key, and the key ring (authenticated with the configured key pair, if any). Never "
-            "creates anything. Exit 1 when the database has no Key Connector data yet."
+            "creates anything. Tables on a terminal, plain aligned text in a pipe, one JSON document with "
+            "--json. Exit 1 when the database has no Key Connector data yet, 3 when it cannot be reached."
         ),
     )
     add_settings_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    add_json_option(parser, "the statistics")
     parser.set_defaults(func=cmd_stats)

@@ -15,6 +15,7 @@ The package, one module per concern:
 - ``write``: making a backup;
 - ``authenticity``: whether a backup is this deployment's (the MAC and the anchor rule);
 - ``verify`` and ``restore``: ``restore --verify-only`` and ``restore``;
+- ``outcome``: what ``backup`` and ``restore`` report, as lines or as ``--json`` documents;
 - ``commands``: the two sub-commands.
 """
 

@@ -1,9 +1,12 @@
-"""The ``backup`` and ``restore`` sub-commands: their options, and the lines they print."""
+"""The ``backup`` and ``restore`` sub-commands: their options, and what they print (lines for people,
+or with ``--json`` one document each, docs/cli.md). Progress and logs go to stderr."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import os
 from pathlib import Path
 
 from keyconnector.errors import UsageError
@@ -19,7 +22,8 @@ from keyconnector.ops.backup.protection import (
 )
 from keyconnector.ops.backup.restore import restore_backup
 from keyconnector.ops.backup.verify import verify_backup
-from keyconnector.ops.backup.write import make_backup
+from keyconnector.ops.backup.write import make_backup, unwritable
+from keyconnector.ops.report import add_json_option, emit_json, wants_json
 from keyconnector.runtime import logs
 
 
@@ -46,6 +50,7 @@ def add_commands(commands: Subcommands) -> None:
     )
     backup.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     backup.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="rows read per query")
+    add_json_option(backup, "what was written")
     backup.set_defaults(func=cmd_backup)
 
     restore = commands.add_parser(
@@ -91,6 +96,7 @@ def add_commands(commands: Subcommands) -> None:
         "only for a file you know you made and kept safe",
     )
     restore.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="rows per transaction")
+    add_json_option(restore, "what was checked and written")
     restore.set_defaults(func=cmd_restore)
 
 
@@ -117,19 +123,35 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise UsageError("OUTPUT", f"{output} exists; give --force to overwrite it")
     if not output.parent.is_dir():
         raise UsageError("OUTPUT", f"the folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK | os.X_OK):  # before a passphrase is asked for nothing
+        raise unwritable(output, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
     if args.recipient:
         recipients = [parse_recipient(text) for text in args.recipient]
         protection, how = RECIPIENTS_LINE, f"encrypted to {len(recipients)} recipient key(s)"
     else:
         recipients, protection = passphrase_protection(read_passphrase(args.passphrase_file, confirm=True))
         how = "encrypted to a passphrase"
-    what, anchor = asyncio.run(
-        make_backup(settings, output, protection, recipients, args.force, args.batch_size)
-    )
-    print(f"backup: {what} written to {output} ({output.stat().st_size:,} bytes), {how}")
+    made = asyncio.run(make_backup(settings, output, protection, recipients, args.force, args.batch_size))
+    size = output.stat().st_size
+    if wants_json(args):
+        emit_json(
+            {
+                "ok": True,
+                "output": str(output),
+                "bytes": size,
+                "records": made.records,
+                "data_key": made.data_key,
+                "source": made.source,
+                "protection": "recipients" if args.recipient else "passphrase",
+                "recipients": len(recipients) if args.recipient else 0,
+                "key_ring_anchor": made.anchor,
+            }
+        )
+        return 0
+    print(f"backup: {made.what()} written to {output} ({size:,} bytes), {how}")
     print(
-        f"backup: key ring anchor {anchor}: keep it apart from the backup; `keyconnector restore "
-        f"--expect-anchor {anchor}` checks that a backup is this deployment's"
+        f"backup: key ring anchor {made.anchor}: keep it apart from the backup; `keyconnector restore "
+        f"--expect-anchor {made.anchor}` checks that a backup is this deployment's"
     )
     return 0
 
@@ -146,7 +168,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     with source:
         backup = read_preamble(source, path, args)
         if args.verify_only:
-            print(asyncio.run(verify_backup(settings, backup, options)))
+            outcome = asyncio.run(verify_backup(settings, backup, options))
         else:
-            print(asyncio.run(restore_backup(settings, backup, options)))
+            outcome = asyncio.run(restore_backup(settings, backup, options))
+    if wants_json(args):
+        emit_json(outcome.document())
+    else:
+        print(outcome.text)
     return 0

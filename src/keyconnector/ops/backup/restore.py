@@ -49,6 +49,7 @@ from keyconnector.ops.backup.format import (
     record_line,
     sha256_of_records,
 )
+from keyconnector.ops.backup.outcome import Restored
 from keyconnector.ops.progress import Progress
 from keyconnector.runtime.settings import Settings, side_of
 from keyconnector.runtime.trust import Trust
@@ -64,7 +65,7 @@ RESTART_NOTE = (
 )
 
 
-async def restore_backup(settings: Settings, backup: BackupFile, options: RestoreOptions) -> str:
+async def restore_backup(settings: Settings, backup: BackupFile, options: RestoreOptions) -> Restored:
     notes = [note for note in [check_file_format(backup, options)] if note]
     provider = await open_key_provider(side_of(settings))
     try:
@@ -99,12 +100,26 @@ async def restore_backup(settings: Settings, backup: BackupFile, options: Restor
         try:
             await _check_target(repository, contents, opened, provider, options.replace)
             await _write(repository, backup, contents, opened, provider, options.batch_size)
-            line = await _verify_restore(repository, provider, backup, contents, opened)
+            line, decryption, kept = await _verify_restore(repository, provider, backup, contents, opened)
+            target = repository.description
         finally:
             await repository.aclose()
     finally:
         await provider.aclose()
-    return "\n".join([line, *(f"restore: {note}" for note in notes), RESTART_NOTE])
+    header = contents.header
+    return Restored(
+        str(backup.path),
+        False,
+        contents.records,
+        header.created,
+        header.source,
+        target=target,
+        decryption=decryption,
+        rows_kept=kept,
+        anchor=None if opened.ring is None else opened.ring.anchor,
+        notes=[*notes, RESTART_NOTE.removeprefix("restore: ")],
+        text="\n".join([line, *(f"restore: {note}" for note in notes), RESTART_NOTE]),
+    )
 
 
 def _adoption_note(settings: Settings) -> str:
@@ -244,9 +259,10 @@ async def _verify_restore(
     backup: BackupFile,
     contents: Contents,
     opened: BackupKeys,
-) -> str:
+) -> tuple[str, Decryption, int]:
     """Prove the result from the database itself: the backup's rows are all there, identical, and every
-    row decrypts with the configured key pair."""
+    row decrypts with the configured key pair. The line for the operator, the decryption counts and
+    the rows of other users kept."""
     header = contents.header
     if header.data_key is not None and await repository.get_wrapped_data_key() != header.data_key:
         raise BackupError("after the restore, the database holds another data key than the backup")
@@ -283,8 +299,9 @@ async def _verify_restore(
             f"restore: written and identical to the backup, but {summary}", decryption.failed
         )
     extra = f"; {others:,} rows of users not in the backup were kept" if others else ""
-    return (
+    line = (
         f"restore: {contents.records:,} records from {backup.path} (made {header.created} from "
         f"{header.source}) are in {repository.description}, identical to the backup (count and "
         f"SHA-256); {decryption.summary()}{extra}"
     )
+    return line, decryption, others

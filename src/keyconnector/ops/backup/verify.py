@@ -17,10 +17,11 @@ from keyconnector.ops.backup.authenticity import (
 )
 from keyconnector.ops.backup.file import BackupFile
 from keyconnector.ops.backup.format import BackupError
+from keyconnector.ops.backup.outcome import Restored
 from keyconnector.runtime.settings import Settings, side_of
 
 
-async def verify_backup(settings: Settings, backup: BackupFile, options: RestoreOptions) -> str:
+async def verify_backup(settings: Settings, backup: BackupFile, options: RestoreOptions) -> Restored:
     """Check the file; with a key pair that fits, authenticate it and decrypt every record. Writes nothing."""
     provider: KeyProvider | None = None
     note = ""
@@ -46,21 +47,31 @@ async def verify_backup(settings: Settings, backup: BackupFile, options: Restore
             f"verify: {backup.path} is intact: {contents.records:,} records, made {contents.header.created} "
             f"from {contents.header.source}"
         )
+        outcome = Restored(
+            str(backup.path), True, contents.records, contents.header.created, contents.header.source
+        )
+        if note:
+            outcome.notes.append(note.removeprefix("; "))
         if opened is None:
-            return intact + note
+            outcome.text = intact + note
+            return outcome
         check_mac(contents, opened, backup)
         if decryption.failed:
             raise OperationFailed(f"{intact}; but only {decryption.summary()}", decryption.failed)
+        outcome.decryption = decryption
         parts = [intact, decryption.summary()]
         if opened.ring is not None:
             assert provider is not None
+            outcome.anchor = opened.ring.anchor
             parts.append("its manifest's MAC verifies" if backup.format >= 2 else "format 1: no MAC")
             parts.append(
                 await check_anchor(settings, provider, opened.ring, backup, options, verify_only=True)
             )
         else:
             parts.append("format 1 with a key ring of the earlier format: not authenticated")
-        return "; ".join(parts) + note
+        outcome.notes[:0] = parts[2:]
+        outcome.text = "; ".join(parts) + note
+        return outcome
     finally:
         if provider is not None:
             await provider.aclose()

@@ -25,6 +25,7 @@ from keyconnector.core.keyring import (
 from keyconnector.errors import UsageError
 from keyconnector.keypairs import KeyProvider, open_key_provider
 from keyconnector.ops.backup.format import FORMAT, MAC_PURPOSE, MAGIC, BackupError, PayloadWriter
+from keyconnector.ops.backup.outcome import Made
 from keyconnector.ops.backup.stream import Encryptor
 from keyconnector.ops.progress import Progress
 from keyconnector.runtime.settings import Settings, side_of
@@ -43,8 +44,8 @@ async def make_backup(
     recipients: list[x25519.Recipient],
     force: bool,
     batch_size: int,
-) -> tuple[str, str]:
-    """Write the backup; return what it holds, for the operator, and the key ring's anchor."""
+) -> Made:
+    """Write the backup; return what it holds and the key ring's anchor."""
     state = inspect(settings.database, "database", trust=Trust.from_settings(settings))
     if not state.has_schema:
         raise BackupError(f"{state.description} has no Key Connector tables: there is nothing to back up")
@@ -96,7 +97,7 @@ async def _write_backup(
     recipients: list[x25519.Recipient],
     force: bool,
     batch_size: int,
-) -> tuple[str, str]:
+) -> Made:
     data_key = await repository.get_wrapped_data_key()
     stored = await repository.get_key_ring()
     if stored is None or stored.revision != ring.revision:
@@ -110,7 +111,10 @@ async def _write_backup(
         "keyRing": {"revision": stored.revision, "document": stored.document},
         "anchor": ring.anchor,
     }
-    fd, temp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
+    try:
+        fd, temp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
+    except OSError as exc:
+        raise unwritable(output, exc) from None
     temp = Path(temp_name)  # mkstemp makes it 0600, before any byte is in it
     try:
         with os.fdopen(fd, "wb") as out:
@@ -137,8 +141,13 @@ async def _write_backup(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
-    keys = ("the data key" if data_key else "no data key") + " and the key ring"
-    return f"{payload.count:,} records and {keys} of {repository.description}", ring.anchor
+    return Made(payload.count, data_key is not None, repository.description, ring.anchor)
+
+
+def unwritable(output: Path, exc: OSError) -> UsageError:
+    """The folder of OUTPUT takes no new file (read-only, no permission, not a real folder): the
+    operator's to fix, exit 2, not a bug."""
+    return UsageError("OUTPUT", f"cannot write a file in the folder {output.parent}: {exc.strerror or exc}")
 
 
 def _changed_meanwhile() -> BackupError:
