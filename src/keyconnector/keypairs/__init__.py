@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from keyconnector.errors import ConfigurationError, UnavailableError
-from keyconnector.keypairs.base import KeyProvider, rsa_fingerprint
+from keyconnector.keypairs.base import KeyProvider, rsa_fingerprint, upstream_view
 from keyconnector.runtime.settings import SideSettings
 
 __all__ = ["PROVIDERS", "KeyProvider", "ReconnectingKeyProvider", "open_key_provider", "rsa_fingerprint"]
@@ -100,6 +100,13 @@ class ReconnectingKeyProvider:
         if self._inner is None:
             raise self._error
         return self._inner.fingerprint
+
+    def upstream_view(self) -> KeyProvider:
+        """The connected provider's (``keyconnector.keypairs.base.upstream_view``); like
+        ``fingerprint``, the outage until it is connected."""
+        if self._inner is None:
+            raise self._error
+        return upstream_view(self._inner)
 
     async def _provider(self) -> KeyProvider:
         if self._inner is not None:
