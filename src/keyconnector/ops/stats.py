@@ -23,6 +23,7 @@ from keyconnector.core.envelope import FORMAT_2, LEGACY_VERSION, is_legacy, reco
 from keyconnector.core.keyring import KeyRing, NotAdopted, RingTrust, open_ring, read_ring
 from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError
 from keyconnector.keypairs import open_key_provider
+from keyconnector.keypairs.base import algorithm_label
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
 from keyconnector.runtime.settings import DatabaseSettings, Settings, side_of
 from keyconnector.runtime.trust import Trust
@@ -68,6 +69,8 @@ class VersionInfo:
     is also wrapped in ApplicationDatas (``Stats.application_datas_wrap``), not counted here: which
     key pair made that wrap cannot be known without trying it."""
     fingerprints: list[str]
+    algorithms: list[str] = field(default_factory=list)
+    """How each wrap of ``fingerprints`` (same order) was made, e.g. ``RSA-OAEP-256 (SHA-256)``."""
 
 
 @dataclass
@@ -160,6 +163,7 @@ async def collect(repository: Repository, description: str, now: datetime | None
             entry.created,
             len(entry.wraps),
             sorted(entry.wraps),
+            [algorithm_label(fp) for fp in sorted(entry.wraps)],
         )
         for number, entry in sorted(ring.versions.items())
     ]
@@ -264,12 +268,21 @@ def render(stats: Stats) -> None:
     ring.add_column("created")
     ring.add_column("key pairs", justify="right")
     ring.add_column("fingerprints")
+    ring.add_column("algorithm")
     for entry in stats.versions:
         state = entry.state + (" (current)" if entry.current else "")
-        wraps = list(entry.fingerprints)
+        wraps, algorithms = list(entry.fingerprints), list(entry.algorithms)
         if entry.version == LEGACY_VERSION and stats.application_datas_wrap:
             wraps.append("ApplicationDatas")
-        ring.add_row(str(entry.version), state, entry.created or "-", str(entry.key_pairs), "\n".join(wraps))
+            algorithms.append("upstream's")
+        ring.add_row(
+            str(entry.version),
+            state,
+            entry.created or "-",
+            str(entry.key_pairs),
+            "\n".join(wraps),
+            "\n".join(algorithms),
+        )
     console.print(ring)
     wrap = "holds" if stats.application_datas_wrap else "does not hold"
     console.print(f"ApplicationDatas {wrap} a wrapped data key (version 1, as upstream reads it)")
