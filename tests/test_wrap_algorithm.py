@@ -108,13 +108,13 @@ def test_sha256_wraps_for_each_provider_and_application_datas_stays_sha1(
         assert client.get("/user-keys", headers=bearer(issuer, user)).json() == {"key": key}
     first.stop()
 
-    # The ring holds this key pair's SHA-256 wrap (and the SHA-1 one ApplicationDatas holds, filed
-    # under its own fingerprint); ApplicationDatas is upstream's SHA-1 wrap of the same data key.
+    # The ring holds this key pair's SHA-256 wrap alone; ApplicationDatas is upstream's SHA-1 wrap of
+    # the same data key.
     wraps = ring_wraps(env)
-    sha256 = next(wrapped for fp, wrapped in wraps.items() if fp.startswith(SHA256_SCHEME))
+    assert [fp.partition(":")[0] for fp in wraps] == ["rsa-oaep-sha256"], wraps
+    sha256 = next(iter(wraps.values()))
     application_datas = stored_data_key(database)
     assert application_datas is not None
-    assert {fp.partition(":")[0] for fp in wraps} == {"rsa-oaep-sha1", "rsa-oaep-sha256"}
     data_key = run(unwrap_with(env, sha256))
     assert run(unwrap_with(sha1_env, application_datas)) == data_key
     if name == "certificate":
@@ -308,14 +308,19 @@ def test_a_database_writer_cannot_downgrade_the_wrap_algorithm(
     from tests.support.backends import make_backend
 
     backend = make_backend("sqlite", tmp_path, request)
+    old = deployment(backend, issuer, pfx, "old")
     site = deployment(backend, issuer, pfx, "site", rsaKey__wrapAlgorithm="RSA-OAEP-256")
+    run(seed(old.settings, 5))
+    # Half-way through the move: the ring holds the key pair's SHA-1 and SHA-256 wraps.
+    code, out = cli_output(
+        capsys, "rotate-key-pair", "--config", str(old.config), "--target-config", str(site.config)
+    )
+    assert code == 0, out
     service: Service = start_service(site.env)
     alice, alice_key = uuid.uuid4(), new_key()
     with service.client() as client:
-        assert (
-            client.put("/user-keys", json={"key": alice_key}, headers=bearer(issuer, alice)).status_code
-            == 200
-        )
+        response = client.put("/user-keys", json={"key": alice_key}, headers=bearer(issuer, alice))
+        assert response.status_code == 200, response.text
     legit = ring_row(backend)
     assert legit is not None
     revision, document = legit

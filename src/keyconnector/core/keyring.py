@@ -682,9 +682,14 @@ async def _adoption(
                 entry.wraps[reader.fingerprint] = wrapped
     raws = {number: await unwrap_raw(repository, ring, number, provider) for number in ring.active}
     keys = {number: DataKey(raw, number) for number, raw in raws.items()}
-    for number, raw in raws.items():  # rsaKey.wrapAlgorithm other than upstream's: the ring holds both
-        if provider.fingerprint not in ring.versions[number].wraps:
-            ring.versions[number].wraps[provider.fingerprint] = await wrap_checked(provider, raw, number)
+    for number, raw in raws.items():  # rsaKey.wrapAlgorithm other than upstream's: its own wrap too
+        entry = ring.versions[number]
+        if provider.fingerprint not in entry.wraps:
+            entry.wraps[provider.fingerprint] = await wrap_checked(provider, raw, number)
+            if old is None:
+                # The ring starts with this algorithm alone; ApplicationDatas keeps upstream's wrap,
+                # which an instance with upstream's algorithm still reads (``wrap_for``).
+                del entry.wraps[upstream_view(provider).fingerprint]
     ring.abandoned = abandoned  # before the check: records of an abandoned deployment cannot open
     await _check_records(repository, ring, keys, ring_missing=old is None, sample=sample)
     ring.accept_legacy = bool(sample) or accept_legacy_when_new
