@@ -127,6 +127,7 @@ def test_sha256_wraps_for_each_provider_and_application_datas_stays_sha1(
     with second.client() as client:
         assert client.get("/user-keys", headers=bearer(issuer, user)).json() == {"key": key}
     second.stop()
+    assert "ApplicationDatas keeps upstream's RSA-OAEP (SHA-1) wrap" in second.logs()
     assert stored_data_key(database) == application_datas
 
     check = subprocess.run(

@@ -726,6 +726,12 @@ async def load_key_set(
     notice = algorithm_notice(opened.ring, provider)
     if notice is not None:
         log.warning("%s", notice)
+    elif len(readers(provider)) > 1:
+        log.info(
+            "the key pair wraps with %s in the key ring; ApplicationDatas keeps upstream's RSA-OAEP (SHA-1) "
+            "wrap of data key version 1, which is what upstream and `downgrade-records` read",
+            provider.fingerprint.partition(":")[0],
+        )
     if opened.adopted:
         log.warning(
             "adopted %s as the root of the authenticated key ring (anchor %s; pin it with "
