@@ -343,3 +343,36 @@ def test_a_database_writer_cannot_downgrade_the_wrap_algorithm(
     cold: Service = start_service(site.env, ready=False)
     with cold.client() as client:
         assert client.get("/user-keys", headers=bearer(issuer, alice)).status_code == 503
+
+
+def test_the_way_back_to_upstream_from_a_sha256_deployment(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    issuer: DevIssuer,
+    pfx: Pfx,
+    start_service: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """downgrade-records after a data-key rotation re-makes version 1: ApplicationDatas gets it
+    wrapped with upstream's SHA-1 (upstream reads it), the key ring with SHA-256."""
+    from tests.support.backends import make_backend
+    from tests.test_downgrade import LEGACY, enrol_through_service, upstream_read_all
+
+    backend = make_backend("sqlite", tmp_path, request)
+    site = deployment(backend, issuer, pfx, "site", rsaKey__wrapAlgorithm="RSA-OAEP-256")
+    legacy = deployment(backend, issuer, pfx, "legacy", rsaKey__wrapAlgorithm="RSA-OAEP-256", **LEGACY)
+    service: Service = start_service(site.env)
+    keys = enrol_through_service(service, issuer, 9)
+    code, out = cli_output(capsys, "rotate-data-key", "--config", str(site.config), "--settle-seconds", "0")
+    assert code == 0, out
+    code, out = cli_output(
+        capsys, "downgrade-records", "--config", str(legacy.config), "--settle-seconds", "0"
+    )
+    assert code == 0 and "version 1 re-made from version 2's key" in out, out
+    assert "ApplicationDatas updated" in out, out
+
+    assert upstream_read_all(backend, pfx) == keys  # upstream's SHA-1 unwrap of ApplicationDatas
+    state = run(read_state(site.settings))
+    assert (state.ring.current, state.ring.active) == (1, [1])
+    assert [fp.partition(":")[0] for fp in state.ring.versions[1].wraps] == ["rsa-oaep-sha256"]
+    check_through_service(service, issuer, keys)
