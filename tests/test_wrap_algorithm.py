@@ -376,3 +376,39 @@ def test_the_way_back_to_upstream_from_a_sha256_deployment(
     assert (state.ring.current, state.ring.active) == (1, [1])
     assert [fp.partition(":")[0] for fp in state.ring.versions[1].wraps] == ["rsa-oaep-sha256"]
     check_through_service(service, issuer, keys)
+
+
+def test_azurekv_sha256_unreachable_at_start_gives_503_then_recovers(
+    request: pytest.FixtureRequest,
+    issuer: DevIssuer,
+    pfx: Pfx,
+    tmp_path: Path,
+    start_service: Any,
+) -> None:
+    """Key Vault down when serve starts: the SHA-256 provider is connected later, and the first data
+    key made then is wrapped as upstream reads it (ApplicationDatas) and with SHA-256 (the ring)."""
+    from tests.support.tcpproxy import TcpProxy
+    from tests.test_providers_service import wait_for_status
+
+    provider: ProviderEnv = request.getfixturevalue("azurekv_key_provider")
+    assert provider.endpoint is not None
+    database = tmp_path / "kc.db"
+    with TcpProxy(provider.endpoint) as proxy:
+        env = {**service_env(issuer, pfx, database, provider.through(proxy.port)), **SHA256}
+        service: Service = start_service(env, ready=False)
+        user, key = uuid.uuid4(), new_key()
+        with service.client() as client:
+            refused_post = client.post("/user-keys", json={"key": key}, headers=bearer(issuer, user))
+            assert refused_post.status_code == 503, refused_post.text
+            proxy.up()
+            stored = wait_for_status(
+                client, "POST", "/user-keys", 200, json={"key": key}, headers=bearer(issuer, user)
+            )
+            assert stored.status_code == 200, stored.text
+            assert client.get("/user-keys", headers=bearer(issuer, user)).json() == {"key": key}
+        wraps = ring_wraps(env)
+        assert [fp.partition(":")[0] for fp in wraps] == ["rsa-oaep-sha256"], wraps
+        application_datas = stored_data_key(database)
+        assert application_datas is not None
+        sha1_env = {k: v for k, v in env.items() if k not in SHA256}
+        assert run(unwrap_with(sha1_env, application_datas)) == run(unwrap_with(env, *wraps.values()))

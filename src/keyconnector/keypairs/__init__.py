@@ -102,10 +102,11 @@ class ReconnectingKeyProvider:
         return self._inner.fingerprint
 
     def upstream_view(self) -> KeyProvider:
-        """The connected provider's (``keyconnector.keypairs.base.upstream_view``); like
-        ``fingerprint``, the outage until it is connected."""
+        """The connected provider's (``keyconnector.keypairs.base.upstream_view``); before that, one
+        that connects through this provider on use, so that its calls fail (and are counted) as
+        this provider's do."""
         if self._inner is None:
-            raise self._error
+            return _UpstreamViewOfReconnecting(self)
         return upstream_view(self._inner)
 
     async def _provider(self) -> KeyProvider:
@@ -137,3 +138,36 @@ class ReconnectingKeyProvider:
     async def aclose(self) -> None:
         if self._inner is not None:
             await self._inner.aclose()
+
+
+class _UpstreamViewOfReconnecting:
+    """``ReconnectingKeyProvider.upstream_view`` while its backend is not connected yet."""
+
+    def __init__(self, parent: ReconnectingKeyProvider) -> None:
+        self._parent = parent
+
+    async def _view(self) -> KeyProvider:
+        return upstream_view(await self._parent._provider())
+
+    @property
+    def description(self) -> str:
+        return self._parent.description
+
+    @property
+    def fingerprint(self) -> str:
+        inner = self._parent._inner
+        if inner is None:
+            raise self._parent._error
+        return upstream_view(inner).fingerprint
+
+    async def wrap(self, data_key: bytes) -> bytes:
+        return await (await self._view()).wrap(data_key)
+
+    async def unwrap(self, wrapped: bytes) -> bytes:
+        return await (await self._view()).unwrap(wrapped)
+
+    async def check(self) -> None:
+        await (await self._view()).check()
+
+    async def aclose(self) -> None:
+        return None  # the parent owns the backend
