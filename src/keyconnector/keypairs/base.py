@@ -1,5 +1,7 @@
-"""What every key-pair provider is: the protocol the core wraps its data keys through, and the
-fingerprint that finds a wrap again whichever provider made it.
+"""What every key-pair provider is: the protocol the core wraps its data keys through, the
+fingerprint that finds a wrap again whichever provider made it, and the RSA-OAEP variants
+(``WrapAlgorithm``: upstream's SHA-1, and SHA-256) that the certificate, pkcs11 and azurekv
+providers wrap with.
 
 It lives apart from the registry (``keyconnector.keypairs``) so that the core can depend on the
 protocol alone, without the settings and the provider modules the registry reaches.
