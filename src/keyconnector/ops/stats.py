@@ -65,7 +65,8 @@ class VersionInfo:
     current: bool
     created: str
     key_pairs: int
-    """How many key pairs' wraps the key ring holds for it (fingerprints are not secret). Version 1
+    """How many key pairs' wraps the key ring holds for it (fingerprints are not secret; a key pair
+    moving to another wrap algorithm counts once per algorithm, see ``algorithms``). Version 1
     is also wrapped in ApplicationDatas (``Stats.application_datas_wrap``), not counted here: which
     key pair made that wrap cannot be known without trying it."""
     fingerprints: list[str]
