@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from keyconnector.certificates import from_pkcs12, read_certificate
-from keyconnector.core.envelope import OAEP_SHA1
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.errors import ConfigurationError
 from keyconnector.keypairs import open_key_provider
+from keyconnector.keypairs.base import OAEP_SHA1
 from keyconnector.keypairs.generate import self_signed_certificate
 from keyconnector.runtime.settings import load_settings, side_of
 from tests.conftest import Pfx, base_env

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 
 from keyconnector.certificates import load_certificate
-from keyconnector.core.envelope import OAEP_SHA1, OAEP_SHA256
 from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError, UnavailableError
 from keyconnector.keypairs import azurekv
 from keyconnector.keypairs import certificate as certificate_provider
+from keyconnector.keypairs.base import OAEP_SHA1, OAEP_SHA256
 from keyconnector.runtime.settings import Settings, load_settings, side_of
 from tests.support.azure_keyvault import ALL_PERMISSIONS, KeyVaultStandIn, b64url, unb64url
 from tests.support.providers import ProviderEnv, assert_certificate_unwraps, run_and_close

@@ -24,10 +24,10 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import kms_v1
 from google.cloud.kms_v1.services.key_management_service.transports import KeyManagementServiceGrpcTransport
 
-from keyconnector.core.envelope import OAEP_SHA256
 from keyconnector.devtools import free_port
 from keyconnector.errors import ConfigurationError, IntegrityFailure, UnavailableError
 from keyconnector.keypairs import gcpkms, open_key_provider
+from keyconnector.keypairs.base import OAEP_SHA256
 from keyconnector.runtime.settings import Settings, load_settings, side_of
 from tests.support.gcp_kms import KeyVersion, KmsStandIn, ServiceAccount, crc32c, oaep
 from tests.support.providers import ProviderEnv

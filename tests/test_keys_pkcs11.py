@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from pkcs11.util.rsa import decode_rsa_private_key
 
-from keyconnector.core.envelope import OAEP_SHA1
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.errors import (
     ConfigurationError,
@@ -42,6 +41,7 @@ from keyconnector.errors import (
 )
 from keyconnector.keypairs import open_key_provider
 from keyconnector.keypairs import pkcs11 as provider_module
+from keyconnector.keypairs.base import OAEP_SHA1
 from keyconnector.runtime.settings import RsaKeySettings, load_settings, side_of
 from tests.conftest import Pfx, base_env
 from tests.support.providers import ProviderEnv

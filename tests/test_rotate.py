@@ -30,10 +30,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from keyconnector.cli import main
-from keyconnector.core.envelope import NONCE_SIZE, OAEP_SHA1, DataKey, DataKeys
+from keyconnector.core.envelope import NONCE_SIZE, DataKey, DataKeys
 from keyconnector.core.keyring import RETIRED, KeyRing, read_ring
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.keypairs import open_key_provider
+from keyconnector.keypairs.base import OAEP_SHA1
 from keyconnector.keypairs.generate import self_signed_pfx
 from keyconnector.ops import open_side
 from keyconnector.runtime.settings import Settings, load_settings, side_of

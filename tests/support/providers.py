@@ -20,9 +20,9 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keyconnector.core.envelope import OAEP_SHA1
 from keyconnector.keypairs import KeyProvider
 from keyconnector.keypairs import certificate as certificate_provider
+from keyconnector.keypairs.base import OAEP_SHA1
 from keyconnector.runtime.settings import Settings, side_of
 
 

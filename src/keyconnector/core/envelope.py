@@ -29,7 +29,6 @@ from uuid import UUID
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -42,11 +41,6 @@ RECORD_MARKER = "kc:"
 FORMAT_2 = "kc:2:"
 LEGACY_VERSION = 1
 """The data-key version of upstream's records: the key wrapped in ``ApplicationDatas``."""
-
-#: Upstream's wrapping for the certificate, PKCS#11 and Azure providers (kept for stored data).
-OAEP_SHA1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)  # noqa: S303
-#: Upstream's wrapping for Google Cloud KMS (and AWS KMS ``RSAES_OAEP_SHA_256``).
-OAEP_SHA256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 
 
 def generate_data_key() -> bytes:

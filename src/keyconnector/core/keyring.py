@@ -10,7 +10,11 @@ compare-and-swap on its revision, so concurrent operators and services never los
 changes. Version 1 is the key in ``ApplicationDatas`` (upstream's); its wrap there is kept as long
 as version 1 is in use, so upstream (and an instance of ours with the old settings) keeps reading
 the old records. Each wrap is filed under the fingerprint of the key pair that made it
-(``KeyProvider.fingerprint``), so a process finds its own wrap without trying every key pair.
+(``KeyProvider.fingerprint``), so a process finds its own wrap without trying every key pair. The
+fingerprint names the wrap algorithm too (``rsa-oaep-sha1:``/``rsa-oaep-sha256:``), so one key pair
+can hold a SHA-1 and a SHA-256 wrap of a version while a deployment moves (``rsaKey.wrapAlgorithm``);
+a process prefers its own algorithm's wrap and reads upstream's of the same key pair until it has
+one. ``ApplicationDatas`` always holds upstream's algorithm (``keypairs.base.upstream_view``).
 
 Why the ring is authenticated
     Wrapping is public-key encryption: anyone who can write the database and has the (public)
@@ -60,7 +64,7 @@ from keyconnector.core.envelope import (
     record_version,
 )
 from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError
-from keyconnector.keypairs.base import KeyProvider
+from keyconnector.keypairs.base import KeyProvider, readers, upstream_view
 from keyconnector.storage.base import KeyRingStore, RecordStore, Repository, StoredKeyRing, UserKeyRecord
 
 log = logging.getLogger("keyconnector.datakeys")
@@ -332,17 +336,26 @@ def _decode(wrapped: str, where: str) -> bytes:
         raise IntegrityFailure(f"{where} is not valid base64") from None
 
 
-def wrap_for(ring: KeyRing, version: int, provider: KeyProvider, application_datas: str | None) -> str:
-    """The wrap of ``version`` meant for ``provider``'s key pair: its own in the ring, else for
-    version 1 ``application_datas`` (upstream's wrap, made before any key ring existed).
+def _has_wrap(entry: RingVersion | None, provider: KeyProvider) -> bool:
+    return entry is not None and any(reader.fingerprint in entry.wraps for reader in readers(provider))
+
+
+def wrap_for(
+    ring: KeyRing, version: int, provider: KeyProvider, application_datas: str | None
+) -> tuple[str, KeyProvider]:
+    """The wrap of ``version`` meant for ``provider``'s key pair, and the provider that opens it: its
+    own in the ring, else upstream's algorithm's of the same key pair (``keypairs.base.readers``),
+    else for version 1 ``application_datas`` (upstream's wrap, made before any key ring existed).
 
     Pure, so that a backup can be checked against a key pair before anything is written."""
     entry = ring.versions.get(version)
     if entry is None or entry.state != ACTIVE:
         raise IntegrityFailure(f"data key version {version} is not in the key ring (retired or never made)")
-    wrapped = entry.wraps.get(provider.fingerprint)
-    if wrapped is None and version == LEGACY_VERSION:
-        wrapped = application_datas
+    for reader in readers(provider):
+        found = entry.wraps.get(reader.fingerprint)
+        if found is not None:
+            return found, reader
+    wrapped = application_datas if version == LEGACY_VERSION else None
     if wrapped is None:
         raise ForeignDataKey(
             f"data key version {version} is not wrapped for this key pair ({provider.description}; "
@@ -350,7 +363,7 @@ def wrap_for(ring: KeyRing, version: int, provider: KeyProvider, application_dat
             f"({', '.join(sorted(entry.wraps))}). Run `keyconnector rotate-key-pair` with the settings of a "
             "key pair that has it, naming this one as the new pair"
         )
-    return wrapped
+    return wrapped, upstream_view(provider)
 
 
 async def unwrap_version(ring: KeyRing, version: int, provider: KeyProvider, wrapped: str) -> bytes:
@@ -376,21 +389,35 @@ async def unwrap_version(ring: KeyRing, version: int, provider: KeyProvider, wra
         ) from None
 
 
-async def stored_wrap(repository: KeyRingStore, ring: KeyRing, version: int, provider: KeyProvider) -> str:
+async def stored_wrap(
+    repository: KeyRingStore, ring: KeyRing, version: int, provider: KeyProvider
+) -> tuple[str, KeyProvider]:
     """``wrap_for`` with ``ApplicationDatas`` read from the database when version 1 needs it."""
     entry = ring.versions.get(version)
     legacy = None
-    if version == LEGACY_VERSION and entry is not None and provider.fingerprint not in entry.wraps:
+    if version == LEGACY_VERSION and entry is not None and not _has_wrap(entry, provider):
         legacy = await repository.get_wrapped_data_key()
     return wrap_for(ring, version, provider, legacy)
 
 
 async def unwrap_raw(repository: Repository, ring: KeyRing, version: int, provider: KeyProvider) -> bytes:
     """The 32 bytes of data key ``version``: only for re-wrapping them under another key pair."""
-    wrapped = await stored_wrap(repository, ring, version, provider)
-    raw = await unwrap_version(ring, version, provider, wrapped)
+    wrapped, reader = await stored_wrap(repository, ring, version, provider)
+    raw = await unwrap_version(ring, version, reader, wrapped)
     DataKey(raw, version)  # checks the length, with the message that says which key pair is wrong
     return raw
+
+
+async def own_wrap(repository: Repository, ring: KeyRing, version: int, provider: KeyProvider) -> str:
+    """``provider``'s own wrap of ``version``, in its own algorithm: the stored one (the ring's, or
+    ``ApplicationDatas``), else a new one made from upstream's wrap of the same key pair. What a
+    change of the ring files under ``provider.fingerprint``: never a wrap of another algorithm."""
+    wrapped, reader = await stored_wrap(repository, ring, version, provider)
+    if reader.fingerprint == provider.fingerprint:
+        return wrapped
+    raw = await unwrap_version(ring, version, reader, wrapped)
+    DataKey(raw, version)
+    return await wrap_checked(provider, raw, version)
 
 
 @dataclass
@@ -465,7 +492,7 @@ async def open_ring(
 async def _application_datas(repository: KeyRingStore, ring: KeyRing, provider: KeyProvider) -> str | None:
     """``ApplicationDatas``, read only when version 1 is active without a wrap for ``provider``."""
     entry = ring.versions.get(LEGACY_VERSION)
-    if entry is not None and entry.state == ACTIVE and provider.fingerprint not in entry.wraps:
+    if entry is not None and entry.state == ACTIVE and not _has_wrap(entry, provider):
         return await repository.get_wrapped_data_key()
     return None
 
@@ -491,8 +518,19 @@ async def authenticate(
         )
     keys: dict[int, DataKey] = {}
     for number in ring.active:
-        wrapped = wrap_for(ring, number, provider, application_datas)
-        keys[number] = DataKey(await unwrap_version(ring, number, provider, wrapped), number)
+        wrapped, reader = wrap_for(ring, number, provider, application_datas)
+        try:
+            keys[number] = DataKey(await unwrap_version(ring, number, reader, wrapped), number)
+        except ForeignDataKey:
+            if reader.fingerprint not in ring.versions[number].wraps:
+                raise  # ApplicationDatas: upstream does not say which key pair made it
+            # Filed under this very key pair and algorithm, yet it does not open: not a question of
+            # settings, the ring was edited (a wrap replaced, or relabelled across algorithms).
+            raise RingRefused(
+                f"the key ring's wrap of data key version {number} filed under this key pair "
+                f"({reader.fingerprint}) does not unwrap with it: the ring was edited (a wrap replaced, "
+                "or one of another wrap algorithm filed under this one). Nothing in it is used"
+            ) from None
     auth_key = trust.auth_key
     if auth_key is None:
         for number in ring.active:
@@ -622,7 +660,9 @@ async def _adoption(
                         abandons=abandoned,
                     )
                 raise NotAdopted("no data key yet: `serve` makes one at start")
-            proposal = base64.b64encode(await provider.wrap(generate_data_key())).decode("ascii")
+            # ApplicationDatas is upstream's: always its algorithm, so that upstream can read it.
+            upstream = upstream_view(provider)
+            proposal = base64.b64encode(await upstream.wrap(generate_data_key())).decode("ascii")
             wrapped = await repository.store_wrapped_data_key(proposal)
             adopted = "a new data key" if wrapped == proposal else adopted
             if abandoned and wrapped == proposal:
@@ -633,19 +673,26 @@ async def _adoption(
                     records,
                 )
         ring = KeyRing.implicit()
-        ring.versions[LEGACY_VERSION].wraps[provider.fingerprint] = wrapped
+        ring.versions[LEGACY_VERSION].wraps[upstream_view(provider).fingerprint] = wrapped
         ring.versions[LEGACY_VERSION].created = now_text()
     else:
         ring = old
         adopted = f"the key ring of an earlier keyconnector (revision {old.revision})"
         for number in ring.active:
             entry = ring.versions[number]
-            if provider.fingerprint not in entry.wraps:
-                entry.wraps[provider.fingerprint] = await stored_wrap(repository, ring, number, provider)
-    keys = {
-        number: DataKey(await unwrap_raw(repository, ring, number, provider), number)
-        for number in ring.active
-    }
+            if not _has_wrap(entry, provider):
+                wrapped, reader = await stored_wrap(repository, ring, number, provider)
+                entry.wraps[reader.fingerprint] = wrapped
+    raws = {number: await unwrap_raw(repository, ring, number, provider) for number in ring.active}
+    keys = {number: DataKey(raw, number) for number, raw in raws.items()}
+    for number, raw in raws.items():  # rsaKey.wrapAlgorithm other than upstream's: its own wrap too
+        entry = ring.versions[number]
+        if provider.fingerprint not in entry.wraps:
+            entry.wraps[provider.fingerprint] = await wrap_checked(provider, raw, number)
+            if old is None:
+                # The ring starts with this algorithm alone; ApplicationDatas keeps upstream's wrap,
+                # which an instance with upstream's algorithm still reads (``wrap_for``).
+                del entry.wraps[upstream_view(provider).fingerprint]
     ring.abandoned = abandoned  # before the check: records of an abandoned deployment cannot open
     await _check_records(repository, ring, keys, ring_missing=old is None, sample=sample)
     ring.accept_legacy = bool(sample) or accept_legacy_when_new
@@ -679,6 +726,15 @@ async def load_key_set(
         accept_legacy_when_new=accept_legacy_when_new,
         allow_new_data_key=allow_new_data_key,
     )
+    notice = algorithm_notice(opened.ring, provider)
+    if notice is not None:
+        log.warning("%s", notice)
+    elif len(readers(provider)) > 1:
+        log.info(
+            "the key pair wraps with %s in the key ring; ApplicationDatas keeps upstream's RSA-OAEP (SHA-1) "
+            "wrap of data key version 1, which is what upstream and `downgrade-records` read",
+            provider.fingerprint.partition(":")[0],
+        )
     if opened.adopted:
         log.warning(
             "adopted %s as the root of the authenticated key ring (anchor %s; pin it with "
@@ -688,6 +744,24 @@ async def load_key_set(
             "accepted until `keyconnector upgrade-records`" if opened.ring.accept_legacy else "refused",
         )
     return opened.key_set(), opened.ring
+
+
+def algorithm_notice(ring: KeyRing, provider: KeyProvider) -> str | None:
+    """Said when ``provider`` reads some active version through upstream's algorithm's wrap of its
+    key pair (``rsaKey.wrapAlgorithm`` changed without ``rotate-key-pair``): it works, but the
+    deployment has not left SHA-1 yet."""
+    if len(readers(provider)) < 2:
+        return None
+    lacking = [number for number in ring.active if provider.fingerprint not in ring.versions[number].wraps]
+    if not lacking:
+        return None
+    return (
+        f"data key version(s) {', '.join(map(str, lacking))} have no wrap of this key pair's algorithm "
+        f"({provider.fingerprint.partition(':')[0]}) in the key ring and are read through upstream's "
+        "RSA-OAEP (SHA-1) wrap: run `keyconnector rotate-key-pair` with the old settings and these as the "
+        "target (the same key pair, the new keyConnectorSettings__rsaKey__wrapAlgorithm), then "
+        "`rotate-key-pair --retire-old` with these settings"
+    )
 
 
 # -- changes of the ring (``keyconnector rotate-key-pair`` and ``rotate-data-key``) ----------------------
@@ -770,7 +844,7 @@ async def add_key_pair(
             entry = ring.versions[version]
             raw = await unwrap_raw(repository, ring, version, current)
             if current.fingerprint not in entry.wraps:
-                entry.wraps[current.fingerprint] = await stored_wrap(repository, ring, version, current)
+                entry.wraps[current.fingerprint] = await own_wrap(repository, ring, version, current)
                 entry.created = entry.created or now_text()
                 changed = True
             if await _opens_to(new, entry.wraps.get(new.fingerprint), raw):
@@ -829,7 +903,7 @@ async def retire_other_key_pairs(
         changed = False
         for version in ring.active:
             entry = ring.versions[version]
-            wrapped = await stored_wrap(repository, ring, version, provider)
+            wrapped = entry.wraps.get(mine) or await own_wrap(repository, ring, version, provider)
             removed.update(fp for fp in entry.wraps if fp != mine)
             if entry.wraps != {mine: wrapped}:
                 entry.wraps = {mine: wrapped}
@@ -837,15 +911,34 @@ async def retire_other_key_pairs(
         return changed
 
     ring, _ = await change_ring(repository, provider, change, dry_run=dry_run)
-    updated = False
-    entry = ring.versions.get(LEGACY_VERSION)
-    if entry is not None and entry.state == ACTIVE:
-        wrapped = entry.wraps[mine]
-        if await repository.get_wrapped_data_key() != wrapped:
-            if not dry_run:
-                await repository.set_wrapped_data_key(wrapped)
-            updated = True
+    updated = await store_upstream_wrap(repository, ring, provider, dry_run=dry_run)
     return KeyPairRetirement(ring, sorted(removed), updated)
+
+
+async def store_upstream_wrap(
+    repository: Repository, ring: KeyRing, provider: KeyProvider, *, dry_run: bool = False
+) -> bool:
+    """Make ``ApplicationDatas`` hold version 1 (when active) as upstream reads it with ``provider``'s
+    key pair: its wrap in upstream's algorithm (``keypairs.base.upstream_view``), whatever algorithm
+    the ring's wraps use. Returns whether it was (with ``dry_run``: would be) written."""
+    entry = ring.versions.get(LEGACY_VERSION)
+    if entry is None or entry.state != ACTIVE:
+        return False
+    upstream = upstream_view(provider)
+    stored = await repository.get_wrapped_data_key()
+    mine = entry.wraps.get(upstream.fingerprint)
+    if mine is not None:  # the ring holds upstream's wrap itself: the same bytes
+        if stored == mine:
+            return False
+        if not dry_run:
+            await repository.set_wrapped_data_key(mine)
+        return True
+    raw = await unwrap_raw(repository, ring, LEGACY_VERSION, provider)
+    if await _opens_to(upstream, stored, raw):
+        return False
+    if not dry_run:
+        await repository.set_wrapped_data_key(await wrap_checked(upstream, raw, LEGACY_VERSION))
+    return True
 
 
 async def start_data_key_version(
@@ -878,7 +971,7 @@ async def start_data_key_version(
         for version in ring.active:
             entry = ring.versions[version]
             if mine not in entry.wraps:
-                entry.wraps[mine] = await stored_wrap(repository, ring, version, provider)
+                entry.wraps[mine] = await own_wrap(repository, ring, version, provider)
                 entry.created = entry.created or now_text()
         number = max(ring.versions) + 1
         raw = generate_data_key()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from keyconnector.errors import ConfigurationError, UnavailableError, did_you_mean
-from keyconnector.keypairs.base import KeyProvider, rsa_fingerprint
+from keyconnector.keypairs.base import KeyProvider, rsa_fingerprint, upstream_view
 from keyconnector.runtime.settings import SideSettings
 
 __all__ = ["PROVIDERS", "KeyProvider", "ReconnectingKeyProvider", "open_key_provider", "rsa_fingerprint"]
@@ -101,6 +101,14 @@ class ReconnectingKeyProvider:
             raise self._error
         return self._inner.fingerprint
 
+    def upstream_view(self) -> KeyProvider:
+        """The connected provider's (``keyconnector.keypairs.base.upstream_view``); before that, one
+        that connects through this provider on use, so that its calls fail (and are counted) as
+        this provider's do."""
+        if self._inner is None:
+            return _UpstreamViewOfReconnecting(self)
+        return upstream_view(self._inner)
+
     async def _provider(self) -> KeyProvider:
         if self._inner is not None:
             return self._inner
@@ -130,3 +138,36 @@ class ReconnectingKeyProvider:
     async def aclose(self) -> None:
         if self._inner is not None:
             await self._inner.aclose()
+
+
+class _UpstreamViewOfReconnecting:
+    """``ReconnectingKeyProvider.upstream_view`` while its backend is not connected yet."""
+
+    def __init__(self, parent: ReconnectingKeyProvider) -> None:
+        self._parent = parent
+
+    async def _view(self) -> KeyProvider:
+        return upstream_view(await self._parent._provider())
+
+    @property
+    def description(self) -> str:
+        return self._parent.description
+
+    @property
+    def fingerprint(self) -> str:
+        inner = self._parent._inner
+        if inner is None:
+            raise self._parent._error
+        return upstream_view(inner).fingerprint
+
+    async def wrap(self, data_key: bytes) -> bytes:
+        return await (await self._view()).wrap(data_key)
+
+    async def unwrap(self, wrapped: bytes) -> bytes:
+        return await (await self._view()).unwrap(wrapped)
+
+    async def check(self) -> None:
+        await (await self._view()).check()
+
+    async def aclose(self) -> None:
+        return None  # the parent owns the backend

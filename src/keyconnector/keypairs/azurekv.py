@@ -1,8 +1,10 @@
 """The ``azurekv`` provider: an RSA key in Azure Key Vault, whose private half never leaves the vault.
 
 Upstream wraps the data key with Key Vault's ``encrypt`` (RSA-OAEP, SHA-1) and unwraps it with
-``decrypt``. Wrapping here is done with the key's public half, fetched at open: it is the same
-operation producing the same kind of bytes, minus a round trip. Unwrapping always goes to the vault.
+``decrypt``; ``rsaKey.wrapAlgorithm`` = ``RSA-OAEP-256`` uses Key Vault's algorithm of that name
+(the setting's values are Key Vault's names). Wrapping here is done with the key's public half,
+fetched at open: it is the same operation producing the same kind of bytes, minus a round trip.
+Unwrapping always goes to the vault.
 
 Key Vault rotation (manual or by rotation policy) makes a new version of the key, and a data key
 wrapped under an older version does not decrypt under the new one; upstream, which uses the latest
@@ -22,9 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from keyconnector._azure import Vault, object_name
 from keyconnector._optional import require
 from keyconnector.certificates import check_key_size
-from keyconnector.core.envelope import OAEP_SHA1
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError
-from keyconnector.keypairs.base import rsa_fingerprint
+from keyconnector.keypairs.base import RSA_OAEP, WrapAlgorithm, wrap_algorithm
 from keyconnector.runtime.settings import SideSettings
 
 if TYPE_CHECKING:
@@ -39,8 +40,15 @@ NEEDED_OPERATIONS = ("encrypt", "decrypt")
 
 class AzureKeyVaultKeyProvider:
     def __init__(
-        self, vault: Vault, client: KeyClient, name: str, version: str, public_key: rsa.RSAPublicKey
+        self,
+        vault: Vault,
+        client: KeyClient,
+        name: str,
+        version: str,
+        public_key: rsa.RSAPublicKey,
+        algorithm: WrapAlgorithm = RSA_OAEP,
     ) -> None:
+        self.algorithm = algorithm
         self._vault = vault
         self._client = client
         self._name = name
@@ -52,16 +60,25 @@ class AzureKeyVaultKeyProvider:
             "it was wrapped by another key"
         )
 
+    def upstream_view(self) -> AzureKeyVaultKeyProvider:
+        """The same key wrapping as upstream does (``keyconnector.keypairs.base.upstream_view``); it
+        shares this provider's clients, so only this provider is closed."""
+        if self.algorithm is RSA_OAEP:
+            return self
+        return AzureKeyVaultKeyProvider(
+            self._vault, self._client, self._name, self._version, self._public_key, RSA_OAEP
+        )
+
     @property
     def description(self) -> str:
         return f"Azure Key Vault key '{self._name}' (version {self._version}) in {self._vault.url}"
 
     @property
     def fingerprint(self) -> str:
-        return rsa_fingerprint(self._public_key, "rsa-oaep-sha1")
+        return self.algorithm.fingerprint(self._public_key)
 
     async def wrap(self, data_key: bytes) -> bytes:
-        return self._public_key.encrypt(data_key, OAEP_SHA1)
+        return self.algorithm.wrap(self._public_key, data_key)
 
     async def unwrap(self, wrapped: bytes) -> bytes:
         try:
@@ -88,7 +105,7 @@ class AzureKeyVaultKeyProvider:
         from azure.keyvault.keys.crypto import EncryptionAlgorithm
 
         result = await self._vault.call(
-            lambda: crypto.decrypt(EncryptionAlgorithm.rsa_oaep, wrapped),
+            lambda: crypto.decrypt(EncryptionAlgorithm(self.algorithm.name), wrapped),
             permission="keys/decrypt",
             missing=ConfigurationError(
                 f"{self._vault.prefix}.azureKeyvaultKeyName",
@@ -162,6 +179,7 @@ async def open(side: SideSettings) -> AzureKeyVaultKeyProvider:
     require("azure.keyvault.keys", extra="azure", setting=f"{prefix}.provider", provider="azurekv")
     from azure.keyvault.keys import KeyClient
 
+    algorithm = wrap_algorithm(section.wrap_algorithm, f"{prefix}.wrapAlgorithm")
     setting = f"{prefix}.azureKeyvaultKeyName"
     name = object_name(section.azure_keyvault_key_name, setting, "key")
     vault = Vault(section, prefix, side.ca_certificates_directory, "key provider")
@@ -176,4 +194,4 @@ async def open(side: SideSettings) -> AzureKeyVaultKeyProvider:
     except BaseException:
         await asyncio.to_thread(_close, client, vault)
         raise
-    return AzureKeyVaultKeyProvider(vault, client, name, key.properties.version or "", public_key)
+    return AzureKeyVaultKeyProvider(vault, client, name, key.properties.version or "", public_key, algorithm)

@@ -4,7 +4,8 @@ A certificate alone (a certificate-only PFX, a PEM or DER certificate, as an HSM
 refused with a message saying the key is missing: it can wrap but never unwrap.
 
 Wrapping is upstream's RSA-OAEP with SHA-1 (kept so that data keys wrapped by upstream unwrap
-here). RSA private-key operations are a few milliseconds, and the data key is unwrapped once per
+here), or RSA-OAEP-256 with ``rsaKey.wrapAlgorithm`` (``keyconnector.keypairs.base.WrapAlgorithm``).
+RSA private-key operations are a few milliseconds, and the data key is unwrapped once per
 process, so running them on the event loop is fine.
 """
 
@@ -15,17 +16,25 @@ import secrets
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyconnector.certificates import load_certificate
-from keyconnector.core.envelope import OAEP_SHA1
 from keyconnector.errors import ConfigurationError, IntegrityFailure
-from keyconnector.keypairs.base import rsa_fingerprint
+from keyconnector.keypairs.base import RSA_OAEP, WrapAlgorithm, wrap_algorithm
 from keyconnector.runtime.settings import SideSettings
 
 
 class CertificateKeyProvider:
-    def __init__(self, private_key: rsa.RSAPrivateKey, description: str) -> None:
+    def __init__(
+        self, private_key: rsa.RSAPrivateKey, description: str, algorithm: WrapAlgorithm = RSA_OAEP
+    ) -> None:
         self._private_key = private_key
         self._public_key = private_key.public_key()
         self._description = description
+        self.algorithm = algorithm
+
+    def upstream_view(self) -> CertificateKeyProvider:
+        """The same key pair wrapping as upstream does (``keyconnector.keypairs.base.upstream_view``)."""
+        if self.algorithm is RSA_OAEP:
+            return self
+        return CertificateKeyProvider(self._private_key, self._description, RSA_OAEP)
 
     @property
     def description(self) -> str:
@@ -33,14 +42,14 @@ class CertificateKeyProvider:
 
     @property
     def fingerprint(self) -> str:
-        return rsa_fingerprint(self._public_key, "rsa-oaep-sha1")
+        return self.algorithm.fingerprint(self._public_key)
 
     async def wrap(self, data_key: bytes) -> bytes:
-        return self._public_key.encrypt(data_key, OAEP_SHA1)
+        return self.algorithm.wrap(self._public_key, data_key)
 
     async def unwrap(self, wrapped: bytes) -> bytes:
         try:
-            return self._private_key.decrypt(wrapped, OAEP_SHA1)
+            return self._private_key.decrypt(wrapped, self.algorithm.padding)
         except ValueError:
             raise IntegrityFailure(
                 "the stored data key does not unwrap with this key pair: it was wrapped by another one"
@@ -64,4 +73,5 @@ async def open(side: SideSettings) -> CertificateKeyProvider:
             "provider needs the private key too: a PFX holding it, or a PEM file with the certificate and "
             "its private key (to keep the key on an HSM, use the pkcs11 RSA key provider)",
         )
-    return CertificateKeyProvider(loaded.private_key, f"certificate ({loaded.description})")
+    algorithm = wrap_algorithm(side.require_rsa_key().wrap_algorithm, f"{side.rsa_key_prefix}.wrapAlgorithm")
+    return CertificateKeyProvider(loaded.private_key, f"certificate ({loaded.description})", algorithm)

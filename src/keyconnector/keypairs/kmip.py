@@ -40,7 +40,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyconnector._optional import require
 from keyconnector.certificates import check_key_size
-from keyconnector.core.envelope import OAEP_SHA256
 from keyconnector.errors import (
     ConfigurationError,
     IntegrityFailure,
@@ -48,7 +47,7 @@ from keyconnector.errors import (
     UnavailableError,
     setting_name,
 )
-from keyconnector.keypairs.base import rsa_fingerprint
+from keyconnector.keypairs.base import OAEP_SHA256, rsa_fingerprint
 from keyconnector.runtime.settings import RsaKeySettings, SideSettings, secret
 
 PROVIDER = "kmip"

@@ -1,7 +1,8 @@
 """The ``pkcs11`` provider: the RSA private key stays on a PKCS#11 token (an HSM, a smart card, SoftHSM).
 
 Upstream's scheme, kept so that data keys move freely between upstream and this service: the data key
-is wrapped locally with the certificate's public key (RSA-OAEP, SHA-1, MGF1-SHA-1, no label) and
+is wrapped locally with the certificate's public key (RSA-OAEP, SHA-1, MGF1-SHA-1, no label; or SHA-256
+and MGF1-SHA-256 with ``rsaKey.wrapAlgorithm`` = ``RSA-OAEP-256``) and
 unwrapped on the token with ``CKM_RSA_PKCS_OAEP`` and the same parameters. The certificate comes from
 the certificate settings; it needs no private key, and the token's key never leaves the token.
 
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import ctypes
 import functools
 import hmac
@@ -78,7 +80,6 @@ from pydantic import SecretStr
 
 from keyconnector._optional import require
 from keyconnector.certificates import load_certificate
-from keyconnector.core.envelope import OAEP_SHA1
 from keyconnector.errors import (
     ConfigurationError,
     IntegrityFailure,
@@ -86,7 +87,7 @@ from keyconnector.errors import (
     UnavailableError,
     setting_name,
 )
-from keyconnector.keypairs.base import rsa_fingerprint
+from keyconnector.keypairs.base import RSA_OAEP, WrapAlgorithm, wrap_algorithm
 from keyconnector.runtime.settings import RsaKeySettings, SideSettings
 
 if TYPE_CHECKING:
@@ -95,6 +96,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("keyconnector.keys.pkcs11")
 
 PROVIDER = "pkcs11"
+_MECHANISM_HASHES = {"SHA-1": ("SHA_1", "SHA1"), "SHA-256": ("SHA256", "SHA256")}
+"""``WrapAlgorithm.hash_name`` -> the python-pkcs11 ``Mechanism`` and ``MGF`` member names of the
+``CKM_RSA_PKCS_OAEP`` parameters (hash, MGF1 hash)."""
 OPEN_TIMEOUT = 30.0  # loading a library, finding the token, logging in, proving the key pair
 OPERATION_TIMEOUT = 10.0  # one unwrap, including a re-login and a retry
 CLOSE_TIMEOUT = 5.0
@@ -104,6 +108,8 @@ LIBRARY_FILES = {"opensc": "opensc-pkcs11.so", "yubihsm": "yubihsm_pkcs11.so"}
 # python-pkcs11 exception class names. Errors that mean "this ciphertext is not for this key" on tokens
 # that say so precisely; SoftHSM answers CKR_GENERAL_ERROR instead, which the probe sorts out.
 _BAD_CIPHERTEXT = frozenset({"EncryptedDataInvalid", "EncryptedDataLenRange", "DataInvalid", "DataLenRange"})
+# A mechanism parameter the token does not support (an OAEP hash other than SHA-1, say).
+_UNSUPPORTED_PARAMETERS = frozenset({"ArgumentsBad", "MechanismParamInvalid", "MechanismInvalid"})
 # Errors that mean the token or the session went away rather than anything about the key.
 _GONE = frozenset(
     {
@@ -667,8 +673,14 @@ class Pkcs11KeyProvider:
     """Wraps locally with the certificate's public key; unwraps on the token, on the library's thread."""
 
     def __init__(
-        self, config: _Config, library: _Library, public_key: rsa.RSAPublicKey, certificate: str
+        self,
+        config: _Config,
+        library: _Library,
+        public_key: rsa.RSAPublicKey,
+        certificate: str,
+        algorithm: WrapAlgorithm = RSA_OAEP,
     ) -> None:
+        self.algorithm = algorithm
         self._config = config
         self._library = library
         self._public_key = public_key
@@ -684,6 +696,15 @@ class Pkcs11KeyProvider:
     @property
     def description(self) -> str:
         return self._description
+
+    def upstream_view(self) -> Pkcs11KeyProvider:
+        """The same key pair wrapping as upstream does (``keyconnector.keypairs.base.upstream_view``).
+        It shares this provider's session, so only this provider is ever closed."""
+        if self.algorithm is RSA_OAEP:
+            return self
+        view = copy.copy(self)
+        view.algorithm = RSA_OAEP
+        return view
 
     @property
     def key_id_match(self) -> str | None:
@@ -710,10 +731,10 @@ class Pkcs11KeyProvider:
     @property
     def fingerprint(self) -> str:
         # The same key pair and padding as the certificate provider: either can unwrap the other's wraps.
-        return rsa_fingerprint(self._public_key, "rsa-oaep-sha1")
+        return self.algorithm.fingerprint(self._public_key)
 
     async def wrap(self, data_key: bytes) -> bytes:
-        return self._public_key.encrypt(data_key, OAEP_SHA1)
+        return self.algorithm.wrap(self._public_key, data_key)
 
     async def unwrap(self, wrapped: bytes) -> bytes:
         if len(wrapped) != self._ciphertext_size:
@@ -834,10 +855,11 @@ class Pkcs11KeyProvider:
 
         key, always_authenticate = self._current_key()
         pin = self._config.pin.get_secret_value() if always_authenticate else None
+        hash_name, mgf_name = _MECHANISM_HASHES[self.algorithm.hash_name]
         result = cast("DecryptMixin", key).decrypt(
             wrapped,
             mechanism=Mechanism.RSA_PKCS_OAEP,
-            mechanism_param=(Mechanism.SHA_1, MGF.SHA1, None),
+            mechanism_param=(Mechanism[hash_name], MGF[mgf_name], None),
             pin=pin,
         )
         assert isinstance(result, bytes)
@@ -866,19 +888,28 @@ class Pkcs11KeyProvider:
             raise not_a_pair
         probe = secrets.token_bytes(32)
         try:
-            answer = self._decrypt(self._public_key.encrypt(probe, OAEP_SHA1))
+            answer = self._decrypt(self.algorithm.wrap(self._public_key, probe))
         except pkcs11.PKCS11Error as exc:
             name = type(exc).__name__
             if name in _GONE:
                 raise _gone(
                     config, f"the token failed while proving the key pair: {_describe(exc)}"
                 ) from None
+            if self.algorithm is not RSA_OAEP and name in _UNSUPPORTED_PARAMETERS:
+                hash_name = self.algorithm.hash_name
+                raise ConfigurationError(
+                    config.setting("wrapAlgorithm"),
+                    f"{token} refused CKM_RSA_PKCS_OAEP with {hash_name} and MGF1-{hash_name} "
+                    f"({_describe(exc)}): it does not support OAEP with {hash_name} (SoftHSM2 2.6 supports "
+                    f"SHA-1 only). Keep {RSA_OAEP.name} for this token, or use one that supports it",
+                ) from None
             if modulus is None and (name in _BAD_CIPHERTEXT or name in ("GeneralError", "FunctionFailed")):
                 raise not_a_pair from None
             raise ConfigurationError(
                 config.key_setting,
                 f"the token refused to decrypt with the private key {config.key_selector} "
-                f"({_describe(exc)}); the key must allow decryption with CKM_RSA_PKCS_OAEP (SHA-1)",
+                f"({_describe(exc)}); the key must allow decryption with CKM_RSA_PKCS_OAEP "
+                f"({self.algorithm.hash_name}, {setting_name(config.setting('wrapAlgorithm'))})",
             ) from None
         if answer != probe:
             raise not_a_pair
@@ -888,7 +919,7 @@ class Pkcs11KeyProvider:
 
         probe = secrets.token_bytes(32)
         try:
-            return self._decrypt(self._public_key.encrypt(probe, OAEP_SHA1)) == probe
+            return self._decrypt(self.algorithm.wrap(self._public_key, probe)) == probe
         except (pkcs11.PKCS11Error, KeyConnectorError):
             return False
 
@@ -940,9 +971,12 @@ async def open(side: SideSettings) -> Pkcs11KeyProvider:
             "is not set; the pkcs11 key provider takes its public key from it",
         )
     config = _config(rsa_settings, prefix)
+    algorithm = wrap_algorithm(rsa_settings.wrap_algorithm, f"{prefix}.wrapAlgorithm")
     require("pkcs11", extra="pkcs11", setting=f"{prefix}.provider", provider=PROVIDER)
     loaded = await load_certificate(side)
-    provider = Pkcs11KeyProvider(config, _library(config.library_path), loaded.public_key, loaded.description)
+    provider = Pkcs11KeyProvider(
+        config, _library(config.library_path), loaded.public_key, loaded.description, algorithm
+    )
     try:
         await provider._run(provider.open_blocking, OPEN_TIMEOUT)
     except BaseException:

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from keyconnector.core.keyring import NotAdopted, RingRefused
+from keyconnector.core.keyring import KeyRing, NotAdopted, RingRefused, algorithm_notice
 from keyconnector.errors import (
     ConfigurationError,
     ExitCode,
@@ -27,7 +27,7 @@ from keyconnector.errors import (
     UsageError,
     setting_name,
 )
-from keyconnector.keypairs.base import KeyProvider
+from keyconnector.keypairs.base import KeyProvider, algorithm_label, readers
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
 from keyconnector.ops.report import add_json_option, emit_json, wants_json
 from keyconnector.runtime.assemble import load_data_keys, open_database, open_key_pair
@@ -333,6 +333,7 @@ async def _check_data_keys(
     )
     way_back = await way_back_notice(repository, opened.keys)
     notices = [] if way_back is None else [CheckResult("way back", True, way_back, warning=True)]
+    notices += _wrap_algorithms(ring, provider)
     if opened.adopted:
         return [keys, CheckResult("key ring", True, f"{opened.adopted} (anchor {ring.anchor})"), *notices]
     legacy = "accepted" if ring.accept_legacy else "refused (every record is bound to its user)"
@@ -347,6 +348,34 @@ async def _check_data_keys(
         ),
         *notices,
     ]
+
+
+def _wrap_algorithms(ring: KeyRing, provider: KeyProvider) -> list[CheckResult]:
+    """Which algorithm each active version's wraps use, and, when the key pair wraps otherwise than
+    upstream (``rsaKey.wrapAlgorithm``), what that means for the way back: upstream reads only
+    ``ApplicationDatas``, which keeps upstream's SHA-1 wrap of version 1."""
+    lines = []
+    for number in ring.active:
+        wraps = sorted({algorithm_label(fp) for fp in ring.versions[number].wraps})
+        lines.append(f"version {number}: {', '.join(wraps) or 'only in ApplicationDatas'}")
+    detail = f"this key pair wraps with {algorithm_label(provider.fingerprint)}; the key ring holds " + (
+        "; ".join(lines)
+    )
+    results = [CheckResult("wrap algorithm", True, detail)]
+    notice = algorithm_notice(ring, provider)
+    if notice is not None:
+        results.append(CheckResult("wrap algorithm", True, notice, warning=True))
+    if len(readers(provider)) > 1:
+        results.append(
+            CheckResult(
+                "wrap algorithm",
+                True,
+                "ApplicationDatas keeps version 1 wrapped with upstream's RSA-OAEP (SHA-1), which is all "
+                "upstream reads: the way back (`keyconnector downgrade-records`) needs no change of "
+                "algorithm, and upstream never sees the key ring's SHA-256 wraps",
+            )
+        )
+    return results
 
 
 def _check_client_addresses(limits: RateLimitSettings) -> CheckResult:

@@ -72,14 +72,15 @@ from keyconnector.core.keyring import (
     RotationRefused,
     change_ring,
     load_key_set,
+    own_wrap,
     precise_now_text,
     retire_versions,
-    stored_wrap,
+    store_upstream_wrap,
     unwrap_raw,
     wrap_checked,
 )
 from keyconnector.errors import ConfigurationError, IntegrityFailure, KeyConnectorError
-from keyconnector.keypairs.base import KeyProvider
+from keyconnector.keypairs.base import KeyProvider, upstream_view
 from keyconnector.ops import (
     OperationFailed,
     Side,
@@ -242,7 +243,7 @@ async def switch_ring(repository: Repository, provider: KeyProvider) -> tuple[Ke
         else:
             entry = ring.versions[LEGACY_VERSION]
             if mine not in entry.wraps:  # filed from ApplicationDatas, as start_data_key_version does
-                entry.wraps[mine] = await stored_wrap(repository, ring, LEGACY_VERSION, provider)
+                entry.wraps[mine] = await own_wrap(repository, ring, LEGACY_VERSION, provider)
             entry.created = precise_now_text()
         ring.current = LEGACY_VERSION
         ring.accept_legacy = True  # the records are about to be rewritten in upstream's format
@@ -472,16 +473,12 @@ async def _downgrade(
 
 
 async def _store_application_datas(side: Side, ring: KeyRing) -> bool:
-    """Make ``ApplicationDatas`` hold a wrap of version 1 that the configured key pair unwraps."""
+    """Make ``ApplicationDatas`` hold a wrap of version 1 that the configured key pair unwraps the
+    way upstream does (RSA-OAEP with SHA-1 for certificate, pkcs11 and azurekv, whatever
+    ``rsaKey.wrapAlgorithm`` the ring uses)."""
     if ring.revision == 0:
         return False  # no ring: version 1 was just unwrapped from ApplicationDatas itself
-    raw = await unwrap_raw(side.repository, ring, LEGACY_VERSION, side.provider)
-    if await _opens_to(side.provider, await side.repository.get_wrapped_data_key(), raw):
-        return False
-    await side.repository.set_wrapped_data_key(
-        await stored_wrap(side.repository, ring, LEGACY_VERSION, side.provider)
-    )
-    return True
+    return await store_upstream_wrap(side.repository, ring, side.provider)
 
 
 async def verify_as_upstream(
@@ -498,7 +495,7 @@ async def verify_as_upstream(
         blob = base64.b64decode(wrapped, validate=True)
     except (binascii.Error, ValueError):
         raise IntegrityFailure("the data key in ApplicationDatas is not valid base64") from None
-    key = DataKey(await provider.unwrap(blob), LEGACY_VERSION)
+    key = DataKey(await upstream_view(provider).unwrap(blob), LEGACY_VERSION)
     verified = 0
     with Progress("verifying as upstream would read", await repository.count_records()) as progress:
         async for batch in repository.iter_records(batch_size):
@@ -594,7 +591,7 @@ async def plan_downgrade(settings: Settings, *, batch_size: int = 2000, out: Tex
             raw = await unwrap_raw(side.repository, ring, target.source_version, side.provider)
             wrapped = await side.repository.get_wrapped_data_key()
             plan.application_datas_change = target.reactivate or not await _opens_to(
-                side.provider, wrapped, raw
+                upstream_view(side.provider), wrapped, raw
             )
 
         def count(record: str, version: int, plaintext: bytes, user_id: UUID) -> str | None:

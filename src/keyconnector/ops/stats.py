@@ -26,6 +26,7 @@ from keyconnector.core.envelope import FORMAT_2, LEGACY_VERSION, is_legacy, reco
 from keyconnector.core.keyring import KeyRing, NotAdopted, RingTrust, open_ring, read_ring
 from keyconnector.errors import IntegrityFailure, KeyConnectorError, StorageError
 from keyconnector.keypairs import open_key_provider
+from keyconnector.keypairs.base import algorithm_label
 from keyconnector.ops import Subcommands, add_settings_arguments, load_settings_from
 from keyconnector.ops.report import add_json_option, colour, emit_json, plain_table, wants_json
 from keyconnector.runtime.settings import DatabaseSettings, Settings, side_of
@@ -82,6 +83,9 @@ class VersionInfo:
     (upstream's table, version 1 only); empty for a retired version whose wraps were removed."""
     fingerprints: list[str]
     """The key pairs' fingerprints, from the key ring (upstream's ApplicationDatas wrap names none)."""
+    algorithms: list[str] = field(default_factory=list)
+    """How each wrap of ``fingerprints`` (same order) was made, e.g. ``RSA-OAEP-256 (SHA-256)``; a
+    key pair moving to another wrap algorithm has one wrap per algorithm."""
 
 
 @dataclass
@@ -185,6 +189,7 @@ async def collect(repository: Repository, description: str, now: datetime | None
                 key_pairs,
                 stored_in,
                 sorted(entry.wraps),
+                [algorithm_label(fp) for fp in sorted(entry.wraps)],
             )
         )
     return stats
@@ -287,15 +292,23 @@ def _sections(stats: Stats) -> list[Section]:
             str(entry.key_pairs),
             ", ".join(entry.stored_in) or "-",
             ", ".join(entry.fingerprints) or "-",
+            ", ".join(_algorithms(entry)) or "-",
         ]
         for entry in stats.versions
     ]
     ring: Section = (
         "key ring" + ("" if stats.key_ring_stored else " (never rotated: no ring stored)"),
-        ["version", "state", "created", "key pairs", "stored in", "fingerprints"],
+        ["version", "state", "created", "key pairs", "stored in", "fingerprints", "algorithm"],
         ring_rows,
     )
     return [users, formats, versions, access, ring]
+
+
+def _algorithms(entry: VersionInfo) -> list[str]:
+    """The ring's wraps' algorithms, then ApplicationDatas' (always upstream's RSA-OAEP with SHA-1)."""
+    return entry.algorithms + (
+        ["RSA-OAEP (SHA-1) in ApplicationDatas"] if APPLICATION_DATAS in entry.stored_in else []
+    )
 
 
 def _notes(stats: Stats) -> list[str]:

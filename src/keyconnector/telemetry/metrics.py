@@ -323,6 +323,7 @@ class InstrumentedKeyProvider:
 
     def __init__(self, inner: KeyProvider, name: str) -> None:
         self.inner = inner
+        self._name = name
         ops = {
             op: _Operation(
                 KEY_PROVIDER_DURATION.labels(name, op),
@@ -341,6 +342,13 @@ class InstrumentedKeyProvider:
     @property
     def fingerprint(self) -> str:
         return self.inner.fingerprint
+
+    def upstream_view(self) -> KeyProvider:
+        """The inner provider's upstream view (``keyconnector.keypairs.base.upstream_view``, spelled out
+        here: telemetry imports no core), timed too."""
+        make = getattr(self.inner, "upstream_view", None)
+        view: KeyProvider = make() if callable(make) else self.inner
+        return self if view is self.inner else InstrumentedKeyProvider(view, self._name)
 
     async def wrap(self, data_key: bytes) -> bytes:
         return await _measured(self._wrap, self.inner.wrap(data_key))

@@ -115,14 +115,14 @@ async def _backup_keys(header: Header, provider: KeyProvider) -> DataKeys | None
     keys = {}
     for number in ring.active:
         try:
-            wrapped = wrap_for(ring, number, provider, header.data_key)
+            wrapped, reader = wrap_for(ring, number, provider, header.data_key)
         except IntegrityFailure as exc:
             raise IntegrityFailure(f"in the backup: {exc}") from None
         try:
             blob = base64.b64decode(wrapped, validate=True)
         except (binascii.Error, ValueError):
             raise BackupError(f"the backup's wrap of data key version {number} is not base64") from None
-        keys[number] = DataKey(await provider.unwrap(blob), number)
+        keys[number] = DataKey(await reader.unwrap(blob), number)
     return DataKeys(keys, ring.current)
 
 

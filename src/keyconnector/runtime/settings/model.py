@@ -138,6 +138,20 @@ class RsaKeySettings(Section):
         default="certificate", json_schema_extra=_meta("all", choices="keyconnector.keypairs:PROVIDERS")
     )
     """Where the key pair lives; ``certificate`` and ``pkcs11`` also read the ``certificate`` section."""
+    wrap_algorithm: str = Field(
+        default="RSA-OAEP",
+        alias="wrapAlgorithm",
+        json_schema_extra=_meta(
+            "certificate",
+            "pkcs11",
+            "azurekv",
+            ours=True,
+            choices="keyconnector.keypairs.base:WRAP_ALGORITHMS",
+        ),
+    )
+    """How the key pair wraps the data key: ``RSA-OAEP`` (OAEP with SHA-1, upstream's) or
+    ``RSA-OAEP-256`` (OAEP with SHA-256). ``ApplicationDatas`` keeps upstream's SHA-1 wrap either way,
+    so upstream can still read it; an existing deployment moves with ``rotate-key-pair`` (docs/fips.md)."""
     # azurekv
     azure_keyvault_uri: str | None = _alias("azureKeyvaultUri", "azurekv")
     """The vault's URL, e.g. ``https://my-vault.vault.azure.net/``."""
