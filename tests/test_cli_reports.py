@@ -120,7 +120,16 @@ STATS_FIELDS = {
     "unbound_records",
     "key_ring_authentication",
 }
-VERSION_FIELDS = {"version", "state", "current", "created", "key_pairs", "stored_in", "fingerprints"}
+VERSION_FIELDS = {
+    "version",
+    "state",
+    "current",
+    "created",
+    "key_pairs",
+    "stored_in",
+    "fingerprints",
+    "algorithms",
+}
 
 
 def test_stats_json_is_the_documented_shape_and_alone_on_stdout(source: Source) -> None:
@@ -160,7 +169,7 @@ def test_stats_piped_is_plain_aligned_text_without_wrapping(source: Source) -> N
     fingerprint = stats["versions"][1]["fingerprints"][0]
     row = next(line for line in out.splitlines() if "(current)" in line)
     assert row.split()[:3] == ["2", "active", "(current)"], row
-    assert row.split()[-3:] == ["key", "ring", fingerprint], row
+    assert row.split()[-5:] == ["key", "ring", fingerprint, "RSA-OAEP", "(SHA-1)"], row
     users = next(line for line in out.splitlines() if line.startswith("rows in UserKeys"))
     assert users.split()[-1] == str(RECORDS)
 
@@ -189,9 +198,9 @@ def test_stats_of_a_deployment_taken_over_from_upstream_says_where_version_1_liv
     assert row.split()[:2] == ["1", "active"], row
     assert "ApplicationDatas" in row
     assert row[header.index("key pairs") :].split()[0] == "1", (header, row)
-    assert (
-        "ApplicationDatas" not in header[header.index("fingerprints") :] + row[header.index("fingerprints") :]
-    )
+    fingerprints = slice(header.index("fingerprints"), header.index("algorithm"))
+    assert "ApplicationDatas" not in row[fingerprints], (header, row)
+    assert row[header.index("algorithm") :].strip() == "RSA-OAEP (SHA-1) in ApplicationDatas", (header, row)
 
 
 # -- a deployment served for real: enrolment, and an audit trail ------------------------------------------
