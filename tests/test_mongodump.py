@@ -200,9 +200,10 @@ def test_a_dump_is_transferred_verified_and_served(
     target = deployment(kind, pfx, tmp_path / "target", request)
     command = keyconnector("transfer", "--from-mongo-dump", str(folder), env=dump_env(target))
     assert command.returncode == 0, command.stderr
-    assert "copied 60 record(s) (2 of them without a key), 0 failed" in command.stderr
-    assert "verified 60" in command.stderr
-    assert "MongoDB dump" in command.stderr
+    # The summary is the result (stdout); the logs and progress are on stderr.
+    assert "copied 60 record(s) (2 of them without a key), 0 failed" in command.stdout
+    assert "verified 60" in command.stdout
+    assert "MongoDB dump" in command.stdout
     assert pfx.password not in command.stderr + command.stdout
     assert_target_holds(target, dump.expected)
 
