@@ -66,6 +66,10 @@ def test_health_is_plain_text_healthy(shared_service: Service) -> None:
     assert ready.status_code == 200
     checks = ready.json()["checks"]
     assert checks["database"] == "ok" and checks["keyProvider"] == "ok" and checks["dataKey"] == "ok"
+    # What `keyconnector status` shows: from memory, never key material (version numbers only).
+    body = ready.json()
+    assert body["workers"] == shared_service.workers and isinstance(body["version"], str), body
+    assert body["dataKey"]["current"] in body["dataKey"]["active"], body
 
 
 def test_get_without_a_stored_key_is_404(shared_service: Service, issuer: DevIssuer) -> None:

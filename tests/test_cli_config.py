@@ -9,8 +9,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
+
+import keyconnector
 
 from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
@@ -293,6 +298,38 @@ def test_status_of_a_running_service_then_a_stopped_one(tmp_path: Path, pfx: Pfx
         service.stop()
     code, document = status("--url", service.url)
     assert code == 3 and document["reachable"] is False and document["status"] is None
+
+
+def test_status_shows_workers_and_data_key_versions_and_a_rotation(
+    tmp_path: Path, pfx: Pfx, issuer: DevIssuer
+) -> None:
+    """``--workers 2`` and the data-key versions, as the worker answering holds them; after
+    ``rotate-data-key`` against the same database, the new version once the worker reloaded its ring
+    (``keyRingRefreshSeconds``: waited for, as each worker looks on its own schedule)."""
+    env = base_env(issuer, pfx, tmp_path / "kc.db") | {f"{PREFIX}keyRingRefreshSeconds": "0.5"}
+    service = Service(env, tmp_path / "service.log", workers=2).start()
+    try:
+        ready = httpx.get(service.url + "/health/ready", timeout=10).json()
+        assert ready["workers"] == 2 and ready["version"] == keyconnector.__version__, ready
+        assert ready["dataKey"] == {"current": 1, "active": [1]}, ready
+        code, document = status("--url", service.url)
+        assert code == 0 and document["workers"] == 2, document
+        assert document["data_key"] == {"current": 1, "active": [1]}, document
+        text = run("status", "--url", service.url, env=clean_env())
+        assert "workers  2" in text.stdout and "data key version 1 seals; loaded: 1" in text.stdout, text.stdout
+
+        rotated = run("rotate-data-key", "--settle-seconds", "0", env=env)
+        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        deadline = time.monotonic() + 20
+        while True:
+            code, document = status("--url", service.url)
+            if document["data_key"]["current"] == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert code == 0 and document["data_key"]["current"] == 2, document
+        assert 2 in document["data_key"]["active"], document
+    finally:
+        service.stop()
 
 
 def test_status_of_a_degraded_service_is_1(tmp_path: Path, pfx: Pfx, issuer: DevIssuer) -> None:
