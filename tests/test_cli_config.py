@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 
 import keyconnector
-
 from keyconnector.devtools import free_port
 from keyconnector.devtools.issuer import DevIssuer
 from keyconnector.devtools.tls import local_tls_files
@@ -316,7 +315,8 @@ def test_status_shows_workers_and_data_key_versions_and_a_rotation(
         assert code == 0 and document["workers"] == 2, document
         assert document["data_key"] == {"current": 1, "active": [1]}, document
         text = run("status", "--url", service.url, env=clean_env())
-        assert "workers  2" in text.stdout and "data key version 1 seals; loaded: 1" in text.stdout, text.stdout
+        assert "workers  2" in text.stdout, text.stdout
+        assert "data key version 1 seals; loaded: 1" in text.stdout, text.stdout
 
         rotated = run("rotate-data-key", "--settle-seconds", "0", env=env)
         assert rotated.returncode == 0, rotated.stdout + rotated.stderr

@@ -105,6 +105,16 @@ class KeyService:
         return self.trusted.ring_problem
 
     @property
+    def data_key_versions(self) -> tuple[int, list[int]] | None:
+        """The version that seals new records and every version loaded (ascending), or None before
+        the keys first load. Read by ``/health/ready`` from memory, so a probe costs no database
+        query; version numbers hold no key material."""
+        keys = self.trusted.loaded
+        if keys is None:
+            return None
+        return keys.current, sorted(keys.keys)
+
+    @property
     def ring_refusals(self) -> int:
         return self.trusted.ring_refusals
 

@@ -32,7 +32,7 @@ from keyconnector.http.layers.hold import HoldLayer
 from keyconnector.http.layers.ratelimit import RateLimiter, RateLimitLayer
 from keyconnector.http.layers.request_id import RequestIdLayer
 from keyconnector.http.responses import message
-from keyconnector.http.services import ServiceHolder, Services
+from keyconnector.http.services import ServiceHolder, Services, workers_from_environment
 from keyconnector.keypairs.base import KeyProvider
 from keyconnector.runtime import logs
 from keyconnector.runtime.assemble import open_core
@@ -88,6 +88,7 @@ async def build_services(settings: Settings) -> Services:
         validator=validator,
         keys=keys,
         audit=audit,
+        workers=workers_from_environment(),
     )
 
 

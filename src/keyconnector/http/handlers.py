@@ -17,6 +17,7 @@ from uuid import UUID
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from keyconnector import __version__
 from keyconnector.auth import AuthError, Principal
 from keyconnector.errors import IntegrityFailure, UnavailableError, setting_name
 from keyconnector.http.context import RequestContext, context_of
@@ -72,9 +73,22 @@ def readiness(healthy: bool, checks: dict[str, str]) -> str:
 
 
 async def health_ready(request: Request) -> Response:
+    """The state and each part's check, and what ``keyconnector status`` shows beside them: the
+    version, the data-key versions this worker holds (``current`` seals, ``active`` are loaded; null
+    before they load) and the number of workers (null when not started by ``serve``). All read from
+    memory: a probe adds no database query to the cached checks."""
     services: Services = request.app.state.services
     healthy, checks = await services.health.overall()
-    body = json.dumps({"status": readiness(healthy, checks), "checks": checks})
+    versions = services.keys.data_key_versions
+    body = json.dumps(
+        {
+            "status": readiness(healthy, checks),
+            "checks": checks,
+            "version": __version__,
+            "dataKey": None if versions is None else {"current": versions[0], "active": versions[1]},
+            "workers": services.workers,
+        }
+    )
     return Response(body, status_code=200 if healthy else 503, media_type=JSON)
 
 

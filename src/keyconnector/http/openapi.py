@@ -219,6 +219,21 @@ def _readiness(description: str) -> dict[str, Any]:
                     "properties": {
                         "status": {"type": "string", "enum": ["ready", "degraded", "unready"]},
                         "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "version": {"type": "string"},
+                        "dataKey": {
+                            "type": "object",
+                            "nullable": True,
+                            "description": "current seals, active are loaded; null before they load",
+                            "properties": {
+                                "current": {"type": "integer"},
+                                "active": {"type": "array", "items": {"type": "integer"}},
+                            },
+                        },
+                        "workers": {
+                            "type": "integer",
+                            "nullable": True,
+                            "description": "worker processes; null when not started by serve",
+                        },
                     },
                 }
             }

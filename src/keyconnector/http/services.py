@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,18 @@ from keyconnector.runtime.settings import Settings
 from keyconnector.storage.base import Repository
 
 log = logging.getLogger("keyconnector.http")
+
+WORKERS_ENV = "KEYCONNECTOR_WORKERS"
+"""How many worker processes ``serve`` started (``--workers``): set by the parent for its workers, as
+only the parent knows it, and shown by ``/health/ready`` (``keyconnector status``)."""
+
+
+def workers_from_environment() -> int | None:
+    """``WORKERS_ENV`` as a number, or None when this app was not started by ``serve`` (another ASGI
+    server, a test harness): unknown rather than a guess."""
+    value = os.environ.get(WORKERS_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
 
 IDENTITY_DEGRADED = "degraded: every login gets 503 until it answers"
 """What readiness, ``/health`` and ``check`` say of an identity server whose keys cannot be had."""
@@ -141,6 +154,8 @@ class Services:
     """Every user-key request is recorded here (no sink configured: records nothing)."""
     proxy_notice: ProxyNotice = field(default_factory=ProxyNotice)
     """Set by the rate-limit layer when an untrusted peer forwards for others."""
+    workers: int | None = None
+    """How many worker processes serve this instance (``workers_from_environment``), None if unknown."""
     health: HealthChecker = field(init=False)
 
     def __post_init__(self) -> None:

@@ -2,8 +2,9 @@
 
 Why a command rather than ``curl``: the answer a script needs is an exit code (0 ready, 1 answering
 but not ready or degraded, 3 not answering), and an operator needs the parts that are not ``ok``
-spelled out, with the version that runs; both from the endpoints the service already has
-(``/health/ready`` and, when ``/metrics`` is served on the same port, ``keyconnector_build_info``).
+spelled out, with the version that runs, the data-key versions it holds and its number of worker
+processes; all from ``/health/ready`` (an older instance without them in its answer: the version from
+``keyconnector_build_info``, when ``/metrics`` is served on the same port).
 
 The default URL is where ``serve`` listens by default (``ASPNETCORE_URLS``, else 127.0.0.1:5000),
 with a wildcard address asked on loopback. An ``https`` URL is verified with the deployment's
@@ -36,8 +37,9 @@ def add_commands(commands: Subcommands) -> None:
         help="ask a running instance whether it is ready (exit 0 ready, 1 not ready/degraded, 3 unreachable)",
         description=(
             "Asks a running keyconnector for /health/ready and prints its state, each part's check "
-            "(database, key provider, data key, key ring, identity server, client addresses) and the "
-            "version (from /metrics, when it is served on the same port). Exit 0 when ready, 1 when it "
+            "(database, key provider, data key, key ring, identity server, client addresses), the "
+            "version, the data-key versions the answering worker holds and the number of workers. "
+            "Exit 0 when ready, 1 when it "
             "answers but is not ready or degraded, 3 when it cannot be reached."
         ),
     )
@@ -61,6 +63,10 @@ class Status:
     http_status: int | None = None
     checks: dict[str, str] = field(default_factory=dict)
     version: str | None = None
+    data_key: dict[str, Any] | None = None
+    """``{"current": n, "active": [...]}`` as the answering worker holds them, or None (not loaded,
+    or an instance that does not say)."""
+    workers: int | None = None
     error: str | None = None
 
     @property
@@ -78,6 +84,8 @@ class Status:
             "status": self.state,
             "http_status": self.http_status,
             "version": self.version,
+            "data_key": self.data_key,
+            "workers": self.workers,
             "checks": self.checks,
             "error": self.error,
         }
@@ -124,14 +132,36 @@ def ask(url: str, trust: Trust | None = None) -> Status:
                 status.checks = (
                     {str(k): str(v) for k, v in checks.items()} if isinstance(checks, dict) else {}
                 )
+                status.version = _text(body.get("version"))
+                status.data_key = _data_key(body.get("dataKey"))
+                workers = body.get("workers")
+                status.workers = workers if type(workers) is int else None
             else:
                 status.error = (
                     f"{base}/health/ready answered {response.status_code} without keyconnector's readiness"
                 )
-            status.version = _version(client)
+            if status.version is None:
+                status.version = _version(client)
     except httpx.TransportError as exc:
         status.error = f"cannot reach {base}: {type(exc).__name__}: {exc}"
     return status
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _data_key(value: object) -> dict[str, Any] | None:
+    """``dataKey`` of the readiness body when it has the expected shape, else None (never trusted
+    blindly: the answer may come from something that is not keyconnector)."""
+    if not isinstance(value, dict):
+        return None
+    current, active = value.get("current"), value.get("active")
+    if type(current) is not int or not isinstance(active, list):
+        return None
+    if not all(type(v) is int for v in active):
+        return None
+    return {"current": current, "active": list(active)}
 
 
 def _version(client: httpx.Client) -> str | None:
@@ -166,6 +196,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return int(status.exit_code)
     print(f"status   {status.state or 'unknown'} (HTTP {status.http_status})")
     print(f"version  {status.version or 'unknown (/metrics is off or on its own port)'}")
+    if status.data_key is not None:
+        loaded = ", ".join(str(v) for v in status.data_key["active"])
+        print(f"data key version {status.data_key['current']} seals; loaded: {loaded}")
+    else:
+        print("data key not loaded")
+    print(f"workers  {status.workers if status.workers is not None else 'unknown (not started by serve)'}")
     if status.error:
         print(f"error    {status.error}")
     if status.checks:

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from keyconnector.core.keyring import RingRefused
 from keyconnector.errors import UnavailableError, UsageError
 from keyconnector.http.layers.drain import DRAIN_DIR_ENV, FLAG, idle_marker
+from keyconnector.http.services import WORKERS_ENV
 from keyconnector.runtime.assemble import guard_side, open_core
 from keyconnector.runtime.listen import Listen, bind, sharing
 from keyconnector.runtime.notices import cors_notice, development_identity_notice, way_back_notice
@@ -348,6 +349,7 @@ def run(
     metrics_side = metrics.start_parent_side(settings, listen.host)
     drain_folder = Path(tempfile.mkdtemp(prefix="keyconnector-drain-"))  # mode 0700
     os.environ[DRAIN_DIR_ENV] = str(drain_folder)
+    os.environ[WORKERS_ENV] = str(workers)  # shown by /health/ready: only this process knows it
     log.info("listening on %s://%s:%d with %d worker(s)", scheme, listen.host, listen.port, workers)
     server = _draining(sharing(Server, sock), drain_folder, settings.shutdown.drain_seconds)(
         "keyconnector.http.app:create_app_from_environment",
