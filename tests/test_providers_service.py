@@ -131,7 +131,9 @@ def test_unreachable_at_start_gives_503_then_recovers(
             assert refused.status_code == 503, refused.text
             assert int(refused.headers["Retry-After"]) >= 1
             assert "unavailable" in refused.json()["message"]
-            assert client.get("/health/ready").status_code == 503
+            unready = client.get("/health/ready")
+            # No data key yet: readiness says so and names no version (what `status` shows).
+            assert unready.status_code == 503 and unready.json()["dataKey"] is None, unready.text
             assert "keyConnectorSettings__" in service.logs(), "the start-up error must name the setting"
 
             proxy.up()
@@ -140,6 +142,7 @@ def test_unreachable_at_start_gives_503_then_recovers(
             )
             assert stored.status_code == 200, stored.text
             assert client.get("/user-keys", headers=bearer(issuer, user)).json() == {"key": key}
+            assert client.get("/health/ready").json()["dataKey"] == {"current": 1, "active": [1]}
 
             if fixture in REMOTE:
                 # Later outages: the data key is already unwrapped, so users are still served, and
