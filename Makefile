@@ -27,7 +27,7 @@ $(DEV_STAMP): $(STAMP)
 	touch $(DEV_STAMP)
 
 # Debian packages that the tests (and the benchmark) drive for real.
-SYSTEM_PACKAGES := openssl postgresql mariadb-server softhsm2 opensc
+SYSTEM_PACKAGES := openssl postgresql mariadb-server softhsm2 opensc opencryptoki
 BENCH_PACKAGES := wrk
 
 define apt_install

@@ -27,6 +27,7 @@ pytest_plugins = [
     "tests.support.databases",
     "tests.support.backends",
     "tests.support.softhsm",
+    "tests.support.opencryptoki",
     "tests.support.openbao",
     "tests.support.moto_kms",
     "tests.support.azure_keyvault",

@@ -38,7 +38,7 @@ from tests.test_rotate import Load, check_through_service, deployment, read_stat
 
 SHA1_SCHEME, SHA256_SCHEME = "rsa-oaep-sha1:", "rsa-oaep-sha256:"
 SHA256 = {"keyConnectorSettings__rsaKey__wrapAlgorithm": "RSA-OAEP-256"}
-PROVIDERS = ["certificate", "pkcs11_provider", "azurekv_key_provider"]
+PROVIDERS = ["certificate", "pkcs11_provider", "opencryptoki_provider", "azurekv_key_provider"]
 
 
 def softhsm_supports_oaep_sha256() -> bool:
@@ -151,7 +151,19 @@ def test_a_wrong_wrap_algorithm_is_a_setting_error_with_a_suggestion(
     assert "did you mean 'RSA-OAEP-256'?" in check.stdout, check.stdout
 
 
+def key_pair_settings(name: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """``deployment``'s extra settings for a key pair: none for the session PFX (``certificate``), the
+    provider fixture's ``keyConnectorSettings__*`` settings otherwise."""
+    if name == "certificate":
+        return {}
+    provider: ProviderEnv = request.getfixturevalue(name)
+    prefix = "keyConnectorSettings__"
+    return {k.removeprefix(prefix): v for k, v in provider.env.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("name", ["certificate", "opencryptoki_provider"])
 def test_rotate_the_same_key_pair_to_sha256_online_then_retire_sha1(
+    name: str,
     request: pytest.FixtureRequest,
     tmp_path: Path,
     issuer: DevIssuer,
@@ -159,11 +171,14 @@ def test_rotate_the_same_key_pair_to_sha256_online_then_retire_sha1(
     start_service: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """The move off SHA-1 with the key pair in a file and on a PKCS#11 token (openCryptoki's soft
+    token, which unwraps OAEP-SHA-256 on the token)."""
     from tests.support.backends import make_backend
 
     backend = make_backend("sqlite", tmp_path, request)
-    old = deployment(backend, issuer, pfx, "old")
-    new = deployment(backend, issuer, pfx, "new", rsaKey__wrapAlgorithm="RSA-OAEP-256")
+    key_pair = key_pair_settings(name, request)
+    old = deployment(backend, issuer, pfx, "old", **key_pair)
+    new = deployment(backend, issuer, pfx, "new", **key_pair, rsaKey__wrapAlgorithm="RSA-OAEP-256")
     keys = run(seed(old.settings, 300))
     users = list(keys)
     before = run(read_state(old.settings))
@@ -223,7 +238,10 @@ def test_rotate_the_same_key_pair_to_sha256_online_then_retire_sha1(
     assert list(retired.ring.versions[1].wraps) == [sha256_fp]
     # ApplicationDatas stays upstream's SHA-1 wrap: upstream still reads every upstream-format record.
     assert retired.application_datas == before.application_datas
-    data_key = upstream_unwrap(pfx, retired.application_datas or "")
+    if name == "certificate":
+        data_key = upstream_unwrap(pfx, retired.application_datas or "")
+    else:  # upstream's SHA-1 unwrap, done by the token
+        data_key = run(unwrap_with(old.env, retired.application_datas or ""))
     for user in users[100:120]:
         assert upstream_open(data_key, retired.records[user] or "") == keys[user]
     code, out = cli_output(capsys, "check", "--config", str(new.config))
