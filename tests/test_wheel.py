@@ -10,6 +10,7 @@ cache makes a rerun take about half as long as the first run.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -43,8 +44,6 @@ class Installed:
     bin: Path
     env: dict[str, str]
     """The environment to run it in: nothing of the caller's Python set-up, no settings."""
-    seconds: float
-    """How long building and installing took (a rerun uses pip's cache)."""
 
     def run(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
         done = subprocess.run(
@@ -100,10 +99,28 @@ def _pip(python: Path | str, *args: str, cwd: Path) -> None:
         pytest.fail(f"pip {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    """One build and one install for the whole test run: under pytest-xdist every worker process has
+    its own session, so the first one to get here builds under a lock in the run's shared temporary
+    folder and the others wait for it and use the same virtualenv (three builds cost a minute and a
+    half of CPU on two cores)."""
+    shared = tmp_path_factory.getbasetemp().parent / "wheel"
+    shared.mkdir(exist_ok=True)
+    with (shared / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (shared / "installed").exists():
+                _build_and_install(shared)
+                (shared / "installed").write_text(str(time.monotonic()))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    (wheel,) = (shared / "dist").glob("keyconnector-*.whl")
+    yield Installed(wheel, shared / "venv" / "bin", _clean_env())
+
+
+def _build_and_install(root: Path) -> None:
     began = time.monotonic()
-    root = tmp_path_factory.mktemp("wheel")
     # What the image's build context holds (.dockerignore), copied: building in the checkout would
     # leave build/ and *.egg-info there, and a stray file in it could hide a missing package-data rule.
     tree = root / "tree"
@@ -116,15 +133,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     dist = root / "dist"
     _pip(sys.executable, "wheel", "--no-deps", "--quiet", "--wheel-dir", str(dist), str(tree), cwd=root)
     (wheel,) = dist.glob("keyconnector-*.whl")
-
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=_clean_env())
     # --no-compile: byte-compiling botocore's thousands of modules is most of an install's time, and
     # changes nothing that is tested here.
     _pip(venv / "bin" / "python", "install", "--quiet", "--no-compile", f"{wheel}[{EXTRAS}]", cwd=root)
-    seconds = time.monotonic() - began
-    print(f"wheel built and installed with [{EXTRAS}] in {seconds:.0f}s", file=sys.stderr)
-    yield Installed(wheel, venv / "bin", _clean_env(), seconds)
+    print(f"wheel built and installed with [{EXTRAS}] in {time.monotonic() - began:.0f}s", file=sys.stderr)
 
 
 def test_the_wheel_holds_the_package_data_and_declares_the_extras(installed: Installed) -> None:
