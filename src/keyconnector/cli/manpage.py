@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
-from pathlib import Path
 from typing import Any
 
 import keyconnector
@@ -41,32 +39,16 @@ def add_commands(commands: Subcommands) -> None:
             "they differ. Needs argparse-manpage (the dev extra)."
         ),
     )
-    parser.add_argument("--output", metavar="FILE", help="write the page to FILE instead of printing it")
-    parser.add_argument(
-        "--check",
-        nargs="?",
-        const="",
-        metavar="FILE",
-        help="compare FILE (default: --output's FILE) with the page; exit 1 if it is stale",
-    )
+    from keyconnector.ops.docs import add_generated_arguments
+
+    add_generated_arguments(parser, "the page")
     parser.set_defaults(func=cmd_man_page)
 
 
 def cmd_man_page(args: argparse.Namespace) -> int:
-    from keyconnector.ops.docs import check, write
+    from keyconnector.ops.docs import emit_generated
 
-    text = render()
-    if args.check is not None:
-        target = args.check or args.output
-        if not target:
-            raise UsageError("--check", "name the file to compare: --check FILE, or --output FILE --check")
-        return check(Path(target), text, regenerate="keyconnector man-page --output")
-    if args.output:
-        write(Path(args.output), text)
-        print(f"wrote {args.output}", file=sys.stderr)
-        return 0
-    sys.stdout.write(text)
-    return 0
+    return emit_generated(args, render(), regenerate="keyconnector man-page --output")
 
 
 def render() -> str:

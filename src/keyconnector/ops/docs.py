@@ -32,26 +32,35 @@ def add_commands(commands: Subcommands) -> None:
             "(--output FILE), or compares it with FILE (--check) and exits 1 when they differ."
         ),
     )
-    parser.add_argument("--output", metavar="FILE", help="write the reference to FILE instead of printing it")
+    add_generated_arguments(parser, "the reference")
+    parser.set_defaults(func=cmd_config_reference)
+
+
+def add_generated_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--output FILE`` and ``--check [FILE]`` of a command that prints a generated document."""
+    parser.add_argument("--output", metavar="FILE", help=f"write {what} to FILE instead of printing it")
     parser.add_argument(
         "--check",
         nargs="?",
         const="",
         metavar="FILE",
-        help="compare FILE (default: --output's FILE) with the reference; exit 1 if it is stale",
+        help=f"compare FILE (default: --output's FILE) with {what}; exit 1 if it is stale",
     )
-    parser.set_defaults(func=cmd_config_reference)
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
     from keyconnector.ops.reference import render
 
-    text = render()
+    return emit_generated(args, render(), regenerate="keyconnector config-reference --output")
+
+
+def emit_generated(args: argparse.Namespace, text: str, *, regenerate: str) -> int:
+    """What ``add_generated_arguments`` asks for: check ``text`` against the file, write it, or print it."""
     if args.check is not None:
         target = args.check or args.output
         if not target:
             raise UsageError("--check", "name the file to compare: --check FILE, or --output FILE --check")
-        return check(Path(target), text)
+        return check(Path(target), text, regenerate=regenerate)
     if args.output:
         write(Path(args.output), text)
         print(f"wrote {args.output}", file=sys.stderr)
