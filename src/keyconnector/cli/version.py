@@ -21,26 +21,9 @@ def commit() -> str:
     (an editable install), or what pip recorded for ``pip install git+...``; else ``unknown``."""
     if os.environ.get(COMMIT_ENV):
         return os.environ[COMMIT_ENV][:12]
-    here = Path(__file__).resolve().parent
-    try:
-        found = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        if found.returncode == 0 and found.stdout.strip():
-            dirty = subprocess.run(
-                ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=False,
-            )
-            return found.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
+    head = _git("rev-parse", "--short=12", "HEAD")
+    if head:
+        return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
     try:
         direct = metadata.distribution("keyconnector").read_text("direct_url.json")
         if direct:
@@ -50,6 +33,19 @@ def commit() -> str:
     except (metadata.PackageNotFoundError, ValueError):
         pass
     return "unknown"
+
+
+def _git(*args: str) -> str:
+    """What ``git`` prints about the checkout this module runs from; empty when it is not one (or
+    git is missing)."""
+    here = Path(__file__).resolve().parent
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def openssl_versions() -> str:

@@ -224,20 +224,12 @@ def access_log() -> AccessLog:
     return _access
 
 
-_level_override: str | None = None
-
-
-def override_level(level: str | None) -> None:
+def override_level(level: str) -> None:
     """The command line's ``-q``/``-v``/``--log-level``: wins over ``logging__level`` for this
     process and every later ``configure`` (a command configures logging again once it has read
     its settings). Server workers get it through the environment (``KEYCONNECTOR_LOG_LEVEL``)."""
-    global _level_override
-    _level_override = level
-    if level is None:
-        os.environ.pop(LEVEL_OVERRIDE_ENV, None)
-    else:
-        os.environ[LEVEL_OVERRIDE_ENV] = level
-    logging.getLogger().setLevel(level.upper() if level else logging.getLogger().level)
+    os.environ[LEVEL_OVERRIDE_ENV] = level
+    logging.getLogger().setLevel(level.upper())
 
 
 LEVEL_OVERRIDE_ENV = "KEYCONNECTOR_LOG_LEVEL"
@@ -262,7 +254,7 @@ def configure(settings: LoggingSettings) -> None:
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
-    root.setLevel((_level_override or os.environ.get(LEVEL_OVERRIDE_ENV) or settings.level).upper())
+    root.setLevel((os.environ.get(LEVEL_OVERRIDE_ENV) or settings.level).upper())
     # Client libraries log request URLs and headers at INFO/DEBUG (a SAS signature, a Vault path):
     # keep them at WARNING whatever our own level is.
     for noisy in (
