@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -44,8 +43,8 @@ from tests.support.failover_load import (
     Entry,
     Load,
     load_and_fail_over,
-    new_key,
     read_all,
+    recover_after_silence,
 )
 from tests.support.mariadb_replication import PrimaryMariaDb, ReplicaMariaDb
 from tests.support.replication import Blackhole
@@ -240,29 +239,13 @@ def test_a_primary_that_drops_off_the_network_is_left_behind(
         )
         service: Service = start_service(mysql_env(issuer, pfx, tmp_path, connection_string))  # type: ignore[operator]
         users = issuer.mint_many(10)
-        with httpx.Client(base_url=service.url, timeout=30) as client:
-            for _user, token in users:
-                response = client.post(
-                    "/user-keys", json={"key": new_key()}, headers={"Authorization": f"Bearer {token}"}
-                )
-                assert response.status_code == 200
+
+        def fail_over() -> None:
             hole.vanish()
             primary.stop(kill=True)
             replica.promote()
-            vanished = time.monotonic()
-            recovered = None
-            statuses: Counter[int] = Counter()
-            token = users[0][1]
-            while time.monotonic() - vanished < 90:
-                response = client.put(
-                    "/user-keys", json={"key": new_key()}, headers={"Authorization": f"Bearer {token}"}
-                )
-                statuses[response.status_code] += 1
-                if response.status_code == 200:
-                    recovered = time.monotonic() - vanished
-                    break
-                assert response.status_code == 503 and "retry-after" in response.headers, response.text
-                time.sleep(0.5)
+
+        recovered, statuses = recover_after_silence(service.url, [token for _user, token in users], fail_over)
         print(f"recovered {recovered}s after the primary went silent; statuses {dict(statuses)}")
         assert recovered is not None and recovered < RECOVERY_BOUND, statuses
     finally:

@@ -181,3 +181,43 @@ async def read_all(url: str, ledger: dict[uuid.UUID, Entry]) -> dict[uuid.UUID, 
 
         await asyncio.gather(*(one(user) for user in ledger))
     return answers
+
+
+def recover_after_silence(
+    url: str,
+    tokens: list[str],
+    fail_over: Callable[[], None],
+    *,
+    transport_errors: bool = False,
+    deadline: float = 90.0,
+) -> tuple[float | None, Counter[int]]:
+    """Enrol one key per token, then ``fail_over()`` (the primary goes silent and a standby is
+    promoted) and PUT with the first token every half second until one is acknowledged: how many
+    seconds that took (None: not within ``deadline``) and the statuses seen, 0 for a transport error
+    (tolerated only with ``transport_errors``). Every refusal meanwhile must be a 503 with
+    ``Retry-After``."""
+    statuses: Counter[int] = Counter()
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for token in tokens:
+            response = client.post(
+                "/user-keys", json={"key": new_key()}, headers={"Authorization": f"Bearer {token}"}
+            )
+            assert response.status_code == 200
+        fail_over()
+        vanished = time.monotonic()
+        while time.monotonic() - vanished < deadline:
+            try:
+                response = client.put(
+                    "/user-keys", json={"key": new_key()}, headers={"Authorization": f"Bearer {tokens[0]}"}
+                )
+            except httpx.TransportError:
+                if not transport_errors:
+                    raise
+                statuses[0] += 1
+                continue
+            statuses[response.status_code] += 1
+            if response.status_code == 200:
+                return time.monotonic() - vanished, statuses
+            assert response.status_code == 503 and "retry-after" in response.headers, response.text
+            time.sleep(0.5)
+    return None, statuses
